@@ -1,0 +1,48 @@
+"""`dgamix <stage>`: run one pipeline stage with its section of params.yaml (what dvc.yaml calls)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+
+from .params import InputError, ParamError, load_params
+
+STAGES = {
+    "ingest": "read RedPajama-layout files into normalized Parquet shards",
+    "embed": "embed every document with a sentence-transformers model",
+    "cluster": "fit hierarchical spherical k-means on a sample of the embeddings",
+    "assign": "assign every document to its fine cluster and group documents by cluster",
+    "stats": "cluster statistics, clustering metrics and plots",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dgamix", description="dgamix offline pipeline stages")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, help_text in STAGES.items():
+        sub.add_parser(name, help=help_text)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Never reach for a model hub at run time unless the user asked for it: the default model is packaged.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        params = load_params(args.params)
+        stage = importlib.import_module(f"pipeline.{args.stage}")
+        result = stage.run(params)
+    except (ParamError, InputError) as err:
+        print(f"dgamix {args.stage}: error: {err}", file=sys.stderr)
+        return 2
+    summary = {k: v for k, v in result.items() if k != "per_file"}
+    print(json.dumps(summary, indent=None, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

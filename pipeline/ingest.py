@@ -1,0 +1,187 @@
+"""Stage 1, ingest: RedPajama-layout files -> normalized Parquet shards (doc_id, text, source, n_chars).
+
+`ingest_file` is the pure per-shard step (one input file -> its valid, within-file-unique documents and its
+rejects). Exact duplicates across files are dropped by the driver in input order, so the result does not depend
+on how files were processed in parallel. Counts always add up: read = kept + rejected + duplicates.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import fsspec
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from .atomic import atomic_path, write_json, write_parquet
+from .params import InputError, ParamError, require, section
+from .readers import Record, Reject, is_supported, iter_records
+
+log = logging.getLogger(__name__)
+
+DOCS_SCHEMA = pa.schema(
+    [
+        ("doc_id", pa.string()),
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("n_chars", pa.int64()),
+    ]
+)
+REJECTS_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
+UNKNOWN_SOURCE = "unknown"
+
+
+def content_hash(text: str) -> str:
+    """The document's identity: 128-bit BLAKE2b of its UTF-8 text (stable across runs, file order and machines)."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
+@dataclass
+class FileResult:
+    file: str
+    doc_ids: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    rejects: list[Reject] = field(default_factory=list)
+    read: int = 0
+    duplicates: int = 0
+
+
+def ingest_file(url: str, text_field: str, source_field: str | None, strict: bool = False) -> FileResult:
+    """Read one input file; keep valid documents that are not duplicates of an earlier one in the same file."""
+    result = FileResult(file=url)
+    seen: set[str] = set()
+    for item in iter_records(url, text_field, source_field):
+        result.read += 1
+        if isinstance(item, Reject):
+            if strict:
+                raise InputError(f"{item.file}:{item.line}: {item.reason} (ingest.strict is true)")
+            result.rejects.append(item)
+            continue
+        assert isinstance(item, Record)
+        doc_id = content_hash(item.text)
+        if doc_id in seen:
+            result.duplicates += 1
+            continue
+        seen.add(doc_id)
+        result.doc_ids.append(doc_id)
+        result.texts.append(item.text)
+        result.sources.append(item.source if item.source is not None else UNKNOWN_SOURCE)
+    return result
+
+
+def drop_seen(result: FileResult, seen: set[str]) -> pa.Table:
+    """Drop documents already kept from earlier files (updating `seen`) and return the shard table."""
+    keep = [i for i, doc_id in enumerate(result.doc_ids) if doc_id not in seen]
+    result.duplicates += len(result.doc_ids) - len(keep)
+    seen.update(result.doc_ids[i] for i in keep)
+    texts = [result.texts[i] for i in keep]
+    return pa.table(
+        {
+            "doc_id": [result.doc_ids[i] for i in keep],
+            "text": texts,
+            "source": [result.sources[i] for i in keep],
+            "n_chars": [len(t) for t in texts],
+        },
+        schema=DOCS_SCHEMA,
+    )
+
+
+def expand_inputs(patterns: Iterable[str]) -> list[str]:
+    """Resolve paths, globs and fsspec URLs to a sorted, de-duplicated list of supported files."""
+    files: list[str] = []
+    for pattern in patterns:
+        fs, _, paths = fsspec.get_fs_token_paths(pattern)
+        if not paths or not any(fs.isfile(p) for p in paths):
+            raise ParamError(f"ingest.inputs: '{pattern}' matches no file (expected a path, glob or fsspec URL)")
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        for p in sorted(paths):
+            if not fs.isfile(p):
+                continue
+            url = p if protocol in ("file", "local") else f"{protocol}://{p}"
+            if not is_supported(url):
+                raise ParamError(
+                    f"ingest.inputs: '{url}' is not a supported format "
+                    "(expected .jsonl, .jsonl.gz, .jsonl.zst or .parquet)"
+                )
+            files.append(url)
+    unique = list(dict.fromkeys(files))
+    if not unique:
+        raise ParamError("ingest.inputs is empty (expected at least one path, glob or fsspec URL)")
+    return unique
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    cfg = section(params, "ingest")
+    inputs = require(cfg, "ingest", "inputs", (list, str))
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    text_field = require(cfg, "ingest", "text_field", str, "text")
+    source_field = require(cfg, "ingest", "source_field", str, "meta.source")
+    strict = require(cfg, "ingest", "strict", bool, False)
+    out_dir = Path(require(cfg, "ingest", "output", str, "data/docs"))
+    rejects_path = Path(require(cfg, "ingest", "rejects", str, "data/ingest/rejects.parquet"))
+    metrics_path = Path(require(cfg, "ingest", "metrics", str, "metrics/ingest.json"))
+
+    files = expand_inputs(inputs)
+    seen: set[str] = set()
+    totals = Counter()
+    reasons = Counter()
+    rejects: list[Reject] = []
+    per_file = []
+    with atomic_path(out_dir) as tmp_dir:
+        tmp_dir.mkdir(parents=True)
+        shard = 0
+        bar = tqdm(files, desc="ingest", unit="file")
+        for url in bar:
+            result = ingest_file(url, text_field, source_field, strict)
+            table = drop_seen(result, seen)
+            if table.num_rows:
+                write_parquet(table, tmp_dir / f"part-{shard:05d}.parquet", row_group_size=10_000)
+                shard += 1
+            counts = {
+                "read": result.read,
+                "kept": table.num_rows,
+                "rejected": len(result.rejects),
+                "duplicates": result.duplicates,
+            }
+            per_file.append({"file": url, **counts})
+            totals.update(counts)
+            reasons.update(_reason_kind(r.reason) for r in result.rejects)
+            rejects.extend(result.rejects)
+            bar.set_postfix(kept=totals["kept"], rejected=totals["rejected"], dup=totals["duplicates"])
+        write_parquet(_rejects_table(rejects), rejects_path)
+        metrics = {
+            "files": len(files),
+            "shards": shard,
+            **{k: totals[k] for k in ("read", "kept", "rejected", "duplicates")},
+            "rejected_by_reason": dict(sorted(reasons.items())),
+            "per_file": per_file,
+        }
+        assert metrics["read"] == metrics["kept"] + metrics["rejected"] + metrics["duplicates"]
+        write_json(metrics, metrics_path)
+        if totals["kept"] == 0:
+            raise InputError(
+                f"empty corpus: no document kept from {len(files)} file(s) of ingest.inputs "
+                f"(read {totals['read']}, rejected {totals['rejected']}, duplicates {totals['duplicates']}; "
+                f"rejects listed in {rejects_path})"
+            )
+    log.info("ingest: read %d, kept %d, rejected %d, duplicates %d", totals["read"], totals["kept"],
+             totals["rejected"], totals["duplicates"])
+    return metrics
+
+
+def _reason_kind(reason: str) -> str:
+    # "invalid JSON: Expecting value at column 3" -> "invalid JSON": groups rejects for the metrics.
+    return reason.split(":")[0].split(" (")[0].split(" at ")[0]
+
+
+def _rejects_table(rejects: list[Reject]) -> pa.Table:
+    return pa.table(
+        {"file": [r.file for r in rejects], "line": [r.line for r in rejects], "reason": [r.reason for r in rejects]},
+        schema=REJECTS_SCHEMA,
+    )
+

@@ -1,0 +1,61 @@
+"""Loading params.yaml and validating parameters at the boundary, with messages that name the parameter."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ParamError(ValueError):
+    """A parameter (or the input it points at) is not what the stage expects. The message names it."""
+
+
+class InputError(ValueError):
+    """Input data is malformed in a way the stage cannot work around (e.g. embeddings that do not match docs)."""
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ParamError(f"params file {path} does not exist (expected a YAML file with one section per stage)")
+    with path.open() as fh:
+        params = yaml.safe_load(fh) or {}
+    if not isinstance(params, dict):
+        raise ParamError(f"{path} must hold a mapping of stage sections, got {type(params).__name__}")
+    return params
+
+
+def section(params: dict[str, Any], name: str) -> dict[str, Any]:
+    value = params.get(name)
+    if not isinstance(value, dict):
+        raise ParamError(f"params.yaml has no '{name}' section (expected a mapping of the {name} stage's options)")
+    return value
+
+
+def require(cfg: dict[str, Any], stage: str, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    """Return cfg[key] checked against `kind`; a missing key takes `default` or is an error naming `stage.key`."""
+    if key not in cfg or cfg[key] is None:
+        if default is ...:
+            raise ParamError(f"{stage}.{key} is missing (expected {_kind_name(kind)})")
+        return default
+    value = cfg[key]
+    # bool is an int in Python; a flag where a count is expected is almost surely a typo.
+    if isinstance(value, bool) and kind in (int, float, (int, float)):
+        raise ParamError(f"{stage}.{key} = {value!r}: expected {_kind_name(kind)}")
+    if not isinstance(value, kind):
+        raise ParamError(f"{stage}.{key} = {value!r}: expected {_kind_name(kind)}")
+    return value
+
+
+def positive_int(cfg: dict[str, Any], stage: str, key: str, default: Any = ...) -> int:
+    value = require(cfg, stage, key, int, default)
+    if value < 1:
+        raise ParamError(f"{stage}.{key} = {value}: expected a positive integer")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__

@@ -1,0 +1,101 @@
+"""cluster -> assign -> stats on the real fixture corpus; pure stats functions against hand-computed answers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+import scipy.sparse as sp
+
+from pipeline import assign, cluster, stats
+from pipeline.params import ParamError
+from pipeline.stats import class_tfidf_keywords, purity
+
+from .conftest import load_params
+
+
+@pytest.fixture
+def clustered(workspace):
+    params = load_params(workspace)
+    cluster.run(params)
+    assign.run(params)
+    return workspace, params
+
+
+def test_cluster_outputs_and_determinism(clustered):
+    work, params = clustered
+    meta = json.loads((work / "data/clusters/clusters.json").read_text())
+    assert meta["levels"] == [4, 4] and meta["documents"] == meta["fit_points"] == 240
+    first = {p.name: p.read_bytes() for p in (work / "data/clusters").iterdir()}
+    cluster.run(params)
+    assert {p.name: p.read_bytes() for p in (work / "data/clusters").iterdir()} == first
+
+
+def test_every_document_lands_in_exactly_one_cluster(clustered):
+    work, _ = clustered
+    docs = pl.read_parquet(work / "data/docs/*.parquet")
+    rows = pl.read_parquet(work / "data/domains/part-*.parquet")
+    assert sorted(rows["doc_id"].to_list()) == sorted(docs["doc_id"].to_list())
+    assert (rows["cluster"] // 4 == rows["parent_l0"]).all()
+    manifest = pl.read_parquet(work / "data/domains/manifest.parquet")
+    assert manifest["cluster"].to_list() == list(range(16))  # empty clusters too, with zero counts
+    assert manifest["docs"].sum() == len(docs)
+    counts = rows.group_by("cluster").len()
+    for cluster_id, n in counts.iter_rows():
+        assert manifest.filter(pl.col("cluster") == cluster_id)["docs"][0] == n
+
+
+def test_read_cluster_touches_only_that_clusters_row_groups(clustered):
+    work, _ = clustered
+    manifest = pl.read_parquet(work / "data/domains/manifest.parquet")
+    for row in manifest.iter_rows(named=True):
+        table = assign.read_cluster(work / "data/domains", row["cluster"])
+        assert table.num_rows == row["docs"]
+        assert set(table.column("cluster").to_pylist()) <= {row["cluster"]}
+        for file, rg in zip(row["files"], row["row_groups"]):
+            group = pq.ParquetFile(work / "data/domains" / file).metadata.row_group(rg)
+            names = [group.column(i).path_in_schema for i in range(group.num_columns)]
+            column_stats = group.column(names.index("cluster")).statistics
+            assert column_stats.min == column_stats.max == row["cluster"]
+
+
+def test_assign_rejects_mismatched_centroids(clustered):
+    work, params = clustered
+    np.save(work / "data/clusters/centroids_level0.npy", np.zeros((4, 8), np.float32))
+    with pytest.raises(ParamError, match=r"dimension 384 but the centroids .* have 8"):
+        assign.run(params)
+
+
+def test_stats_table_and_metrics(clustered):
+    work, params = clustered
+    metrics = stats.run(params)
+    table = pl.read_parquet(work / "data/stats/clusters.parquet")
+    assert table.height == 16
+    assert {"cluster", "parent_l0", "docs", "chars", "dominant_source", "purity", "source_shares",
+            "mean_distance", "keywords"} <= set(table.columns)
+    nonempty = table.filter(pl.col("docs") > 0)
+    assert (nonempty["keywords"].list.len() > 0).all()
+    shares = nonempty["source_shares"].list.eval(pl.element().struct.field("share")).list.sum()
+    np.testing.assert_allclose(shares.to_numpy(), 1.0)
+    docs = pl.read_parquet(work / "data/domains/part-*.parquet")
+    assert metrics["purity_fine"] == pytest.approx(purity(docs["cluster"].to_numpy(), docs["source"].to_numpy()))
+    assert 0 < metrics["nmi_coarse"] <= 1 and 0 < metrics["purity_coarse"] <= metrics["purity_fine"] + 1e-9
+    assert json.loads((work / "metrics/stats.json").read_text()) == metrics
+    for plot in ("cluster_sizes.csv", "cluster_sizes.png", "source_by_coarse.png"):
+        assert (work / "data/stats/plots" / plot).stat().st_size > 0
+
+
+def test_purity_by_hand():
+    clusters = np.array([0, 0, 0, 1, 1, 2])
+    labels = np.array(["a", "a", "b", "b", "b", "c"])
+    assert purity(clusters, labels) == pytest.approx(5 / 6)
+
+
+def test_class_tfidf_by_hand():
+    # Cluster 0 uses "gpl" and "the"; cluster 1 uses "go" and "the"; cluster 2 is empty.
+    counts = sp.csr_matrix(np.array([[3, 0, 3], [0, 4, 4], [0, 0, 0]], dtype=float))
+    vocabulary = np.array(["gpl", "go", "the"])
+    keywords = class_tfidf_keywords(counts, vocabulary, top=1)
+    assert keywords == [["gpl"], ["go"], []]  # "the" is in every cluster: lower idf

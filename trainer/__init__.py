@@ -1,0 +1,1 @@
+"""dgamix reference trainer (a small nanoGPT-style GPT that draws its data from the mixer)."""
