@@ -96,6 +96,8 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
     files: list[str] = []
     for pattern in patterns:
         fs, _, paths = fsspec.get_fs_token_paths(pattern)
+        if len(paths) == 1 and fs.isdir(paths[0]):  # a folder means every supported file in it
+            paths = [p for p in fs.find(paths[0]) if is_supported(p)]
         if not paths or not any(fs.isfile(p) for p in paths):
             raise ParamError(f"ingest.inputs: '{pattern}' matches no file (expected a path, glob or fsspec URL)")
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]

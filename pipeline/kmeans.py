@@ -11,6 +11,7 @@ from math import prod
 
 import numpy as np
 import scipy.sparse as sp
+from tqdm.auto import tqdm
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -133,7 +134,8 @@ class HierarchicalKMeans:
             centroids = np.zeros((len(groups) * branching, x.shape[1]), dtype=np.float32)
             valid = np.zeros(len(groups) * branching, dtype=bool)
             children: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * (len(groups) * branching)
-            for parent, members in enumerate(groups):
+            bar = tqdm(groups, desc=f"cluster level {depth}", unit="split", disable=len(groups) < 8, leave=False)
+            for parent, members in enumerate(bar):
                 if not len(members):
                     if depth and self.valid_[depth - 1][parent]:
                         # A used cluster that routing left without points still needs one child, so that

@@ -99,3 +99,25 @@ def test_class_tfidf_by_hand():
     vocabulary = np.array(["gpl", "go", "the"])
     keywords = class_tfidf_keywords(counts, vocabulary, top=1)
     assert keywords == [["gpl"], ["go"], []]  # "the" is in every cluster: lower idf
+
+
+def test_more_fine_clusters_than_documents_stops_cluster_stage(workspace):
+    params = load_params(workspace)
+    params["cluster"]["levels"] = [64, 64]
+    with pytest.raises(ParamError, match=r"asks for 4096 fine clusters but the corpus has only 240 documents"):
+        cluster.run(params)
+    assert not (workspace / "data/clusters").exists()
+
+
+def test_stages_name_a_missing_input(workspace):
+    params = load_params(workspace)
+    params["embed"]["docs"] = "data/nothing"
+    from pipeline import embed
+
+    with pytest.raises(ParamError, match=r"embed.docs = 'data/nothing' does not exist"):
+        embed.run(params)
+    params["cluster"]["embeddings"] = "data/nothing"
+    with pytest.raises(ParamError, match=r"cluster.embeddings = 'data/nothing' does not exist"):
+        cluster.run(params)
+    with pytest.raises(ParamError, match=r"stats.domains = 'data/domains' holds no manifest.parquet"):
+        stats.run(params)

@@ -166,3 +166,12 @@ def test_rerun_replaces_output_and_is_byte_identical(tmp_path):
     run_ingest(tmp_path, ["x.jsonl"])
     assert (tmp_path / "docs" / "part-00000.parquet").read_bytes() == first
     assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == ["part-00000.parquet"]
+
+
+def test_a_folder_input_means_its_supported_files(tmp_path):
+    (tmp_path / "in").mkdir()
+    write(tmp_path / "in" / "a.jsonl", jsonl_bytes(GOOD[:1]))
+    write(tmp_path / "in" / "b.jsonl.zst", jsonl_bytes(GOOD[1:]))
+    (tmp_path / "in" / "notes.txt").write_text("not a shard")
+    metrics = run_ingest(tmp_path, ["in"])
+    assert (metrics["files"], metrics["kept"]) == (2, 3)
