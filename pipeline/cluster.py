@@ -17,7 +17,7 @@ import pyarrow as pa
 from .atomic import atomic_path, write_json, write_npy, write_parquet
 from .embed import load_embeddings
 from .kmeans import HierarchicalKMeans, resolve_backend
-from .params import ParamError, positive_int, require, section
+from .params import ParamError, non_negative_int, positive_int, require, section
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     emb_dir = Path(require(cfg, "cluster", "embeddings", str, "data/embeddings"))
     docs_dir = Path(require(cfg, "cluster", "docs", str, "data/docs"))
     out_dir = Path(require(cfg, "cluster", "output", str, "data/clusters"))
-    seed = require(cfg, "cluster", "seed", int, 0)
+    seed = non_negative_int(cfg, "cluster", "seed", 0)
     iterations = positive_int(cfg, "cluster", "iterations", 20)
     ppc = positive_int(cfg, "cluster", "points_per_centroid", 256)
     backend = require(cfg, "cluster", "backend", str, "auto")
@@ -107,6 +107,11 @@ def load_model(directory: Path, param: str = "clusters") -> HierarchicalKMeans:
     if not meta_path.exists():
         raise ParamError(f"{param} = '{directory}' holds no clusters.json (expected the cluster stage's output)")
     meta = json.loads(meta_path.read_text())
+    missing = [name for name in ["parents.parquet"] + [f"centroids_level{d}.npy" for d in range(len(meta["levels"]))]
+               if not (Path(directory) / name).exists()]
+    if missing:
+        raise ParamError(f"{param} = '{directory}' lacks {', '.join(missing)} (an incomplete cluster output; "
+                         "re-run cluster)")
     model = HierarchicalKMeans(meta["levels"], meta["iterations"], meta["seed"], meta["points_per_centroid"],
                                backend=resolve_backend("auto"))
     parents = pq.read_table(Path(directory) / "parents.parquet").to_pydict()

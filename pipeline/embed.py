@@ -62,10 +62,21 @@ def load_encoder(model: str, device: str = "auto", max_tokens: int = 128) -> Any
             f"embed.model = '{model}' could not be loaded as a sentence-transformers model "
             f"(expected '{DEFAULT_MODEL}', a local model directory, or a hub name already in the cache): {err}"
         ) from err
+    limit = _model_token_limit(encoder)
+    if limit is not None and max_tokens > limit:
+        raise ParamError(f"embed.max_tokens = {max_tokens}: the model '{model}' takes at most {limit} tokens "
+                         f"(expected 1..{limit})")
     encoder.max_seq_length = max_tokens
     if device.startswith("cuda"):
         encoder.half()
     return encoder
+
+
+def _model_token_limit(encoder: Any) -> int | None:
+    try:
+        return int(encoder[0].auto_model.config.max_position_embeddings)
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
 
 
 def embed_texts(
@@ -86,14 +97,19 @@ def embed_texts(
         return out
     cut = max_tokens * CHARS_PER_TOKEN_BOUND
     order = np.argsort([-len(t) for t in texts], kind="stable")
-    for start in range(0, len(order), ENCODE_CHUNK):
-        idx = order[start : start + ENCODE_CHUNK]
-        vectors = encoder.encode(
-            [texts[i][:cut] for i in idx], batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True
-        )
-        out[idx] = vectors.astype(np.float16)
-        if on_progress:
-            on_progress(len(idx))
+    previous_limit = encoder.max_seq_length
+    encoder.max_seq_length = max_tokens  # the tokenizer truncates here
+    try:
+        for start in range(0, len(order), ENCODE_CHUNK):
+            idx = order[start : start + ENCODE_CHUNK]
+            vectors = encoder.encode(
+                [texts[i][:cut] for i in idx], batch_size=batch_size, show_progress_bar=False, convert_to_numpy=True
+            )
+            out[idx] = vectors.astype(np.float16)
+            if on_progress:
+                on_progress(len(idx))
+    finally:
+        encoder.max_seq_length = previous_limit
     return out
 
 
@@ -164,6 +180,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
             for shard, npy, expected in todo:
                 texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()
                 vectors = embed_texts(encoder, texts, max_tokens, batch_size, bar.update)
+                # Drop the old sidecar first: new vectors must never sit beside metadata describing old ones.
+                sidecar_for(npy).unlink(missing_ok=True)
                 write_npy(vectors, npy)
                 write_json({**expected, "dim": int(vectors.shape[1])}, sidecar_for(npy))
                 # The sidecar, written last, marks the shard complete.
@@ -174,19 +192,29 @@ def load_embeddings(emb_dir: Path, docs_dir: Path, param: str = "embeddings") ->
     """Memory-map every shard's embeddings after checking they match the docs shards row for row."""
     shards = docs_shards(docs_dir, param.replace("embeddings", "docs"))
     arrays = []
+    models: set[tuple[Any, Any]] = set()
     for shard in shards:
         npy = emb_dir / f"{shard.stem}.npy"
         if not npy.exists() or not sidecar_for(npy).exists():
             raise InputError(f"{param}: no embeddings for docs shard {shard} (expected {npy}; run embed first)")
-        meta = json.loads(sidecar_for(npy).read_text())
+        try:
+            meta = json.loads(sidecar_for(npy).read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(f"{param}: sidecar {sidecar_for(npy)} is not valid JSON ({err}); re-run embed") from err
+        models.add((meta.get("model"), meta.get("max_tokens")))
         doc_ids = pq.read_table(shard, columns=["doc_id"]).column("doc_id").to_pylist()
         array = np.load(npy, mmap_mode="r")
         if array.shape[0] != len(doc_ids) or meta.get("docs_fingerprint") != docs_fingerprint(doc_ids):
             raise InputError(
                 f"{param}: embeddings {npy} do not match docs shard {shard} "
-                f"({array.shape[0]} rows for {len(doc_ids)} documents, or other documents); re-run embed"
+                f"({array.shape[0]} embedding rows for {len(doc_ids)} documents"
+                + (")" if array.shape[0] != len(doc_ids) else ", but embedded from other documents)")
+                + "; re-run embed"
             )
         arrays.append(array)
+    if len(models) > 1:
+        raise InputError(f"{param}: embedding shards come from different models or max_tokens {sorted(models, key=str)}; "
+                         "re-run embed")
     dims = {a.shape[1] for a in arrays}
     if len(dims) != 1:
         raise InputError(f"{param}: embedding shards have different dimensions {sorted(dims)}; re-run embed")

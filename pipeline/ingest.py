@@ -11,7 +11,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import fsspec
 import pyarrow as pa
@@ -33,6 +33,7 @@ DOCS_SCHEMA = pa.schema(
 )
 REJECTS_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
 UNKNOWN_SOURCE = "unknown"
+PROGRESS_EVERY = 1000
 
 
 def content_hash(text: str) -> str:
@@ -51,12 +52,17 @@ class FileResult:
     duplicates: int = 0
 
 
-def ingest_file(url: str, text_field: str, source_field: str | None, strict: bool = False) -> FileResult:
+def ingest_file(
+    url: str, text_field: str, source_field: str | None, strict: bool = False,
+    on_progress: Callable[[int], None] | None = None,
+) -> FileResult:
     """Read one input file; keep valid documents that are not duplicates of an earlier one in the same file."""
     result = FileResult(file=url)
     seen: set[str] = set()
     for item in iter_records(url, text_field, source_field):
         result.read += 1
+        if on_progress and result.read % PROGRESS_EVERY == 0:
+            on_progress(PROGRESS_EVERY)
         if isinstance(item, Reject):
             if strict:
                 raise InputError(f"{item.file}:{item.line}: {item.reason} (ingest.strict is true)")
@@ -71,6 +77,8 @@ def ingest_file(url: str, text_field: str, source_field: str | None, strict: boo
         result.doc_ids.append(doc_id)
         result.texts.append(item.text)
         result.sources.append(item.source if item.source is not None else UNKNOWN_SOURCE)
+    if on_progress:
+        on_progress(result.read % PROGRESS_EVERY)
     return result
 
 
@@ -121,6 +129,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "ingest")
     inputs = require(cfg, "ingest", "inputs", (list, str))
     inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not all(isinstance(item, str) for item in inputs):
+        raise ParamError(f"ingest.inputs = {inputs!r}: expected a list of paths, globs or URLs (strings)")
     text_field = require(cfg, "ingest", "text_field", str, "text")
     source_field = require(cfg, "ingest", "source_field", str, "meta.source")
     strict = require(cfg, "ingest", "strict", bool, False)
@@ -137,9 +147,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     with atomic_path(out_dir) as tmp_dir:
         tmp_dir.mkdir(parents=True)
         shard = 0
-        bar = tqdm(files, desc="ingest", unit="file")
-        for url in bar:
-            result = ingest_file(url, text_field, source_field, strict)
+        bar = tqdm(desc=f"ingest ({len(files)} files)", unit="doc")
+        for url in files:
+            result = ingest_file(url, text_field, source_field, strict, bar.update)
             table = drop_seen(result, seen)
             if table.num_rows:
                 write_parquet(table, tmp_dir / f"part-{shard:05d}.parquet", row_group_size=10_000)
@@ -155,6 +165,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
             reasons.update(_reason_kind(r.reason) for r in result.rejects)
             rejects.extend(result.rejects)
             bar.set_postfix(kept=totals["kept"], rejected=totals["rejected"], dup=totals["duplicates"])
+        bar.close()
         write_parquet(_rejects_table(rejects), rejects_path)
         metrics = {
             "files": len(files),

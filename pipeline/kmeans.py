@@ -87,11 +87,16 @@ def _repair_empty(labels: np.ndarray, sims: np.ndarray, k: int) -> np.ndarray:
     if not len(empty):
         return labels
     labels = labels.copy()
-    for cluster, point in zip(empty, np.argsort(sims, kind="stable")):
-        if counts[labels[point]] > 1:
+    todo = iter(empty)
+    cluster = next(todo)
+    for point in np.argsort(sims, kind="stable"):
+        if counts[labels[point]] > 1:  # never empty another cluster to fill this one
             counts[labels[point]] -= 1
             labels[point] = cluster
             counts[cluster] = 1
+            cluster = next(todo, None)
+            if cluster is None:
+                break
     return labels
 
 

@@ -55,6 +55,13 @@ def positive_int(cfg: dict[str, Any], stage: str, key: str, default: Any = ...) 
     return value
 
 
+def non_negative_int(cfg: dict[str, Any], stage: str, key: str, default: Any = ...) -> int:
+    value = require(cfg, stage, key, int, default)
+    if value < 0:
+        raise ParamError(f"{stage}.{key} = {value}: expected a non-negative integer")
+    return value
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     if isinstance(kind, tuple):
         return " or ".join(k.__name__ for k in kind)

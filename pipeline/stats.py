@@ -12,15 +12,15 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import CountVectorizer
-from sklearn.metrics import normalized_mutual_info_score
 from tqdm.auto import tqdm
 
 from .assign import MANIFEST, parent_columns
 from .atomic import atomic_path, write_json
-from .params import ParamError, positive_int, require, section
+from .params import ParamError, non_negative_int, positive_int, require, section
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,37 @@ def fit_vocabulary(shards: list[Path], sample_docs: int, seed: int, max_terms: i
     return vectorizer
 
 
+def contingency_scores(counts: np.ndarray) -> tuple[float, float]:
+    """Purity and NMI (arithmetic normalisation, as scikit-learn's default) from a clusters x labels count table."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total == 0:
+        return float("nan"), float("nan")
+    purity_value = counts.max(axis=1).sum() / total
+    p = counts / total
+    pc, pl_ = p.sum(axis=1), p.sum(axis=0)
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / np.outer(pc, pl_)[nz])).sum())
+    entropy = lambda q: float(-(q[q > 0] * np.log(q[q > 0])).sum())  # noqa: E731
+    h_c, h_l = entropy(pc), entropy(pl_)
+    if h_c == 0 and h_l == 0:
+        return float(purity_value), 1.0
+    denominator = (h_c + h_l) / 2
+    return float(purity_value), float(max(mi, 0.0) / denominator) if denominator > 0 else 0.0
+
+
+def shard_aggregates(table: pa.Table, vectorizer: CountVectorizer, n_clusters: int) -> tuple[pl.DataFrame, sp.csr_matrix]:
+    """Pure per-shard step: (cluster, source) -> docs and summed cosine distance, and cluster x term counts."""
+    frame = pl.from_arrow(table.select(["cluster", "source", "similarity"]))
+    counts = frame.group_by("cluster", "source").agg(
+        pl.len().alias("docs"), (1 - pl.col("similarity")).cast(pl.Float64).sum().alias("distance_sum"))
+    clusters = table.column("cluster").to_numpy()
+    x = vectorizer.transform([t[:KEYWORD_CHARS] for t in table.column("text").to_pylist()])
+    membership = sp.csr_matrix((np.ones(len(clusters), np.float32), (clusters, np.arange(len(clusters)))),
+                               shape=(n_clusters, len(clusters)))
+    return counts, sp.csr_matrix(membership @ x)
+
+
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "stats")
     domains_dir = Path(require(cfg, "stats", "domains", str, "data/domains"))
@@ -89,7 +120,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     top_keywords = positive_int(cfg, "stats", "keywords", 8)
     vocab_docs = positive_int(cfg, "stats", "keyword_sample_docs", 20000)
     max_terms = positive_int(cfg, "stats", "keyword_terms", 30000)
-    seed = require(cfg, "stats", "seed", int, 0)
+    seed = non_negative_int(cfg, "stats", "seed", 0)
     if not (domains_dir / MANIFEST).exists():
         raise ParamError(f"stats.domains = '{domains_dir}' holds no {MANIFEST} (expected the assign stage's output)")
 
@@ -101,20 +132,18 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     vectorizer = fit_vocabulary(shards, vocab_docs, seed, max_terms)
     vocabulary = vectorizer.get_feature_names_out()
 
+    # Memory stays flat: only per-(cluster, source) aggregates and cluster x term counts are kept across shards.
     term_counts = sp.csr_matrix((n_clusters, len(vocabulary)), dtype=np.float32)
-    frames = []
+    partials = []
     for shard in tqdm(shards, desc="stats", unit="shard"):
-        table = pq.read_table(shard)
-        clusters = table.column("cluster").to_numpy()
-        x = vectorizer.transform([t[:KEYWORD_CHARS] for t in table.column("text").to_pylist()])
-        membership = sp.csr_matrix((np.ones(len(clusters), np.float32), (clusters, np.arange(len(clusters)))),
-                                   shape=(n_clusters, len(clusters)))
-        term_counts = term_counts + membership @ x
-        frames.append(pl.from_arrow(table.drop_columns(["text"])))
-    docs = pl.concat(frames)
+        counts, terms = shard_aggregates(pq.read_table(shard), vectorizer, n_clusters)
+        partials.append(counts)
+        term_counts = term_counts + terms
+    by_source = pl.concat(partials).group_by("cluster", "source").agg(pl.col("docs").sum(),
+                                                                       pl.col("distance_sum").sum())
 
     per_source = (
-        docs.group_by("cluster", "source").agg(pl.len().alias("docs"))
+        by_source.select("cluster", "source", "docs")
         .with_columns((pl.col("docs") / pl.col("docs").sum().over("cluster")).alias("share"))
         .sort("cluster", "docs", "source", descending=[False, True, False])
     )
@@ -122,7 +151,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         "cluster", pl.col("source").alias("dominant_source"), pl.col("share").alias("purity"))
     shares = per_source.group_by("cluster", maintain_order=True).agg(
         pl.struct("source", "share").alias("source_shares"))
-    distance = docs.group_by("cluster").agg((1 - pl.col("similarity")).mean().alias("mean_distance"))
+    distance = by_source.group_by("cluster").agg(
+        (pl.col("distance_sum").sum() / pl.col("docs").sum()).alias("mean_distance"))
     table = (
         manifest.select("cluster", *parents, "docs", "chars")
         .join(dominant, on="cluster", how="left").join(shares, on="cluster", how="left")
@@ -132,27 +162,25 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         .sort("cluster")
     )
 
-    labels = docs["source"].to_numpy()
-    has_labels = docs["source"].n_unique() > 1 or docs["source"][0] != "unknown"
+    n_docs = int(by_source["docs"].sum())
+    sources = sorted(by_source["source"].unique().to_list())
     metrics: dict[str, Any] = {
-        "documents": docs.height,
+        "documents": n_docs,
         "clusters": n_clusters,
         "empty_clusters": int((table["docs"] == 0).sum()),
         "largest_cluster_docs": int(table["docs"].max()),
         "median_nonempty_cluster_docs": float(table.filter(pl.col("docs") > 0)["docs"].median()),
-        "mean_distance": float((1 - docs["similarity"]).mean()),
+        "mean_distance": float(by_source["distance_sum"].sum() / max(n_docs, 1)),
     }
-    if has_labels:
-        fine = docs["cluster"].to_numpy()
-        metrics.update({
-            "sources": docs["source"].n_unique(),
-            "purity_fine": purity(fine, labels),
-            "nmi_fine": float(normalized_mutual_info_score(labels, fine)),
-        })
+    if sources != ["unknown"]:  # a source label exists: score the clustering against it
+        with_coarse = per_source.join(manifest.select("cluster", pl.col(coarse_col).alias("coarse")), on="cluster")
+        metrics["sources"] = len(sources)
+        metrics["purity_fine"], metrics["nmi_fine"] = contingency_scores(_contingency(per_source, "cluster", sources))
         if parents:
-            coarse = docs[coarse_col].to_numpy()
-            metrics.update({"purity_coarse": purity(coarse, labels),
-                            "nmi_coarse": float(normalized_mutual_info_score(labels, coarse))})
+            metrics["purity_coarse"], metrics["nmi_coarse"] = contingency_scores(
+                _contingency(with_coarse, "coarse", sources))
+    heat = per_source.join(manifest.select("cluster", coarse_col) if parents else manifest.select("cluster"),
+                           on="cluster").group_by(coarse_col, "source").agg(pl.col("docs").sum())
 
     with atomic_path(out_dir) as tmp:
         (tmp / "plots").mkdir(parents=True)
@@ -163,7 +191,16 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         from .plots import plot_cluster_sizes, plot_source_heatmap
 
         plot_cluster_sizes(sizes["docs"].to_numpy(), tmp / "plots" / "cluster_sizes.png")
-        heat = docs.group_by(coarse_col, "source").agg(pl.len().alias("docs"))
         plot_source_heatmap(heat, coarse_col, tmp / "plots" / "source_by_coarse.png")
     write_json(metrics, metrics_path)
     return metrics
+
+
+def _contingency(frame: pl.DataFrame, group: str, sources: list[str]) -> np.ndarray:
+    wide = frame.group_by(group, "source").agg(pl.col("docs").sum())
+    index = {s: i for i, s in enumerate(sources)}
+    groups = wide[group].to_numpy()
+    _, rows = np.unique(groups, return_inverse=True)
+    out = np.zeros((rows.max() + 1, len(sources)))
+    np.add.at(out, (rows, [index[s] for s in wide["source"].to_list()]), wide["docs"].to_numpy())
+    return out

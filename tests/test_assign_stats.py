@@ -11,7 +11,9 @@ import scipy.sparse as sp
 
 from pipeline import assign, cluster, stats
 from pipeline.params import ParamError
-from pipeline.stats import class_tfidf_keywords, purity
+from sklearn.metrics import normalized_mutual_info_score
+
+from pipeline.stats import class_tfidf_keywords, contingency_scores, purity
 
 from .conftest import load_params
 
@@ -81,6 +83,9 @@ def test_stats_table_and_metrics(clustered):
     np.testing.assert_allclose(shares.to_numpy(), 1.0)
     docs = pl.read_parquet(work / "data/domains/part-*.parquet")
     assert metrics["purity_fine"] == pytest.approx(purity(docs["cluster"].to_numpy(), docs["source"].to_numpy()))
+    assert metrics["nmi_fine"] == pytest.approx(
+        normalized_mutual_info_score(docs["source"].to_numpy(), docs["cluster"].to_numpy()))
+    assert metrics["mean_distance"] == pytest.approx(float((1 - docs["similarity"]).mean()), rel=1e-5)
     assert 0 < metrics["nmi_coarse"] <= 1 and 0 < metrics["purity_coarse"] <= metrics["purity_fine"] + 1e-9
     assert json.loads((work / "metrics/stats.json").read_text()) == metrics
     for plot in ("cluster_sizes.csv", "cluster_sizes.png", "source_by_coarse.png"):
@@ -121,3 +126,26 @@ def test_stages_name_a_missing_input(workspace):
         cluster.run(params)
     with pytest.raises(ParamError, match=r"stats.domains = 'data/domains' holds no manifest.parquet"):
         stats.run(params)
+
+
+def test_contingency_scores_match_per_document_scores():
+    rng = np.random.default_rng(0)
+    clusters = rng.integers(0, 7, size=500)
+    labels = np.where(rng.random(500) < 0.7, clusters % 3, rng.integers(0, 3, size=500))
+    table = np.zeros((7, 3))
+    np.add.at(table, (clusters, labels), 1)
+    purity_value, nmi = contingency_scores(table)
+    assert purity_value == pytest.approx(purity(clusters, labels))
+    assert nmi == pytest.approx(normalized_mutual_info_score(labels, clusters))
+
+
+def test_fit_on_a_sample_across_shards_is_deterministic(workspace):
+    params = load_params(workspace)
+    params["cluster"]["points_per_centroid"] = 5  # 16 clusters x 5 = 80 of the 240 documents, from both shards
+    first = cluster.run(params)
+    centroids = (workspace / "data/clusters/centroids_level1.npy").read_bytes()
+    assert first["fit_points"] == 80
+    assert cluster.run(params) == first
+    assert (workspace / "data/clusters/centroids_level1.npy").read_bytes() == centroids
+    assign.run(params)
+    assert pl.read_parquet(workspace / "data/domains/manifest.parquet")["docs"].sum() == 240

@@ -27,10 +27,15 @@ def test_embed_texts_keeps_input_order_and_matches_the_model(encoder):
 
 
 def test_only_the_first_max_tokens_tokens_count(encoder):
-    head = "The licensee may copy and distribute verbatim copies of the program. " * 20
-    a = embed.embed_texts(encoder, [head + " zebra giraffe " * 200], max_tokens=32)
+    # About 60 tokens but fewer characters than the pre-tokenization cut, so only the token limit can explain it.
+    head = "The licensee may copy and distribute verbatim copies of the program. " * 4
+    tail = " zebra giraffe " * 5
+    assert len(head + tail) < 32 * embed.CHARS_PER_TOKEN_BOUND
+    a = embed.embed_texts(encoder, [head + tail], max_tokens=32)
     b = embed.embed_texts(encoder, [head], max_tokens=32)
     np.testing.assert_array_equal(a, b)
+    longer = embed.embed_texts(encoder, [head + tail, head], max_tokens=128)
+    assert not np.array_equal(longer[0], longer[1])  # with room for the tail, it does change the vector
 
 
 def test_embeddings_are_row_aligned_with_docs(embedded_workspace):
@@ -56,6 +61,19 @@ def test_embeddings_that_do_not_match_the_docs_are_an_error(workspace):
     pq.write_table(table.slice(1), shard)  # one document fewer than its embeddings
     with pytest.raises(InputError, match=r"cluster.embeddings: embeddings .*part-00000.npy do not match docs shard"):
         cluster.run(load_params(workspace))
+
+
+def test_same_row_count_but_other_documents_is_an_error(workspace):
+    shard = workspace / "data/docs/part-00000.parquet"
+    table = pq.read_table(shard)
+    pq.write_table(table.take(list(range(1, table.num_rows)) + [0]), shard)  # same rows, other order
+    with pytest.raises(InputError, match=r"embedded from other documents"):
+        cluster.run(load_params(workspace))
+
+
+def test_max_tokens_beyond_the_model_limit_names_the_parameter():
+    with pytest.raises(ParamError, match=r"embed.max_tokens = 4096: .* at most 512 tokens"):
+        embed.load_encoder("all-MiniLM-L6-v2", "cpu", 4096)
 
 
 def test_rerun_skips_finished_shards(workspace, caplog):

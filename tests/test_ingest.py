@@ -175,3 +175,30 @@ def test_a_folder_input_means_its_supported_files(tmp_path):
     (tmp_path / "in" / "notes.txt").write_text("not a shard")
     metrics = run_ingest(tmp_path, ["in"])
     assert (metrics["files"], metrics["kept"]) == (2, 3)
+
+
+def test_truncated_file_counts_add_up_through_the_stage(tmp_path):
+    many = [{"text": f"record {i} " * 30, "meta": {"source": "s"}} for i in range(3000)]
+    full = write(tmp_path / "full.jsonl.zst", jsonl_bytes(many))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "cut.jsonl.zst").write_bytes(full.read_bytes()[: full.stat().st_size // 3])
+    write(tmp_path / "in" / "ok.jsonl", jsonl_bytes(GOOD))
+    metrics = run_ingest(tmp_path, ["in"])
+    assert metrics["rejected"] == 1 and metrics["rejected_by_reason"] == {"truncated or corrupt compressed file": 1}
+    assert 3 < metrics["kept"] < 3003
+    assert metrics["read"] == metrics["kept"] + metrics["rejected"] + metrics["duplicates"]
+
+
+def test_non_string_inputs_name_the_parameter(tmp_path):
+    with pytest.raises(ParamError, match=r"ingest.inputs = \[1\]: expected a list of paths"):
+        run_ingest(tmp_path, [1])
+
+
+def test_stale_temporary_output_of_a_killed_run_is_cleared(tmp_path):
+    write(tmp_path / "x.jsonl", jsonl_bytes(GOOD))
+    stale = tmp_path / "docs.99999.tmp"
+    stale.mkdir()
+    (stale / "part-00000.parquet").write_bytes(b"half written")
+    run_ingest(tmp_path, ["x.jsonl"])
+    assert not stale.exists()
+    assert pq.read_table(tmp_path / "docs").num_rows == 3

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from pipeline.cluster import validate_levels
-from pipeline.kmeans import HierarchicalKMeans, l2_normalize, nearest_centroid, spherical_kmeans
+from pipeline.kmeans import HierarchicalKMeans, _repair_empty, l2_normalize, nearest_centroid, spherical_kmeans
 from pipeline.params import ParamError
 
 
@@ -105,3 +105,11 @@ def test_more_clusters_than_documents_is_an_error():
     with pytest.raises(ParamError, match=r"cluster.levels = \[64, 64\] asks for 4096 fine clusters but the corpus "
                                          r"has only 300 documents"):
         validate_levels([64, 64], 300)
+
+
+def test_repair_fills_every_empty_cluster_without_emptying_another():
+    labels = np.array([0, 1, 1, 1])
+    sims = np.array([0.1, 0.9, 0.8, 0.95])  # the worst-served point is alone in cluster 0: it must stay
+    repaired = _repair_empty(labels, sims, 4)
+    assert np.bincount(repaired, minlength=4).min() == 1
+    assert repaired[0] == 0
