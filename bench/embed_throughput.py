@@ -53,9 +53,10 @@ def main() -> None:
     # The raw side gets the same batches the pipeline forms: longest first, cut the same way.
     order = np.argsort([-len(t) for t in texts], kind="stable")
     cut = args.max_tokens * CHARS_PER_TOKEN_BOUND
-    batches = [encoder.tokenize([texts[i][:cut] for i in order[s : s + args.batch_size]])
+    tokenize = getattr(encoder, "preprocess", None) or encoder.tokenize
+    batches = [tokenize([texts[i][:cut] for i in order[s : s + args.batch_size]])
                for s in range(0, len(order), args.batch_size)]
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    batches = [{k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()} for b in batches]
     tokens = int(sum(b["attention_mask"].sum().item() for b in batches))
 
     embed_texts(encoder, texts[:64], args.max_tokens, args.batch_size)  # warm-up
