@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,7 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
         for p in sorted(paths):
             if not fs.isfile(p):
                 continue
-            url = p if protocol in ("file", "local") else f"{protocol}://{p}"
+            url = _local_name(p) if protocol in ("file", "local") else f"{protocol}://{p}"
             if not is_supported(url):
                 raise ParamError(
                     f"ingest.inputs: '{url}' is not a supported format "
@@ -185,6 +186,13 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     log.info("ingest: read %d, kept %d, rejected %d, duplicates %d", totals["read"], totals["kept"],
              totals["rejected"], totals["duplicates"])
     return metrics
+
+
+def _local_name(path: str) -> str:
+    # Reports and metrics name files relative to the project when they live in it, so they do not depend on
+    # where the project was cloned.
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def _reason_kind(reason: str) -> str:
