@@ -80,6 +80,25 @@ def build_manifest(locations: list[tuple[str, dict[str, Any]]], n_clusters: int,
     return pa.table(columns)
 
 
+def iter_clusters(domains_dir: str | Path, columns: list[str] | None = None):
+    """Yield (cluster id, table) for every fine cluster in id order, empty ones included; one cluster in memory."""
+    domains_dir = Path(domains_dir)
+    manifest = pq.read_table(domains_dir / MANIFEST, columns=["cluster", "files", "row_groups"]).to_pylist()
+    files: dict[str, pq.ParquetFile] = {}
+    empty = None
+    for row in manifest:
+        parts = []
+        for file, rg in zip(row["files"], row["row_groups"]):
+            if file not in files:
+                files[file] = pq.ParquetFile(domains_dir / file)
+            parts.append(files[file].read_row_group(rg, columns=columns))
+        if parts:
+            yield row["cluster"], pa.concat_tables(parts)
+        else:
+            empty = empty if empty is not None else _empty_cluster_table(domains_dir, columns)
+            yield row["cluster"], empty
+
+
 def read_cluster(domains_dir: str | Path, cluster: int, columns: list[str] | None = None) -> pa.Table:
     """All documents of one fine cluster, reading only its row groups."""
     domains_dir = Path(domains_dir)

@@ -16,7 +16,10 @@ STAGES = {
     "cluster": "fit hierarchical spherical k-means on a sample of the embeddings",
     "assign": "assign every document to its fine cluster and group documents by cluster",
     "stats": "cluster statistics, clustering metrics and plots",
+    "tokenize": "tokenize every cluster into a memory-mapped token store",
+    "bases": "basis distributions over the clusters (importance, reference, natural, uniform, coarse)",
 }
+MODULES = {"tokenize": "tokens"}  # `tokenize` would shadow the standard library module
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         params = load_params(args.params)
-        stage = importlib.import_module(f"pipeline.{args.stage}")
+        stage = importlib.import_module(f"pipeline.{MODULES.get(args.stage, args.stage)}")
         result = stage.run(params)
     except (ParamError, InputError) as err:
         print(f"dgamix {args.stage}: error: {err}", file=sys.stderr)

@@ -100,7 +100,7 @@ def drop_seen(result: FileResult, seen: set[str]) -> pa.Table:
     )
 
 
-def expand_inputs(patterns: Iterable[str]) -> list[str]:
+def expand_inputs(patterns: Iterable[str], param: str = "ingest.inputs") -> list[str]:
     """Resolve paths, globs and fsspec URLs to a sorted, de-duplicated list of supported files."""
     files: list[str] = []
     for pattern in patterns:
@@ -108,7 +108,7 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
         if len(paths) == 1 and fs.isdir(paths[0]):  # a folder means every supported file in it
             paths = [p for p in fs.find(paths[0]) if is_supported(p)]
         if not paths or not any(fs.isfile(p) for p in paths):
-            raise ParamError(f"ingest.inputs: '{pattern}' matches no file (expected a path, glob or fsspec URL)")
+            raise ParamError(f"{param}: '{pattern}' matches no file (expected a path, glob or fsspec URL)")
         protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
         for p in sorted(paths):
             if not fs.isfile(p):
@@ -116,13 +116,13 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
             url = _local_name(p) if protocol in ("file", "local") else f"{protocol}://{p}"
             if not is_supported(url):
                 raise ParamError(
-                    f"ingest.inputs: '{url}' is not a supported format "
+                    f"{param}: '{url}' is not a supported format "
                     "(expected .jsonl, .jsonl.gz, .jsonl.zst or .parquet)"
                 )
             files.append(url)
     unique = list(dict.fromkeys(files))
     if not unique:
-        raise ParamError("ingest.inputs is empty (expected at least one path, glob or fsspec URL)")
+        raise ParamError(f"{param} is empty (expected at least one path, glob or fsspec URL)")
     return unique
 
 

@@ -45,3 +45,30 @@ def plot_source_heatmap(counts: pl.DataFrame, coarse_col: str, path: Path, max_s
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_bases(names: list[str], matrix: np.ndarray, directory: Path, top: int = 40) -> None:
+    """bases.png: every basis as a row over clusters; importance_top.png: the importance basis's top clusters."""
+    fig, ax = plt.subplots(figsize=(9, 0.25 * len(names) + 1.8))
+    image = ax.imshow(matrix, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.set_xlabel("fine cluster")
+    ax.set_title("Basis distributions over clusters")
+    fig.colorbar(image, ax=ax, label="probability")
+    fig.tight_layout()
+    fig.savefig(directory / "bases.png", dpi=110)
+    plt.close(fig)
+    if "importance" not in names:
+        return
+    row = matrix[names.index("importance")]
+    best = np.argsort(-row, kind="stable")[:top]
+    best = best[row[best] > 0]
+    fig, ax = plt.subplots(figsize=(9, 3.5))
+    ax.bar(range(len(best)), row[best], color="#c0504d")
+    ax.set_xticks(range(len(best)), [str(c) for c in best], rotation=90, fontsize=7)
+    ax.set_xlabel("fine cluster")
+    ax.set_ylabel("probability")
+    ax.set_title(f"Importance basis: top {len(best)} clusters ({(row > 0).sum()} with mass)")
+    fig.tight_layout()
+    fig.savefig(directory / "importance_top.png", dpi=110)
+    plt.close(fig)

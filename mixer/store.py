@@ -1,0 +1,114 @@
+"""ClusterStore: memory-mapped tokens of every cluster, read as an endless per-cluster stream.
+
+Each cluster's stream is its epochs back to back; every epoch is the cluster's documents (EOS-terminated, as the
+tokenize stage wrote them) in an order reshuffled per epoch from (seed, cluster, epoch). A position in that stream
+is all the state a cursor needs, so any rank or worker can jump to any position without replaying reads.
+
+With a token cap (the paper's token-limited regime), only the first `token_cap` tokens of each cluster (in stored
+order; the last document cut) exist: the cluster repeats after that many tokens, and the repetitions are counted.
+"""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+
+class ClusterStore:
+    def __init__(self, directory: str | Path, token_cap: int | None = None, seed: int = 0, cache_clusters: int = 8192):
+        directory = Path(directory)
+        meta_path = directory / "store.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{directory} holds no store.json (expected the tokenize stage's output)")
+        if token_cap is not None and (isinstance(token_cap, bool) or not isinstance(token_cap, (int, np.integer))
+                                      or token_cap < 1):
+            raise ValueError(f"token_cap = {token_cap!r}: expected a positive number of tokens per cluster, or None")
+        self.directory = directory
+        self.meta = json.loads(meta_path.read_text())
+        self.token_cap = None if token_cap is None else int(token_cap)
+        self.seed = int(seed)
+        self.dtype = np.dtype(self.meta["dtype"])
+        self.eos_id = int(self.meta["eos_id"])
+        self.vocab_size = int(self.meta["vocab_size"])
+        n_tokens = int(self.meta["tokens"])
+        self.tokens = (np.memmap(directory / "tokens.bin", dtype=self.dtype, mode="r", shape=(n_tokens,))
+                       if n_tokens else np.zeros(0, self.dtype))
+        self.doc_offsets = np.load(directory / "doc_offsets.npy")
+        self.cluster_offsets = np.load(directory / "cluster_offsets.npy")
+        if self.doc_offsets[-1] != n_tokens or self.cluster_offsets[-1] != len(self.doc_offsets) - 1:
+            raise ValueError(f"{directory}: index files do not match store.json (re-run tokenize)")
+        full = self.doc_offsets[self.cluster_offsets[1:]] - self.doc_offsets[self.cluster_offsets[:-1]]
+        self.cluster_tokens = full if self.token_cap is None else np.minimum(full, self.token_cap)
+        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache_size = cache_clusters
+
+    @property
+    def n_clusters(self) -> int:
+        return len(self.cluster_offsets) - 1
+
+    @property
+    def available(self) -> np.ndarray:
+        """Clusters that have at least one token (the only ones a mixture may draw from)."""
+        return self.cluster_tokens > 0
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.meta.get('fingerprint')}:cap={self.token_cap}:seed={self.seed}"
+
+    def epochs_started(self, cluster: int, position: int) -> int:
+        """How many times the cluster's stream has (re)started by `position`: 1 in the first pass, 2 once it repeats."""
+        return int(position // self.cluster_tokens[cluster]) + 1 if position > 0 else 0
+
+    def _documents(self, cluster: int) -> tuple[np.ndarray, np.ndarray]:
+        """(start, length) of the cluster's available documents in stored order, cut at the token cap."""
+        first, last = self.cluster_offsets[cluster], self.cluster_offsets[cluster + 1]
+        starts = self.doc_offsets[first:last]
+        lengths = self.doc_offsets[first + 1 : last + 1] - starts
+        if self.token_cap is not None:
+            ends = np.cumsum(lengths)
+            keep = int(np.searchsorted(ends, self.token_cap, side="left")) + 1
+            starts, lengths = starts[:keep].copy(), lengths[:keep].copy()
+            overflow = int(lengths.sum()) - self.token_cap
+            if overflow > 0:
+                lengths[-1] -= overflow
+        return starts, lengths
+
+    def _epoch_layout(self, cluster: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(document starts in this epoch's order, cumulative lengths) — cached, as reads cluster around epochs."""
+        key = (cluster, epoch)
+        layout = self._cache.get(key)
+        if layout is not None:
+            self._cache.move_to_end(key)
+            return layout
+        starts, lengths = self._documents(cluster)
+        order = np.random.default_rng((self.seed, cluster, epoch)).permutation(len(starts))
+        layout = (starts[order], np.cumsum(lengths[order]))
+        self._cache[key] = layout
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return layout
+
+    def read(self, cluster: int, position: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Tokens [position, position + length) of the cluster's endless stream."""
+        per_epoch = int(self.cluster_tokens[cluster])
+        if per_epoch == 0:
+            raise ValueError(f"cluster {cluster} has no tokens")
+        if out is None:
+            out = np.empty(length, dtype=self.dtype)
+        filled = 0
+        while filled < length:
+            epoch, offset = divmod(position + filled, per_epoch)
+            starts, ends = self._epoch_layout(cluster, epoch)
+            doc = int(np.searchsorted(ends, offset, side="right"))
+            while filled < length and doc < len(starts):
+                doc_begin = ends[doc - 1] if doc else 0
+                within = offset - doc_begin
+                take = min(int(ends[doc] - offset), length - filled)
+                source = starts[doc] + within
+                out[filled : filled + take] = self.tokens[source : source + take]
+                filled += take
+                offset += take
+                doc += 1
+        return out

@@ -1,0 +1,189 @@
+"""MixtureStream: fixed-length token sequences drawn from a mixture over clusters, exactly resumable.
+
+Step t's global batch (batch_size x world_size sequences) is planned from a generator seeded by (seed, t) and the
+weights in force at step t: each sequence picks a cluster from p = alpha^T P and takes the next seq_len + 1 tokens of
+that cluster's stream (packed within the cluster: documents back to back, EOS between them). Planning is cheap and
+identical everywhere, so every rank and DataLoader worker replays the same global plan and materializes only its
+own slice: no sequence is produced twice, and the union over ranks is the single-process stream.
+
+`set_weights()` takes effect from the next batch this object plans. The state (`state_dict()`) is the step, the
+per-cluster stream positions, the weights, and the auxiliary samplers' positions; it carries fingerprints of the
+store and the bases, and loading it onto different data is an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from .mixture import Mixture, check_weights
+from .store import ClusterStore
+
+STATE_VERSION = 1
+
+
+class StateMismatchError(ValueError):
+    """A saved stream state does not belong to this store, these bases, or this configuration."""
+
+
+@dataclass
+class StepLog:
+    step: int
+    weights: np.ndarray
+    clusters: np.ndarray  # this rank's sequences' clusters
+    tokens_per_cluster: dict[int, int] = field(default_factory=dict)
+    repeated_clusters: list[int] = field(default_factory=list)  # clusters of this batch that are past their 1st pass
+
+
+def _cdf(p: np.ndarray) -> np.ndarray:
+    cdf = np.cumsum(p)
+    cdf /= cdf[-1]
+    return cdf
+
+
+class MixtureStream(IterableDataset):
+    def __init__(self, store: ClusterStore, mixture: Mixture, seq_len: int, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, max_steps: int | None = None):
+        super().__init__()
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} = {value!r}: expected a positive integer")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank = {rank}: expected 0 <= rank < world_size ({world_size})")
+        mixture.check_store(store.available)
+        self.store, self.mixture = store, mixture
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size, self.max_steps = rank, world_size, max_steps
+        self.step = 0
+        self.cursors = np.zeros(store.n_clusters, dtype=np.int64)
+        self.aux_cursors = np.zeros(store.n_clusters, dtype=np.int64)
+        self.aux_draws = 0
+        self._cdf = _cdf(mixture.cluster_probs())
+        self.last_log: StepLog | None = None
+
+    # ---- weights -------------------------------------------------------------------------------------------
+    @property
+    def weights(self) -> np.ndarray:
+        return self.mixture.weights
+
+    def set_weights(self, weights: np.ndarray | list[float]) -> None:
+        """New weights over the bases; they take effect from the next batch."""
+        self.mixture.set_weights(weights)
+        self._cdf = _cdf(self.mixture.cluster_probs())
+
+    # ---- planning (cheap, identical on every rank and worker) -----------------------------------------------
+    @property
+    def sequence_tokens(self) -> int:
+        return self.seq_len + 1  # inputs and shifted targets
+
+    def _plan(self, step: int, cursors: np.ndarray, cdf: np.ndarray, n: int, salt: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Clusters and stream positions of step's n sequences; advances `cursors` in place."""
+        rng = np.random.default_rng((self.seed, salt, step))
+        clusters = np.searchsorted(cdf, rng.random(n), side="right").astype(np.int64)
+        clusters = np.minimum(clusters, len(cdf) - 1)
+        # The i-th draw of cluster c in this batch starts after the earlier draws of c in the same batch.
+        order = np.argsort(clusters, kind="stable")
+        sorted_clusters = clusters[order]
+        first = np.r_[0, np.flatnonzero(np.diff(sorted_clusters)) + 1]
+        rank_in_cluster = np.arange(n) - np.repeat(first, np.diff(np.r_[first, n]))
+        positions = np.empty(n, dtype=np.int64)
+        positions[order] = cursors[sorted_clusters] + rank_in_cluster * self.sequence_tokens
+        np.add.at(cursors, clusters, self.sequence_tokens)
+        return clusters, positions
+
+    def _materialize(self, clusters: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+        out = np.empty((len(clusters), self.sequence_tokens), dtype=self.store.dtype)
+        for i, (c, pos) in enumerate(zip(clusters.tolist(), positions.tolist())):
+            self.store.read(c, pos, self.sequence_tokens, out[i])
+        return torch.from_numpy(out.astype(np.int64))
+
+    def next_batch(self) -> dict[str, Any]:
+        """Plan step `self.step` and return this rank's slice of it."""
+        clusters, positions = self._plan(self.step, self.cursors, self._cdf, self.batch_size * self.world_size)
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        batch = self._batch(clusters[mine], positions[mine], self.step)
+        self.step += 1
+        return batch
+
+    def _batch(self, clusters: np.ndarray, positions: np.ndarray, step: int) -> dict[str, Any]:
+        tokens = self._materialize(clusters, positions)
+        per_epoch = self.store.cluster_tokens[clusters]
+        passes = (positions + self.sequence_tokens - 1) // per_epoch + 1  # pass reached by the sequence's end
+        unique, counts = np.unique(clusters, return_counts=True)
+        self.last_log = StepLog(step, self.weights.copy(), clusters,
+                                dict(zip(unique.tolist(), (counts * self.sequence_tokens).tolist())),
+                                sorted(set(clusters[passes > 1].tolist())))
+        return {"tokens": tokens, "cluster": torch.from_numpy(clusters), "pass": torch.from_numpy(passes),
+                "step": step}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        while self.max_steps is None or self.step < self.max_steps:
+            if self.step % workers == worker:
+                yield self.next_batch()
+            else:  # another worker materializes this step; keep the cursors in step with it
+                self._plan(self.step, self.cursors, self._cdf, self.batch_size * self.world_size)
+                self.step += 1
+
+    # ---- fresh batches for alignment (their own sampler state: the training stream is untouched) ----------
+    def sample_basis(self, basis: int, n: int) -> dict[str, Any]:
+        """n fresh sequences from basis `basis` alone (the same on every rank)."""
+        if not 0 <= basis < self.mixture.n_bases:
+            raise ValueError(f"basis = {basis}: expected 0 <= basis < {self.mixture.n_bases}")
+        row = self.mixture.bases.getrow(basis).toarray().ravel()
+        clusters, positions = self._plan(self.aux_draws, self.aux_cursors, _cdf(row), n, salt=1 + basis)
+        self.aux_draws += 1
+        return {"tokens": self._materialize(clusters, positions), "cluster": torch.from_numpy(clusters)}
+
+    # ---- state ---------------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        return {"store": self.store.fingerprint, "bases": self.mixture.fingerprint(), "seed": self.seed,
+                "seq_len": self.seq_len, "batch_size": self.batch_size, "world_size": self.world_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "fingerprint": self.fingerprint(), "step": self.step,
+                "cursors": self.cursors.copy(), "aux_cursors": self.aux_cursors.copy(),
+                "aux_draws": self.aux_draws, "weights": self.weights.copy()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise StateMismatchError(f"stream state version {state.get('version')}, expected {STATE_VERSION}")
+        saved, ours = state["fingerprint"], self.fingerprint()
+        diff = {k: (saved.get(k), v) for k, v in ours.items() if saved.get(k) != v}
+        if diff:
+            raise StateMismatchError(
+                "the saved stream state belongs to other data or settings; refusing to resume on a different stream: "
+                + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+        self.set_weights(check_weights(state["weights"], self.mixture.n_bases))
+        self.step = int(state["step"])
+        self.cursors = np.array(state["cursors"], dtype=np.int64)
+        self.aux_cursors = np.array(state["aux_cursors"], dtype=np.int64)
+        self.aux_draws = int(state["aux_draws"])
+
+
+class TargetSampler:
+    """Sequences of the specialized set (a one-cluster store), with its own resumable position."""
+
+    def __init__(self, store: ClusterStore, seq_len: int, seed: int = 0):
+        if store.n_clusters != 1 or not store.available[0]:
+            raise ValueError(f"the target store at {store.directory} must hold one non-empty cluster")
+        self.store, self.seq_len, self.position = store, seq_len, 0
+
+    def sample(self, n: int) -> torch.Tensor:
+        out = np.empty((n, self.seq_len + 1), dtype=self.store.dtype)
+        for i in range(n):
+            self.store.read(0, self.position, self.seq_len + 1, out[i])
+            self.position += self.seq_len + 1
+        return torch.from_numpy(out.astype(np.int64))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "store": self.store.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["store"] != self.store.fingerprint:
+            raise StateMismatchError(f"target sampler state is for store {state['store']}, not {self.store.fingerprint}")
+        self.position = int(state["position"])
