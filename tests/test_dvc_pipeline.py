@@ -29,10 +29,12 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
     (project / "data/sample/generic").mkdir(parents=True)
     for i, records in enumerate(sample_records):
         write_jsonl_zst(records, project / f"data/sample/generic/part-{i:05d}.jsonl.zst")
+    shutil.copytree(ROOT / "data/sample/target", project / "data/sample/target")
     shutil.copy(ROOT / "dvc.yaml", project)
     shutil.copytree(ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["cluster"]["levels"] = [4, 4]
+    params["tokenize"]["vocab_size"] = 1024
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     dvc(["init", "--no-scm", "-q"], project)
 
@@ -48,6 +50,9 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
     assert 0 < flat["nmi_fine"] <= 1
     table = pl.read_parquet(project / "data/stats/clusters.parquet")
     assert table["docs"].sum() == flat["kept"] and table.height == 16
+    assert flat["target_documents"] == 176 and flat["importance_clusters_covered"] >= 1
+    store = json.loads((project / "data/tokens/store.json").read_text())
+    assert store["documents"] == flat["kept"] and store["dtype"] == "uint16"
 
     status = dvc(["status"], project).stdout
     assert "up to date" in status.lower() or status.strip() == "", status

@@ -1,0 +1,191 @@
+"""ClusterStore, Mixture and MixtureStream: statistics, caps, resume, ranks x workers, bad input."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.stats import chisquare
+from torch.utils.data import DataLoader
+
+from mixer import ClusterStore, Mixture, MixtureStream, StateMismatchError
+
+from .mixer_fixtures import synthetic_store
+
+DOCS = [30, 20, 0, 25, 15, 40]  # cluster 2 is empty
+
+
+@pytest.fixture
+def store(tmp_path) -> ClusterStore:
+    return ClusterStore(synthetic_store(tmp_path / "tokens", DOCS), seed=3)
+
+
+def two_bases(available: np.ndarray) -> Mixture:
+    k = len(available)
+    first = np.zeros(k)
+    first[[0, 1]] = [0.75, 0.25]
+    second = available / available.sum()
+    return Mixture(np.stack([first, second]), ["first", "spread"])
+
+
+def cluster_of(tokens: np.ndarray) -> set[int]:
+    return set(((tokens[tokens != 0] - 1) // 10).tolist())
+
+
+def test_store_epoch_is_a_permutation_of_the_cluster(store):
+    for cluster in (0, 3):
+        per_epoch = int(store.cluster_tokens[cluster])
+        first = store.read(cluster, 0, per_epoch)
+        second = store.read(cluster, per_epoch, per_epoch)
+        raw = store.tokens[store.doc_offsets[store.cluster_offsets[cluster]]:
+                           store.doc_offsets[store.cluster_offsets[cluster + 1]]]
+        assert sorted(first.tolist()) == sorted(raw.tolist()) == sorted(second.tolist())
+        assert not np.array_equal(first, second)  # reshuffled each epoch
+        assert cluster_of(first) == {cluster}
+        # reading in pieces gives the same stream as one read
+        pieces = np.concatenate([store.read(cluster, p, 37) for p in range(0, 2 * per_epoch, 37)])
+        np.testing.assert_array_equal(pieces[: 2 * per_epoch], np.r_[first, second])
+
+
+def test_token_cap_limits_and_repeats(tmp_path):
+    capped = ClusterStore(synthetic_store(tmp_path / "t", DOCS), token_cap=100, seed=1)
+    assert (capped.cluster_tokens[capped.available] == 100).all()
+    full = ClusterStore(tmp_path / "t")
+    head = full.tokens[full.doc_offsets[full.cluster_offsets[4]]:][:100]
+    epoch1, epoch2 = capped.read(4, 0, 100), capped.read(4, 100, 100)
+    assert sorted(epoch1.tolist()) == sorted(head.tolist()) == sorted(epoch2.tolist())
+    assert capped.epochs_started(4, 250) == 3
+    with pytest.raises(ValueError, match="token_cap = 0: expected a positive number"):
+        ClusterStore(tmp_path / "t", token_cap=0)
+
+
+def test_stream_follows_p_before_and_after_a_weight_change(store):
+    mixture = two_bases(store.available)
+    stream = MixtureStream(store, mixture, seq_len=8, batch_size=50, seed=11)
+    p_before = mixture.cluster_probs()
+    counts = np.zeros(6)
+    for _ in range(100):
+        np.add.at(counts, stream.next_batch()["cluster"].numpy(), 1)
+    avail = store.available
+    assert counts[~avail].sum() == 0
+    assert chisquare(counts[avail], p_before[avail] * counts.sum()).pvalue > 1e-3
+    stream.set_weights([0.1, 0.9])
+    p_after = mixture.cluster_probs()
+    counts_after = np.zeros(6)
+    for _ in range(100):
+        np.add.at(counts_after, stream.next_batch()["cluster"].numpy(), 1)
+    assert chisquare(counts_after[avail], p_after[avail] * counts_after.sum()).pvalue > 1e-3
+    # the test has power: the old distribution is firmly rejected for the new counts
+    assert chisquare(counts_after[avail], p_before[avail] * counts_after.sum()).pvalue < 1e-6
+
+
+def test_sequences_are_packed_within_their_cluster(store):
+    stream = MixtureStream(store, two_bases(store.available), seq_len=64, batch_size=16, seed=0)
+    batch = stream.next_batch()
+    assert batch["tokens"].shape == (16, 65)
+    for tokens, cluster in zip(batch["tokens"].numpy(), batch["cluster"].numpy()):
+        assert cluster_of(tokens) == {cluster}
+
+
+def digest(batch) -> str:
+    return hashlib.sha1(batch["tokens"].numpy().tobytes()).hexdigest()
+
+
+def run_steps(stream, steps, changes):
+    out = []
+    while stream.step < steps:
+        if stream.step in changes:
+            stream.set_weights(changes[stream.step])
+        out.append(digest(stream.next_batch()))
+    return out
+
+
+def test_resume_is_exact_after_weight_changes_and_two_resumes(store):
+    changes = {5: [0.9, 0.1], 12: [0.2, 0.8], 21: [0.5, 0.5]}
+    make = lambda: MixtureStream(store, two_bases(store.available), seq_len=32, batch_size=8, seed=5)  # noqa: E731
+    straight = run_steps(make(), 30, changes)
+    first = make()
+    resumed = run_steps(first, 8, changes)
+    second = make()
+    second.load_state_dict(first.state_dict())
+    resumed += run_steps(second, 17, changes)
+    second.sample_basis(0, 4)  # alignment draws between checkpoints must not disturb the stream
+    third = make()
+    third.load_state_dict(second.state_dict())
+    resumed += run_steps(third, 30, changes)
+    assert resumed == straight
+
+
+def test_sample_basis_leaves_the_training_stream_alone(store):
+    make = lambda: MixtureStream(store, two_bases(store.available), seq_len=16, batch_size=4, seed=2)  # noqa: E731
+    plain, probed = make(), make()
+    a = [digest(plain.next_batch()) for _ in range(10)]
+    b = []
+    for _ in range(10):
+        fresh = probed.sample_basis(0, 6)
+        assert set(fresh["cluster"].tolist()) <= {0, 1}
+        b.append(digest(probed.next_batch()))
+    assert a == b
+
+
+def test_resuming_on_other_data_is_an_error(store, tmp_path):
+    stream = MixtureStream(store, two_bases(store.available), seq_len=16, batch_size=4)
+    stream.next_batch()
+    other_store = ClusterStore(synthetic_store(tmp_path / "other", DOCS, seed=99), seed=3)
+    other = MixtureStream(other_store, two_bases(other_store.available), seq_len=16, batch_size=4)
+    with pytest.raises(StateMismatchError, match="store: saved"):
+        other.load_state_dict(stream.state_dict())
+    longer = MixtureStream(store, two_bases(store.available), seq_len=32, batch_size=4)
+    with pytest.raises(StateMismatchError, match="seq_len: saved 16, now 32"):
+        longer.load_state_dict(stream.state_dict())
+
+
+def test_workers_and_ranks_partition_the_single_process_stream(store):
+    """2 ranks x 2 DataLoader workers: no sequence twice, and the union is the one-process stream."""
+    steps = 12
+    single = MixtureStream(store, two_bases(store.available), seq_len=16, batch_size=6, seed=4, world_size=2,
+                           max_steps=steps)
+    expected = []
+    for _ in range(steps):
+        clusters, positions = single._plan(single.step, single.cursors, single._cdf, 12)
+        single.step += 1
+        expected.append(single._materialize(clusters, positions).numpy())
+    got = {}
+    for rank in range(2):
+        stream = MixtureStream(store, two_bases(store.available), seq_len=16, batch_size=6, seed=4, rank=rank,
+                               world_size=2, max_steps=steps)
+        for batch in DataLoader(stream, batch_size=None, num_workers=2):
+            got[(batch["step"], rank)] = batch["tokens"].numpy()
+    assert sorted(got) == [(s, r) for s in range(steps) for r in range(2)]
+    for step in range(steps):
+        np.testing.assert_array_equal(np.concatenate([got[(step, 0)], got[(step, 1)]]), expected[step])
+
+
+@pytest.mark.parametrize("weights, message", [
+    ([0.5, -0.1], "non-negative"), ([0.3, 0.3, 0.4], r"expected \(2,\)"), ([np.nan, 1.0], "NaN"),
+    ([0.0, 0.0], "sum to 0"),
+])
+def test_bad_weights_are_clear_errors(store, weights, message):
+    stream = MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=2)
+    with pytest.raises(ValueError, match=message):
+        stream.set_weights(weights)
+
+
+def test_bases_that_do_not_match_the_store_are_errors(store):
+    with pytest.raises(ValueError, match="bases have 4 clusters but the store has 6"):
+        MixtureStream(store, Mixture(np.eye(4)), 8, 2)
+    onto_empty = np.zeros((1, 6))
+    onto_empty[0, 2] = 1.0
+    with pytest.raises(ValueError, match="puts mass 1 on clusters with no tokens"):
+        MixtureStream(store, Mixture(onto_empty), 8, 2)
+    with pytest.raises(ValueError, match="sums to 0.5"):
+        Mixture(sp.csr_matrix(np.full((1, 6), 0.5 / 6)))
+
+
+def test_identity_mixture_is_domain_reweighting(store):
+    mixture = Mixture.identity(store.available)
+    assert mixture.n_bases == 5 and mixture.names[2] == "cluster:3"
+    weights = np.arange(1, 6, dtype=float)
+    mixture.set_weights(weights)
+    np.testing.assert_allclose(mixture.cluster_probs()[store.available], weights / weights.sum())
