@@ -1,0 +1,111 @@
+"""tokenize and bases stages on the real fixture corpus; pure bases functions against known answers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import zstandard
+
+from mixer import ClusterStore, Mixture
+from pipeline import assign, bases, cluster, tokens
+from pipeline.params import InputError, ParamError
+
+from .conftest import ROOT, load_params
+
+
+@pytest.fixture
+def tokenized(workspace):
+    params = load_params(workspace)
+    params["tokenize"]["vocab_size"] = 1024
+    params["bases"]["target"] = [str(ROOT / "data/sample/target/spec.jsonl.zst")]
+    cluster.run(params)
+    assign.run(params)
+    tokens.run(params)
+    return workspace, params
+
+
+def test_token_store_round_trips_every_document(tokenized):
+    work, params = tokenized
+    store = ClusterStore(work / "data/tokens")
+    meta = json.loads((work / "data/tokens/store.json").read_text())
+    assert meta["dtype"] == "uint16" and meta["documents"] == 240 and store.n_clusters == 16
+    tokenizer = tokens.load_tokenizer(work / "data/tokens/tokenizer.json")
+    by_cluster = dict(assign.iter_clusters(work / "data/domains", ["text"]))
+    doc = 0
+    for c in range(16):
+        for text in by_cluster[c].column("text").to_pylist():
+            ids = store.tokens[store.doc_offsets[doc]:store.doc_offsets[doc + 1]]
+            assert ids[-1] == store.eos_id and store.eos_id not in ids[:-1]
+            assert tokenizer.decode(ids[:-1].tolist()) == text  # byte-level BPE is lossless
+            doc += 1
+        assert store.cluster_offsets[c + 1] == doc
+
+
+def test_tokenize_is_deterministic_and_accepts_a_given_tokenizer(tokenized):
+    work, params = tokenized
+    first = json.loads((work / "data/tokens/store.json").read_text())["fingerprint"]
+    (work / "given.json").write_bytes((work / "data/tokens/tokenizer.json").read_bytes())
+    assert tokens.run(params)["fingerprint"] == first
+    params["tokenize"]["tokenizer"] = "given.json"
+    assert tokens.run(params)["fingerprint"] == first
+    params["tokenize"]["tokenizer"] = "missing.json"
+    with pytest.raises(ParamError, match="tokenize.tokenizer = 'missing.json' does not exist"):
+        tokens.run(params)
+
+
+def test_bases_stage_builds_valid_rows_with_the_importance_histogram(tokenized):
+    work, params = tokenized
+    metrics = bases.run(params)
+    names = json.loads((work / "data/bases/names.json").read_text())
+    store = ClusterStore(work / "data/tokens")
+    mixture = Mixture.from_bases_dir(work / "data/bases")
+    mixture.check_store(store.available)
+    assert names[0] == "importance" and "natural" in names and "uniform" in names
+    assert any(n.startswith("reference:") for n in names) and any(n.startswith("coarse:") for n in names)
+    target = pl.read_parquet(work / "data/bases/target_clusters.parquet")["cluster"].to_numpy()
+    expected = np.bincount(target, minlength=16) / len(target)
+    np.testing.assert_allclose(mixture.bases.getrow(0).toarray().ravel(), expected)
+    natural = mixture.bases.getrow(names.index("natural")).toarray().ravel()
+    np.testing.assert_allclose(natural, store.cluster_tokens / store.cluster_tokens.sum())
+    assert metrics["importance_clusters_covered"] == len(np.unique(target))
+    assert metrics["target_documents"] == 176
+    target_store = ClusterStore(work / "data/bases/target")
+    assert target_store.n_clusters == 1 and target_store.meta["documents"] == 176
+
+
+def test_empty_target_and_missing_text_field_are_errors(tokenized, tmp_path):
+    work, params = tokenized
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": "  "}\n')
+    params["bases"]["target"] = [str(empty)]
+    with pytest.raises(InputError, match="empty target set"):
+        bases.run(params)
+    other = tmp_path / "other.jsonl.zst"
+    other.write_bytes(zstandard.ZstdCompressor().compress(b'{"body": "a licence"}\n{"body": "another"}\n'))
+    params["bases"]["target"] = [str(other)]
+    with pytest.raises(InputError, match="bases.text_field = 'text': no record of the target set"):
+        bases.run(params)
+
+
+def test_to_distribution_known_answer():
+    available = np.array([True, True, False, True])
+    row, dropped = bases.to_distribution(np.array([2.0, 0.0, 1.0, 1.0]), available, "x")
+    np.testing.assert_allclose(row, [2 / 3, 0.0, 0.0, 1 / 3])
+    assert dropped == pytest.approx(0.25)
+    smoothed, _ = bases.to_distribution(np.array([2.0, 0.0, 0.0, 0.0]), available, "x", smoothing=1.0)
+    np.testing.assert_allclose(smoothed, [3 / 5, 1 / 5, 0.0, 1 / 5])
+    with pytest.raises(InputError, match="basis 'x' has all its mass on empty clusters"):
+        bases.to_distribution(np.array([0.0, 0.0, 3.0, 0.0]), available, "x")
+
+
+def test_validate_bases_errors():
+    available = np.array([True, True, False])
+    with pytest.raises(InputError, match="sums to 0.900000000, expected 1"):
+        bases.validate_bases(np.array([[0.5, 0.4, 0.0]]), ["a"], available)
+    with pytest.raises(InputError, match="expected \\(m, 3\\) for 3 clusters"):
+        bases.validate_bases(np.array([[0.5, 0.25, 0.0, 0.25]]), ["a"], available)  # a cluster that does not exist
+    with pytest.raises(InputError, match="puts mass on clusters with no tokens"):
+        bases.validate_bases(np.array([[0.5, 0.25, 0.25]]), ["a"], available)
+    bases.validate_bases(np.array([[0.5, 0.5, 0.0]]), ["a"], available)
