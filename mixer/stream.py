@@ -63,6 +63,10 @@ class MixtureStream(IterableDataset):
         self.aux_draws = 0
         self._cdf = _cdf(mixture.cluster_probs())
         self.last_log: StepLog | None = None
+        # Counts set_weights() calls across processes: DataLoader workers iterate copies of this object, so a
+        # change made in the trainer cannot reach them; they check this counter and fail loudly instead of
+        # silently drawing from stale weights.
+        self._weights_version = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     # ---- weights -------------------------------------------------------------------------------------------
     @property
@@ -73,6 +77,7 @@ class MixtureStream(IterableDataset):
         """New weights over the bases; they take effect from the next batch."""
         self.mixture.set_weights(weights)
         self._cdf = _cdf(self.mixture.cluster_probs())
+        self._weights_version += 1
 
     # ---- planning (cheap, identical on every rank and worker) -----------------------------------------------
     @property
@@ -122,7 +127,12 @@ class MixtureStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        version = int(self._weights_version)
         while self.max_steps is None or self.step < self.max_steps:
+            if info is not None and int(self._weights_version) != version:
+                raise RuntimeError(
+                    "MixtureStream.set_weights() was called while DataLoader workers iterate copies of the stream; "
+                    "they cannot see the change. Iterate with num_workers=0 when weights change during training.")
             if self.step % workers == worker:
                 yield self.next_batch()
             else:  # another worker materializes this step; keep the cursors in step with it

@@ -189,3 +189,13 @@ def test_identity_mixture_is_domain_reweighting(store):
     weights = np.arange(1, 6, dtype=float)
     mixture.set_weights(weights)
     np.testing.assert_allclose(mixture.cluster_probs()[store.available], weights / weights.sum())
+
+
+def test_changing_weights_under_workers_fails_loudly(store):
+    stream = MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=2, max_steps=200)
+    loader = iter(DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=1))
+    next(loader)
+    stream.set_weights([0.2, 0.8])
+    with pytest.raises(RuntimeError, match="set_weights\\(\\) was called while DataLoader workers iterate"):
+        for _ in range(200):
+            next(loader)

@@ -1,0 +1,181 @@
+"""Mixer throughput and memory: 4096 clusters, a random cluster per sequence, seq len 1024, batch 32.
+
+    .venv/bin/pip install -e '.[bench]'    # HF datasets, for the interleave_datasets peer
+    .venv/bin/python bench/mixer_throughput.py [--tokens-per-cluster 20000] [--steps 300]
+
+Rows (same token store, same cluster probabilities, one process, torch on 1 thread):
+- dgamix MixtureStream, identity bases over 4096 clusters, weights changing every 10 steps (Dirichlet draws);
+- dgamix MixtureStream with fixed weights;
+- torch WeightedRandomSampler over the concatenation of every cluster's fixed 1025-token chunks (fixed weights:
+  the sampler cannot change them mid-run), batched by a DataLoader;
+- HF datasets.interleave_datasets over one in-memory Dataset per cluster (fixed probabilities), read in batches.
+Memory: the stream runs in a fresh subprocess per corpus size (1x and 4x tokens per cluster) and reports peak RSS
+and anonymous RSS (file-backed mmap pages are shared and evictable; anonymous memory is what must stay flat).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import WORK, print_table, write_result
+
+SEQ_LEN = 1024
+BATCH = 32
+CLUSTERS = 4096
+
+
+def build_store(directory: Path, tokens_per_cluster: int, seed: int = 0) -> Path:
+    """A synthetic store: every cluster holds documents of 200-2000 random tokens, EOS-terminated."""
+    from pipeline.tokens import write_token_store
+
+    if (directory / "store.json").exists():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lengths = []
+    for _ in range(CLUSTERS):
+        draws = rng.integers(200, 2000, size=2 * tokens_per_cluster // 200 + 2)
+        lengths.append(draws[: int(np.searchsorted(np.cumsum(draws), tokens_per_cluster)) + 1].astype(np.int64))
+
+    def chunks():
+        token_rng = np.random.default_rng(seed + 1)
+        for cluster_lengths in lengths:
+            tokens = token_rng.integers(1, 32000, size=int(cluster_lengths.sum()), dtype=np.uint16)
+            tokens[np.cumsum(cluster_lengths) - 1] = 0
+            yield tokens, cluster_lengths
+
+    write_token_store(directory, chunks(), np.array([len(x) for x in lengths]), {"vocab_size": 32000, "eos_id": 0})
+    return directory
+
+
+def run_stream(directory: Path, steps: int, change_every: int | None) -> dict:
+    from mixer import ClusterStore, Mixture, MixtureStream
+
+    store = ClusterStore(directory)
+    stream = MixtureStream(store, Mixture.identity(store.available), SEQ_LEN, BATCH, seed=0)
+    rng = np.random.default_rng(1)
+    n_tokens = 0
+    start = time.perf_counter()
+    for step in range(steps):
+        if change_every and step % change_every == 0:
+            stream.set_weights(rng.dirichlet(np.ones(store.n_clusters)))
+        n_tokens += stream.next_batch()["tokens"].numel()
+    return {"tokens_per_s": n_tokens / (time.perf_counter() - start), "steps": steps}
+
+
+def run_weighted_sampler(directory: Path, steps: int) -> dict:
+    import torch
+    from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+    from mixer import ClusterStore
+
+    store = ClusterStore(directory)
+    per_cluster = store.cluster_tokens // (SEQ_LEN + 1)
+    starts = [store.doc_offsets[store.cluster_offsets[c]] + np.arange(n) * (SEQ_LEN + 1)
+              for c, n in enumerate(per_cluster)]
+    offsets = np.concatenate(starts)
+    p = np.random.default_rng(1).dirichlet(np.ones(CLUSTERS))
+    weights = np.repeat(p / np.maximum(per_cluster, 1), per_cluster)
+
+    class Chunks(Dataset):
+        def __len__(self):
+            return len(offsets)
+
+        def __getitem__(self, i):
+            return torch.from_numpy(store.tokens[offsets[i] : offsets[i] + SEQ_LEN + 1].astype(np.int64))
+
+    sampler = WeightedRandomSampler(torch.from_numpy(weights), num_samples=steps * BATCH, replacement=True,
+                                    generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    n_tokens = sum(batch.numel() for batch in DataLoader(Chunks(), batch_size=BATCH, sampler=sampler))
+    return {"tokens_per_s": n_tokens / (time.perf_counter() - start), "steps": steps}
+
+
+def run_interleave(directory: Path, steps: int) -> dict:
+    from datasets import Dataset, interleave_datasets
+
+    from mixer import ClusterStore
+
+    store = ClusterStore(directory)
+    build = time.perf_counter()
+    parts = []
+    for c in range(CLUSTERS):
+        begin, end = store.doc_offsets[store.cluster_offsets[c]], store.doc_offsets[store.cluster_offsets[c + 1]]
+        n = (end - begin) // (SEQ_LEN + 1)
+        rows = np.asarray(store.tokens[begin : begin + n * (SEQ_LEN + 1)]).reshape(n, SEQ_LEN + 1)
+        parts.append(Dataset.from_dict({"tokens": rows}))
+    p = np.random.default_rng(1).dirichlet(np.ones(CLUSTERS))
+    mixed = interleave_datasets(parts, probabilities=p.tolist(), seed=0, stopping_strategy="all_exhausted")
+    mixed = mixed.with_format("numpy")
+    build_s = time.perf_counter() - build
+    start = time.perf_counter()
+    n_tokens = 0
+    for i, batch in enumerate(mixed.iter(batch_size=BATCH)):
+        n_tokens += batch["tokens"].size
+        if i + 1 == steps:
+            break
+    return {"tokens_per_s": n_tokens / (time.perf_counter() - start), "steps": i + 1, "build_s": build_s}
+
+
+def memory_probe(directory: str, steps: int) -> None:
+    """Run in a subprocess: stream `steps` batches, print peak RSS and anonymous RSS in MiB as JSON."""
+    import resource
+
+    run_stream(Path(directory), steps, 10)
+    status = Path("/proc/self/status").read_text()
+    anon = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("RssAnon")), -1)
+    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "rss_anon_mib": anon / 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens-per-cluster", type=int, default=20000)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--memory-probe", nargs=2, metavar=("STORE", "STEPS"))
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    if args.memory_probe:
+        memory_probe(args.memory_probe[0], int(args.memory_probe[1]))
+        return
+    small = build_store(WORK / f"mixer_store_{args.tokens_per_cluster}", args.tokens_per_cluster)
+    large = build_store(WORK / f"mixer_store_{4 * args.tokens_per_cluster}", 4 * args.tokens_per_cluster)
+    rows = []
+    for name, fn in [
+        ("dgamix MixtureStream, weights change every 10 steps", lambda: run_stream(small, args.steps, 10)),
+        ("dgamix MixtureStream, fixed weights", lambda: run_stream(small, args.steps, None)),
+        ("torch WeightedRandomSampler + DataLoader (fixed)", lambda: run_weighted_sampler(small, args.steps)),
+        ("HF datasets.interleave_datasets (fixed)", lambda: run_interleave(small, args.steps)),
+    ]:
+        try:
+            result = fn()
+        except ImportError as err:
+            result = {"tokens_per_s": float("nan"), "steps": 0, "error": str(err)}
+        rows.append({"method": name, **result})
+        print_table(rows[-1:])
+    base = rows[0]["tokens_per_s"]
+    for row in rows:
+        row["ratio_to_dgamix_changing"] = row["tokens_per_s"] / base
+    memory = []
+    for directory in (small, large):
+        probe = subprocess.run([sys.executable, __file__, "--memory-probe", str(directory), str(args.steps)],
+                               capture_output=True, text=True, check=True)
+        tokens = json.loads((directory / "store.json").read_text())["tokens"]
+        memory.append({"store_tokens": tokens, **json.loads(probe.stdout.strip().splitlines()[-1])})
+    print()
+    print_table(rows)
+    print()
+    print_table(memory)
+    print("wrote", write_result("mixer_throughput", rows, {"memory": memory, "args": vars(args)}))
+
+
+if __name__ == "__main__":
+    main()
