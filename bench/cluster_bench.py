@@ -22,7 +22,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from common import WORK, print_table, write_result
 
-from pipeline.cluster import gather_rows, sample_rows
+from pipeline.sampling import gather_rows, sample_rows
 from pipeline.embed import load_embeddings
 from pipeline.kmeans import HierarchicalKMeans, l2_normalize
 from pipeline.stats import purity

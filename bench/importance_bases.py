@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import CORPUS, WORK, print_table, write_result  # noqa: E402
 
-from pipeline.cluster import gather_rows, sample_rows  # noqa: E402
+from pipeline.sampling import gather_rows, sample_rows  # noqa: E402
 from pipeline.embed import embed_texts, load_embeddings, load_encoder  # noqa: E402
 from pipeline.kmeans import HierarchicalKMeans  # noqa: E402
 from pipeline.readers import Record, iter_records  # noqa: E402
@@ -39,6 +39,7 @@ def main() -> None:
     dominant = (frame.group_by("cluster", "domain").len().sort("cluster", "len", descending=[False, True])
                 .group_by("cluster", maintain_order=True).agg(pl.col("domain").first(), pl.col("len").sum().alias("docs"),
                                                               (pl.col("len").first() / pl.col("len").sum()).alias("purity")))
+    lookup = {r["cluster"]: r for r in dominant.iter_rows(named=True)}
     encoder = load_encoder("all-MiniLM-L6-v2", "auto", 128)
     rows, details = [], {}
     for target in sorted(p.name for p in (CORPUS / "targets").iterdir()):
@@ -48,12 +49,12 @@ def main() -> None:
         hist = np.bincount(clusters, minlength=model.n_clusters) / len(clusters)
         order = np.argsort(-hist, kind="stable")
         top = order[:5]
-        info = dominant.filter(pl.col("cluster").is_in(top.tolist()))
-        lookup = {r["cluster"]: r for r in info.iter_rows(named=True)}
         top_desc = [f"{c}:{hist[c]:.2f}:{lookup[c]['domain'] if c in lookup else '(no corpus docs)'}" for c in top]
         rows.append({"target": target, "spec_docs": len(texts), "clusters_covered": int((hist > 0).sum()),
                      "clusters_for_90pct": int(np.searchsorted(np.cumsum(hist[order]), 0.9) + 1),
-                     "mass_on_own_domain_clusters": float(sum(hist[c] for c in lookup if lookup[c]["domain"] == target)),
+                     # mass on clusters whose dominant corpus domain is the target's own domain
+                     "mass_on_own_domain_clusters": float(sum(hist[c] for c in np.flatnonzero(hist)
+                                                              if c in lookup and lookup[c]["domain"] == target)),
                      "top5 (cluster:mass:dominant domain)": " ".join(top_desc)})
         details[target] = [{"cluster": int(c), "mass": float(hist[c]), **({k: lookup[c][k] for k in ("domain", "docs", "purity")} if c in lookup else {})}
                            for c in order[:20] if hist[c] > 0]

@@ -33,8 +33,9 @@ class ClusterStore:
         self.eos_id = int(self.meta["eos_id"])
         self.vocab_size = int(self.meta["vocab_size"])
         n_tokens = int(self.meta["tokens"])
+        # A plain ndarray view of the map: slicing np.memmap objects costs microseconds of subclass bookkeeping.
         self.tokens = (np.memmap(directory / "tokens.bin", dtype=self.dtype, mode="r", shape=(n_tokens,))
-                       if n_tokens else np.zeros(0, self.dtype))
+                       .view(np.ndarray) if n_tokens else np.zeros(0, self.dtype))
         self.doc_offsets = np.load(directory / "doc_offsets.npy")
         self.cluster_offsets = np.load(directory / "cluster_offsets.npy")
         if self.doc_offsets[-1] != n_tokens or self.cluster_offsets[-1] != len(self.doc_offsets) - 1:

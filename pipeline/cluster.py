@@ -17,6 +17,7 @@ import pyarrow as pa
 from .atomic import atomic_path, write_json, write_npy, write_parquet
 from .embed import load_embeddings
 from .kmeans import HierarchicalKMeans, resolve_backend
+from .sampling import gather_rows, sample_rows
 from .params import ParamError, non_negative_int, positive_int, require, section
 
 log = logging.getLogger(__name__)
@@ -34,25 +35,6 @@ def validate_levels(levels: Any, n_docs: int) -> list[int]:
             f"documents (expected at most {n_docs} clusters)"
         )
     return levels
-
-
-def sample_rows(n_rows: int, size: int, seed: int) -> np.ndarray:
-    """Sorted global row indices of a seeded sample without replacement (all rows when size >= n_rows)."""
-    if size >= n_rows:
-        return np.arange(n_rows)
-    return np.sort(np.random.default_rng(seed).choice(n_rows, size=size, replace=False))
-
-
-def gather_rows(arrays: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
-    """Read global rows from a list of row-concatenated (memory-mapped) shards, as float32."""
-    offsets = np.cumsum([0] + [len(a) for a in arrays])
-    out = np.empty((len(rows), arrays[0].shape[1]), dtype=np.float32)
-    shard_of = np.searchsorted(offsets, rows, side="right") - 1
-    for s, array in enumerate(arrays):
-        mask = shard_of == s
-        if mask.any():
-            out[mask] = array[rows[mask] - offsets[s]]
-    return out
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .assign import MANIFEST, parent_columns
 from .atomic import atomic_path, write_json
+from .sampling import sample_texts
 from .params import ParamError, non_negative_int, positive_int, require, section
 
 log = logging.getLogger(__name__)
@@ -58,18 +59,7 @@ def class_tfidf_keywords(counts: sp.csr_matrix, vocabulary: np.ndarray, top: int
 
 def fit_vocabulary(shards: list[Path], sample_docs: int, seed: int, max_terms: int) -> CountVectorizer:
     """Fit the keyword vocabulary on a seeded sample of texts, read shard by shard."""
-    sizes = [pq.ParquetFile(s).metadata.num_rows for s in shards]
-    total = sum(sizes)
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(total, size=min(sample_docs, total), replace=False))
-    texts: list[str] = []
-    offset = 0
-    for shard, size in zip(shards, sizes):
-        local = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
-        if len(local):
-            column = pq.read_table(shard, columns=["text"]).column("text")
-            texts += [t[:KEYWORD_CHARS] for t in column.take(local).to_pylist()]
-        offset += size
+    texts = sample_texts(shards, sample_docs, seed, KEYWORD_CHARS)
     vectorizer = CountVectorizer(
         lowercase=True, stop_words="english", token_pattern=r"(?u)\b[^\W\d_][^\W\d_]{2,}\b",
         max_features=max_terms, min_df=2 if len(texts) > 50 else 1, dtype=np.float32,

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .assign import MANIFEST, iter_clusters
 from .atomic import atomic_path, write_json, write_npy
+from .sampling import sample_texts
 from .params import ParamError, non_negative_int, positive_int, require, section
 
 log = logging.getLogger(__name__)
@@ -117,20 +118,6 @@ def write_token_store(directory: Path, chunks: Iterable[tuple[np.ndarray, np.nda
     return summary
 
 
-def sample_texts(domains_dir: Path, n: int, seed: int) -> list[str]:
-    shards = sorted(domains_dir.glob("part-*.parquet"))
-    sizes = [pq.ParquetFile(s).metadata.num_rows for s in shards]
-    chosen = np.sort(np.random.default_rng(seed).choice(sum(sizes), size=min(n, sum(sizes)), replace=False))
-    texts, offset = [], 0
-    for shard, size in zip(shards, sizes):
-        local = chosen[(chosen >= offset) & (chosen < offset + size)] - offset
-        if len(local):
-            column = pq.read_table(shard, columns=["text"]).column("text").take(local)
-            texts += [t[:TRAIN_CHARS_PER_DOC] for t in column.to_pylist()]
-        offset += size
-    return texts
-
-
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "tokenize")
     domains_dir = Path(require(cfg, "tokenize", "domains", str, "data/domains"))
@@ -149,7 +136,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         tokenizer = load_tokenizer(tokenizer_path)
     else:
         log.info("tokenize: training a byte-level BPE (vocab %d) on up to %d documents", vocab_size, train_docs)
-        tokenizer = train_bpe(sample_texts(domains_dir, train_docs, seed), vocab_size)
+        tokenizer = train_bpe(sample_texts(sorted(domains_dir.glob("part-*.parquet")), train_docs, seed,
+                                           TRAIN_CHARS_PER_DOC), vocab_size)
     eos = eos_id(tokenizer, eos_token)
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     dtype = token_dtype(vocab)
