@@ -1,0 +1,93 @@
+"""Dynamic Gradient Alignment: the weight update (pure numpy) and the exact alignment scores (torch).
+
+Update, every T_r steps, from alignment scores a_j = <grad l(theta; x_j), grad l(theta; y)>:
+    alpha_new = normalize(alpha * exp(eta * a))        computed in log space: no overflow for large eta * a
+    alpha     = (1 - beta) * alpha + beta * alpha_new   the EMA variant; beta = 1 is plain DGA
+Non-finite scores skip the update (the caller logs it); the weights never leave the simplex.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+
+def check_dga_params(eta: float, beta: float, every: int) -> None:
+    if not (isinstance(eta, (int, float)) and eta > 0 and np.isfinite(eta)):
+        raise ValueError(f"eta = {eta!r}: expected a positive step size (the paper uses 0.1-0.5)")
+    if not (isinstance(beta, (int, float)) and 0 < beta <= 1):
+        raise ValueError(f"beta = {beta!r}: expected 0 < beta <= 1 (EMA weight of the new alpha; 1 = no EMA)")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every = {every!r}: expected a positive number of steps between updates (T_r)")
+
+
+def exponentiated_update(weights: np.ndarray, scores: np.ndarray, eta: float) -> np.ndarray:
+    """normalize(weights * exp(eta * scores)) in log space. Zero weights stay zero."""
+    weights = np.asarray(weights, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        logits = np.log(weights) + eta * np.asarray(scores, dtype=np.float64)
+    logits -= logits[np.isfinite(logits)].max()
+    new = np.exp(logits)
+    return new / new.sum()
+
+
+def dga_update(weights: np.ndarray, scores: np.ndarray, eta: float, beta: float = 1.0) -> tuple[np.ndarray, bool]:
+    """One DGA step. Returns (new weights, whether the update was skipped because a score was NaN or inf)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    weights = np.asarray(weights, dtype=np.float64)
+    if scores.shape != weights.shape:
+        raise ValueError(f"scores have shape {scores.shape}, expected {weights.shape}: one score per basis")
+    if not np.isfinite(scores).all():
+        return weights.copy(), True
+    new = exponentiated_update(weights, scores, eta)
+    blended = (1.0 - beta) * weights + beta * new
+    return blended / blended.sum(), False
+
+
+def _flat_grad(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    if not loss.requires_grad:
+        raise ValueError("the loss does not require grad: the alignment needs a differentiable loss of the model's "
+                         "parameters (is the model in torch.no_grad() or are all parameters frozen?)")
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                      for g, p in zip(grads, params)])
+
+
+def mean_gradient(loss_fn: Callable[[object], torch.Tensor], micro_batches: Iterable[object],
+                  params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """Gradient of the mean loss over micro-batches, flattened in fp32 (one buffer, accumulated in place)."""
+    total, count = None, 0
+    for batch in micro_batches:
+        g = _flat_grad(loss_fn(batch), params)
+        total = g if total is None else total.add_(g)
+        count += 1
+    if total is None:
+        raise ValueError("no micro-batch given: expected at least one batch")
+    return total.div_(count)
+
+
+def exact_alignment(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
+                    basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object]) -> np.ndarray:
+    """a_j = <grad L(x_j), grad L(y)>: the target gradient is held once; each basis gradient is reduced to its dot
+    product as soon as it exists, so memory grows by one gradient buffer, not by the number of bases.
+
+    Under torch.distributed every rank passes its own micro-batches. The target gradient is averaged across ranks
+    once; since <mean_r g_r, t> = mean_r <g_r, t>, the basis gradients never travel: only the m scores are
+    averaged, so every rank ends with identical scores for the price of one gradient all-reduce.
+    """
+    params = [p for p in params if p.requires_grad]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    target = mean_gradient(loss_fn, target_batches, params)
+    if distributed:
+        torch.distributed.all_reduce(target, op=torch.distributed.ReduceOp.AVG)
+    scores = np.empty(len(basis_batches), dtype=np.float64)
+    for j, batches in enumerate(basis_batches):
+        g = mean_gradient(loss_fn, batches, params)
+        scores[j] = float(torch.dot(g, target))
+        del g
+    if distributed:
+        reduced = torch.from_numpy(scores)
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.AVG)
+        scores = reduced.numpy()
+    return scores
