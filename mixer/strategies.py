@@ -1,0 +1,112 @@
+"""Mixing strategies behind one interface: a plain loop calls `strategy.on_step(step)` after `optimizer.step()`.
+
+- `StaticStrategy`: fixed weights over the bases: uniform, natural, or importance sampling (weight 1 on the
+  importance basis);
+- `DGAStrategy`: Dynamic Gradient Alignment every `every` (T_r) steps, domain or distribution reweighting
+  depending on the stream's bases, with the EMA variant when beta < 1.
+A strategy's `state_dict()` holds its weights, EMA state, counters and its target sampler's position; the stream's
+own state (training and auxiliary sampler positions) goes beside it in the checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .dga import check_dga_params, dga_update, exact_alignment
+from .mixture import check_weights
+from .stream import MixtureStream, TargetSampler
+
+
+@dataclass
+class UpdateRecord:
+    step: int
+    weights: list[float]
+    scores: list[float]
+    skipped: bool
+
+
+class StaticStrategy:
+    def __init__(self, stream: MixtureStream, weights: np.ndarray | list[float] | None = None,
+                 basis: str | None = None):
+        names = stream.mixture.names
+        if basis is not None:
+            if basis not in names:
+                raise ValueError(f"basis = '{basis}' is not among the stream's bases {names[:8]}...")
+            weights = np.eye(len(names))[names.index(basis)]
+        self.stream = stream
+        self.weights = check_weights(np.full(len(names), 1 / len(names)) if weights is None else weights, len(names))
+        stream.set_weights(self.weights)
+
+    def on_step(self, step: int) -> None:  # nothing changes
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights.tolist()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.weights = check_weights(state["weights"], len(self.weights))
+        self.stream.set_weights(self.weights)
+
+
+@dataclass
+class DGAStrategy:
+    """DGA over the stream's bases. `loss_fn(tokens)` returns the model's mean LM loss on a (n, seq_len+1) batch."""
+
+    stream: MixtureStream
+    target: TargetSampler
+    loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    params: list[torch.nn.Parameter]
+    eta: float = 0.3
+    beta: float = 0.1
+    every: int = 50
+    batch_size: int = 8
+    micro_batches: int = 1
+    history: list[UpdateRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_dga_params(self.eta, self.beta, self.every)
+        if self.batch_size < 1 or self.micro_batches < 1:
+            raise ValueError(f"batch_size = {self.batch_size}, micro_batches = {self.micro_batches}: expected >= 1")
+        available = np.asarray(self.stream.mixture.bases.sum(axis=1)).ravel() > 0
+        if not available.all():
+            raise ValueError("a basis has no available tokens")
+        self.updates = 0
+        self.skipped = 0
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.stream.weights
+
+    def alignment_scores(self) -> np.ndarray:
+        """Exact scores at the current parameters, on fresh batches from each basis and the specialized set."""
+        n = self.stream.mixture.n_bases
+        micro = lambda draw: [draw() for _ in range(self.micro_batches)]  # noqa: E731
+        target = micro(lambda: self.target.sample(self.batch_size))
+        bases = [micro(lambda j=j: self.stream.sample_basis(j, self.batch_size)["tokens"]) for j in range(n)]
+        return exact_alignment(self.loss_fn, self.params, bases, target)
+
+    def on_step(self, step: int) -> UpdateRecord | None:
+        """Call after optimizer.step() of step `step` (0-based); updates the weights every `every` steps."""
+        if (step + 1) % self.every:
+            return None
+        scores = self.alignment_scores()
+        new, skipped = dga_update(self.weights, scores, self.eta, self.beta)
+        self.updates += 1
+        self.skipped += int(skipped)
+        if not skipped:
+            self.stream.set_weights(new)
+        record = UpdateRecord(step, self.weights.tolist(), scores.tolist(), skipped)
+        self.history.append(record)
+        return record
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights.tolist(), "updates": self.updates, "skipped": self.skipped,
+                "target": self.target.state_dict(), "eta": self.eta, "beta": self.beta, "every": self.every}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stream.set_weights(state["weights"])
+        self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
+        self.target.load_state_dict(state["target"])
