@@ -27,7 +27,8 @@ def check_weights(weights: np.ndarray | list[float], m: int) -> np.ndarray:
     total = w.sum()
     if total <= 0:
         raise ValueError("weights sum to 0: expected at least one positive weight")
-    return w / total
+    # Weights already on the simplex are kept bit for bit, so saved and restored weights are identical.
+    return w if abs(total - 1.0) <= 1e-12 else w / total
 
 
 class Mixture:
@@ -37,6 +38,8 @@ class Mixture:
         m, k = matrix.shape
         if m == 0 or k == 0:
             raise ValueError(f"bases matrix has shape {matrix.shape}: expected at least one basis and one cluster")
+        if matrix.nnz and not np.isfinite(matrix.data).all():
+            raise ValueError("bases matrix has NaN or inf entries: every basis must be a probability vector")
         if matrix.nnz and matrix.data.min() < 0:
             raise ValueError("bases matrix has negative entries: every basis must be a probability vector")
         sums = np.asarray(matrix.sum(axis=1)).ravel()

@@ -58,15 +58,20 @@ class ClusterStore:
     def fingerprint(self) -> str:
         return f"{self.meta.get('fingerprint')}:cap={self.token_cap}:seed={self.seed}"
 
-    def epochs_started(self, cluster: int, position: int) -> int:
-        """How many times the cluster's stream has (re)started by `position`: 1 in the first pass, 2 once it repeats."""
-        return int(position // self.cluster_tokens[cluster]) + 1 if position > 0 else 0
+    def pass_at(self, cluster: int, position: int) -> int:
+        """Which pass over the cluster holds the token at stream `position` (1 = first; 2 and up = repeated data)."""
+        per_pass = int(self.cluster_tokens[cluster])
+        if per_pass == 0:
+            raise ValueError(f"cluster {cluster} has no tokens")
+        return position // per_pass + 1
 
-    def _documents(self, cluster: int) -> tuple[np.ndarray, np.ndarray]:
-        """(start, length) of the cluster's available documents in stored order, cut at the token cap."""
+    def _documents(self, cluster: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(start, length) of the cluster's available documents in stored order, cut at the token cap, and whether
+        the last one was cut."""
         first, last = self.cluster_offsets[cluster], self.cluster_offsets[cluster + 1]
         starts = self.doc_offsets[first:last]
         lengths = self.doc_offsets[first + 1 : last + 1] - starts
+        cut = False
         if self.token_cap is not None:
             ends = np.cumsum(lengths)
             keep = int(np.searchsorted(ends, self.token_cap, side="left")) + 1
@@ -74,34 +79,41 @@ class ClusterStore:
             overflow = int(lengths.sum()) - self.token_cap
             if overflow > 0:
                 lengths[-1] -= overflow
-        return starts, lengths
+                cut = True
+        return starts, lengths, cut
 
-    def _epoch_layout(self, cluster: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(document starts in this epoch's order, cumulative lengths) — cached, as reads cluster around epochs."""
-        key = (cluster, epoch)
+    def _pass_layout(self, stream: int, cluster: int, epoch: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(document starts in this pass's order, cumulative lengths, index of the cap-cut document or -1).
+
+        Cached, as reads cluster around passes. `stream` salts the order, so that auxiliary samplers walk other
+        orders than the training stream's.
+        """
+        key = (stream, cluster, epoch)
         layout = self._cache.get(key)
         if layout is not None:
             self._cache.move_to_end(key)
             return layout
-        starts, lengths = self._documents(cluster)
-        order = np.random.default_rng((self.seed, cluster, epoch)).permutation(len(starts))
-        layout = (starts[order], np.cumsum(lengths[order]))
+        starts, lengths, cut = self._documents(cluster)
+        order = np.random.default_rng((self.seed, stream, cluster, epoch)).permutation(len(starts))
+        cut_index = int(np.flatnonzero(order == len(starts) - 1)[0]) if cut else -1
+        layout = (starts[order], np.cumsum(lengths[order]), cut_index)
         self._cache[key] = layout
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return layout
 
-    def read(self, cluster: int, position: int, length: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Tokens [position, position + length) of the cluster's endless stream."""
-        per_epoch = int(self.cluster_tokens[cluster])
-        if per_epoch == 0:
+    def read(self, cluster: int, position: int, length: int, out: np.ndarray | None = None,
+             stream: int = 0) -> np.ndarray:
+        """Tokens [position, position + length) of the cluster's endless stream (`stream` salts the orders)."""
+        per_pass = int(self.cluster_tokens[cluster])
+        if per_pass == 0:
             raise ValueError(f"cluster {cluster} has no tokens")
         if out is None:
             out = np.empty(length, dtype=self.dtype)
         filled = 0
         while filled < length:
-            epoch, offset = divmod(position + filled, per_epoch)
-            starts, ends = self._epoch_layout(cluster, epoch)
+            epoch, offset = divmod(position + filled, per_pass)
+            starts, ends, cut_index = self._pass_layout(stream, cluster, epoch)
             doc = int(np.searchsorted(ends, offset, side="right"))
             while filled < length and doc < len(starts):
                 doc_begin = ends[doc - 1] if doc else 0
@@ -109,6 +121,8 @@ class ClusterStore:
                 take = min(int(ends[doc] - offset), length - filled)
                 source = starts[doc] + within
                 out[filled : filled + take] = self.tokens[source : source + take]
+                if doc == cut_index and offset + take == ends[doc]:
+                    out[filled + take - 1] = self.eos_id  # the cap cut this document: it still ends with EOS
                 filled += take
                 offset += take
                 doc += 1

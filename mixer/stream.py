@@ -36,6 +36,7 @@ class StepLog:
     clusters: np.ndarray  # this rank's sequences' clusters
     tokens_per_cluster: dict[int, int] = field(default_factory=dict)
     repeated_clusters: list[int] = field(default_factory=list)  # clusters of this batch that are past their 1st pass
+    clusters_repeating: int = 0  # clusters whose first pass the stream has finished, so far
 
 
 def _cdf(p: np.ndarray) -> np.ndarray:
@@ -61,22 +62,29 @@ class MixtureStream(IterableDataset):
         self.cursors = np.zeros(store.n_clusters, dtype=np.int64)
         self.aux_cursors = np.zeros(store.n_clusters, dtype=np.int64)
         self.aux_draws = 0
-        self._cdf = _cdf(mixture.cluster_probs())
+        # The stream keeps its own copy of the weights: what it draws from is exactly what it saves.
+        self._weights = mixture.weights.copy()
+        self._cdf = _cdf(mixture.cluster_probs(self._weights))
         self.last_log: StepLog | None = None
         # Counts set_weights() calls across processes: DataLoader workers iterate copies of this object, so a
         # change made in the trainer cannot reach them; they check this counter and fail loudly instead of
         # silently drawing from stale weights.
         self._weights_version = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Set by DataLoader workers: the trainer's copy of the stream then holds no position worth saving.
+        self._iterated_in_workers = torch.zeros(1, dtype=torch.int64).share_memory_()
 
     # ---- weights -------------------------------------------------------------------------------------------
     @property
     def weights(self) -> np.ndarray:
-        return self.mixture.weights
+        return self._weights.copy()
 
     def set_weights(self, weights: np.ndarray | list[float]) -> None:
         """New weights over the bases; they take effect from the next batch."""
-        self.mixture.set_weights(weights)
-        self._cdf = _cdf(self.mixture.cluster_probs())
+        self._set_weights_exactly(check_weights(weights, self.mixture.n_bases))
+
+    def _set_weights_exactly(self, weights: np.ndarray) -> None:
+        self._weights = np.array(weights, dtype=np.float64)
+        self._cdf = _cdf(self.mixture.cluster_probs(self._weights))
         self._weights_version += 1
 
     # ---- planning (cheap, identical on every rank and worker) -----------------------------------------------
@@ -99,10 +107,10 @@ class MixtureStream(IterableDataset):
         np.add.at(cursors, clusters, self.sequence_tokens)
         return clusters, positions
 
-    def _materialize(self, clusters: np.ndarray, positions: np.ndarray) -> torch.Tensor:
+    def _materialize(self, clusters: np.ndarray, positions: np.ndarray, stream: int = 0) -> torch.Tensor:
         out = np.empty((len(clusters), self.sequence_tokens), dtype=self.store.dtype)
         for i, (c, pos) in enumerate(zip(clusters.tolist(), positions.tolist())):
-            self.store.read(c, pos, self.sequence_tokens, out[i])
+            self.store.read(c, pos, self.sequence_tokens, out[i], stream=stream)
         return torch.from_numpy(out.astype(np.int64))
 
     def next_batch(self) -> dict[str, Any]:
@@ -118,9 +126,10 @@ class MixtureStream(IterableDataset):
         per_epoch = self.store.cluster_tokens[clusters]
         passes = (positions + self.sequence_tokens - 1) // per_epoch + 1  # pass reached by the sequence's end
         unique, counts = np.unique(clusters, return_counts=True)
-        self.last_log = StepLog(step, self.weights.copy(), clusters,
+        self.last_log = StepLog(step, self.weights, clusters,
                                 dict(zip(unique.tolist(), (counts * self.sequence_tokens).tolist())),
-                                sorted(set(clusters[passes > 1].tolist())))
+                                sorted(set(clusters[passes > 1].tolist())),
+                                int((self.passes_completed() > 0).sum()))
         return {"tokens": tokens, "cluster": torch.from_numpy(clusters), "pass": torch.from_numpy(passes),
                 "step": step}
 
@@ -128,6 +137,8 @@ class MixtureStream(IterableDataset):
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
         version = int(self._weights_version)
+        if info is not None:
+            self._iterated_in_workers.fill_(1)
         while self.max_steps is None or self.step < self.max_steps:
             if info is not None and int(self._weights_version) != version:
                 raise RuntimeError(
@@ -147,7 +158,13 @@ class MixtureStream(IterableDataset):
         row = self.mixture.bases.getrow(basis).toarray().ravel()
         clusters, positions = self._plan(self.aux_draws, self.aux_cursors, _cdf(row), n, salt=1 + basis)
         self.aux_draws += 1
-        return {"tokens": self._materialize(clusters, positions), "cluster": torch.from_numpy(clusters)}
+        # stream=1: the auxiliary sampler walks its own document orders, not the ones training is about to read.
+        return {"tokens": self._materialize(clusters, positions, stream=1), "cluster": torch.from_numpy(clusters)}
+
+    def passes_completed(self) -> np.ndarray:
+        """Per cluster, how many full passes the training stream has made (>= 1: its data is being repeated)."""
+        tokens = self.store.cluster_tokens
+        return np.where(tokens > 0, self.cursors // np.maximum(tokens, 1), 0)
 
     # ---- state ---------------------------------------------------------------------------------------------
     def fingerprint(self) -> dict[str, Any]:
@@ -155,6 +172,10 @@ class MixtureStream(IterableDataset):
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "world_size": self.world_size}
 
     def state_dict(self) -> dict[str, Any]:
+        if int(self._iterated_in_workers) and get_worker_info() is None:
+            raise RuntimeError(
+                "this MixtureStream was iterated by DataLoader workers, so the trainer's copy holds no position: "
+                "save the loader's state instead (torchdata's StatefulDataLoader.state_dict()).")
         return {"version": STATE_VERSION, "fingerprint": self.fingerprint(), "step": self.step,
                 "cursors": self.cursors.copy(), "aux_cursors": self.aux_cursors.copy(),
                 "aux_draws": self.aux_draws, "weights": self.weights.copy()}
@@ -168,7 +189,9 @@ class MixtureStream(IterableDataset):
             raise StateMismatchError(
                 "the saved stream state belongs to other data or settings; refusing to resume on a different stream: "
                 + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-        self.set_weights(check_weights(state["weights"], self.mixture.n_bases))
+        weights = np.asarray(state["weights"], dtype=np.float64)
+        check_weights(weights, self.mixture.n_bases)  # validated, but restored bit for bit (no renormalization)
+        self._set_weights_exactly(weights)
         self.step = int(state["step"])
         self.cursors = np.array(state["cursors"], dtype=np.int64)
         self.aux_cursors = np.array(state["aux_cursors"], dtype=np.int64)
@@ -176,11 +199,14 @@ class MixtureStream(IterableDataset):
 
 
 class TargetSampler:
-    """Sequences of the specialized set (a one-cluster store), with its own resumable position."""
+    """Sequences of the specialized set (a one-cluster store, e.g. data/bases/target), with its own resumable
+    position. Its document order is the store's (seeded by the store's `seed`)."""
 
-    def __init__(self, store: ClusterStore, seq_len: int, seed: int = 0):
+    def __init__(self, store: ClusterStore, seq_len: int):
         if store.n_clusters != 1 or not store.available[0]:
             raise ValueError(f"the target store at {store.directory} must hold one non-empty cluster")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len = {seq_len!r}: expected a positive integer")
         self.store, self.seq_len, self.position = store, seq_len, 0
 
     def sample(self, n: int) -> torch.Tensor:
@@ -191,9 +217,10 @@ class TargetSampler:
         return torch.from_numpy(out.astype(np.int64))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "store": self.store.fingerprint}
+        return {"position": self.position, "store": self.store.fingerprint, "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["store"] != self.store.fingerprint:
-            raise StateMismatchError(f"target sampler state is for store {state['store']}, not {self.store.fingerprint}")
+        if state["store"] != self.store.fingerprint or state.get("seq_len") != self.seq_len:
+            raise StateMismatchError(f"target sampler state is for store {state['store']} and seq_len "
+                                     f"{state.get('seq_len')}, not {self.store.fingerprint} and {self.seq_len}")
         self.position = int(state["position"])

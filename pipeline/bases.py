@@ -6,7 +6,7 @@ Families (bases.families):
 - `reference:<label>`: the same histogram for each group of a labelled reference set; by default the generic
   corpus itself grouped by its `source` column, so DGA can move mass between whole regions of the corpus;
 - `natural` (proportional to cluster tokens), `uniform` (over non-empty clusters), `coarse:<id>` (one per
-  coarse cluster with tokens, natural within it).
+  top-level cluster of the tree that has tokens, natural within it; with a flat clustering, one per cluster).
 A cluster with no tokens can never be drawn, so mass a histogram puts there is dropped and the row renormalized
 (reported in the metrics); a basis with all its mass on empty clusters is an error.
 
@@ -159,13 +159,16 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         add("natural", cluster_tokens)
     if "uniform" in families:
         add("uniform", available.astype(np.float64))
-    if "coarse" in families and len(model.levels) > 1:
+    if "coarse" in families:
+        # Coarse = the top level of the tree; with a flat clustering every cluster is its own coarse cluster.
         per_coarse = k // model.levels[0]
         for coarse in range(model.levels[0]):
             counts = np.zeros(k)
             counts[coarse * per_coarse : (coarse + 1) * per_coarse] = cluster_tokens[coarse * per_coarse : (coarse + 1) * per_coarse]
             if counts.sum() > 0:
                 add(f"coarse:{coarse}", counts)
+    if not rows:
+        raise InputError(f"bases.families = {families} built no basis (expected at least one non-empty family)")
     matrix = np.stack(rows)
     validate_bases(matrix, names, available)
 
@@ -184,7 +187,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     if importance is not None:
         raw = histogram(target_clusters, k)
         order = np.sort(importance)[::-1]
-        metrics["importance_clusters_covered"] = int((raw > 0).sum())
+        metrics["importance_clusters_covered"] = int(((raw > 0) & available).sum())
         metrics["importance_clusters_for_90pct"] = int(np.searchsorted(np.cumsum(order), 0.9) + 1)
 
     basis_idx, cluster_idx = np.nonzero(matrix)

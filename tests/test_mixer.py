@@ -52,12 +52,29 @@ def test_token_cap_limits_and_repeats(tmp_path):
     capped = ClusterStore(synthetic_store(tmp_path / "t", DOCS), token_cap=100, seed=1)
     assert (capped.cluster_tokens[capped.available] == 100).all()
     full = ClusterStore(tmp_path / "t")
-    head = full.tokens[full.doc_offsets[full.cluster_offsets[4]]:][:100]
+    head = full.tokens[full.doc_offsets[full.cluster_offsets[4]]:][:100].copy()
+    head[-1] = 0  # the cap cut a document there, and a cut document still ends with EOS
     epoch1, epoch2 = capped.read(4, 0, 100), capped.read(4, 100, 100)
     assert sorted(epoch1.tolist()) == sorted(head.tolist()) == sorted(epoch2.tolist())
-    assert capped.epochs_started(4, 250) == 3
+    assert (capped.pass_at(4, 99), capped.pass_at(4, 100), capped.pass_at(4, 250)) == (1, 2, 3)
     with pytest.raises(ValueError, match="token_cap = 0: expected a positive number"):
         ClusterStore(tmp_path / "t", token_cap=0)
+
+
+def test_cap_cut_document_still_ends_with_eos_and_caps_at_the_edges(tmp_path):
+    directory = synthetic_store(tmp_path / "t", DOCS)
+    full = ClusterStore(directory)
+    first_doc = int(full.doc_offsets[1] - full.doc_offsets[0])
+    total = int(full.cluster_tokens[0])
+    for cap in (first_doc - 1, first_doc, first_doc + 1, total, total + 1000):
+        capped = ClusterStore(directory, token_cap=cap, seed=2)
+        per_pass = int(capped.cluster_tokens[0])
+        assert per_pass == min(cap, total)
+        tokens = capped.read(0, 0, 3 * per_pass)
+        # every document, including the one the cap cut, ends with EOS: 1 EOS per document per pass
+        docs = int(np.searchsorted(np.cumsum(np.diff(full.doc_offsets[:31])), per_pass, side="left")) + 1
+        assert (tokens == 0).sum() == 3 * docs, cap
+        assert tokens[per_pass - 1] == 0 or cap >= total
 
 
 def test_stream_follows_p_before_and_after_a_weight_change(store):
@@ -71,7 +88,7 @@ def test_stream_follows_p_before_and_after_a_weight_change(store):
     assert counts[~avail].sum() == 0
     assert chisquare(counts[avail], p_before[avail] * counts.sum()).pvalue > 1e-3
     stream.set_weights([0.1, 0.9])
-    p_after = mixture.cluster_probs()
+    p_after = mixture.cluster_probs([0.1, 0.9])
     counts_after = np.zeros(6)
     for _ in range(100):
         np.add.at(counts_after, stream.next_batch()["cluster"].numpy(), 1)
@@ -110,11 +127,17 @@ def test_resume_is_exact_after_weight_changes_and_two_resumes(store):
     second = make()
     second.load_state_dict(first.state_dict())
     resumed += run_steps(second, 17, changes)
-    second.sample_basis(0, 4)  # alignment draws between checkpoints must not disturb the stream
+    probe = digest(second.sample_basis(0, 4))  # alignment draws between checkpoints must not disturb the stream
     third = make()
     third.load_state_dict(second.state_dict())
     resumed += run_steps(third, 30, changes)
     assert resumed == straight
+    # and the auxiliary sampler resumes too: the draw after the resume is the draw after `probe` in one run
+    again = make()
+    again.load_state_dict(first.state_dict())
+    run_steps(again, 17, changes)
+    assert digest(again.sample_basis(0, 4)) == probe
+    assert digest(again.sample_basis(0, 4)) == digest(third.sample_basis(0, 4))
 
 
 def test_sample_basis_leaves_the_training_stream_alone(store):
@@ -144,13 +167,8 @@ def test_resuming_on_other_data_is_an_error(store, tmp_path):
 def test_workers_and_ranks_partition_the_single_process_stream(store):
     """2 ranks x 2 DataLoader workers: no sequence twice, and the union is the one-process stream."""
     steps = 12
-    single = MixtureStream(store, two_bases(store.available), seq_len=16, batch_size=6, seed=4, world_size=2,
-                           max_steps=steps)
-    expected = []
-    for _ in range(steps):
-        clusters, positions = single._plan(single.step, single.cursors, single._cdf, 12)
-        single.step += 1
-        expected.append(single._materialize(clusters, positions).numpy())
+    single = MixtureStream(store, two_bases(store.available), seq_len=16, batch_size=12, seed=4)
+    expected = [single.next_batch()["tokens"].numpy() for _ in range(steps)]
     got = {}
     for rank in range(2):
         stream = MixtureStream(store, two_bases(store.available), seq_len=16, batch_size=6, seed=4, rank=rank,
@@ -199,3 +217,40 @@ def test_changing_weights_under_workers_fails_loudly(store):
     with pytest.raises(RuntimeError, match="set_weights\\(\\) was called while DataLoader workers iterate"):
         for _ in range(200):
             next(loader)
+
+
+def test_basis_matrix_with_nan_is_rejected():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        Mixture(np.array([[np.nan, 1.0], [0.5, 0.5]]))
+
+
+def test_stream_draws_from_its_own_weights_not_a_shared_mixture(store):
+    mixture = two_bases(store.available)
+    stream = MixtureStream(store, mixture, seq_len=8, batch_size=4)
+    mixture.set_weights([0.0, 1.0])  # a change behind the stream's back changes neither its draws nor its state
+    np.testing.assert_array_equal(stream.weights, [0.5, 0.5])
+    assert stream.state_dict()["weights"].tolist() == [0.5, 0.5]
+
+
+def test_saved_weights_are_restored_bit_for_bit(store):
+    stream = MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=4)
+    stream.set_weights([0.1 + 1e-17, 0.3])
+    state = stream.state_dict()
+    other = MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=4)
+    other.load_state_dict(state)
+    assert other.weights.tobytes() == stream.weights.tobytes()
+
+
+def test_state_dict_of_a_stream_iterated_by_workers_is_refused(store):
+    stream = MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=2, max_steps=3)
+    list(DataLoader(stream, batch_size=None, num_workers=1))
+    with pytest.raises(RuntimeError, match="iterated by DataLoader workers"):
+        stream.state_dict()
+
+
+def test_fresh_basis_batches_are_not_the_training_stream(store):
+    stream = MixtureStream(store, two_bases(store.available), seq_len=16, batch_size=8, seed=0)
+    fresh = stream.sample_basis(0, 8)["tokens"]
+    stream.set_weights([1.0, 0.0])
+    train = stream.next_batch()["tokens"]
+    assert not {r.tobytes() for r in fresh.numpy()} & {r.tobytes() for r in train.numpy()}

@@ -83,8 +83,8 @@ def test_two_gloo_ranks_with_two_workers_each(tmp_path):
     all_rows = np.concatenate([rows[(s, r)] for s in range(10) for r in range(2)])
     assert len({row.tobytes() for row in all_rows}) == len(all_rows)  # nothing produced twice
 
-    single = make_stream(directory, world_size=2, max_steps=10)  # the one-process plan of the same global batch
+    store = ClusterStore(directory, seed=1)  # one process drawing the whole global batch of 8
+    single = MixtureStream(store, make_stream(directory).mixture, seq_len=16, batch_size=8, seed=7)
     for step in range(10):
-        clusters, positions = single._plan(step, single.cursors, single._cdf, 8)
-        np.testing.assert_array_equal(single._materialize(clusters, positions).numpy(),
+        np.testing.assert_array_equal(single.next_batch()["tokens"].numpy(),
                                       np.concatenate([rows[(step, 0)], rows[(step, 1)]]))
