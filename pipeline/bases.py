@@ -118,6 +118,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         if not path.exists():
             raise ParamError(f"bases.{key}: {path} does not exist (run the {key} stage first)")
 
+    eval_inputs = require(cfg, "bases", "eval", (list, str), [])
+    eval_inputs = [eval_inputs] if isinstance(eval_inputs, str) else eval_inputs
     texts, rejects, read = read_target(target, text_field)
     # The target must be embedded exactly as the corpus was: same model, same max_tokens.
     sidecars = sorted(emb_dir.glob("part-*.json"))
@@ -175,6 +177,10 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     tokenizer = load_tokenizer(tokens_dir / "tokenizer.json")
     target_chunk = tokenize_texts(tokenizer, texts, store["eos_id"], np.dtype(store["dtype"]))
     target_tokens = target_chunk[0]
+    eval_chunk = None
+    if eval_inputs:  # the held-out specialized set, for reporting only: tokenized, never embedded or counted
+        eval_texts, _, _ = read_target(eval_inputs, text_field)
+        eval_chunk = tokenize_texts(tokenizer, eval_texts, store["eos_id"], np.dtype(store["dtype"]))
 
     importance = matrix[names.index("importance")] if "importance" in names else None
     metrics: dict[str, Any] = {
@@ -206,6 +212,10 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                       tmp / "target_clusters.parquet")
         write_token_store(tmp / "target", [target_chunk], np.array([len(texts)]),
                           {"vocab_size": store["vocab_size"], "eos_id": store["eos_id"]})
+        if eval_chunk is not None:
+            (tmp / "target_eval").mkdir()
+            write_token_store(tmp / "target_eval", [eval_chunk], np.array([len(eval_chunk[1])]),
+                              {"vocab_size": store["vocab_size"], "eos_id": store["eos_id"]})
         from .plots import plot_bases
 
         plot_bases(names, matrix, tmp / "plots")

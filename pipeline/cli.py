@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, help_text in STAGES.items():
         sub.add_parser(name, help=help_text)
+    train = sub.add_parser("train", help="reference training run of the small GPT under one strategy")
+    train.add_argument("--strategy", required=True, help="uniform, natural, importance, dga or dga_ema")
+    plot = sub.add_parser("plot", help="weight trajectories and losses of training runs (PNG)")
+    plot.add_argument("runs", nargs="?", default="runs", help="folder of runs (default: runs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -36,10 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        params = load_params(args.params)
-        stage = importlib.import_module(f"pipeline.{MODULES.get(args.stage, args.stage)}")
-        result = stage.run(params)
-    except (ParamError, InputError) as err:
+        if args.stage == "plot":
+            from trainer.plot import plot_runs
+
+            result = {"written": [str(p) for p in plot_runs(args.runs)]}
+        elif args.stage == "train":
+            from trainer.train import run as train_run
+
+            result = train_run(load_params(args.params), args.strategy)
+        else:
+            params = load_params(args.params)
+            stage = importlib.import_module(f"pipeline.{MODULES.get(args.stage, args.stage)}")
+            result = stage.run(params)
+    except (ParamError, InputError, FileNotFoundError) as err:
         print(f"dgamix {args.stage}: error: {err}", file=sys.stderr)
         return 2
     summary = {k: v for k, v in result.items() if k != "per_file"}
