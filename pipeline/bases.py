@@ -76,9 +76,9 @@ def entropy(row: np.ndarray) -> float:
     return float(max(0.0, -(p * np.log(p)).sum()))
 
 
-def read_target(inputs: list[str], text_field: str) -> tuple[list[str], list[Reject], int]:
+def read_target(inputs: list[str], text_field: str, param: str = "bases.target") -> tuple[list[str], list[Reject], int]:
     texts, rejects, read = [], [], 0
-    for url in expand_inputs(inputs, param="bases.target"):
+    for url in expand_inputs(inputs, param=param):
         for item in iter_records(url, text_field, None):
             read += 1
             if isinstance(item, Reject):
@@ -88,9 +88,9 @@ def read_target(inputs: list[str], text_field: str) -> tuple[list[str], list[Rej
     if not texts:
         missing = sum(r.reason.startswith("missing text field") for r in rejects)
         if missing and missing == len(rejects):
-            raise InputError(f"bases.text_field = '{text_field}': no record of the target set {inputs} has it "
+            raise InputError(f"bases.text_field = '{text_field}': no record of {param} = {inputs} has it "
                              f"({read} records read; expected the field that holds each document's text)")
-        raise InputError(f"empty target set: no valid document in bases.target = {inputs} "
+        raise InputError(f"empty target set: no valid document in {param} = {inputs} "
                          f"(read {read}, rejected {len(rejects)})")
     return texts, rejects, read
 
@@ -179,7 +179,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     target_tokens = target_chunk[0]
     eval_chunk = None
     if eval_inputs:  # the held-out specialized set, for reporting only: tokenized, never embedded or counted
-        eval_texts, _, _ = read_target(eval_inputs, text_field)
+        eval_texts, _, _ = read_target(eval_inputs, text_field, "bases.eval")
         eval_chunk = tokenize_texts(tokenizer, eval_texts, store["eos_id"], np.dtype(store["dtype"]))
 
     importance = matrix[names.index("importance")] if "importance" in names else None

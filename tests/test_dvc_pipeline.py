@@ -31,10 +31,13 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
         write_jsonl_zst(records, project / f"data/sample/generic/part-{i:05d}.jsonl.zst")
     shutil.copytree(ROOT / "data/sample/target", project / "data/sample/target")
     shutil.copy(ROOT / "dvc.yaml", project)
-    shutil.copytree(ROOT / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("pipeline", "mixer", "trainer"):  # dvc.yaml's code dependencies
+        shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["cluster"]["levels"] = [4, 4]
     params["tokenize"]["vocab_size"] = 1024
+    params["train"].update(steps=4, seq_len=16, batch_size=4, n_layer=1, n_embd=32, n_head=2, eval_every=2,
+                           eval_batches=1, every=2, dga_batch_size=2)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     dvc(["init", "--no-scm", "-q"], project)
 
@@ -51,6 +54,8 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
     table = pl.read_parquet(project / "data/stats/clusters.parquet")
     assert table["docs"].sum() == flat["kept"] and table.height == 16
     assert flat["target_documents"] == 176 and flat["importance_clusters_covered"] >= 1
+    for strategy in params["train"]["strategies"]:
+        assert json.loads((project / "runs" / strategy / "metrics.json").read_text())["steps"] == 4
     store = json.loads((project / "data/tokens/store.json").read_text())
     assert store["documents"] == flat["kept"] and store["dtype"] == "uint16"
 

@@ -20,6 +20,7 @@ def tokenized(workspace):
     params = load_params(workspace)
     params["tokenize"]["vocab_size"] = 1024
     params["bases"]["target"] = [str(ROOT / "data/sample/target/spec.jsonl.zst")]
+    params["bases"]["eval"] = [str(ROOT / "data/sample/target/eval.jsonl.zst")]
     cluster.run(params)
     assign.run(params)
     tokens.run(params)
@@ -85,7 +86,7 @@ def test_empty_target_and_missing_text_field_are_errors(tokenized, tmp_path):
     other = tmp_path / "other.jsonl.zst"
     other.write_bytes(zstandard.ZstdCompressor().compress(b'{"body": "a licence"}\n{"body": "another"}\n'))
     params["bases"]["target"] = [str(other)]
-    with pytest.raises(InputError, match="bases.text_field = 'text': no record of the target set"):
+    with pytest.raises(InputError, match="bases.text_field = 'text': no record of bases.target"):
         bases.run(params)
 
 
@@ -109,3 +110,13 @@ def test_validate_bases_errors():
     with pytest.raises(InputError, match="puts mass on clusters with no tokens"):
         bases.validate_bases(np.array([[0.5, 0.25, 0.25]]), ["a"], available)
     bases.validate_bases(np.array([[0.5, 0.5, 0.0]]), ["a"], available)
+
+
+def test_held_out_eval_set_is_tokenized_apart(tokenized):
+    work, params = tokenized
+    bases.run(params)
+    held_out = ClusterStore(work / "data/bases/target_eval")
+    assert held_out.meta["documents"] == 75 and held_out.n_clusters == 1
+    params["bases"]["eval"] = ["nowhere.jsonl"]
+    with pytest.raises(ParamError, match="bases.eval: 'nowhere.jsonl' matches no file"):
+        bases.run(params)
