@@ -15,7 +15,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .dga import check_dga_params, dga_update, exact_alignment
+from .dga import check_dga_params, dga_update, exact_alignment, finite_difference_alignment
+
+ESTIMATORS = {"exact": exact_alignment, "finite_difference": finite_difference_alignment}
 from .mixture import check_weights
 from .stream import MixtureStream, TargetSampler
 
@@ -64,10 +66,13 @@ class DGAStrategy:
     every: int = 50
     batch_size: int = 8
     micro_batches: int = 1
+    estimator: str = "exact"  # or "finite_difference": 2 forwards per basis instead of a backward
     history: list[UpdateRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_dga_params(self.eta, self.beta, self.every)
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator = '{self.estimator}': expected one of {sorted(ESTIMATORS)}")
         if self.batch_size < 1 or self.micro_batches < 1:
             raise ValueError(f"batch_size = {self.batch_size}, micro_batches = {self.micro_batches}: expected >= 1")
         available = np.asarray(self.stream.mixture.bases.sum(axis=1)).ravel() > 0
@@ -86,7 +91,7 @@ class DGAStrategy:
         micro = lambda draw: [draw() for _ in range(self.micro_batches)]  # noqa: E731
         target = micro(lambda: self.target.sample(self.batch_size))
         bases = [micro(lambda j=j: self.stream.sample_basis(j, self.batch_size)["tokens"]) for j in range(n)]
-        return exact_alignment(self.loss_fn, self.params, bases, target)
+        return ESTIMATORS[self.estimator](self.loss_fn, self.params, bases, target)
 
     def on_step(self, step: int) -> UpdateRecord | None:
         """Call after optimizer.step() of step `step` (0-based); updates the weights every `every` steps."""

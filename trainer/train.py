@@ -59,7 +59,8 @@ def build_strategy(name: str, stream: MixtureStream, target: TargetSampler, mode
         loss_fn = lambda tokens: model.loss(tokens.to(device))  # noqa: E731
         return DGAStrategy(stream, target, loss_fn, [p for p in model.parameters() if p.requires_grad],
                            eta=float(cfg.get("eta", 0.3)), beta=1.0 if name == "dga" else float(cfg.get("beta", 0.1)),
-                           every=int(cfg.get("every", 20)), batch_size=int(cfg.get("dga_batch_size", 8)))
+                           every=int(cfg.get("every", 20)), batch_size=int(cfg.get("dga_batch_size", 8)),
+                           estimator=str(cfg.get("estimator", "exact")))
     raise ParamError(f"train.strategy = '{name}': expected one of {list(STRATEGIES)}")
 
 
