@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .assign import MANIFEST
 from .atomic import atomic_path, write_json, write_parquet

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from sklearn.feature_extraction.text import CountVectorizer
 from tqdm.auto import tqdm
 
-from .assign import MANIFEST, parent_columns
+from .assign import MANIFEST
 from .atomic import atomic_path, write_json
 from .sampling import sample_texts
 from .params import ParamError, non_negative_int, positive_int, require, section

@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 
 import numpy as np
-import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 

@@ -8,7 +8,6 @@ losses when measured, weights, alignment scores and skipped updates), checkpoint
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from pathlib import Path
