@@ -1,4 +1,4 @@
-"""Ingest and embed ../shared/corpus/generic into bench/work/generic (resumable; about 25 minutes on 2 cores).
+"""Ingest and embed ../shared/corpus/generic into the git-ignored scratch folder bench/work (resumable; ~25 min on 2 cores).
 
     .venv/bin/python bench/prepare_corpus.py
 
