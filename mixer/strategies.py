@@ -115,3 +115,56 @@ class DGAStrategy:
         self.stream.set_weights(state["weights"])
         self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
         self.target.load_state_dict(state["target"])
+
+
+def exp3_probabilities(cumulative_rewards: np.ndarray, step: int) -> tuple[np.ndarray, float]:
+    """EXP3 policy of Online Data Mixing (Albalak et al. 2023): pi = (1 - K eps) softmax(eps R) + eps, with the
+    decaying exploration rate eps_t = min(1/K, sqrt(ln K / (K t)))."""
+    k = len(cumulative_rewards)
+    eps = min(1.0 / k, float(np.sqrt(np.log(k) / (k * max(step, 1)))))
+    logits = eps * np.asarray(cumulative_rewards, dtype=np.float64)
+    soft = np.exp(logits - logits.max())
+    soft /= soft.sum()
+    return (1 - k * eps) * soft + eps, eps
+
+
+class ODMStrategy:
+    """Online Data Mixing (EXP3 bandit), the online peer: each domain's reward is its training loss, importance
+    weighted by the probability it was drawn with. The loop calls `observe(clusters, losses)` with the batch's
+    per-sequence clusters and losses, then `on_step(step)`. Bases must be domains: each cluster belongs to one
+    basis (identity or coarse bases)."""
+
+    def __init__(self, stream: MixtureStream):
+        bases = stream.mixture.bases.tocsc()
+        owners = np.full(bases.shape[1], -1)
+        for cluster in range(bases.shape[1]):
+            column = bases.getcol(cluster)
+            if column.nnz > 1:
+                raise ValueError(f"cluster {cluster} belongs to {column.nnz} bases: ODM needs disjoint domains "
+                                 "(identity or coarse bases)")
+            if column.nnz:
+                owners[cluster] = column.indices[0]
+        self.stream, self.owner = stream, owners
+        self.rewards = np.zeros(stream.mixture.n_bases)
+        self.steps = 0
+        stream.set_weights(exp3_probabilities(self.rewards, 1)[0])
+
+    def observe(self, clusters: np.ndarray | torch.Tensor, losses: np.ndarray | torch.Tensor) -> None:
+        clusters = np.asarray(clusters)
+        losses = np.asarray(losses, dtype=np.float64)
+        domains = self.owner[clusters]
+        policy = self.stream.weights
+        for domain in np.unique(domains):
+            if domain >= 0:
+                self.rewards[domain] += losses[domains == domain].mean() / policy[domain]
+
+    def on_step(self, step: int) -> None:
+        self.steps = step + 1
+        self.stream.set_weights(exp3_probabilities(self.rewards, self.steps + 1)[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rewards": self.rewards.tolist(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rewards = np.asarray(state["rewards"], dtype=np.float64)
+        self.steps = int(state["steps"])

@@ -191,3 +191,31 @@ def test_finite_difference_estimator_is_faithful_to_exact_on_a_small_lm():
         optimizer.step()
     assert max(errors) < 0.05, errors
     assert min(correlations) >= 0.95, correlations
+
+
+def test_exp3_policy_explores_and_favours_high_reward_domains():
+    from mixer.strategies import exp3_probabilities
+
+    pi, eps = exp3_probabilities(np.zeros(4), step=1)
+    np.testing.assert_allclose(pi, 0.25) and np.testing.assert_allclose(eps, 0.25)
+    pi, eps = exp3_probabilities(np.array([100.0, 0.0, 0.0, 0.0]), step=100)
+    assert eps == pytest.approx(np.sqrt(np.log(4) / 400))
+    assert pi[0] > 0.5 and np.allclose(pi[1:], pi[1]) and pi.min() >= eps and pi.sum() == pytest.approx(1.0)
+
+
+def test_odm_moves_weight_to_the_domain_with_the_highest_loss(tmp_path):
+    from mixer import ClusterStore, Mixture, MixtureStream
+    from mixer.strategies import ODMStrategy
+
+    from .mixer_fixtures import synthetic_store
+
+    store = ClusterStore(synthetic_store(tmp_path / "tokens", [10, 10, 10]))
+    stream = MixtureStream(store, Mixture.identity(store.available), seq_len=8, batch_size=16, seed=0)
+    odm = ODMStrategy(stream)
+    for step in range(200):
+        clusters = stream.next_batch()["cluster"].numpy()
+        odm.observe(clusters, np.where(clusters == 2, 3.0, 1.0))  # domain 2 is the hardest
+        odm.on_step(step)
+    assert stream.weights[2] > 2 * stream.weights[:2].max()  # 0.60 vs 0.20 after 200 steps
+    with pytest.raises(ValueError, match="ODM needs disjoint domains"):
+        ODMStrategy(MixtureStream(store, Mixture(np.array([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])), 8, 2))
