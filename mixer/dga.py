@@ -68,7 +68,8 @@ def mean_gradient(loss_fn: Callable[[object], torch.Tensor], micro_batches: Iter
 
 
 def exact_alignment(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
-                    basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object]) -> np.ndarray:
+                    basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object],
+                    **_: object) -> np.ndarray:
     """a_j = <grad L(x_j), grad L(y)>: the target gradient is held once; each basis gradient is reduced to its dot
     product as soon as it exists, so memory grows by one gradient buffer, not by the number of bases.
 
@@ -77,66 +78,133 @@ def exact_alignment(loss_fn: Callable[[object], torch.Tensor], params: Sequence[
     averaged, so every rank ends with identical scores for the price of one gradient all-reduce.
     """
     params = [p for p in params if p.requires_grad]
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    target = mean_gradient(loss_fn, target_batches, params)
-    if distributed:
-        torch.distributed.all_reduce(target, op=torch.distributed.ReduceOp.AVG)
+    target = _target_gradient(loss_fn, params, target_batches)
     scores = np.empty(len(basis_batches), dtype=np.float64)
     for j, batches in enumerate(basis_batches):
         g = mean_gradient(loss_fn, batches, params)
         scores[j] = float(torch.dot(g, target))
         del g
-    if distributed:
-        reduced = torch.from_numpy(scores)
+    return _average_across_ranks(scores)
+
+
+def _target_gradient(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
+                     target_batches: Sequence[object]) -> torch.Tensor:
+    """The specialized gradient g (fp32, flat), averaged across ranks under torch.distributed."""
+    target = mean_gradient(loss_fn, target_batches, params)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(target, op=torch.distributed.ReduceOp.AVG)
+    return target
+
+
+def _average_across_ranks(scores: np.ndarray) -> np.ndarray:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        reduced = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float64))
         torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.AVG)
-        scores = reduced.numpy()
+        return reduced.numpy()
     return scores
 
 
-@torch.no_grad()
-def _loss_at(loss_fn: Callable[[object], torch.Tensor], batches: Sequence[object]) -> float:
-    return float(sum(float(loss_fn(b)) for b in batches) / len(batches))
+def per_basis_means(value_fn: Callable[[torch.Tensor], torch.Tensor], basis_batches: Sequence[Sequence[torch.Tensor]],
+                    chunk: int) -> np.ndarray:
+    """Mean over each basis's sequences of a per-sequence value, all bases batched together: the sequences of every
+    basis are concatenated and evaluated `chunk` at a time (a few large forwards instead of m small ones)."""
+    owners = torch.cat([torch.full((len(b),), j) for j, batches in enumerate(basis_batches) for b in batches])
+    sequences = torch.cat([b for batches in basis_batches for b in batches])
+    values = torch.cat([value_fn(sequences[i:i + chunk]).detach().double().cpu()
+                        for i in range(0, len(sequences), chunk)])
+    sums = torch.zeros(len(basis_batches), dtype=torch.float64).index_add_(0, owners, values)
+    return (sums / torch.bincount(owners, minlength=len(basis_batches)).double()).numpy()
 
 
 def finite_difference_alignment(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
                                 basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object],
-                                step_norm: float = 1e-2) -> np.ndarray:
+                                sequence_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                                chunk: int = 256, step_norm: float = 1e-2, **_: object) -> np.ndarray:
     """a_j estimated as the central difference of l(.; x_j) along g = grad L(y):
     (l(theta + eps g) - l(theta - eps g)) / (2 eps), with eps = step_norm / ||g||. One backward pass (the target)
-    and 2 forward passes per basis instead of one backward per basis. Parameters are restored bit for bit.
+    and two no-grad forward passes over the bases' sequences instead of one backward per basis. With
+    `sequence_loss_fn` (tokens -> per-sequence losses) all bases are batched together, `chunk` sequences per forward.
+    Parameters are restored bit for bit.
 
     Under torch.distributed the target gradient is averaged first and the scores after, as for the exact scores.
     """
     params = [p for p in params if p.requires_grad]
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    target = mean_gradient(loss_fn, target_batches, params)
-    if distributed:
-        torch.distributed.all_reduce(target, op=torch.distributed.ReduceOp.AVG)
+    target = _target_gradient(loss_fn, params, target_batches)
     norm = float(target.norm())
-    scores = np.zeros(len(basis_batches), dtype=np.float64)
     if norm == 0.0 or not np.isfinite(norm):
-        return scores if norm == 0.0 else np.full(len(basis_batches), np.nan)
+        return np.zeros(len(basis_batches)) if norm == 0.0 else np.full(len(basis_batches), np.nan)
     eps = step_norm / norm
     saved = [p.detach().clone() for p in params]
     pieces = torch.split(target, [p.numel() for p in params])
 
     def shift(sign: float) -> None:
-        with torch.no_grad():
-            for p, original, piece in zip(params, saved, pieces):
-                p.copy_(original + sign * eps * piece.view_as(p).to(p.dtype))
+        for p, original, piece in zip(params, saved, pieces):
+            p.copy_(original + sign * eps * piece.view_as(p).to(p.dtype))
 
-    try:
-        shift(+1.0)
-        plus = [_loss_at(loss_fn, batches) for batches in basis_batches]
-        shift(-1.0)
-        minus = [_loss_at(loss_fn, batches) for batches in basis_batches]
-    finally:
-        with torch.no_grad():
+    def losses() -> np.ndarray:
+        if sequence_loss_fn is not None:
+            return per_basis_means(sequence_loss_fn, basis_batches, chunk)
+        return np.array([np.mean([float(loss_fn(b)) for b in batches]) for batches in basis_batches])
+
+    with torch.no_grad():
+        try:
+            shift(+1.0)
+            plus = losses()
+            shift(-1.0)
+            minus = losses()
+        finally:
             for p, original in zip(params, saved):
                 p.copy_(original)
-    scores = (np.array(plus) - np.array(minus)) / (2 * eps)
-    if distributed:
-        reduced = torch.from_numpy(scores)
-        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.AVG)
-        scores = reduced.numpy()
-    return scores
+    return _average_across_ranks((plus - minus) / (2 * eps))
+
+
+class _LossOf(torch.nn.Module):
+    """Wraps a loss closure over `module` so that torch.func.functional_call can swap the module's parameters."""
+
+    def __init__(self, module: torch.nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.module, self.fn = module, fn
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.fn(batch)
+
+
+def forward_mode_alignment(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
+                           basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object],
+                           module: torch.nn.Module | None = None,
+                           sequence_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                           chunk: int = 256, **_: object) -> np.ndarray:
+    """a_j as the directional derivative of l(.; x_j) along g = grad L(y) by forward-mode AD (torch.func.jvp):
+    exact up to float rounding, one forward-mode pass per batch instead of a backward. `module` is the model the
+    loss closures call (its parameters are swapped functionally, never modified). Attention runs on the math SDPA
+    kernel here, the only one with forward-mode derivatives."""
+    if module is None:
+        raise ValueError("the forward-mode estimator needs the model: pass module=<the nn.Module the loss calls>")
+    from torch.func import functional_call, jvp
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = [p for p in params if p.requires_grad]
+    target = _target_gradient(loss_fn, params, target_batches)
+    names = {id(p): name for name, p in module.named_parameters()}
+    missing = [i for i, p in enumerate(params) if id(p) not in names]
+    if missing:
+        raise ValueError(f"parameters {missing[:5]} are not parameters of the given module")
+    primals = {f"module.{names[id(p)]}": p.detach() for p in params}
+    tangents = {f"module.{names[id(p)]}": piece.view_as(p).to(p.dtype)
+                for p, piece in zip(params, torch.split(target, [p.numel() for p in params]))}
+    fn = sequence_loss_fn if sequence_loss_fn is not None else loss_fn
+    wrapper = _LossOf(module, fn)
+
+    def directional(batch: torch.Tensor) -> torch.Tensor:
+        return jvp(lambda p: functional_call(wrapper, p, (batch,)), (primals,), (tangents,))[1]
+
+    with sdpa_kernel([SDPBackend.MATH]), torch.no_grad():
+        if sequence_loss_fn is not None:
+            scores = per_basis_means(directional, basis_batches, chunk)
+        else:
+            scores = np.array([np.mean([float(directional(b)) for b in batches]) for batches in basis_batches])
+    return _average_across_ranks(scores)
+
+
+ESTIMATORS: dict[str, Callable[..., np.ndarray]] = {
+    "exact": exact_alignment, "finite_difference": finite_difference_alignment, "forward": forward_mode_alignment}

@@ -15,9 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .dga import check_dga_params, dga_update, exact_alignment, finite_difference_alignment
-
-ESTIMATORS = {"exact": exact_alignment, "finite_difference": finite_difference_alignment}
+from .dga import ESTIMATORS, check_dga_params, dga_update
 from .mixture import check_weights
 from .stream import MixtureStream, TargetSampler
 
@@ -55,7 +53,12 @@ class StaticStrategy:
 
 @dataclass
 class DGAStrategy:
-    """DGA over the stream's bases. `loss_fn(tokens)` returns the model's mean LM loss on a (n, seq_len+1) batch."""
+    """DGA over the stream's bases. `loss_fn(tokens)` returns the model's mean LM loss on a (n, seq_len+1) batch.
+
+    Estimators of the alignment scores: "exact" (one backward per basis), "finite_difference" (two no-grad
+    forwards at theta +- eps g) and "forward" (forward-mode AD along g; needs `module`). Given
+    `sequence_loss_fn(tokens) -> (n,) losses`, the two forward estimators batch all bases together.
+    """
 
     stream: MixtureStream
     target: TargetSampler
@@ -66,13 +69,17 @@ class DGAStrategy:
     every: int = 50
     batch_size: int = 8
     micro_batches: int = 1
-    estimator: str = "exact"  # or "finite_difference": 2 forwards per basis instead of a backward
+    estimator: str = "exact"
+    module: torch.nn.Module | None = None  # the model the loss calls: needed by the "forward" estimator
+    sequence_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     history: list[UpdateRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_dga_params(self.eta, self.beta, self.every)
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator = '{self.estimator}': expected one of {sorted(ESTIMATORS)}")
+        if self.estimator == "forward" and self.module is None:
+            raise ValueError("estimator = 'forward' needs module=<the model the loss function calls>")
         if self.batch_size < 1 or self.micro_batches < 1:
             raise ValueError(f"batch_size = {self.batch_size}, micro_batches = {self.micro_batches}: expected >= 1")
         available = np.asarray(self.stream.mixture.bases.sum(axis=1)).ravel() > 0
@@ -86,12 +93,13 @@ class DGAStrategy:
         return self.stream.weights
 
     def alignment_scores(self) -> np.ndarray:
-        """Exact scores at the current parameters, on fresh batches from each basis and the specialized set."""
+        """Scores at the current parameters, on fresh batches from each basis and the specialized set."""
         n = self.stream.mixture.n_bases
         micro = lambda draw: [draw() for _ in range(self.micro_batches)]  # noqa: E731
         target = micro(lambda: self.target.sample(self.batch_size))
         bases = [micro(lambda j=j: self.stream.sample_basis(j, self.batch_size)["tokens"]) for j in range(n)]
-        return ESTIMATORS[self.estimator](self.loss_fn, self.params, bases, target)
+        return ESTIMATORS[self.estimator](self.loss_fn, self.params, bases, target, module=self.module,
+                                          sequence_loss_fn=self.sequence_loss_fn)
 
     def on_step(self, step: int) -> UpdateRecord | None:
         """Call after optimizer.step() of step `step` (0-based); updates the weights every `every` steps."""

@@ -22,7 +22,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .mixture import Mixture, check_weights
 from .store import ClusterStore
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+SNAPSHOTS_KEPT = 16  # planned-but-untrained steps a trainer's data prefetching may hold (Lightning, accelerate: 1-2)
 
 
 class StateMismatchError(ValueError):
@@ -66,6 +67,11 @@ class MixtureStream(IterableDataset):
         self._weights = mixture.weights.copy()
         self._cdf = _cdf(mixture.cluster_probs(self._weights))
         self.last_log: StepLog | None = None
+        # Trainers prefetch: by the time step t is trained the stream may already have planned t + 1. To save the
+        # state "after step t was trained" exactly, keep for each recent step the cursors before it was planned
+        # and the weights it was planned with (see state_dict(next_step=...)).
+        self._snapshots: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._replay: list[np.ndarray] = []  # weights of steps planned before a resume point, to re-plan them
         # Counts set_weights() calls across processes: DataLoader workers iterate copies of this object, so a
         # change made in the trainer cannot reach them; they check this counter and fail loudly instead of
         # silently drawing from stale weights.
@@ -113,9 +119,19 @@ class MixtureStream(IterableDataset):
             self.store.read(c, pos, self.sequence_tokens, out[i], stream=stream)
         return torch.from_numpy(out.astype(np.int64))
 
+    def _plan_next(self) -> tuple[np.ndarray, np.ndarray]:
+        """Plan step `self.step` with the weights in force (or those it was first planned with, after a resume)."""
+        weights, cdf = self._weights, self._cdf
+        if self._replay:
+            weights = self._replay.pop(0)
+            cdf = _cdf(self.mixture.cluster_probs(weights))
+        self._snapshots[self.step] = (self.cursors.copy(), weights)
+        self._snapshots.pop(self.step - SNAPSHOTS_KEPT, None)
+        return self._plan(self.step, self.cursors, cdf, self.batch_size * self.world_size)
+
     def next_batch(self) -> dict[str, Any]:
         """Plan step `self.step` and return this rank's slice of it."""
-        clusters, positions = self._plan(self.step, self.cursors, self._cdf, self.batch_size * self.world_size)
+        clusters, positions = self._plan_next()
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         batch = self._batch(clusters[mine], positions[mine], self.step)
         self.step += 1
@@ -126,7 +142,8 @@ class MixtureStream(IterableDataset):
         per_epoch = self.store.cluster_tokens[clusters]
         passes = (positions + self.sequence_tokens - 1) // per_epoch + 1  # pass reached by the sequence's end
         unique, counts = np.unique(clusters, return_counts=True)
-        self.last_log = StepLog(step, self.weights, clusters,
+        planned_with = self._snapshots[step][1] if step in self._snapshots else self._weights
+        self.last_log = StepLog(step, planned_with.copy(), clusters,
                                 dict(zip(unique.tolist(), (counts * self.sequence_tokens).tolist())),
                                 sorted(set(clusters[passes > 1].tolist())),
                                 int((self.passes_completed() > 0).sum()))
@@ -147,7 +164,7 @@ class MixtureStream(IterableDataset):
             if self.step % workers == worker:
                 yield self.next_batch()
             else:  # another worker materializes this step; keep the cursors in step with it
-                self._plan(self.step, self.cursors, self._cdf, self.batch_size * self.world_size)
+                self._plan_next()
                 self.step += 1
 
     # ---- fresh batches for alignment (their own sampler state: the training stream is untouched) ----------
@@ -171,14 +188,27 @@ class MixtureStream(IterableDataset):
         return {"store": self.store.fingerprint, "bases": self.mixture.fingerprint(), "seed": self.seed,
                 "seq_len": self.seq_len, "batch_size": self.batch_size, "world_size": self.world_size}
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, next_step: int | None = None) -> dict[str, Any]:
+        """The state to resume from. `next_step`: the first step not yet trained on, when the trainer's loader has
+        already planned further ahead (prefetching); those planned steps are re-planned on resume with the weights
+        they were planned with, then the current weights apply. Default: `self.step` (nothing prefetched)."""
         if int(self._iterated_in_workers) and get_worker_info() is None:
             raise RuntimeError(
                 "this MixtureStream was iterated by DataLoader workers, so the trainer's copy holds no position: "
                 "save the loader's state instead (torchdata's StatefulDataLoader.state_dict()).")
-        return {"version": STATE_VERSION, "fingerprint": self.fingerprint(), "step": self.step,
-                "cursors": self.cursors.copy(), "aux_cursors": self.aux_cursors.copy(),
-                "aux_draws": self.aux_draws, "weights": self.weights.copy()}
+        next_step = self.step if next_step is None else int(next_step)
+        cursors, replay = self.cursors.copy(), list(self._replay)
+        if next_step != self.step:
+            missing = [s for s in range(next_step, self.step) if s not in self._snapshots]
+            if next_step > self.step or missing:
+                raise ValueError(f"next_step = {next_step}: the stream has planned steps up to {self.step - 1} and "
+                                 f"keeps the last {SNAPSHOTS_KEPT}; expected {self.step - SNAPSHOTS_KEPT} <= "
+                                 f"next_step <= {self.step}")
+            cursors = self._snapshots[next_step][0].copy()
+            replay = [self._snapshots[s][1].copy() for s in range(next_step, self.step)] + replay
+        return {"version": STATE_VERSION, "fingerprint": self.fingerprint(), "step": next_step,
+                "cursors": cursors, "aux_cursors": self.aux_cursors.copy(), "aux_draws": self.aux_draws,
+                "weights": self.weights.copy(), "replay": replay}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -196,6 +226,8 @@ class MixtureStream(IterableDataset):
         self.cursors = np.array(state["cursors"], dtype=np.int64)
         self.aux_cursors = np.array(state["aux_cursors"], dtype=np.int64)
         self.aux_draws = int(state["aux_draws"])
+        self._replay = [np.asarray(w, dtype=np.float64) for w in state.get("replay", [])]
+        self._snapshots = {}
 
 
 class TargetSampler:

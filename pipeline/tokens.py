@@ -9,7 +9,10 @@ Layout of tokenize.output:
   its EOS included);
 - `cluster_offsets.npy`: int64, k + 1 document offsets (cluster c holds documents cluster_offsets[c] ..
   cluster_offsets[c+1] - 1);
-- `tokenizer.json` (the one used) and `store.json` (dtype, vocab size, EOS id, counts, fingerprint).
+- `tokenizer.json` (the one used) and `store.json` (dtype, vocab size, EOS id, counts, fingerprint);
+- `heldout/`: the held-out generic documents (`holdout_fraction` of them, chosen by a hash of their doc_id, so the
+  choice does not depend on the clustering or the shard order), as a one-cluster store of the same layout. They are
+  not in the training store: the reference trainer's generic loss is measured on them (forgetting).
 The mixer slices any cluster's token stream with two array lookups, no parsing.
 """
 from __future__ import annotations
@@ -118,6 +121,14 @@ def write_token_store(directory: Path, chunks: Iterable[tuple[np.ndarray, np.nda
     return summary
 
 
+def held_out(doc_ids: list[str], fraction: float, seed: int) -> np.ndarray:
+    """Pure step: which documents are held out. A seeded hash of the doc_id, uniform in [0, 1), below `fraction`."""
+    salt = str(seed).encode()
+    draws = np.fromiter((int.from_bytes(hashlib.blake2b(d.encode(), digest_size=8, salt=salt[:16]).digest(), "big")
+                         for d in doc_ids), dtype=np.uint64, count=len(doc_ids))
+    return draws.astype(np.float64) / 2.0**64 < fraction
+
+
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "tokenize")
     domains_dir = Path(require(cfg, "tokenize", "domains", str, "data/domains"))
@@ -127,6 +138,10 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     train_docs = positive_int(cfg, "tokenize", "train_docs", 20000)
     seed = non_negative_int(cfg, "tokenize", "seed", 0)
     eos_token = require(cfg, "tokenize", "eos_token", str, None)
+    holdout = float(require(cfg, "tokenize", "holdout_fraction", (int, float), 0.0))
+    if not 0.0 <= holdout < 1.0:
+        raise ParamError(f"tokenize.holdout_fraction = {holdout}: expected 0 <= fraction < 1 (share of documents "
+                         "kept out of training for the generic eval loss)")
     if not (domains_dir / MANIFEST).exists():
         raise ParamError(f"tokenize.domains = '{domains_dir}' holds no {MANIFEST} (expected the assign stage's output)")
     if tokenizer_path is None and vocab_size < 257:
@@ -143,18 +158,36 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     dtype = token_dtype(vocab)
 
     manifest = pq.read_table(domains_dir / MANIFEST, columns=["docs"]).column("docs").to_numpy()
+    # Held-out documents are decided first (doc_ids only) because the store's index needs the kept counts upfront.
+    kept = manifest.copy()
+    for cluster, table in iter_clusters(domains_dir, ["doc_id"]):
+        if table.num_rows != manifest[cluster]:
+            raise ParamError(f"tokenize.domains: cluster {cluster} has {table.num_rows} documents but the "
+                             f"manifest says {manifest[cluster]}; re-run assign")
+        kept[cluster] -= int(held_out(table.column("doc_id").to_pylist(), holdout, seed).sum())
+    heldout_chunks: list[tuple[np.ndarray, np.ndarray]] = []
 
     def chunks():
         with tqdm(total=int(manifest.sum()), desc="tokenize", unit="doc") as bar:
-            for cluster, table in iter_clusters(domains_dir, ["text"]):
-                if table.num_rows != manifest[cluster]:
-                    raise ParamError(f"tokenize.domains: cluster {cluster} has {table.num_rows} documents but the "
-                                     f"manifest says {manifest[cluster]}; re-run assign")
-                yield tokenize_texts(tokenizer, table.column("text").to_pylist(), eos, dtype)
+            for _, table in iter_clusters(domains_dir, ["doc_id", "text"]):
+                out = held_out(table.column("doc_id").to_pylist(), holdout, seed)
+                texts = table.column("text").to_pylist()
+                if out.any():
+                    heldout_chunks.append(tokenize_texts(tokenizer, [t for t, o in zip(texts, out) if o], eos, dtype))
+                yield tokenize_texts(tokenizer, [t for t, o in zip(texts, out) if not o], eos, dtype)
                 bar.update(table.num_rows)
 
+    meta = {"vocab_size": int(vocab), "eos_id": eos}
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        summary = write_token_store(tmp, chunks(), manifest, {"vocab_size": int(vocab), "eos_id": eos})
+        summary = write_token_store(tmp, chunks(), kept, meta)
         tokenizer.save(str(tmp / "tokenizer.json"))
+        if heldout_chunks:
+            (tmp / "heldout").mkdir()
+            held = write_token_store(tmp / "heldout", heldout_chunks,
+                                     np.array([sum(len(c[1]) for c in heldout_chunks)]), meta)
+            summary["heldout_documents"], summary["heldout_tokens"] = held["documents"], held["tokens"]
+            write_json(summary, tmp / "store.json")
+    log.info("tokenize: %d documents in the store, %d held out", summary["documents"],
+             summary.get("heldout_documents", 0))
     return summary

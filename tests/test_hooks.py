@@ -1,39 +1,120 @@
-"""The Hugging Face Trainer hook on a tiny GPT-2 (random init, no download), CPU."""
+"""The Hugging Face Trainer and Lightning hooks on tiny models (random init, no download), CPU: DGA runs through
+each callback, and a run resumed from the trainer's own checkpoint trains on the same sequences under the same
+weights as a straight run, although both trainers prefetch a batch ahead."""
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
-from mixer.hooks import SequenceDataset, make_hf_callback
+from mixer.hooks import SequenceDataset, make_hf_callback, make_lightning_callback
 from mixer.strategies import DGAStrategy
 
 from .mixer_fixtures import synthetic_store
 
+STEPS, BATCH, SEQ = 8, 4, 8
+
+
+def _digest(tokens: torch.Tensor) -> str:
+    return hashlib.blake2b(tokens.numpy().tobytes(), digest_size=8).hexdigest()
+
+
+@pytest.fixture
+def stores(tmp_path):
+    return (synthetic_store(tmp_path / "tokens", [20, 15, 10, 25]), synthetic_store(tmp_path / "target", [12], seed=5))
+
+
+def _stream_and_dga(stores, model, loss_fn):
+    store = ClusterStore(stores[0])
+    stream = MixtureStream(store, Mixture.identity(store.available), seq_len=SEQ, batch_size=BATCH, seed=0)
+    dga = DGAStrategy(stream, TargetSampler(ClusterStore(stores[1]), SEQ), loss_fn, list(model.parameters()),
+                      eta=3.0, beta=1.0, every=2, batch_size=2)
+    return stream, dga
+
+
+# ---- Hugging Face -------------------------------------------------------------------------------------------
 transformers = pytest.importorskip("transformers")
 
 
-def test_hf_trainer_runs_dga_through_the_callback(tmp_path):
-    directory = synthetic_store(tmp_path / "tokens", [20, 15, 10, 25])
-    target_dir = synthetic_store(tmp_path / "target", [12], seed=5)
+def _hf_run(stores, out_dir, resume: str | None = None):
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_positions=16, n_embd=16,
-                                                                 n_layer=1, n_head=2))
-    store = ClusterStore(directory)
-    stream = MixtureStream(store, Mixture.identity(store.available), seq_len=8, batch_size=4, seed=0, max_steps=8)
+    config = transformers.GPT2Config(vocab_size=128, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: the scores need no RNG state
+    model = transformers.GPT2LMHeadModel(config)
+    seen: list[str] = []
+    model.register_forward_pre_hook(  # the training batches only (alignment batches have 2 sequences)
+        lambda module, args, kwargs: seen.append(_digest(kwargs["input_ids"]))
+        if kwargs["input_ids"].shape[0] == BATCH else None, with_kwargs=True)
+    stream, dga = _stream_and_dga(stores, model, lambda tokens: model(input_ids=tokens, labels=tokens).loss)
+    stream.max_steps = 50
+    callback = make_hf_callback(stream, dga)
+    args = transformers.TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=BATCH,
+                                          max_steps=STEPS, save_steps=3, report_to=[], use_cpu=True,
+                                          logging_steps=100, dataloader_num_workers=0, ignore_data_skip=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=SequenceDataset(stream), callbacks=[callback])
+    if resume:
+        callback.load(resume)
+    trainer.train(resume_from_checkpoint=resume)
+    return seen, stream.weights, dga
 
-    def loss_fn(tokens):
-        return model(input_ids=tokens, labels=tokens).loss
 
-    dga = DGAStrategy(stream, TargetSampler(ClusterStore(target_dir), 8), loss_fn, list(model.parameters()),
-                      eta=1.0, beta=1.0, every=2, batch_size=2)
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4,
-                                          max_steps=6, save_steps=3, report_to=[], use_cpu=True,
-                                          logging_steps=100, dataloader_num_workers=0)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=SequenceDataset(stream),
-                                   callbacks=[make_hf_callback(stream, dga)])
-    trainer.train()
-    assert len(dga.history) == 3  # steps 2, 4, 6
-    assert not np.allclose(stream.weights, np.full(4, 0.25))
-    assert (tmp_path / "out/checkpoint-3/dgamix_state.pt").exists()
+def test_hf_trainer_runs_dga_and_resumes_exactly(stores, tmp_path):
+    seen, weights, dga = _hf_run(stores, tmp_path / "straight")
+    assert len(seen) == STEPS and len(dga.history) == STEPS // 2
+    assert not np.allclose(weights, np.full(4, 0.25))  # DGA moved the weights
+    checkpoint = tmp_path / "straight/checkpoint-3"
+    assert (checkpoint / "dgamix_state.pt").exists()
+    resumed_seen, resumed_weights, _ = _hf_run(stores, tmp_path / "resumed", resume=str(checkpoint))
+    assert resumed_seen == seen[3:]
+    np.testing.assert_array_equal(resumed_weights, weights)
+
+
+# ---- Lightning ----------------------------------------------------------------------------------------------
+lightning = pytest.importorskip("lightning")
+
+
+class _TinyLM(lightning.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        from trainer.model import GPT, GPTConfig
+
+        self.model = GPT(GPTConfig(vocab_size=128, block_size=SEQ, n_layer=1, n_head=2, n_embd=16))
+        self.seen: list[str] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(_digest(batch["input_ids"]))
+        return self.model.loss(batch["input_ids"])
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _lightning_run(stores, out_dir, accumulate: int, resume: str | None = None):
+    torch.manual_seed(0)
+    module = _TinyLM()
+    stream, dga = _stream_and_dga(stores, module.model, module.model.loss)
+    stream.max_steps = 50
+    checkpoints = lightning.pytorch.callbacks.ModelCheckpoint(dirpath=out_dir, every_n_train_steps=2, save_top_k=-1,
+                                                              filename="{step}")
+    trainer = lightning.Trainer(max_steps=STEPS // accumulate, accelerator="cpu", logger=False,
+                                enable_progress_bar=False, enable_model_summary=False,
+                                accumulate_grad_batches=accumulate,
+                                callbacks=[make_lightning_callback(stream, dga), checkpoints])
+    trainer.fit(module, DataLoader(SequenceDataset(stream), batch_size=BATCH), ckpt_path=resume)
+    return module.seen, stream.weights, dga
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_lightning_runs_dga_and_resumes_exactly(stores, tmp_path, accumulate):
+    seen, weights, dga = _lightning_run(stores, tmp_path / "straight", accumulate)
+    optimizer_steps = STEPS // accumulate
+    assert len(seen) == STEPS and len(dga.history) == optimizer_steps // 2
+    assert not np.allclose(weights, np.full(4, 0.25))
+    resumed_seen, resumed_weights, _ = _lightning_run(stores, tmp_path / "resumed", accumulate,
+                                                      resume=str(tmp_path / "straight/step=2.ckpt"))
+    assert resumed_seen == seen[2 * accumulate:]
+    np.testing.assert_array_equal(resumed_weights, weights)

@@ -27,21 +27,35 @@ def tokenized(workspace):
     return workspace, params
 
 
-def test_token_store_round_trips_every_document(tokenized):
+def test_token_store_round_trips_every_document_and_holds_some_out(tokenized):
     work, params = tokenized
     store = ClusterStore(work / "data/tokens")
+    heldout = ClusterStore(work / "data/tokens/heldout")
     meta = json.loads((work / "data/tokens/store.json").read_text())
-    assert meta["dtype"] == "uint16" and meta["documents"] == 240 and store.n_clusters == 16
+    assert meta["dtype"] == "uint16" and store.n_clusters == 16 and heldout.n_clusters == 1
+    assert meta["documents"] + meta["heldout_documents"] == 240 and meta["heldout_documents"] > 0
     tokenizer = tokens.load_tokenizer(work / "data/tokens/tokenizer.json")
-    by_cluster = dict(assign.iter_clusters(work / "data/domains", ["text"]))
-    doc = 0
+    by_cluster = dict(assign.iter_clusters(work / "data/domains", ["doc_id", "text"]))
+    doc, held = 0, 0
     for c in range(16):
-        for text in by_cluster[c].column("text").to_pylist():
-            ids = store.tokens[store.doc_offsets[doc]:store.doc_offsets[doc + 1]]
+        table = by_cluster[c]
+        out = tokens.held_out(table.column("doc_id").to_pylist(), params["tokenize"]["holdout_fraction"], 0)
+        for text, is_out in zip(table.column("text").to_pylist(), out):
+            source, i = (heldout, held) if is_out else (store, doc)
+            ids = source.tokens[source.doc_offsets[i]:source.doc_offsets[i + 1]]
             assert ids[-1] == store.eos_id and store.eos_id not in ids[:-1]
             assert tokenizer.decode(ids[:-1].tolist()) == text  # byte-level BPE is lossless
-            doc += 1
+            held, doc = (held + 1, doc) if is_out else (held, doc + 1)
         assert store.cluster_offsets[c + 1] == doc
+    assert held == meta["heldout_documents"]
+
+
+def test_holdout_choice_is_a_seeded_fraction():
+    ids = [f"doc-{i}" for i in range(20000)]
+    out = tokens.held_out(ids, 0.1, seed=0)
+    assert abs(out.mean() - 0.1) < 4 * np.sqrt(0.1 * 0.9 / len(ids))  # binomial, 4 sigma
+    assert (tokens.held_out(ids, 0.1, seed=0) == out).all() and (tokens.held_out(ids, 0.1, seed=1) != out).any()
+    assert not tokens.held_out(ids, 0.0, seed=0).any()
 
 
 def test_tokenize_is_deterministic_and_accepts_a_given_tokenizer(tokenized):

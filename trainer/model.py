@@ -65,8 +65,15 @@ class GPT(nn.Module):
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of a (batch, seq_len + 1) token batch."""
+        return self.sequence_losses(tokens).mean()
+
+    def sequence_losses(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-sequence mean next-token cross-entropy, shape (batch,): what ODM's rewards and the batched DGA
+        estimators need. Every sequence has the same length, so their mean is the batch loss."""
         logits = self(tokens[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+        per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1),
+                                    reduction="none")
+        return per_token.view(tokens.shape[0], -1).mean(dim=1)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
