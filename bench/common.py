@@ -42,7 +42,7 @@ def write_result(name: str, rows: list[dict], extra: dict | None = None) -> Path
     return path
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], flush: bool = False) -> None:
     if not rows:
         return
     keys = list(rows[0])
@@ -50,7 +50,7 @@ def print_table(rows: list[dict]) -> None:
     print(" | ".join(k.ljust(widths[k]) for k in keys))
     print("-+-".join("-" * widths[k] for k in keys))
     for r in rows:
-        print(" | ".join(_fmt(r.get(k)).ljust(widths[k]) for k in keys))
+        print(" | ".join(_fmt(r.get(k)).ljust(widths[k]) for k in keys), flush=flush)
 
 
 def _fmt(value) -> str:

@@ -67,8 +67,9 @@ class DGAStrategy:
     eta: float = 0.3
     beta: float = 0.1
     every: int = 50
-    batch_size: int = 8
+    batch_size: int = 8  # sequences per basis in each alignment
     micro_batches: int = 1
+    target_batch_size: int | None = None  # sequences of the specialized set per micro-batch (default: batch_size)
     estimator: str = "exact"
     module: torch.nn.Module | None = None  # the model the loss calls: needed by the "forward" estimator
     sequence_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -80,8 +81,11 @@ class DGAStrategy:
             raise ValueError(f"estimator = '{self.estimator}': expected one of {sorted(ESTIMATORS)}")
         if self.estimator == "forward" and self.module is None:
             raise ValueError("estimator = 'forward' needs module=<the model the loss function calls>")
-        if self.batch_size < 1 or self.micro_batches < 1:
-            raise ValueError(f"batch_size = {self.batch_size}, micro_batches = {self.micro_batches}: expected >= 1")
+        if self.target_batch_size is None:
+            self.target_batch_size = self.batch_size
+        if min(self.batch_size, self.micro_batches, self.target_batch_size) < 1:
+            raise ValueError(f"batch_size = {self.batch_size}, micro_batches = {self.micro_batches}, "
+                             f"target_batch_size = {self.target_batch_size}: expected >= 1")
         available = np.asarray(self.stream.mixture.bases.sum(axis=1)).ravel() > 0
         if not available.all():
             raise ValueError("a basis has no available tokens")
@@ -96,7 +100,7 @@ class DGAStrategy:
         """Scores at the current parameters, on fresh batches from each basis and the specialized set."""
         n = self.stream.mixture.n_bases
         micro = lambda draw: [draw() for _ in range(self.micro_batches)]  # noqa: E731
-        target = micro(lambda: self.target.sample(self.batch_size))
+        target = micro(lambda: self.target.sample(self.target_batch_size))
         bases = [micro(lambda j=j: self.stream.sample_basis(j, self.batch_size)["tokens"]) for j in range(n)]
         return ESTIMATORS[self.estimator](self.loss_fn, self.params, bases, target, module=self.module,
                                           sequence_loss_fn=self.sequence_loss_fn)

@@ -1,0 +1,165 @@
+"""Issue 5's experiments on the development corpus: one command per experiment, every run from a recorded seed.
+
+    .venv/bin/python bench/prepare_corpus.py                      # once: ingest + embed ../shared/corpus/generic
+    .venv/bin/python bench/experiments.py prepare --target medical_abstracts [--levels 16 16] [--spec-docs N]
+    .venv/bin/python bench/experiments.py run token_limited --target medical_abstracts --seeds 0 1 2
+    .venv/bin/python bench/render_results.py                      # RESULTS.md tables + plots from the metrics
+
+`prepare` runs the project's own stages (cluster -> assign -> tokenize -> bases) on the embedded corpus into
+bench/work/exp/<levels>/ (clusters, token store with held-out generic documents) and .../<target>[-<spec-docs>]/
+(bases, the target's spec and eval stores). `run` trains the reference GPT (trainer/train.py) once per method and
+seed and writes results/<experiment>/<target>/<variant>/seed<k>/<method>/{metrics.json,log.csv} (committed: the
+evidence). The methods never see meta.domain: the bases are importance, natural, uniform and coarse clusters only
+(no reference bases, which would be built from the ground-truth labels).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import zstandard  # noqa: E402
+from common import CORPUS, ROOT, WORK  # noqa: E402
+
+from pipeline import assign, bases, cluster, tokens  # noqa: E402
+from trainer import train  # noqa: E402
+
+GENERIC = WORK / "generic"
+RESULTS = ROOT / "results"
+
+# The reference GPT at the size where one run takes one to two minutes on 2 CPU cores.
+TRAIN = {"steps": 300, "seq_len": 64, "batch_size": 16, "lr": 3e-3, "n_layer": 2, "n_head": 4, "n_embd": 128,
+         "eval_every": 50, "eval_batches": 8, "checkpoint_every": 100000, "token_cap": None, "basis_names": None,
+         "eta": 0.3, "beta": 0.1, "every": 20, "dga_batch_size": 8, "dga_target_batch_size": 16,
+         "estimator": "exact"}
+
+# Each experiment: its clustering, the train settings shared by its methods, and its methods as
+# (name in the results, trainer strategy, basis set). Basis sets: "coarse" = domain reweighting over the coarse
+# clusters; "all" = distribution reweighting over importance, natural, uniform and the coarse clusters.
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "token_limited": {  # paper section 3.1, Fig. 1: few tokens per cluster, the favoured clusters repeat
+        "levels": [16, 16], "train": {"token_cap": 4000},
+        "methods": [("uniform", "uniform", "coarse"), ("importance", "importance", "all"),
+                    ("dga", "dga", "coarse"), ("dga_ema", "dga_ema", "coarse"), ("odm", "odm", "coarse")]},
+    "distribution": {  # section 3.2, Fig. 2: a few bases over 256 fine clusters, all the data
+        "levels": [16, 16], "train": {},
+        "methods": [("natural", "natural", "all"), ("uniform", "uniform", "all"), ("importance", "importance", "all"),
+                    ("dga_ema", "dga_ema", "all"), ("odm", "odm", "coarse")]},
+    "ablation": {  # reviewers' ablations on the token-limited setting: beta, eta, T_r, estimators (variants)
+        "levels": [16, 16], "train": {"token_cap": 4000},
+        "methods": [("dga_ema", "dga_ema", "coarse")],
+        "variants": {"beta0.05": {"beta": 0.05}, "beta0.3": {"beta": 0.3}, "eta0.1": {"eta": 0.1},
+                     "eta1": {"eta": 1.0}, "every10": {"every": 10}, "every50": {"every": 50},
+                     "every100": {"every": 100}, "finite_difference": {"estimator": "finite_difference"},
+                     "forward": {"estimator": "forward"}}},
+}
+
+
+def levels_dir(levels: list[int]) -> Path:
+    return WORK / "exp" / "x".join(map(str, levels))
+
+
+def target_dir(levels: list[int], target: str, spec_docs: int | None) -> Path:
+    return levels_dir(levels) / (target if spec_docs is None else f"{target}-{spec_docs}")
+
+
+def spec_prefix(target: str, n: int, out: Path) -> Path:
+    """The first n records of the target's spec set (spec is in random order: a prefix is a random subset)."""
+    lines = zstandard.ZstdDecompressor().stream_reader(open(CORPUS / "targets" / target / "spec.jsonl.zst", "rb"))
+    text = io.TextIOWrapper(lines, encoding="utf-8", newline="\n")
+    kept = [line for _, line in zip(range(n), text)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(zstandard.ZstdCompressor().compress("".join(kept).encode()))
+    return out
+
+
+def pipeline_params(levels: list[int], target: str, spec_docs: int | None) -> dict[str, Any]:
+    base, tdir = levels_dir(levels), target_dir(levels, target, spec_docs)
+    spec = (spec_prefix(target, spec_docs, tdir / "spec.jsonl.zst") if spec_docs
+            else CORPUS / "targets" / target / "spec.jsonl.zst")
+    return {
+        "cluster": {"embeddings": str(GENERIC / "embeddings"), "docs": str(GENERIC / "docs"),
+                    "output": str(base / "clusters"), "levels": levels, "seed": 0},
+        "assign": {"docs": str(GENERIC / "docs"), "embeddings": str(GENERIC / "embeddings"),
+                   "clusters": str(base / "clusters"), "output": str(base / "domains")},
+        "tokenize": {"domains": str(base / "domains"), "output": str(base / "tokens"), "vocab_size": 8192,
+                     "holdout_fraction": 0.02, "seed": 0},
+        "bases": {"target": [str(spec)], "eval": [str(CORPUS / "targets" / target / "eval.jsonl.zst")],
+                  "families": ["importance", "natural", "uniform", "coarse"], "domains": str(base / "domains"),
+                  "clusters": str(base / "clusters"), "tokens": str(base / "tokens"),
+                  "embeddings": str(GENERIC / "embeddings"), "output": str(tdir / "bases"),
+                  "metrics": str(tdir / "bases.json")},
+    }
+
+
+def prepare(levels: list[int], target: str, spec_docs: int | None) -> None:
+    params = pipeline_params(levels, target, spec_docs)
+    base = levels_dir(levels)
+    for stage, done in ((cluster, base / "clusters"), (assign, base / "domains"), (tokens, base / "tokens")):
+        if not done.exists():  # shared by every target at this granularity
+            stage.run(params)
+    bases.run(params)
+
+
+def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | None, variants: list[str] | None,
+                   steps: int | None) -> None:
+    spec = EXPERIMENTS[name]
+    levels = spec["levels"]
+    tdir = target_dir(levels, target, spec_docs)
+    if not (tdir / "bases").exists():
+        prepare(levels, target, spec_docs)
+    names = __import__("json").loads((tdir / "bases" / "names.json").read_text())
+    coarse = [n for n in names if n.startswith("coarse:")]
+    all_variants = spec.get("variants", {"default": {}})
+    for variant in variants or list(all_variants):
+        for seed in seeds:
+            for label, strategy, basis_set in spec["methods"]:
+                out = (RESULTS / name / (target if spec_docs is None else f"{target}-{spec_docs}") / variant
+                       / f"seed{seed}")
+                if (out / label / "metrics.json").exists():
+                    continue
+                cfg = copy.deepcopy(TRAIN) | spec["train"] | all_variants[variant]
+                cfg.update(seed=seed, tokens=str(levels_dir(levels) / "tokens"), bases=str(tdir / "bases"),
+                           output=str(out), basis_names=coarse if basis_set == "coarse" else None)
+                if steps:
+                    cfg["steps"] = steps
+                started = time.perf_counter()
+                metrics = train.run({"train": cfg}, strategy)
+                if label != strategy:
+                    (out / strategy).rename(out / label)
+                print(f"{name}/{variant}/seed{seed}/{label}: spec {metrics['final_spec_loss']:.4f} "
+                      f"generic {metrics['final_generic_loss']:.4f} ({time.perf_counter() - started:.0f} s)",
+                      flush=True)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare")
+    prep.add_argument("--target", default="medical_abstracts")
+    prep.add_argument("--levels", type=int, nargs="+", default=[16, 16])
+    prep.add_argument("--spec-docs", type=int, default=None)
+    run = sub.add_parser("run")
+    run.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    run.add_argument("--target", default="medical_abstracts")
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--spec-docs", type=int, default=None)
+    run.add_argument("--variants", nargs="+", default=None)
+    run.add_argument("--steps", type=int, default=None)
+    args = parser.parse_args()
+    if args.command == "prepare":
+        prepare(args.levels, args.target, args.spec_docs)
+    else:
+        run_experiment(args.experiment, args.target, args.seeds, args.spec_docs, args.variants, args.steps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Render RESULTS.md's tables and plots from the experiments' metrics files: no number is typed by hand.
+
+    .venv/bin/python bench/render_results.py
+
+Reads results/<experiment>/<target>/<variant>/seed<k>/<method>/{metrics.json,log.csv} (bench/experiments.py),
+writes results/<experiment>/<target>/<variant>/table.md (mean ± std over seeds, per method), the plots of seed 0
+(`dgamix plot`: losses.png and each method's weights.png) and the mean specialized-loss curves over seeds
+(spec_curves.png), then fills the marked blocks of RESULTS.md (`<!-- table:EXPERIMENT/TARGET/VARIANT -->` ...
+`<!-- end -->`) with those tables.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from common import ROOT
+
+from trainer.plot import plot_runs
+
+RESULTS = ROOT / "results"
+REPORT = ROOT / "RESULTS.md"
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 seed)"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def collect(variant_dir: Path) -> dict[str, list[dict]]:
+    by_method: dict[str, list[dict]] = {}
+    for path in sorted(variant_dir.glob("seed*/*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        metrics["seed"] = path.parent.parent.name
+        by_method.setdefault(path.parent.name, []).append(metrics)
+    return by_method
+
+
+def table(by_method: dict[str, list[dict]]) -> str:
+    lines = ["| method | seeds | final specialized loss | best specialized loss | final generic loss (held out) | "
+             "seconds per run |", "|---|---|---|---|---|---|"]
+    best = min(np.mean([m["final_spec_loss"] for m in runs]) for runs in by_method.values())
+    for method, runs in by_method.items():
+        spec = mean_std([m["final_spec_loss"] for m in runs])
+        if np.isclose(np.mean([m["final_spec_loss"] for m in runs]), best):
+            spec = f"**{spec}**"
+        lines.append(f"| {method} | {len(runs)} | {spec} | {mean_std([m['best_spec_loss'] for m in runs])} | "
+                     f"{mean_std([m['final_generic_loss'] for m in runs])} | "
+                     f"{np.mean([m['seconds'] for m in runs]):.0f} |")
+    return "\n".join(lines)
+
+
+def variants_table(target_dir: Path) -> str:
+    """One row per (variant, method) across the variants of an experiment (the ablations)."""
+    lines = ["| variant | method | seeds | final specialized loss | best specialized loss | final generic loss | "
+             "seconds per run |", "|---|---|---|---|---|---|---|"]
+    for variant_dir in sorted(p for p in target_dir.iterdir() if p.is_dir()):
+        for method, runs in collect(variant_dir).items():
+            lines.append(f"| {variant_dir.name} | {method} | {len(runs)} | "
+                         f"{mean_std([m['final_spec_loss'] for m in runs])} | "
+                         f"{mean_std([m['best_spec_loss'] for m in runs])} | "
+                         f"{mean_std([m['final_generic_loss'] for m in runs])} | "
+                         f"{np.mean([m['seconds'] for m in runs]):.0f} |")
+    return "\n".join(lines)
+
+
+def spec_curves(variant_dir: Path, methods: list[str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method in methods:
+        curves = []
+        for log in sorted(variant_dir.glob(f"seed*/{method}/log.csv")):
+            frame = pl.read_csv(log, infer_schema_length=None).filter(pl.col("spec_loss").is_not_null())
+            curves.append(frame["spec_loss"].to_numpy())
+            steps = frame["step"].to_numpy() + 1
+        curves = np.array(curves)
+        ax.plot(steps, curves.mean(axis=0), marker="o", label=f"{method} ({len(curves)} seeds)")
+        if len(curves) > 1:
+            ax.fill_between(steps, curves.min(axis=0), curves.max(axis=0), alpha=0.15)
+    ax.set_xlabel("step")
+    ax.set_ylabel("specialized eval loss")
+    ax.set_title(f"{variant_dir.relative_to(RESULTS)}: mean over seeds (band: min-max)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = variant_dir / "spec_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    tables: dict[str, str] = {}
+    for variant_dir in sorted({p.parent.parent.parent for p in RESULTS.glob("*/*/*/seed*/*/metrics.json")}):
+        key = str(variant_dir.relative_to(RESULTS))
+        by_method = collect(variant_dir)
+        tables[key] = table(by_method)
+        (variant_dir / "table.md").write_text(tables[key] + "\n")
+        spec_curves(variant_dir, list(by_method))
+        seed0 = variant_dir / "seed0"
+        if seed0.exists():
+            plot_runs(seed0)
+        print(key)
+        print(tables[key])
+    for target_dir in sorted({p.parent for p in RESULTS.glob("*/*/*/seed*")}):
+        if len([p for p in target_dir.iterdir() if p.is_dir()]) > 1:
+            key = str(target_dir.relative_to(RESULTS))
+            tables[key] = variants_table(target_dir)
+            (target_dir / "table.md").write_text(tables[key] + "\n")
+            print(key)
+            print(tables[key])
+    if REPORT.exists():
+        text = REPORT.read_text()
+        for key, rendered in tables.items():
+            text = re.sub(rf"(<!-- table:{re.escape(key)} -->\n).*?(<!-- end -->)",
+                          lambda m: m.group(1) + rendered + "\n" + m.group(2), text, flags=re.S)
+        REPORT.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
