@@ -57,7 +57,7 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
     for strategy in params["train"]["strategies"]:
         assert json.loads((project / "runs" / strategy / "metrics.json").read_text())["steps"] == 4
     store = json.loads((project / "data/tokens/store.json").read_text())
-    assert store["documents"] == flat["kept"] and store["dtype"] == "uint16"
+    assert store["documents"] + store["heldout_documents"] == flat["kept"] and store["dtype"] == "uint16"
 
     status = dvc(["status"], project).stdout
     assert "up to date" in status.lower() or status.strip() == "", status
