@@ -40,16 +40,30 @@ def collect(variant_dir: Path) -> dict[str, list[dict]]:
     return by_method
 
 
+def paired(runs: list[dict], baseline: list[dict], key: str) -> str:
+    """Mean ± std over seeds of (method - baseline) within each seed. The seed also draws the evaluation batches,
+    so within-seed differences remove that source of variance."""
+    base = {m["seed"]: m[key] for m in baseline}
+    diffs = [m[key] - base[m["seed"]] for m in runs if m["seed"] in base]
+    if not diffs or runs is baseline:
+        return "–"
+    return f"{np.mean(diffs):+.3f}" + (f" ± {np.std(diffs, ddof=1):.3f}" if len(diffs) > 1 else "")
+
+
 def table(by_method: dict[str, list[dict]]) -> str:
-    lines = ["| method | seeds | final specialized loss | best specialized loss | final generic loss (held out) | "
-             "seconds per run |", "|---|---|---|---|---|---|"]
+    baseline = "uniform" if "uniform" in by_method else next(iter(by_method))
+    lines = [f"| method | seeds | final specialized loss | Δ spec vs {baseline} (paired) | best specialized loss | "
+             f"final generic loss (held out) | Δ generic vs {baseline} (paired) | seconds per run |",
+             "|---|---|---|---|---|---|---|---|"]
     best = min(np.mean([m["final_spec_loss"] for m in runs]) for runs in by_method.values())
     for method, runs in by_method.items():
         spec = mean_std([m["final_spec_loss"] for m in runs])
         if np.isclose(np.mean([m["final_spec_loss"] for m in runs]), best):
             spec = f"**{spec}**"
-        lines.append(f"| {method} | {len(runs)} | {spec} | {mean_std([m['best_spec_loss'] for m in runs])} | "
+        lines.append(f"| {method} | {len(runs)} | {spec} | {paired(runs, by_method[baseline], 'final_spec_loss')} | "
+                     f"{mean_std([m['best_spec_loss'] for m in runs])} | "
                      f"{mean_std([m['final_generic_loss'] for m in runs])} | "
+                     f"{paired(runs, by_method[baseline], 'final_generic_loss')} | "
                      f"{np.mean([m['seconds'] for m in runs]):.0f} |")
     return "\n".join(lines)
 
@@ -109,7 +123,7 @@ def main() -> None:
             plot_runs(seed0)
         print(key)
         print(tables[key])
-    for target_dir in sorted({p.parent for p in RESULTS.glob("*/*/*/seed*")}):
+    for target_dir in sorted({p.parent.parent for p in RESULTS.glob("*/*/*/seed*")}):
         if len([p for p in target_dir.iterdir() if p.is_dir()]) > 1:
             key = str(target_dir.relative_to(RESULTS))
             tables[key] = variants_table(target_dir)
