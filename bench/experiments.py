@@ -53,6 +53,14 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "levels": [16, 16], "train": {},
         "methods": [("natural", "natural", "all"), ("uniform", "uniform", "all"), ("importance", "importance", "all"),
                     ("dga_ema", "dga_ema", "all"), ("odm", "odm", "coarse")]},
+    "token_limited_long": {  # experiment 1 run 3x longer (1 seed): does importance sampling overfit later?
+        "levels": [16, 16], "train": {"token_cap": 4000, "steps": 1000, "eval_every": 100},
+        "methods": [("uniform", "uniform", "coarse"), ("importance", "importance", "all"),
+                    ("dga", "dga", "coarse"), ("dga_ema", "dga_ema", "coarse")]},
+    "distribution_eta": {  # experiment 2's DGA with larger step sizes: at 15 updates, eta 0.3 barely moves alpha
+        "levels": [16, 16], "train": {},
+        "methods": [("dga_ema", "dga_ema", "all")],
+        "variants": {"eta3": {"eta": 3.0}, "eta10": {"eta": 10.0}}},
     "ablation": {  # reviewers' ablations on the token-limited setting: beta, eta, T_r, estimators (variants)
         "levels": [16, 16], "train": {"token_cap": 4000},
         "methods": [("dga_ema", "dga_ema", "coarse")],
@@ -112,7 +120,7 @@ def prepare(levels: list[int], target: str, spec_docs: int | None) -> None:
 
 
 def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | None, variants: list[str] | None,
-                   steps: int | None) -> None:
+                   steps: int | None, methods: list[str] | None = None) -> None:
     spec = EXPERIMENTS[name]
     levels = spec["levels"]
     tdir = target_dir(levels, target, spec_docs)
@@ -124,6 +132,8 @@ def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | No
     for variant in variants or list(all_variants):
         for seed in seeds:
             for label, strategy, basis_set in spec["methods"]:
+                if methods and label not in methods:
+                    continue
                 out = (RESULTS / name / (target if spec_docs is None else f"{target}-{spec_docs}") / variant
                        / f"seed{seed}")
                 if (out / label / "metrics.json").exists():
@@ -184,6 +194,7 @@ def main() -> None:
     run.add_argument("--spec-docs", type=int, default=None)
     run.add_argument("--variants", nargs="+", default=None)
     run.add_argument("--steps", type=int, default=None)
+    run.add_argument("--methods", nargs="+", default=None, help="a subset of the experiment's methods")
     again = sub.add_parser("verify", help="re-run one recorded run and compare its metrics")
     again.add_argument("experiment", choices=sorted(EXPERIMENTS))
     again.add_argument("--target", default="medical_abstracts")
@@ -195,7 +206,8 @@ def main() -> None:
     elif args.command == "prepare":
         prepare(args.levels, args.target, args.spec_docs)
     else:
-        run_experiment(args.experiment, args.target, args.seeds, args.spec_docs, args.variants, args.steps)
+        run_experiment(args.experiment, args.target, args.seeds, args.spec_docs, args.variants, args.steps,
+                       args.methods)
 
 
 if __name__ == "__main__":

@@ -68,17 +68,30 @@ def table(by_method: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+# Experiments whose variants are compared, seed by seed, with another experiment's runs (same data, same seeds).
+PAIRED_WITH = {"distribution_eta": "distribution", "ablation": "token_limited"}
+
+
 def variants_table(target_dir: Path) -> str:
-    """One row per (variant, method) across the variants of an experiment (the ablations)."""
+    """One row per (variant, method) across the variants of an experiment (the ablations), with paired
+    differences against the reference experiment's uniform and importance runs when there is one."""
+    reference_dir = RESULTS / PAIRED_WITH.get(target_dir.parent.name, "") / target_dir.name / "default"
+    reference = collect(reference_dir) if reference_dir.is_dir() else {}
+    refs = [r for r in ("uniform", "importance") if r in reference]
     lines = ["| variant | method | seeds | final specialized loss | best specialized loss | final generic loss | "
-             "seconds per run |", "|---|---|---|---|---|---|---|"]
+             + "".join(f"Δ spec vs {r} | Δ generic vs {r} | " for r in refs) + "seconds per run |",
+             "|---|---|---|---|---|---|" + "---|---|" * len(refs) + "---|"]
     for variant_dir in sorted(p for p in target_dir.iterdir() if p.is_dir()):
         for method, runs in collect(variant_dir).items():
+            deltas = "".join(f"{paired(runs, reference[r], 'final_spec_loss')} | "
+                             f"{paired(runs, reference[r], 'final_generic_loss')} | " for r in refs)
             lines.append(f"| {variant_dir.name} | {method} | {len(runs)} | "
                          f"{mean_std([m['final_spec_loss'] for m in runs])} | "
                          f"{mean_std([m['best_spec_loss'] for m in runs])} | "
-                         f"{mean_std([m['final_generic_loss'] for m in runs])} | "
+                         f"{mean_std([m['final_generic_loss'] for m in runs])} | {deltas}"
                          f"{np.mean([m['seconds'] for m in runs]):.0f} |")
+    if refs:
+        lines.append(f"\nΔ: paired differences, seed by seed, against `{reference_dir.relative_to(RESULTS)}`.")
     return "\n".join(lines)
 
 
