@@ -143,6 +143,16 @@ def main() -> None:
             (target_dir / "table.md").write_text(tables[key] + "\n")
             print(key)
             print(tables[key])
+    reproduced = sorted(RESULTS.glob("*/reproduced.json"))
+    if reproduced:
+        rows = ["| run | recorded spec | re-run spec | recorded generic | re-run generic | identical (losses and weights) |",
+                "|---|---|---|---|---|---|"]
+        for path in reproduced:
+            r = json.loads(path.read_text())
+            rows.append(f"| {r['run']} | {r['recorded_final_spec_loss']!r} | {r['rerun_final_spec_loss']!r} | "
+                        f"{r['recorded_final_generic_loss']!r} | {r['rerun_final_generic_loss']!r} | "
+                        f"{'yes' if r['identical'] else 'NO'} |")
+        tables["reproduced"] = "\n".join(rows)
     if REPORT.exists():
         text = REPORT.read_text()
         for key, rendered in tables.items():
