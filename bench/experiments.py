@@ -61,6 +61,9 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "levels": [16, 16], "train": {},
         "methods": [("dga_ema", "dga_ema", "all")],
         "variants": {"eta3": {"eta": 3.0}, "eta10": {"eta": 10.0}}},
+    "few_examples": {  # Fig. 4b: spec subsets (run with --spec-docs N); DGA at the step size that moves it at 300 steps
+        "levels": [16, 16], "train": {"eta": 10.0},
+        "methods": [("importance", "importance", "all"), ("dga_ema", "dga_ema", "all")]},
     "ablation": {  # reviewers' ablations on the token-limited setting: beta, eta, T_r, estimators (variants)
         "levels": [16, 16], "train": {"token_cap": 4000},
         "methods": [("dga_ema", "dga_ema", "coarse")],
