@@ -6,9 +6,9 @@
     .venv/bin/python bench/experiments.py verify token_limited --seed 0 --method dga_ema   # re-run, compare
     .venv/bin/python bench/render_results.py                      # RESULTS.md tables + plots from the metrics
 
-`prepare` runs the project's own stages (cluster -> assign -> tokenize -> bases) on the embedded corpus into
-bench/work/exp/<levels>/ (clusters, token store with held-out generic documents) and .../<target>[-<spec-docs>]/
-(bases, the target's spec and eval stores). `run` trains the reference GPT (trainer/train.py) once per method and
+`prepare` runs the project's own stages (cluster -> assign -> tokenize -> bases) on the embedded corpus, into a
+folder per clustering under the git-ignored scratch folder (clusters, token store with held-out generic documents)
+and, inside it, a folder per target (bases, the target's spec and eval stores). `run` trains the reference GPT (trainer/train.py) once per method and
 seed and writes results/<experiment>/<target>/<variant>/seed<k>/<method>/{metrics.json,log.csv} (committed: the
 evidence). The methods never see meta.domain: the bases are importance, natural, uniform and coarse clusters only
 (no reference bases, which would be built from the ground-truth labels).

@@ -50,6 +50,13 @@ def test_token_store_round_trips_every_document_and_holds_some_out(tokenized):
     assert held == meta["heldout_documents"]
 
 
+def test_holdout_fraction_outside_0_1_is_a_clear_error(workspace):
+    params = load_params(workspace)
+    params["tokenize"]["holdout_fraction"] = 1.5
+    with pytest.raises(ParamError, match=r"tokenize.holdout_fraction = 1.5: expected 0 <= fraction < 1"):
+        tokens.run(params)
+
+
 def test_holdout_choice_is_a_seeded_fraction():
     ids = [f"doc-{i}" for i in range(20000)]
     out = tokens.held_out(ids, 0.1, seed=0)

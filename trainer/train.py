@@ -85,7 +85,8 @@ def build_strategy(name: str, stream: MixtureStream, target: TargetSampler, mode
                                eta=float(cfg.get("eta", 0.3)),
                                beta=1.0 if name == "dga" else float(cfg.get("beta", 0.1)),
                                every=int(cfg.get("every", 20)), batch_size=int(cfg.get("dga_batch_size", 8)),
-                               target_batch_size=cfg.get("dga_target_batch_size"),
+                               target_batch_size=(positive_int(cfg, "train", "dga_target_batch_size", 1)
+                                                  if cfg.get("dga_target_batch_size") is not None else None),
                                estimator=str(cfg.get("estimator", "exact")), module=model,
                                sequence_loss_fn=sequence_loss_fn)
         except ValueError as err:
