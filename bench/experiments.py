@@ -64,6 +64,13 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
     "few_examples": {  # Fig. 4b: spec subsets (run with --spec-docs N); DGA at the step size that moves it at 300 steps
         "levels": [16, 16], "train": {"eta": 10.0},
         "methods": [("importance", "importance", "all"), ("dga_ema", "dga_ema", "all")]},
+    "granularity": {  # Fig. 4a: the same comparison as the number of fine clusters grows (variants set the levels;
+        # every level uses the 16x16 run's tokenizer, so the losses are in the same units)
+        "levels": [16, 16], "train": {"eta": 10.0},
+        "methods": [("uniform", "uniform", "all"), ("importance", "importance", "all"),
+                    ("dga_ema", "dga_ema", "all")],
+        "variants": {"4x4": {"levels": [4, 4]}, "8x8": {"levels": [8, 8]}, "16x16": {"levels": [16, 16]},
+                     "32x32": {"levels": [32, 32]}}},
     "ablation": {  # reviewers' ablations on the token-limited setting: beta, eta, T_r, estimators (variants)
         "levels": [16, 16], "train": {"token_cap": 4000},
         "methods": [("dga_ema", "dga_ema", "coarse")],
@@ -94,8 +101,15 @@ def spec_prefix(target: str, n: int, out: Path) -> Path:
     return out
 
 
+# The clustering whose tokenizer every other clustering reuses: the BPE is trained on a sample of the assigned
+# shards, which are ordered by cluster, so a tokenizer per clustering would make losses incomparable across levels.
+TOKENIZER_LEVELS = [16, 16]
+
+
 def pipeline_params(levels: list[int], target: str, spec_docs: int | None) -> dict[str, Any]:
     base, tdir = levels_dir(levels), target_dir(levels, target, spec_docs)
+    shared_tokenizer = ({} if levels == TOKENIZER_LEVELS
+                        else {"tokenizer": str(levels_dir(TOKENIZER_LEVELS) / "tokens" / "tokenizer.json")})
     spec = (spec_prefix(target, spec_docs, tdir / "spec.jsonl.zst") if spec_docs
             else CORPUS / "targets" / target / "spec.jsonl.zst")
     return {
@@ -104,7 +118,7 @@ def pipeline_params(levels: list[int], target: str, spec_docs: int | None) -> di
         "assign": {"docs": str(GENERIC / "docs"), "embeddings": str(GENERIC / "embeddings"),
                    "clusters": str(base / "clusters"), "output": str(base / "domains")},
         "tokenize": {"domains": str(base / "domains"), "output": str(base / "tokens"), "vocab_size": 8192,
-                     "holdout_fraction": 0.02, "seed": 0},
+                     "holdout_fraction": 0.02, "seed": 0, **shared_tokenizer},
         "bases": {"target": [str(spec)], "eval": [str(CORPUS / "targets" / target / "eval.jsonl.zst")],
                   "families": ["importance", "natural", "uniform", "coarse"], "domains": str(base / "domains"),
                   "clusters": str(base / "clusters"), "tokens": str(base / "tokens"),
@@ -114,6 +128,8 @@ def pipeline_params(levels: list[int], target: str, spec_docs: int | None) -> di
 
 
 def prepare(levels: list[int], target: str, spec_docs: int | None) -> None:
+    if levels != TOKENIZER_LEVELS and not (levels_dir(TOKENIZER_LEVELS) / "tokens").exists():
+        prepare(TOKENIZER_LEVELS, target, None)
     params = pipeline_params(levels, target, spec_docs)
     base = levels_dir(levels)
     for stage, done in ((cluster, base / "clusters"), (assign, base / "domains"), (tokens, base / "tokens")):
@@ -122,17 +138,22 @@ def prepare(levels: list[int], target: str, spec_docs: int | None) -> None:
     bases.run(params)
 
 
+def variant_settings(spec: dict[str, Any], variant: str) -> tuple[list[int], dict[str, Any]]:
+    """A variant's clustering levels and its train settings (a variant may override the experiment's levels)."""
+    overrides = dict(spec.get("variants", {}).get(variant, {}))
+    return overrides.pop("levels", spec["levels"]), overrides
+
+
 def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | None, variants: list[str] | None,
                    steps: int | None, methods: list[str] | None = None) -> None:
     spec = EXPERIMENTS[name]
-    levels = spec["levels"]
-    tdir = target_dir(levels, target, spec_docs)
-    if not (tdir / "bases").exists():
-        prepare(levels, target, spec_docs)
-    names = __import__("json").loads((tdir / "bases" / "names.json").read_text())
-    coarse = [n for n in names if n.startswith("coarse:")]
-    all_variants = spec.get("variants", {"default": {}})
-    for variant in variants or list(all_variants):
+    for variant in variants or list(spec.get("variants", {"default": {}})):
+        levels, overrides = variant_settings(spec, variant)
+        tdir = target_dir(levels, target, spec_docs)
+        if not (tdir / "bases").exists():
+            prepare(levels, target, spec_docs)
+        names = __import__("json").loads((tdir / "bases" / "names.json").read_text())
+        coarse = [n for n in names if n.startswith("coarse:")]
         for seed in seeds:
             for label, strategy, basis_set in spec["methods"]:
                 if methods and label not in methods:
@@ -141,7 +162,7 @@ def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | No
                        / f"seed{seed}")
                 if (out / label / "metrics.json").exists():
                     continue
-                cfg = copy.deepcopy(TRAIN) | spec["train"] | all_variants[variant]
+                cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides
                 cfg.update(seed=seed, tokens=str(levels_dir(levels) / "tokens"), bases=str(tdir / "bases"),
                            output=str(out), basis_names=coarse if basis_set == "coarse" else None)
                 if steps:
@@ -166,10 +187,10 @@ def verify(name: str, target: str, seed: int, method: str, variant: str = "defau
     shutil.rmtree(scratch, ignore_errors=True)
     spec = EXPERIMENTS[name]
     strategy, basis_set = next((s, b) for label, s, b in spec["methods"] if label == method)
-    levels = spec["levels"]
+    levels, overrides = variant_settings(spec, variant)
     tdir = target_dir(levels, target, None)
     names = json.loads((tdir / "bases" / "names.json").read_text())
-    cfg = copy.deepcopy(TRAIN) | spec["train"] | spec.get("variants", {}).get(variant, {})
+    cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides
     cfg.update(seed=seed, tokens=str(levels_dir(levels) / "tokens"), bases=str(tdir / "bases"), output=str(scratch),
                basis_names=[n for n in names if n.startswith("coarse:")] if basis_set == "coarse" else None)
     again = train.run({"train": cfg}, strategy)
@@ -203,9 +224,10 @@ def main() -> None:
     again.add_argument("--target", default="medical_abstracts")
     again.add_argument("--seed", type=int, default=0)
     again.add_argument("--method", default="dga_ema")
+    again.add_argument("--variant", default="default")
     args = parser.parse_args()
     if args.command == "verify":
-        verify(args.experiment, args.target, args.seed, args.method)
+        verify(args.experiment, args.target, args.seed, args.method, args.variant)
     elif args.command == "prepare":
         prepare(args.levels, args.target, args.spec_docs)
     else:

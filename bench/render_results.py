@@ -95,6 +95,64 @@ def variants_table(target_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def clusters_of(variant: str) -> int:
+    """Number of fine clusters of a granularity variant named by its levels, e.g. '16x16' -> 256."""
+    return int(np.prod([int(k) for k in variant.split("x")]))
+
+
+def granularity_table(target_dir: Path) -> str:
+    """Fig. 4a as a table: one row per clustering, each method's losses, and DGA's paired differences."""
+    variants = sorted((p for p in target_dir.iterdir() if p.is_dir()), key=lambda p: clusters_of(p.name))
+    rows = {v.name: collect(v) for v in variants}
+    methods = [m for m in ("uniform", "importance", "dga_ema") if any(m in r for r in rows.values())]
+    lines = ["| fine clusters | " + "".join(f"{m} spec | " for m in methods)
+             + "Δ spec dga_ema − importance | Δ spec dga_ema − uniform | "
+             + "".join(f"{m} generic | " for m in methods) + "Δ generic dga_ema − importance | seeds |",
+             "|---|" + "---|" * (2 * len(methods) + 4)]
+    for variant, runs in rows.items():
+        spec = "".join(f"{mean_std([r['final_spec_loss'] for r in runs[m]]) if m in runs else '–'} | "
+                       for m in methods)
+        generic = "".join(f"{mean_std([r['final_generic_loss'] for r in runs[m]]) if m in runs else '–'} | "
+                          for m in methods)
+        dga = runs.get("dga_ema", [])
+        delta = (lambda ref, key: paired(dga, runs[ref], key) if dga and ref in runs else "–")
+        seeds = min((len(r) for r in runs.values()), default=0)
+        lines.append(f"| {clusters_of(variant)} ({variant}) | {spec}{delta('importance', 'final_spec_loss')} | "
+                     f"{delta('uniform', 'final_spec_loss')} | {generic}"
+                     f"{delta('importance', 'final_generic_loss')} | {seeds} |")
+    return "\n".join(lines)
+
+
+def granularity_plot(target_dir: Path) -> Path:
+    """Final specialized and generic loss against the number of fine clusters, mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted((p for p in target_dir.iterdir() if p.is_dir()), key=lambda p: clusters_of(p.name))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method in ("uniform", "importance", "dga_ema"):
+        for ax, key in zip(axes, ("final_spec_loss", "final_generic_loss")):
+            points = [(clusters_of(v.name), [r[key] for r in collect(v).get(method, [])]) for v in variants]
+            points = [(k, vals) for k, vals in points if vals]
+            if points:
+                ax.errorbar([k for k, _ in points], [np.mean(v) for _, v in points],
+                            yerr=[np.std(v, ddof=1) if len(v) > 1 else 0.0 for _, v in points],
+                            marker="o", capsize=3, label=method)
+    for ax, title in zip(axes, ("specialized eval loss", "held-out generic loss")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("fine clusters")
+        ax.set_ylabel(title)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{target_dir.relative_to(RESULTS)}: final losses by granularity (mean ± std over seeds)")
+    fig.tight_layout()
+    path = target_dir / "granularity.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def spec_curves(variant_dir: Path, methods: list[str]) -> Path:
     import matplotlib
 
@@ -139,7 +197,11 @@ def main() -> None:
     for target_dir in sorted({p.parent.parent for p in RESULTS.glob("*/*/*/seed*")}):
         if len([p for p in target_dir.iterdir() if p.is_dir()]) > 1:
             key = str(target_dir.relative_to(RESULTS))
-            tables[key] = variants_table(target_dir)
+            if target_dir.parent.name == "granularity":
+                tables[key] = granularity_table(target_dir)
+                granularity_plot(target_dir)
+            else:
+                tables[key] = variants_table(target_dir)
             (target_dir / "table.md").write_text(tables[key] + "\n")
             print(key)
             print(tables[key])
