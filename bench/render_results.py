@@ -115,7 +115,10 @@ def granularity_table(target_dir: Path) -> str:
         generic = "".join(f"{mean_std([r['final_generic_loss'] for r in runs[m]]) if m in runs else '–'} | "
                           for m in methods)
         dga = runs.get("dga_ema", [])
-        delta = (lambda ref, key: paired(dga, runs[ref], key) if dga and ref in runs else "–")
+
+        def delta(ref: str, key: str, dga: list[dict] = dga, runs: dict = runs) -> str:
+            return paired(dga, runs[ref], key) if dga and ref in runs else "–"
+
         seeds = min((len(r) for r in runs.values()), default=0)
         lines.append(f"| {clusters_of(variant)} ({variant}) | {spec}{delta('importance', 'final_spec_loss')} | "
                      f"{delta('uniform', 'final_spec_loss')} | {generic}"
