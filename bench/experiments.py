@@ -3,6 +3,7 @@
     .venv/bin/python bench/prepare_corpus.py                      # once: ingest + embed ../shared/corpus/generic
     .venv/bin/python bench/experiments.py prepare --target medical_abstracts [--levels 16 16] [--spec-docs N]
     .venv/bin/python bench/experiments.py run token_limited --target medical_abstracts --seeds 0 1 2
+    .venv/bin/python bench/experiments.py run granularity --seeds 0 1 2 [--variants 4x4 32x32]  # levels per variant
     .venv/bin/python bench/experiments.py verify token_limited --seed 0 --method dga_ema   # re-run, compare
     .venv/bin/python bench/render_results.py                      # RESULTS.md tables + plots from the metrics
 

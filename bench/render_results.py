@@ -198,7 +198,8 @@ def main() -> None:
         print(key)
         print(tables[key])
     for target_dir in sorted({p.parent.parent for p in RESULTS.glob("*/*/*/seed*")}):
-        if len([p for p in target_dir.iterdir() if p.is_dir()]) > 1:
+        # Several variants, or one variant to be paired with its reference experiment's runs.
+        if len([p for p in target_dir.iterdir() if p.is_dir()]) > 1 or target_dir.parent.name in PAIRED_WITH:
             key = str(target_dir.relative_to(RESULTS))
             if target_dir.parent.name == "granularity":
                 tables[key] = granularity_table(target_dir)
