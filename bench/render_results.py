@@ -115,14 +115,13 @@ def granularity_table(target_dir: Path) -> str:
         generic = "".join(f"{mean_std([r['final_generic_loss'] for r in runs[m]]) if m in runs else '–'} | "
                           for m in methods)
         dga = runs.get("dga_ema", [])
-
-        def delta(ref: str, key: str, dga: list[dict] = dga, runs: dict = runs) -> str:
-            return paired(dga, runs[ref], key) if dga and ref in runs else "–"
-
+        spec_vs_is, spec_vs_uniform, generic_vs_is = (
+            paired(dga, runs[ref], key) if dga and ref in runs else "–"
+            for ref, key in (("importance", "final_spec_loss"), ("uniform", "final_spec_loss"),
+                             ("importance", "final_generic_loss")))
         seeds = min((len(r) for r in runs.values()), default=0)
-        lines.append(f"| {clusters_of(variant)} ({variant}) | {spec}{delta('importance', 'final_spec_loss')} | "
-                     f"{delta('uniform', 'final_spec_loss')} | {generic}"
-                     f"{delta('importance', 'final_generic_loss')} | {seeds} |")
+        lines.append(f"| {clusters_of(variant)} ({variant}) | {spec}{spec_vs_is} | {spec_vs_uniform} | {generic}"
+                     f"{generic_vs_is} | {seeds} |")
     return "\n".join(lines)
 
 
@@ -134,10 +133,11 @@ def granularity_plot(target_dir: Path) -> Path:
     import matplotlib.pyplot as plt
 
     variants = sorted((p for p in target_dir.iterdir() if p.is_dir()), key=lambda p: clusters_of(p.name))
+    runs = [(clusters_of(v.name), collect(v)) for v in variants]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for method in ("uniform", "importance", "dga_ema"):
         for ax, key in zip(axes, ("final_spec_loss", "final_generic_loss")):
-            points = [(clusters_of(v.name), [r[key] for r in collect(v).get(method, [])]) for v in variants]
+            points = [(k, [r[key] for r in by_method.get(method, [])]) for k, by_method in runs]
             points = [(k, vals) for k, vals in points if vals]
             if points:
                 ax.errorbar([k for k, _ in points], [np.mean(v) for _, v in points],
