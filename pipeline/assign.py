@@ -7,16 +7,17 @@ row groups that hold it, so reading one cluster touches only that cluster's data
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from .atomic import atomic_path, write_parquet
 from .cluster import load_model
+from .engine import Engine
 from .embed import docs_shards, load_embeddings
 from .kmeans import HierarchicalKMeans, resolve_backend
 from .params import ParamError, require, section
@@ -59,6 +60,13 @@ def write_grouped(table: pa.Table, path: Path) -> list[dict[str, Any]]:
     return groups
 
 
+def assign_file(model: HierarchicalKMeans, task: tuple[str, str, str]) -> list[dict[str, Any]]:
+    """The per-shard step of either engine: docs shard + its embeddings -> the cluster-grouped domains shard."""
+    docs, embeddings, out = task
+    table = assign_shard(pq.read_table(docs), np.load(embeddings, mmap_mode="r"), model)
+    return write_grouped(table, Path(out))
+
+
 def build_manifest(locations: list[tuple[str, dict[str, Any]]], n_clusters: int, levels: list[int]) -> pa.Table:
     """One row per fine cluster: ancestors, docs, chars, and the (file, row_group) pairs that hold it."""
     files: list[list[str]] = [[] for _ in range(n_clusters)]
@@ -80,10 +88,13 @@ def build_manifest(locations: list[tuple[str, dict[str, Any]]], n_clusters: int,
     return pa.table(columns)
 
 
-def iter_clusters(domains_dir: str | Path, columns: list[str] | None = None):
-    """Yield (cluster id, table) for every fine cluster in id order, empty ones included; one cluster in memory."""
+def iter_clusters(domains_dir: str | Path, columns: list[str] | None = None, clusters: range | None = None):
+    """Yield (cluster id, table) for every fine cluster (or those in `clusters`) in id order, empty ones included;
+    one cluster in memory."""
     domains_dir = Path(domains_dir)
     manifest = pq.read_table(domains_dir / MANIFEST, columns=["cluster", "files", "row_groups"]).to_pylist()
+    if clusters is not None:
+        manifest = manifest[clusters.start : clusters.stop]
     files: dict[str, pq.ParquetFile] = {}
     empty = None
     for row in manifest:
@@ -141,16 +152,15 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         raise ParamError(f"assign.embeddings have dimension {arrays[0].shape[1]} but the centroids in "
                          f"{clusters_dir} have {dim}: embed and cluster with the same model")
     shards = docs_shards(docs_dir, "assign.docs")
-    locations: list[tuple[str, dict[str, Any]]] = []
+    engine = Engine.for_stage(params, "assign")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        total = sum(len(a) for a in arrays)
-        with tqdm(total=total, desc="assign", unit="doc") as bar:
-            for shard, embeddings in zip(shards, arrays):
-                table = assign_shard(pq.read_table(shard), embeddings, model)
-                name = shard.name
-                locations += [(name, g) for g in write_grouped(table, tmp / name)]
-                bar.update(len(embeddings))
+        # Absolute paths: a Ray worker's working directory is not ours.
+        tasks = [(str(shard.resolve()), str((emb_dir / f"{shard.stem}.npy").resolve()), str((tmp / shard.name).resolve()))
+                 for shard in shards]
+        groups = engine.map(partial(assign_file, model), tasks, "assign", weights=[len(a) for a in arrays],
+                            unit="doc")
+        locations = [(shard.name, g) for shard, shard_groups in zip(shards, groups) for g in shard_groups]
         manifest = build_manifest(locations, model.n_clusters, model.levels)
         write_parquet(manifest, tmp / MANIFEST)
     docs = manifest.column("docs").to_numpy()

@@ -28,7 +28,7 @@ import pyarrow as pa
 from .assign import MANIFEST
 from .atomic import atomic_path, write_json, write_parquet
 from .cluster import load_model
-from .embed import embed_texts, load_encoder
+from .embed import embed_texts, encoder_of
 from .ingest import expand_inputs
 from .params import InputError, ParamError, require, section
 from .readers import Reject, iter_records
@@ -120,12 +120,12 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     eval_inputs = require(cfg, "bases", "eval", (list, str), [])
     eval_inputs = [eval_inputs] if isinstance(eval_inputs, str) else eval_inputs
     texts, rejects, read = read_target(target, text_field)
-    # The target must be embedded exactly as the corpus was: same model, same max_tokens.
+    # The target must be embedded exactly as the corpus was: same model, same max_tokens, same backend.
     sidecars = sorted(emb_dir.glob("part-*.json"))
     if not sidecars:
         raise ParamError(f"bases.embeddings = '{emb_dir}' holds no embedding shards (run embed first)")
     embed_meta = json.loads(sidecars[0].read_text())
-    encoder = load_encoder(embed_meta["model"], require(cfg, "bases", "device", str, "auto"), embed_meta["max_tokens"])
+    encoder = encoder_of(emb_dir, embed_meta, require(cfg, "bases", "device", str, "auto"))
     model = load_model(clusters_dir, "bases.clusters")
     target_ids, target_sims = model.predict(embed_texts(encoder, texts, embed_meta["max_tokens"]))
     target_clusters = target_ids[:, -1]

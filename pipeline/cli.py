@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from .engine import StageFailed
 from .params import InputError, ParamError, load_params
 
 STAGES = {
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             params = load_params(args.params)
             stage = importlib.import_module(f"pipeline.{MODULES.get(args.stage, args.stage)}")
             result = stage.run(params)
-    except (ParamError, InputError, FileNotFoundError) as err:
+    except (ParamError, InputError, FileNotFoundError, StageFailed) as err:
         print(f"dgamix {args.stage}: error: {err}", file=sys.stderr)
         return 2
     summary = {k: v for k, v in result.items() if k != "per_file"}

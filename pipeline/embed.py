@@ -1,22 +1,28 @@
 """Stage 2, embed: every docs shard -> a float16 embedding matrix (.npy, memory-mappable), row-aligned with it.
 
 Resumable per shard: a shard whose .npy and sidecar .json exist and match the docs shard (rows, fingerprint of
-its doc ids, model, max_tokens) is skipped, so a killed run re-run ends with the same bytes as an uninterrupted one.
+its doc ids, model, max_tokens, backend) is skipped, so a killed run re-run ends with the same bytes as an
+uninterrupted one. Shards are independent: the engine (local or Ray, see engine.py) runs `EmbedShards` on each,
+one encoder per worker. `backend` picks the encoder (encoders.py); `verify` checks a faster backend against the
+fp32 torch reference on a sample of the corpus before embedding anything with it (fidelity.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from .atomic import remove_stale_tmp, write_json, write_npy
-from .params import InputError, ParamError, positive_int, require, section
+from .engine import Engine, StageFailed
+from .fidelity import MIN_CLUSTER_AGREEMENT, MIN_MEAN_COSINE
+from .params import InputError, ParamError, non_negative_int, positive_int, require, section
+from .sampling import sample_texts
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,7 @@ _PACKAGED_NAMES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
 # from tokenizing the tail of long documents. WordPiece tokens of English text average about 4 characters.
 CHARS_PER_TOKEN_BOUND = 32
 ENCODE_CHUNK = 256  # docs per encode call: the progress bar moves every chunk
+ENCODER_DIR = "encoder"  # under embed.output: exported faster encoders, shared by every worker
 
 
 def resolve_model(name: str) -> str:
@@ -145,7 +152,92 @@ def shard_is_done(npy: Path, expected: dict[str, Any]) -> bool:
     return all(recorded.get(key) == value for key, value in expected.items())
 
 
+class EmbedShards:
+    """The per-shard step, as a callable that holds one encoder: docs shard -> .npy + sidecar, written atomically.
+
+    Built once per worker (one model per Ray actor) from a picklable spec; the same code runs on every engine.
+    """
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+        self.encoder = build_encoder(spec)
+        self.on_progress: Callable[[int], None] | None = None  # set by the local engine for a finer progress bar
+
+    def __call__(self, task: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
+        shard, npy, expected = task
+        texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()
+        vectors = embed_texts(self.encoder, texts, self.spec["max_tokens"], self.spec["batch_size"], self.on_progress)
+        # Drop the old sidecar first: new vectors must never sit beside metadata describing old ones.
+        sidecar_for(Path(npy)).unlink(missing_ok=True)
+        write_npy(vectors, npy)
+        precision = getattr(self.encoder, "precision", None) or str(getattr(self.encoder, "dtype", "float32"))
+        write_json({**expected, "dim": int(vectors.shape[1]), "precision": precision}, sidecar_for(Path(npy)))
+        # The sidecar, written last, marks the shard complete.
+        return {"shard": shard, "rows": len(texts)}
+
+
+def build_encoder(spec: dict[str, Any]) -> Any:
+    """The encoder a spec names: torch (sentence-transformers) or an OpenVINO export already in spec['cache']."""
+    from .encoders import OpenVINOEncoder
+
+    torch_device = "cpu" if spec["backend"] != "torch" else spec["device"]
+    st_model = load_encoder(spec["model"], torch_device, spec["max_tokens"])
+    if spec["backend"] == "torch":
+        return st_model
+    return OpenVINOEncoder(st_model, Path(spec["cache"]) / spec["backend"] / "model.xml", spec["backend"])
+
+
+def encoder_of(emb_dir: Path, sidecar: dict[str, Any], device: str = "auto") -> Any:
+    """The encoder that wrote a set of embeddings (from a shard's sidecar), to embed more text the same way."""
+    backend = sidecar.get("backend", "torch")  # sidecars written before backends existed are torch
+    spec = {"model": sidecar["model"], "backend": backend, "device": device, "max_tokens": sidecar["max_tokens"],
+            "cache": str(Path(emb_dir) / ENCODER_DIR)}
+    if backend != "torch" and not (Path(spec["cache"]) / backend / "model.xml").exists():
+        raise InputError(f"{emb_dir} was embedded with backend {backend} but its export "
+                         f"{Path(spec['cache']) / backend} is missing; re-run embed")
+    return build_encoder(spec)
+
+
+def prepare_encoder(spec: dict[str, Any], shards: list[Path], calibration_docs: int, seed: int) -> None:
+    """Export the faster backend once, in the driver, before any worker needs it (no-op for torch)."""
+    if spec["backend"] == "torch":
+        return
+    from .encoders import openvino_encoder
+
+    calibration = (sample_texts(shards, calibration_docs, seed, spec["max_tokens"] * CHARS_PER_TOKEN_BOUND)
+                   if spec["backend"] == "openvino-int8" else None)
+    st_model = load_encoder(spec["model"], "cpu", spec["max_tokens"])
+    openvino_encoder(st_model, spec["model"], spec["backend"], Path(spec["cache"]), calibration)
+
+
+def verify_backend(spec: dict[str, Any], shards: list[Path], docs: int, levels: list[int], seed: int,
+                   thresholds: dict[str, float]) -> dict[str, Any]:
+    """Embed a seeded sample with the backend and with torch fp32; refuse the backend if it is not faithful."""
+    from .fidelity import fidelity_report
+
+    texts = sample_texts(shards, docs, seed, spec["max_tokens"] * CHARS_PER_TOKEN_BOUND)
+    reference = embed_texts(load_encoder(spec["model"], "cpu", spec["max_tokens"]), texts, spec["max_tokens"],
+                            spec["batch_size"])
+    candidate = embed_texts(build_encoder(spec), texts, spec["max_tokens"], spec["batch_size"])
+    if int(np.prod(levels)) > len(texts):
+        raise ParamError(f"embed.verify_levels = {levels}: {int(np.prod(levels))} clusters but the corpus gave a "
+                         f"sample of only {len(texts)} documents (expected fewer clusters than documents)")
+    report = {"backend": spec["backend"], **fidelity_report(reference, candidate, levels, seed, **thresholds)}
+    write_json(report, Path(spec["cache"]) / spec["backend"] / "fidelity.json")
+    if not report["passed"]:
+        raise ParamError(
+            f"embed.backend = '{spec['backend']}' fails the fidelity check on {report['docs']} documents: mean cosine "
+            f"{report['mean_cosine']:.4f} (expected >= {report['min_mean_cosine']}), fine-cluster agreement "
+            f"{report['cluster_agreement']:.3f} at {levels} (expected >= {report['min_cluster_agreement']}); "
+            "use backend torch or openvino, or set embed.verify to false to accept it anyway")
+    log.info("embed: %s passes the fidelity check (mean cosine %.4f, cluster agreement %.3f)", spec["backend"],
+             report["mean_cosine"], report["cluster_agreement"])
+    return report
+
+
 def run(params: dict[str, Any]) -> dict[str, Any]:
+    from .encoders import check_backend
+
     cfg = section(params, "embed")
     docs_dir = Path(require(cfg, "embed", "docs", str, "data/docs"))
     out_dir = Path(require(cfg, "embed", "output", str, "data/embeddings"))
@@ -153,6 +245,22 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     max_tokens = positive_int(cfg, "embed", "max_tokens", 128)
     batch_size = positive_int(cfg, "embed", "batch_size", 64)
     device = require(cfg, "embed", "device", str, "auto")
+    backend = require(cfg, "embed", "backend", str, "torch")
+    verify = require(cfg, "embed", "verify", bool, False)
+    verify_docs = positive_int(cfg, "embed", "verify_docs", 2000)
+    verify_levels = require(cfg, "embed", "verify_levels", list, [8, 8])
+    if not verify_levels or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in verify_levels):
+        raise ParamError(f"embed.verify_levels = {verify_levels}: expected a list of positive integers, e.g. [8, 8]")
+    if int(np.prod(verify_levels)) > verify_docs:
+        raise ParamError(f"embed.verify_levels = {verify_levels} ask for more clusters than embed.verify_docs = "
+                         f"{verify_docs} documents")
+    thresholds = {"min_cosine": float(require(cfg, "embed", "verify_min_cosine", (int, float), MIN_MEAN_COSINE)),
+                  "min_agreement": float(require(cfg, "embed", "verify_min_agreement", (int, float),
+                                                 MIN_CLUSTER_AGREEMENT))}
+    calibration_docs = positive_int(cfg, "embed", "calibration_docs", 512)
+    seed = non_negative_int(cfg, "embed", "seed", 0)
+    check_backend(backend, device)
+    engine = Engine.for_stage(params, "embed")
 
     shards = docs_shards(docs_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -166,25 +274,37 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     for shard in shards:
         doc_ids = pq.read_table(shard, columns=["doc_id"]).column("doc_id").to_pylist()
         expected = {"rows": len(doc_ids), "docs_fingerprint": docs_fingerprint(doc_ids), "model": model,
-                    "max_tokens": max_tokens}
-        plan.append((shard, out_dir / f"{shard.stem}.npy", expected))
-    todo = [p for p in plan if not shard_is_done(p[1], p[2])]
+                    "max_tokens": max_tokens, "backend": backend}
+        # Absolute paths: a Ray worker's working directory is not ours.
+        plan.append((str(shard.resolve()), str((out_dir / f"{shard.stem}.npy").resolve()), expected))
+    todo = [p for p in plan if not shard_is_done(Path(p[1]), p[2])]
     skipped = len(plan) - len(todo)
     if skipped:
         log.info("embed: %d of %d shards already done, skipped", skipped, len(plan))
-    if todo:
-        encoder = load_encoder(model, device, max_tokens)
-        total = sum(p[2]["rows"] for p in todo)
-        with tqdm(total=total, desc="embed", unit="doc", smoothing=0.1) as bar:
-            for shard, npy, expected in todo:
-                texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()
-                vectors = embed_texts(encoder, texts, max_tokens, batch_size, bar.update)
-                # Drop the old sidecar first: new vectors must never sit beside metadata describing old ones.
-                sidecar_for(npy).unlink(missing_ok=True)
-                write_npy(vectors, npy)
-                write_json({**expected, "dim": int(vectors.shape[1])}, sidecar_for(npy))
-                # The sidecar, written last, marks the shard complete.
-    return {"shards": len(plan), "embedded": len(todo), "skipped": skipped}
+    spec = {"model": model, "backend": backend, "device": device, "max_tokens": max_tokens,
+            "batch_size": batch_size, "cache": str((out_dir / ENCODER_DIR).resolve())}
+    report = None
+    if todo or verify:
+        prepare_encoder(spec, shards, calibration_docs, seed)
+        if verify and backend != "torch":
+            report = verify_backend(spec, shards, verify_docs, verify_levels, seed, thresholds)
+    # One GPU per actor when the engine's machines have GPUs and the device allows it (the actor then resolves
+    # `auto` to CUDA and embeds in fp16, as the local engine does).
+    wants_gpu = bool(todo) and backend == "torch" and device != "cpu" and engine.kind == "ray" and engine.gpus() > 0
+    if engine.kind == "local":
+        resolve_device(device)  # a CUDA device that is not there is an error before any work
+    num_gpus = 1 if wants_gpu else 0
+    try:
+        engine.map_with_state(partial(EmbedShards, spec), todo, "embed", weights=[p[2]["rows"] for p in todo],
+                              unit="doc", num_gpus=num_gpus)
+    except StageFailed:
+        remove_stale_tmp(out_dir)  # what a killed worker was writing; its finished shards stay
+        raise
+    summary: dict[str, Any] = {"shards": len(plan), "embedded": len(todo), "skipped": skipped, "backend": backend,
+                               "engine": engine.kind}
+    if report:
+        summary["fidelity"] = {k: report[k] for k in ("docs", "mean_cosine", "cluster_agreement", "passed")}
+    return summary
 
 
 def load_embeddings(emb_dir: Path, docs_dir: Path, param: str = "embeddings") -> list[np.ndarray]:

@@ -1,8 +1,9 @@
 """Stage 1, ingest: RedPajama-layout files -> normalized Parquet shards (doc_id, text, source, n_chars).
 
-`ingest_file` is the pure per-shard step (one input file -> its valid, within-file-unique documents and its
-rejects). Exact duplicates across files are dropped by the driver in input order, so the result does not depend
-on how files were processed in parallel. Counts always add up: read = kept + rejected + duplicates.
+`ingest_file` is the pure per-file step (one input file -> its valid, within-file-unique documents and its
+rejects); `StageFile` runs it on either engine (engine.py) and stages the documents. Exact duplicates across files
+are dropped by the driver in input order, so the result does not depend on where or in which order files were
+processed. Counts always add up: read = kept + rejected + duplicates.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from typing import Any, Callable, Iterable
 
 import fsspec
 import pyarrow as pa
-from tqdm.auto import tqdm
+import pyarrow.parquet as pq
 
 from .atomic import atomic_path, write_json, write_parquet
+from .engine import Engine
 from .params import InputError, ParamError, require, section
 from .readers import Record, Reject, is_supported, iter_records
 
@@ -35,6 +37,7 @@ DOCS_SCHEMA = pa.schema(
 REJECTS_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
 UNKNOWN_SOURCE = "unknown"
 PROGRESS_EVERY = 1000
+SHARD_ROWS = 10_000  # Parquet row group size of the docs shards
 
 
 def content_hash(text: str) -> str:
@@ -83,21 +86,46 @@ def ingest_file(
     return result
 
 
-def drop_seen(result: FileResult, seen: set[str]) -> pa.Table:
-    """Drop documents already kept from earlier files (updating `seen`) and return the shard table."""
-    keep = [i for i, doc_id in enumerate(result.doc_ids) if doc_id not in seen]
-    result.duplicates += len(result.doc_ids) - len(keep)
-    seen.update(result.doc_ids[i] for i in keep)
-    texts = [result.texts[i] for i in keep]
-    return pa.table(
-        {
-            "doc_id": [result.doc_ids[i] for i in keep],
-            "text": texts,
-            "source": [result.sources[i] for i in keep],
-            "n_chars": [len(t) for t in texts],
-        },
-        schema=DOCS_SCHEMA,
-    )
+def docs_table(doc_ids: list[str], texts: list[str], sources: list[str]) -> pa.Table:
+    return pa.table({"doc_id": doc_ids, "text": texts, "source": sources, "n_chars": [len(t) for t in texts]},
+                    schema=DOCS_SCHEMA)
+
+
+class StageFile:
+    """The per-file step of either engine: one input file -> a staged shard of its within-file-unique documents.
+
+    Returns what the driver needs to drop duplicates across files in input order: the counts, the rejects and the
+    doc ids (not the texts, which stay in the staged file).
+    """
+
+    def __init__(self, text_field: str, source_field: str | None, strict: bool):
+        self.text_field, self.source_field, self.strict = text_field, source_field, strict
+        self.on_progress: Callable[[int], None] | None = None  # set by the local engine for a finer progress bar
+
+    def __call__(self, task: tuple[str, str, str]) -> dict[str, Any]:
+        name, url, staged = task  # name: how reports call the file; url: where this worker reads it
+        result = ingest_file(url, self.text_field, self.source_field, self.strict, self.on_progress)
+        result.rejects = [Reject(name, r.line, r.reason) for r in result.rejects]
+        if result.doc_ids:
+            write_parquet(docs_table(result.doc_ids, result.texts, result.sources), staged, row_group_size=SHARD_ROWS)
+        return {"read": result.read, "duplicates": result.duplicates, "rejects": result.rejects,
+                "doc_ids": result.doc_ids}
+
+
+def commit_staged(staged: Path, doc_ids: list[str], seen: set[str], shard_path: Path) -> int:
+    """Drop documents kept from earlier files (updating `seen`), move what is left into place; return its rows."""
+    keep = [doc_id not in seen for doc_id in doc_ids]
+    seen.update(doc_id for doc_id, k in zip(doc_ids, keep) if k)
+    kept = sum(keep)
+    if kept == len(doc_ids):
+        if kept:
+            os.replace(staged, shard_path)
+        return kept
+    if kept:
+        table = pq.read_table(staged).filter(pa.array(keep))
+        write_parquet(table, shard_path, row_group_size=SHARD_ROWS)
+    staged.unlink()
+    return kept
 
 
 def expand_inputs(patterns: Iterable[str], param: str = "ingest.inputs") -> list[str]:
@@ -140,33 +168,31 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     metrics_path = Path(require(cfg, "ingest", "metrics", str, "metrics/ingest.json"))
 
     files = expand_inputs(inputs)
+    engine = Engine.for_stage(params, "ingest")
     seen: set[str] = set()
     totals = Counter()
     reasons = Counter()
     rejects: list[Reject] = []
     per_file = []
     with atomic_path(out_dir) as tmp_dir:
-        tmp_dir.mkdir(parents=True)
+        staging = tmp_dir / "staged"
+        staging.mkdir(parents=True)
+        # Absolute paths: a Ray worker's working directory is not ours.
+        tasks = [(url, _readable_anywhere(url), str((staging / f"{i:06d}.parquet").resolve()))
+                 for i, url in enumerate(files)]
+        results = engine.map(StageFile(text_field, source_field, strict), tasks, f"ingest ({len(files)} files)",
+                             unit="doc")
         shard = 0
-        bar = tqdm(desc=f"ingest ({len(files)} files)", unit="doc")
-        for url in files:
-            result = ingest_file(url, text_field, source_field, strict, bar.update)
-            table = drop_seen(result, seen)
-            if table.num_rows:
-                write_parquet(table, tmp_dir / f"part-{shard:05d}.parquet", row_group_size=10_000)
-                shard += 1
-            counts = {
-                "read": result.read,
-                "kept": table.num_rows,
-                "rejected": len(result.rejects),
-                "duplicates": result.duplicates,
-            }
+        for (url, _, staged), result in zip(tasks, results):  # input order: the first copy of a document wins
+            kept = commit_staged(Path(staged), result["doc_ids"], seen, tmp_dir / f"part-{shard:05d}.parquet")
+            shard += kept > 0
+            counts = {"read": result["read"], "kept": kept, "rejected": len(result["rejects"]),
+                      "duplicates": result["duplicates"] + len(result["doc_ids"]) - kept}
             per_file.append({"file": url, **counts})
             totals.update(counts)
-            reasons.update(_reason_kind(r.reason) for r in result.rejects)
-            rejects.extend(result.rejects)
-            bar.set_postfix(kept=totals["kept"], rejected=totals["rejected"], dup=totals["duplicates"])
-        bar.close()
+            reasons.update(_reason_kind(r.reason) for r in result["rejects"])
+            rejects.extend(result["rejects"])
+        staging.rmdir()
         write_parquet(_rejects_table(rejects), rejects_path)
         metrics = {
             "files": len(files),
@@ -193,6 +219,11 @@ def _local_name(path: str) -> str:
     # where the project was cloned.
     relative = os.path.relpath(path)
     return path if relative.startswith("..") else relative
+
+
+def _readable_anywhere(url: str) -> str:
+    """An absolute path for a local file (a worker's working directory is not ours); URLs are left alone."""
+    return url if "://" in url else os.path.abspath(url)
 
 
 def _reason_kind(reason: str) -> str:

@@ -24,10 +24,10 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow.parquet as pq
-from tqdm.auto import tqdm
 
 from .assign import MANIFEST, iter_clusters
 from .atomic import atomic_path, write_json, write_npy
+from .engine import Engine
 from .sampling import sample_texts
 from .params import ParamError, non_negative_int, positive_int, require, section
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 TRAIN_CHARS_PER_DOC = 4000  # characters of each sampled document the BPE trainer sees
+TASK_DOCS = 20_000  # documents per tokenize task (a range of whole clusters)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Any:
@@ -129,6 +130,72 @@ def held_out(doc_ids: list[str], fraction: float, seed: int) -> np.ndarray:
     return draws.astype(np.float64) / 2.0**64 < fraction
 
 
+class TokenizeClusters:
+    """The per-task step of either engine: a range of clusters -> their tokens, held-out documents apart, staged.
+
+    Holds the tokenizer as its JSON text so that it travels to Ray workers as is.
+    """
+
+    def __init__(self, tokenizer_json: str, eos: int, dtype: str, holdout: float, seed: int, domains_dir: str):
+        self.tokenizer_json, self.eos, self.dtype = tokenizer_json, eos, np.dtype(dtype)
+        self.holdout, self.seed, self.domains_dir = holdout, seed, domains_dir
+        self._tokenizer = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokenizer": None}  # the Rust tokenizer is rebuilt from its JSON where it runs
+
+    def __call__(self, task: tuple[range, str, list[int]]) -> dict[str, Any]:
+        from tokenizers import Tokenizer
+
+        clusters, staged, expected_docs = task
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
+        kept, train, held = [], [], []
+        for (cluster, table), expected in zip(iter_clusters(self.domains_dir, ["doc_id", "text"], clusters),
+                                              expected_docs):
+            if table.num_rows != expected:
+                raise ParamError(f"tokenize.domains: cluster {cluster} has {table.num_rows} documents but the "
+                                 f"manifest says {expected}; re-run assign")
+            out = held_out(table.column("doc_id").to_pylist(), self.holdout, self.seed)
+            texts = table.column("text").to_pylist()
+            kept.append(int((~out).sum()))
+            train.append(tokenize_texts(self._tokenizer, [t for t, o in zip(texts, out) if not o], self.eos, self.dtype))
+            if out.any():
+                held.append(tokenize_texts(self._tokenizer, [t for t, o in zip(texts, out) if o], self.eos, self.dtype))
+        arrays = {"train_tokens": _concat([t for t, _ in train], self.dtype),
+                  "train_lengths": _concat([n for _, n in train], np.int64),
+                  "heldout_tokens": _concat([t for t, _ in held], self.dtype),
+                  "heldout_lengths": _concat([n for _, n in held], np.int64)}
+        with atomic_path(staged) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+        return {"kept": np.array(kept, dtype=np.int64), "heldout": len(arrays["heldout_lengths"])}
+
+
+def cluster_ranges(docs_per_cluster: np.ndarray, task_docs: int) -> list[range]:
+    """Contiguous ranges of cluster ids holding about `task_docs` documents each (at least one cluster each)."""
+    ranges, start, count = [], 0, 0
+    for cluster, docs in enumerate(docs_per_cluster):
+        count += int(docs)
+        if count >= task_docs:
+            ranges.append(range(start, cluster + 1))
+            start, count = cluster + 1, 0
+    if start < len(docs_per_cluster) or not ranges:
+        ranges.append(range(start, len(docs_per_cluster)))
+    return ranges
+
+
+def staged_chunks(tasks: list[tuple[range, str, list[int]]], kind: str) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """The staged (tokens, lengths) of `kind` (train or heldout), task by task in cluster order, one in memory."""
+    for _, path, _ in tasks:
+        with np.load(path) as part:
+            yield part[f"{kind}_tokens"], part[f"{kind}_lengths"]
+
+
+def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
+
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "tokenize")
     domains_dir = Path(require(cfg, "tokenize", "domains", str, "data/domains"))
@@ -158,36 +225,30 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     dtype = token_dtype(vocab)
 
     manifest = pq.read_table(domains_dir / MANIFEST, columns=["docs"]).column("docs").to_numpy()
-    # Held-out documents are decided first (doc_ids only) because the store's index needs the kept counts upfront.
-    kept = manifest.copy()
-    for cluster, table in iter_clusters(domains_dir, ["doc_id"]):
-        if table.num_rows != manifest[cluster]:
-            raise ParamError(f"tokenize.domains: cluster {cluster} has {table.num_rows} documents but the "
-                             f"manifest says {manifest[cluster]}; re-run assign")
-        kept[cluster] -= int(held_out(table.column("doc_id").to_pylist(), holdout, seed).sum())
-    heldout_chunks: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def chunks():
-        with tqdm(total=int(manifest.sum()), desc="tokenize", unit="doc") as bar:
-            for _, table in iter_clusters(domains_dir, ["doc_id", "text"]):
-                out = held_out(table.column("doc_id").to_pylist(), holdout, seed)
-                texts = table.column("text").to_pylist()
-                if out.any():
-                    heldout_chunks.append(tokenize_texts(tokenizer, [t for t, o in zip(texts, out) if o], eos, dtype))
-                yield tokenize_texts(tokenizer, [t for t, o in zip(texts, out) if not o], eos, dtype)
-                bar.update(table.num_rows)
-
+    engine = Engine.for_stage(params, "tokenize")
+    step = TokenizeClusters(tokenizer.to_str(), eos, dtype.name, holdout, seed, str(domains_dir.resolve()))
     meta = {"vocab_size": int(vocab), "eos_id": eos}
     with atomic_path(out_dir) as tmp:
-        tmp.mkdir(parents=True)
-        summary = write_token_store(tmp, chunks(), kept, meta)
+        staging = tmp / "staged"
+        staging.mkdir(parents=True)
+        ranges = cluster_ranges(manifest, TASK_DOCS)
+        # Absolute paths: a Ray worker's working directory is not ours.
+        tasks = [(r, str((staging / f"{i:06d}.npz").resolve()), [int(d) for d in manifest[r.start : r.stop]])
+                 for i, r in enumerate(ranges)]
+        parts = engine.map(step, tasks, "tokenize", weights=[int(manifest[r.start:r.stop].sum()) for r in ranges],
+                           unit="doc")
+        kept = np.concatenate([p["kept"] for p in parts])
+        summary = write_token_store(tmp, staged_chunks(tasks, "train"), kept, meta)
         tokenizer.save(str(tmp / "tokenizer.json"))
-        if heldout_chunks:
+        held = sum(int(p["heldout"]) for p in parts)
+        if held:
             (tmp / "heldout").mkdir()
-            held = write_token_store(tmp / "heldout", heldout_chunks,
-                                     np.array([sum(len(c[1]) for c in heldout_chunks)]), meta)
-            summary["heldout_documents"], summary["heldout_tokens"] = held["documents"], held["tokens"]
+            held_summary = write_token_store(tmp / "heldout", staged_chunks(tasks, "heldout"), np.array([held]), meta)
+            summary["heldout_documents"], summary["heldout_tokens"] = held_summary["documents"], held_summary["tokens"]
             write_json(summary, tmp / "store.json")
+        for _, path, _ in tasks:
+            Path(path).unlink()
+        staging.rmdir()
     log.info("tokenize: %d documents in the store, %d held out", summary["documents"],
              summary.get("heldout_documents", 0))
     return summary

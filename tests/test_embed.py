@@ -80,7 +80,7 @@ def test_rerun_skips_finished_shards(workspace, caplog):
     before = {p.name: p.read_bytes() for p in (workspace / "data/embeddings").iterdir()}
     with caplog.at_level("INFO"):
         result = embed.run(load_params(workspace))
-    assert result == {"shards": 2, "embedded": 0, "skipped": 2}
+    assert result == {"shards": 2, "embedded": 0, "skipped": 2, "backend": "torch", "engine": "local"}
     assert {p.name: p.read_bytes() for p in (workspace / "data/embeddings").iterdir()} == before
 
 
@@ -102,7 +102,8 @@ def test_killed_embed_resumes_to_identical_bytes(workspace, embedded_workspace):
 
     rerun = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert json.loads(rerun.stdout.strip().splitlines()[-1]) == {"shards": 2, "embedded": 1, "skipped": 1}
+    assert json.loads(rerun.stdout.strip().splitlines()[-1]) == {"shards": 2, "embedded": 1, "skipped": 1,
+                                                                "backend": "torch", "engine": "local"}
     reference = embedded_workspace / "data/embeddings"
     assert sorted(p.name for p in emb.iterdir()) == sorted(p.name for p in reference.iterdir())
     for p in reference.iterdir():

@@ -1,0 +1,230 @@
+"""Where a stage's per-shard work runs: here, one shard after another (`local`), or on a Ray cluster (`ray`).
+
+The stages do not change with the engine: each gives the engine a list of independent items (an input file, a
+docs shard, a range of clusters) and a function of one item that reads its inputs and writes its own outputs
+atomically; the stage's driver plans the items beforehand and commits (manifest, metrics, final rename) after.
+The same function runs either way, so both engines write the same bytes.
+
+With `ray`, items run as Ray Data `map_batches` (one item per batch): plain tasks for stateless work, an actor pool
+for work that loads a model once (embed; one model per actor, GPU actors when asked). The cluster is the one named
+by `ray.address` or the usual RAY_ADDRESS, else a local Ray started for the stage. A task whose worker dies is
+retried `ray.max_retries` times; if it still fails, the stage fails: what finished is kept (and skipped by a
+re-run where the stage resumes per shard), nothing half-written is left in the outputs.
+
+Fault injection for tests and drills: DGAMIX_INJECT_FAILURE="<stage>:<item index>" makes the worker that runs that
+item die (os._exit, like a killed machine) before it writes anything; "<stage>:<index>:once" dies only on the first
+attempt (a marker file under DGAMIX_INJECT_FAILURE_DIR records it), so Ray's retry completes the stage.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from .params import ParamError, non_negative_int, require
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("local", "ray")
+FAULT_ENV = "DGAMIX_INJECT_FAILURE"
+FAULT_DIR_ENV = "DGAMIX_INJECT_FAILURE_DIR"
+
+
+class StageFailed(RuntimeError):
+    """A task failed on the engine after its retries; finished work is kept, the re-run completes the stage."""
+
+
+def stage_engine(params: dict[str, Any], stage: str) -> str:
+    engine = require(params.get(stage) or {}, stage, "engine", str, "local")
+    if engine not in ENGINES:
+        raise ParamError(f"{stage}.engine = '{engine}': expected local or ray")
+    return engine
+
+
+def ray_options(params: dict[str, Any]) -> dict[str, Any]:
+    """The `ray` section: address, num_cpus (local Ray only), max_retries, concurrency, runtime_env."""
+    cfg = params.get("ray") or {}
+    if not isinstance(cfg, dict):
+        raise ParamError("params.yaml 'ray' section must be a mapping (address, num_cpus, max_retries, ...)")
+    concurrency = require(cfg, "ray", "concurrency", int, None)
+    if concurrency is not None and concurrency < 1:
+        raise ParamError(f"ray.concurrency = {concurrency}: expected a positive integer or null")
+    return {
+        "address": require(cfg, "ray", "address", str, None),
+        "num_cpus": require(cfg, "ray", "num_cpus", int, None),
+        "max_retries": non_negative_int(cfg, "ray", "max_retries", 3),
+        "concurrency": concurrency,
+        "runtime_env": require(cfg, "ray", "runtime_env", dict, None),
+    }
+
+
+class Engine:
+    """Runs `fn(item)` for every item of a stage and returns the results in item order."""
+
+    def __init__(self, stage: str, kind: str = "local", options: dict[str, Any] | None = None):
+        self.stage, self.kind = stage, kind
+        self.options = options or ray_options({})
+
+    @classmethod
+    def for_stage(cls, params: dict[str, Any], stage: str) -> "Engine":
+        return cls(stage, stage_engine(params, stage), ray_options(params) if stage_engine(params, stage) == "ray"
+                   else None)
+
+    def gpus(self) -> int:
+        """GPUs the work can use: this machine's, or the whole Ray cluster's."""
+        if self.kind == "local":
+            import torch
+
+            return torch.cuda.device_count()
+        return int(connect(self.options).cluster_resources().get("GPU", 0))
+
+    def map(self, fn: Callable[[Any], Any], items: Sequence[Any], desc: str, weights: Sequence[int] | None = None,
+            unit: str = "item") -> list[Any]:
+        """Stateless work: `fn` must be picklable (a module-level function or functools.partial of one)."""
+        if self.kind == "local":
+            return _run_local(lambda: fn, items, desc, weights, unit)
+        return self._run_ray(_call_task, {"fn": fn}, False, items, desc, weights, unit, num_gpus=0)
+
+    def map_with_state(self, make_state: Callable[[], Callable[[Any], Any]], items: Sequence[Any], desc: str,
+                       weights: Sequence[int] | None = None, unit: str = "item", num_gpus: float = 0) -> list[Any]:
+        """Work that loads something heavy once (a model): `make_state()` builds a callable, once per actor."""
+        if self.kind == "local":
+            return _run_local(make_state, items, desc, weights, unit)
+        return self._run_ray(_ActorCaller, {"make_state": make_state}, True, items, desc, weights, unit, num_gpus)
+
+    def _run_ray(self, udf: Any, udf_args: dict[str, Any], stateful: bool, items: Sequence[Any], desc: str,
+                 weights: Sequence[int] | None, unit: str, num_gpus: float) -> list[Any]:
+        if not items:
+            return []
+        ray = connect(self.options)
+        import ray.data
+
+        fault = _fault_for(self.stage)
+        rows = [{"index": i, "payload": pickle.dumps(item)} for i, item in enumerate(items)]
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+        # Default: one worker per CPU of the cluster, or one actor per GPU for GPU work.
+        capacity = ray.cluster_resources().get("GPU", 0) / num_gpus if num_gpus else ray.cluster_resources().get("CPU", 1)
+        concurrency = self.options["concurrency"] or max(1, int(capacity))
+        concurrency = min(concurrency, len(rows))
+        retries = self.options["max_retries"]
+        if stateful:  # an actor pool: the state is built once per actor; a dead actor is restarted
+            kwargs: dict[str, Any] = {"fn_constructor_kwargs": {**udf_args, "fault": fault}, "max_restarts": retries,
+                                      "max_task_retries": retries,
+                                      "compute": ray.data.ActorPoolStrategy(size=concurrency)}
+        else:  # plain tasks, retried when their worker dies
+            kwargs = {"fn_kwargs": {**udf_args, "fault": fault}, "max_retries": retries,
+                      "compute": ray.data.TaskPoolStrategy(size=concurrency)}
+        if num_gpus:
+            kwargs["num_gpus"] = num_gpus
+        log.info("%s: %d items on Ray (%s, concurrency %d)", self.stage, len(rows),
+                 self.options["address"] or os.environ.get("RAY_ADDRESS") or "local Ray", concurrency)
+        results: dict[int, Any] = {}
+        total = sum(weights) if weights is not None else len(items)
+        try:
+            with tqdm(total=total, desc=f"{desc} (ray)", unit=unit if weights is not None else "task") as bar:
+                mapped = dataset.map_batches(udf, batch_size=1, **kwargs)
+                for batch in mapped.iter_batches(batch_size=1, batch_format="numpy"):
+                    index = int(batch["index"][0])
+                    results[index] = pickle.loads(batch["result"][0])
+                    bar.update(weights[index] if weights is not None else 1)
+        except Exception as err:  # Ray wraps the worker's error; the message says what failed, not the type
+            raise StageFailed(f"{self.stage}: a task failed on Ray after {self.options['max_retries']} retries "
+                              f"({len(results)} of {len(items)} items finished; finished work is kept, re-run "
+                              f"to complete): {_first_line(err)}") from err
+        return [results[i] for i in range(len(items))]
+
+
+def connect(options: dict[str, Any]) -> Any:
+    """Join the cluster (ray.address, else RAY_ADDRESS, else a new local Ray); reuse a connection already made."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ParamError(f"engine: ray needs the ray extra: pip install 'dgamix[ray]' ({err})") from err
+    if not ray.is_initialized():
+        address = options.get("address") or os.environ.get("RAY_ADDRESS")
+        init: dict[str, Any] = {"address": address, "log_to_driver": False, "include_dashboard": False,
+                                "logging_level": logging.WARNING}
+        if not address and options.get("num_cpus"):
+            init["num_cpus"] = options["num_cpus"]
+        if options.get("runtime_env"):
+            init["runtime_env"] = options["runtime_env"]
+        ray.init(**init)
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # ours counts documents, Ray's would count batches
+    return ray
+
+
+def _run_local(make_state: Callable[[], Callable[[Any], Any]], items: Sequence[Any], desc: str,
+               weights: Sequence[int] | None, unit: str) -> list[Any]:
+    results = []
+    if not items:
+        return results
+    call = make_state()
+    # A callable with an `on_progress` slot reports its own progress (finer than one item); others move by item.
+    reports = hasattr(call, "on_progress")
+    total = sum(weights) if weights is not None else (None if reports else len(items))
+    with tqdm(total=total, desc=desc, unit=unit) as bar:
+        if reports:
+            call.on_progress = bar.update
+        for i, item in enumerate(items):
+            results.append(call(item))
+            if not reports:
+                bar.update(weights[i] if weights is not None else 1)
+    return results
+
+
+def _fault_for(stage: str) -> tuple[int, bool, str | None] | None:
+    """The DGAMIX_INJECT_FAILURE spec that concerns this stage: (item index, once, marker directory)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return None
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1].isdigit() or (len(parts) == 3 and parts[2] != "once"):
+        raise ParamError(f"{FAULT_ENV} = '{spec}': expected '<stage>:<item index>' or '<stage>:<item index>:once'")
+    if parts[0] != stage:
+        return None
+    return int(parts[1]), len(parts) == 3, os.environ.get(FAULT_DIR_ENV)
+
+
+def _maybe_die(fault: tuple[int, bool, str | None] | None, index: int, stage_marker: str) -> None:
+    if fault is None or fault[0] != index:
+        return
+    if fault[1]:
+        marker = Path(fault[2] or ".") / f"{stage_marker}-{index}.injected"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    os._exit(75)  # no cleanup, no exception: the worker vanishes as if its machine went away
+
+
+def _call_task(batch: dict[str, Any], fn: Callable[[Any], Any], fault: Any) -> dict[str, Any]:
+    index = int(batch["index"][0])
+    _maybe_die(fault, index, "task")
+    result = fn(pickle.loads(batch["payload"][0]))
+    return {"index": [index], "result": [pickle.dumps(result)]}
+
+
+class _ActorCaller:
+    """One per Ray actor: builds the state (e.g. loads the model) once, then handles one item per call."""
+
+    def __init__(self, make_state: Callable[[], Callable[[Any], Any]], fault: Any):
+        self.call = make_state()
+        self.fault = fault
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        index = int(batch["index"][0])
+        _maybe_die(self.fault, index, "actor")
+        result = self.call(pickle.loads(batch["payload"][0]))
+        return {"index": [index], "result": [pickle.dumps(result)]}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[-1] if text else type(err).__name__
