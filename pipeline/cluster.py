@@ -46,6 +46,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     iterations = positive_int(cfg, "cluster", "iterations", 20)
     ppc = positive_int(cfg, "cluster", "points_per_centroid", 256)
     backend = require(cfg, "cluster", "backend", str, "auto")
+    max_fit_docs = require(cfg, "cluster", "max_fit_docs", int, None)
     if backend not in ("auto", "faiss", "torch"):
         raise ParamError(f"cluster.backend = '{backend}': expected auto, faiss or torch")
     if not emb_dir.is_dir():
@@ -57,7 +58,15 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     if n_docs < MIN_POINTS_PER_CENTROID * levels[0]:
         log.warning("cluster: %d documents for %d top-level clusters is below faiss's guidance of %d points per "
                     "centroid; clusters will be noisy", n_docs, levels[0], MIN_POINTS_PER_CENTROID)
-    rows = sample_rows(n_docs, prod(levels) * ppc, seed)
+    # The fit sample, not the corpus, sets the stage's memory (about 4 float32 copies of it at the peak):
+    # max_fit_docs caps it below faiss's guidance of points_per_centroid points per fine centroid.
+    fit_docs = prod(levels) * ppc
+    if max_fit_docs is not None:
+        if max_fit_docs < prod(levels):
+            raise ParamError(f"cluster.max_fit_docs = {max_fit_docs}: expected at least one document per fine "
+                             f"cluster ({prod(levels)} for levels {levels}), or null")
+        fit_docs = min(fit_docs, max_fit_docs)
+    rows = sample_rows(n_docs, fit_docs, seed)
     x = gather_rows(arrays, rows)
     resolved = resolve_backend(backend)
     log.info("cluster: fitting levels %s on %d of %d documents (%s)", levels, len(rows), n_docs, resolved)

@@ -114,6 +114,16 @@ def test_more_fine_clusters_than_documents_stops_cluster_stage(workspace):
     assert not (workspace / "data/clusters").exists()
 
 
+def test_max_fit_docs_caps_the_fit_sample(workspace):
+    params = load_params(workspace)
+    params["cluster"].update(levels=[4, 4], max_fit_docs=100)
+    assert cluster.run(params) == {"levels": [4, 4], "fit_points": 100, "documents": 240}
+    params["cluster"]["max_fit_docs"] = 10
+    with pytest.raises(ParamError, match=r"cluster.max_fit_docs = 10: expected at least one document per fine "
+                                         r"cluster \(16 for levels \[4, 4\]\)"):
+        cluster.run(params)
+
+
 def test_stages_name_a_missing_input(workspace):
     params = load_params(workspace)
     params["embed"]["docs"] = "data/nothing"
