@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from .assign import MANIFEST, iter_clusters
+from .assign import MANIFEST
 from .atomic import atomic_path, write_json, write_npy
 from .engine import Engine
 from .sampling import sample_texts
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 EOS = "<|endoftext|>"
 TRAIN_CHARS_PER_DOC = 4000  # characters of each sampled document the BPE trainer sees
-TASK_DOCS = 20_000  # documents per tokenize task (a range of whole clusters)
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> Any:
@@ -130,66 +130,81 @@ def held_out(doc_ids: list[str], fraction: float, seed: int) -> np.ndarray:
     return draws.astype(np.float64) / 2.0**64 < fraction
 
 
-class TokenizeClusters:
-    """The per-task step of either engine: a range of clusters -> their tokens, held-out documents apart, staged.
+class TokenizeShard:
+    """The per-task step of either engine: one domains shard -> its tokens, held-out documents apart, staged.
 
-    Holds the tokenizer as its JSON text so that it travels to Ray workers as is.
+    A domains shard holds one row group per cluster, in cluster order, so the staged arrays are in (cluster,
+    ingest order) order within the shard; the driver then interleaves shards cluster by cluster. Each task opens
+    one shard's Parquet footer only: with thousands of clusters those footers are large, and holding every
+    shard's at once grew with the corpus. Holds the tokenizer as its JSON text so it travels to Ray workers as is.
     """
 
-    def __init__(self, tokenizer_json: str, eos: int, dtype: str, holdout: float, seed: int, domains_dir: str):
+    def __init__(self, tokenizer_json: str, eos: int, dtype: str, holdout: float, seed: int):
         self.tokenizer_json, self.eos, self.dtype = tokenizer_json, eos, np.dtype(dtype)
-        self.holdout, self.seed, self.domains_dir = holdout, seed, domains_dir
+        self.holdout, self.seed = holdout, seed
         self._tokenizer = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tokenizer": None}  # the Rust tokenizer is rebuilt from its JSON where it runs
 
-    def __call__(self, task: tuple[range, str, list[int]]) -> dict[str, Any]:
+    def __call__(self, task: tuple[str, str]) -> dict[str, Any]:
         from tokenizers import Tokenizer
 
-        clusters, staged, expected_docs = task
+        shard, staged = task
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
-        kept, train, held = [], [], []
-        for (cluster, table), expected in zip(iter_clusters(self.domains_dir, ["doc_id", "text"], clusters),
-                                              expected_docs):
-            if table.num_rows != expected:
-                raise ParamError(f"tokenize.domains: cluster {cluster} has {table.num_rows} documents but the "
-                                 f"manifest says {expected}; re-run assign")
+        parquet = pq.ParquetFile(shard)
+        clusters, parts = [], {"train": [], "heldout": []}
+        counts: dict[str, list[int]] = {"train": [], "heldout": []}
+        for group in range(parquet.metadata.num_row_groups):
+            table = parquet.read_row_group(group, columns=["doc_id", "text", "cluster"])
+            ids = np.unique(table.column("cluster").to_numpy())
+            if len(ids) != 1:
+                raise ParamError(f"tokenize.domains: row group {group} of {shard} holds clusters {ids.tolist()[:5]} "
+                                 "(expected exactly one cluster per row group); re-run assign")
+            clusters.append(int(ids[0]))
             out = held_out(table.column("doc_id").to_pylist(), self.holdout, self.seed)
             texts = table.column("text").to_pylist()
-            kept.append(int((~out).sum()))
-            train.append(tokenize_texts(self._tokenizer, [t for t, o in zip(texts, out) if not o], self.eos, self.dtype))
-            if out.any():
-                held.append(tokenize_texts(self._tokenizer, [t for t, o in zip(texts, out) if o], self.eos, self.dtype))
-        arrays = {"train_tokens": _concat([t for t, _ in train], self.dtype),
-                  "train_lengths": _concat([n for _, n in train], np.int64),
-                  "heldout_tokens": _concat([t for t, _ in held], self.dtype),
-                  "heldout_lengths": _concat([n for _, n in held], np.int64)}
-        with atomic_path(staged) as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-        return {"kept": np.array(kept, dtype=np.int64), "heldout": len(arrays["heldout_lengths"])}
+            for kind, mask in (("train", ~out), ("heldout", out)):
+                chosen = [t for t, m in zip(texts, mask) if m]
+                counts[kind].append(len(chosen))
+                if chosen:
+                    parts[kind].append(tokenize_texts(self._tokenizer, chosen, self.eos, self.dtype))
+        for kind in ("train", "heldout"):
+            write_npy(_concat([t for t, _ in parts[kind]], self.dtype), f"{staged}.{kind}_tokens.npy")
+            write_npy(_concat([n for _, n in parts[kind]], np.int64), f"{staged}.{kind}_lengths.npy")
+        return {"clusters": np.array(clusters, dtype=np.int64), "train": np.array(counts["train"], dtype=np.int64),
+                "heldout": np.array(counts["heldout"], dtype=np.int64)}
 
 
-def cluster_ranges(docs_per_cluster: np.ndarray, task_docs: int) -> list[range]:
-    """Contiguous ranges of cluster ids holding about `task_docs` documents each (at least one cluster each)."""
-    ranges, start, count = [], 0, 0
-    for cluster, docs in enumerate(docs_per_cluster):
-        count += int(docs)
-        if count >= task_docs:
-            ranges.append(range(start, cluster + 1))
-            start, count = cluster + 1, 0
-    if start < len(docs_per_cluster) or not ranges:
-        ranges.append(range(start, len(docs_per_cluster)))
-    return ranges
+def interleave(staged: list[str], parts: list[dict[str, Any]], kind: str, n_clusters: int
+               ) -> tuple[np.ndarray, Iterable[tuple[np.ndarray, np.ndarray]]]:
+    """Documents per cluster, and the staged (tokens, lengths) chunks of `kind` in cluster order, shard order
+    within a cluster (the order of the manifest's files); arrays are memory-mapped, one slice in memory."""
+    per_cluster = np.zeros(n_clusters, dtype=np.int64)
+    for part in parts:
+        np.add.at(per_cluster, part["clusters"], part[kind])
 
+    def chunks() -> Iterable[tuple[np.ndarray, np.ndarray]]:
+        shards = []
+        for path, part in zip(staged, parts):
+            lengths = np.load(f"{path}.{kind}_lengths.npy", mmap_mode="r")
+            doc_start = np.zeros(len(part[kind]) + 1, dtype=np.int64)
+            doc_start[1:] = np.cumsum(part[kind])
+            token_start = np.zeros(len(lengths) + 1, dtype=np.int64)
+            token_start[1:] = np.cumsum(lengths)
+            where = {c: i for i, c in enumerate(part["clusters"].tolist())}
+            shards.append((np.load(f"{path}.{kind}_tokens.npy", mmap_mode="r"), lengths, doc_start, token_start, where))
+        for cluster in range(n_clusters):
+            for tokens_, lengths, doc_start, token_start, where in shards:
+                group = where.get(cluster)
+                if group is None or doc_start[group] == doc_start[group + 1]:
+                    continue
+                first, last = doc_start[group], doc_start[group + 1]
+                yield (np.asarray(tokens_[token_start[first] : token_start[last]]),
+                       np.asarray(lengths[first:last]))
 
-def staged_chunks(tasks: list[tuple[range, str, list[int]]], kind: str) -> Iterable[tuple[np.ndarray, np.ndarray]]:
-    """The staged (tokens, lengths) of `kind` (train or heldout), task by task in cluster order, one in memory."""
-    for _, path, _ in tasks:
-        with np.load(path) as part:
-            yield part[f"{kind}_tokens"], part[f"{kind}_lengths"]
+    return per_cluster, chunks()
 
 
 def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
@@ -225,30 +240,31 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     dtype = token_dtype(vocab)
 
     manifest = pq.read_table(domains_dir / MANIFEST, columns=["docs"]).column("docs").to_numpy()
+    shards = sorted(domains_dir.glob("part-*.parquet"))
     engine = Engine.for_stage(params, "tokenize")
-    step = TokenizeClusters(tokenizer.to_str(), eos, dtype.name, holdout, seed, str(domains_dir.resolve()))
     meta = {"vocab_size": int(vocab), "eos_id": eos}
     with atomic_path(out_dir) as tmp:
         staging = tmp / "staged"
         staging.mkdir(parents=True)
-        ranges = cluster_ranges(manifest, TASK_DOCS)
         # Absolute paths: a Ray worker's working directory is not ours.
-        tasks = [(r, str((staging / f"{i:06d}.npz").resolve()), [int(d) for d in manifest[r.start : r.stop]])
-                 for i, r in enumerate(ranges)]
-        parts = engine.map(step, tasks, "tokenize", weights=[int(manifest[r.start:r.stop].sum()) for r in ranges],
-                           unit="doc")
-        kept = np.concatenate([p["kept"] for p in parts])
-        summary = write_token_store(tmp, staged_chunks(tasks, "train"), kept, meta)
+        tasks = [(str(shard.resolve()), str((staging / shard.stem).resolve())) for shard in shards]
+        parts = engine.map(TokenizeShard(tokenizer.to_str(), eos, dtype.name, holdout, seed), tasks, "tokenize",
+                           weights=[pq.ParquetFile(s).metadata.num_rows for s in shards], unit="doc")
+        staged = [path for _, path in tasks]
+        kept, train_chunks = interleave(staged, parts, "train", len(manifest))
+        held, heldout_chunks = interleave(staged, parts, "heldout", len(manifest))
+        if not np.array_equal(kept + held, manifest):
+            bad = int(np.flatnonzero(kept + held != manifest)[0])
+            raise ParamError(f"tokenize.domains: cluster {bad} has {int(kept[bad] + held[bad])} documents but the "
+                             f"manifest says {int(manifest[bad])}; re-run assign")
+        summary = write_token_store(tmp, train_chunks, kept, meta)
         tokenizer.save(str(tmp / "tokenizer.json"))
-        held = sum(int(p["heldout"]) for p in parts)
-        if held:
+        if held.sum():
             (tmp / "heldout").mkdir()
-            held_summary = write_token_store(tmp / "heldout", staged_chunks(tasks, "heldout"), np.array([held]), meta)
+            held_summary = write_token_store(tmp / "heldout", heldout_chunks, np.array([held.sum()]), meta)
             summary["heldout_documents"], summary["heldout_tokens"] = held_summary["documents"], held_summary["tokens"]
             write_json(summary, tmp / "store.json")
-        for _, path, _ in tasks:
-            Path(path).unlink()
-        staging.rmdir()
+        shutil.rmtree(staging)
     log.info("tokenize: %d documents in the store, %d held out", summary["documents"],
              summary.get("heldout_documents", 0))
     return summary
