@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
-from .params import ParamError, non_negative_int, require
+from .params import InputError, ParamError, non_negative_int, require
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ class Engine:
 
     @classmethod
     def for_stage(cls, params: dict[str, Any], stage: str) -> "Engine":
-        return cls(stage, stage_engine(params, stage), ray_options(params) if stage_engine(params, stage) == "ray"
-                   else None)
+        kind = stage_engine(params, stage)
+        return cls(stage, kind, ray_options(params) if kind == "ray" else None)
 
     def gpus(self) -> int:
         """GPUs the work can use: this machine's, or the whole Ray cluster's."""
@@ -131,10 +131,13 @@ class Engine:
                     index = int(batch["index"][0])
                     results[index] = pickle.loads(batch["result"][0])
                     bar.update(weights[index] if weights is not None else 1)
-        except Exception as err:  # Ray wraps the worker's error; the message says what failed, not the type
-            raise StageFailed(f"{self.stage}: a task failed on Ray after {self.options['max_retries']} retries "
-                              f"({len(results)} of {len(items)} items finished; finished work is kept, re-run "
-                              f"to complete): {_first_line(err)}") from err
+        except Exception as err:
+            raise StageFailed(f"{self.stage}: a task failed on Ray (a dead worker is retried "
+                              f"{self.options['max_retries']} times) and {len(results)} of {len(items)} items "
+                              f"finished; finished work is kept, re-run to complete: {_first_line(err)}") from err
+        for i in range(len(items)):
+            if isinstance(results[i], _StageError):  # bad input or parameters: the local engine's error, as is
+                raise results[i].error
         return [results[i] for i in range(len(items))]
 
 
@@ -204,11 +207,26 @@ def _maybe_die(fault: tuple[int, bool, str | None] | None, index: int, stage_mar
     os._exit(75)  # no cleanup, no exception: the worker vanishes as if its machine went away
 
 
-def _call_task(batch: dict[str, Any], fn: Callable[[Any], Any], fault: Any) -> dict[str, Any]:
+class _StageError:
+    """A ParamError / InputError raised by the stage's own code in a worker, carried back to the driver as a
+    result (Ray would wrap it, and retrying it cannot help)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _call(fn: Callable[[Any], Any], batch: dict[str, Any]) -> dict[str, Any]:
     index = int(batch["index"][0])
-    _maybe_die(fault, index, "task")
-    result = fn(pickle.loads(batch["payload"][0]))
+    try:
+        result = fn(pickle.loads(batch["payload"][0]))
+    except (ParamError, InputError) as err:
+        result = _StageError(err)
     return {"index": [index], "result": [pickle.dumps(result)]}
+
+
+def _call_task(batch: dict[str, Any], fn: Callable[[Any], Any], fault: Any) -> dict[str, Any]:
+    _maybe_die(fault, int(batch["index"][0]), "task")
+    return _call(fn, batch)
 
 
 class _ActorCaller:
@@ -219,10 +237,8 @@ class _ActorCaller:
         self.fault = fault
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        index = int(batch["index"][0])
-        _maybe_die(self.fault, index, "actor")
-        result = self.call(pickle.loads(batch["payload"][0]))
-        return {"index": [index], "result": [pickle.dumps(result)]}
+        _maybe_die(self.fault, int(batch["index"][0]), "actor")
+        return _call(self.call, batch)
 
 
 def _first_line(err: BaseException) -> str:

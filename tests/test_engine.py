@@ -11,9 +11,9 @@ import ray
 
 from pipeline import assign, cluster, embed, ingest, tokens
 from pipeline.engine import FAULT_DIR_ENV, FAULT_ENV, StageFailed
-from pipeline.params import ParamError
+from pipeline.params import InputError, ParamError
 
-from .conftest import load_params
+from .conftest import load_params, write_jsonl_zst
 
 STAGES = ("ingest", "embed", "cluster", "assign", "tokenize")
 
@@ -119,3 +119,12 @@ def test_unknown_engine_and_malformed_fault_spec_are_named(workspace, monkeypatc
     monkeypatch.setenv(FAULT_ENV, "ingest-first")
     with pytest.raises(ParamError, match=FAULT_ENV):
         ingest.run(params)
+
+
+def test_bad_input_found_by_a_worker_is_the_same_error_as_on_the_local_engine(workspace, local_ray):
+    write_jsonl_zst([{"text": "fine"}, {"no_text": 1}], workspace / "raw/part-9.jsonl.zst")
+    params = on_ray(load_params(workspace), "ray")
+    params["ingest"]["strict"] = True
+    with pytest.raises(InputError, match=r"part-9.jsonl.zst:2: missing text field 'text' \(ingest.strict is true\)"):
+        ingest.run(params)
+    assert not Path("ray/data/docs").exists()
