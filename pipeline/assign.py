@@ -159,8 +159,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         # Absolute paths: a Ray worker's working directory is not ours.
-        tasks = [(str(shard.resolve()), str((emb_dir / f"{shard.stem}.npy").resolve()), str((tmp / shard.name).resolve()))
-                 for shard in shards]
+        tasks = [(str(shard.resolve()), str((emb_dir / f"{shard.stem}.npy").resolve()),
+                  str((tmp / shard.name).resolve())) for shard in shards]
         groups = engine.map(partial(assign_file, model), tasks, "assign", weights=[len(a) for a in arrays],
                             unit="doc")
         locations = [(shard.name, g) for shard, shard_groups in zip(shards, groups) for g in shard_groups]

@@ -100,14 +100,13 @@ class Engine:
                  weights: Sequence[int] | None, unit: str, num_gpus: float) -> list[Any]:
         if not items:
             return []
-        ray = connect(self.options)
-        import ray.data
-
+        ray = connect(self.options)  # with ray.data imported
         fault = _fault_for(self.stage)
         rows = [{"index": i, "payload": pickle.dumps(item)} for i, item in enumerate(items)]
         dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
         # Default: one worker per CPU of the cluster, or one actor per GPU for GPU work.
-        capacity = ray.cluster_resources().get("GPU", 0) / num_gpus if num_gpus else ray.cluster_resources().get("CPU", 1)
+        resources = ray.cluster_resources()
+        capacity = resources.get("GPU", 0) / num_gpus if num_gpus else resources.get("CPU", 1)
         concurrency = self.options["concurrency"] or max(1, int(capacity))
         concurrency = min(concurrency, len(rows))
         retries = self.options["max_retries"]

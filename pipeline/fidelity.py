@@ -32,7 +32,8 @@ def cluster_agreement(reference: np.ndarray, candidate: np.ndarray, model: Hiera
 
 
 def fidelity_report(reference: np.ndarray, candidate: np.ndarray, levels: list[int], seed: int = 0,
-                    min_cosine: float = MIN_MEAN_COSINE, min_agreement: float = MIN_CLUSTER_AGREEMENT) -> dict[str, Any]:
+                    min_cosine: float = MIN_MEAN_COSINE,
+                    min_agreement: float = MIN_CLUSTER_AGREEMENT) -> dict[str, Any]:
     """Both measures, with the clustering fit on the reference at `levels`, and whether they pass."""
     model = HierarchicalKMeans(levels=list(levels), seed=seed).fit(reference.astype(np.float32))
     cosine = mean_cosine(reference, candidate)

@@ -171,38 +171,46 @@ class TokenizeShard:
                 if chosen:
                     parts[kind].append(tokenize_texts(self._tokenizer, chosen, self.eos, self.dtype))
         for kind in ("train", "heldout"):
-            write_npy(_concat([t for t, _ in parts[kind]], self.dtype), f"{staged}.{kind}_tokens.npy")
+            with atomic_path(f"{staged}.{kind}_tokens.bin") as tmp, open(tmp, "wb") as fh:
+                for tokens_, _ in parts[kind]:
+                    fh.write(tokens_.tobytes())
             write_npy(_concat([n for _, n in parts[kind]], np.int64), f"{staged}.{kind}_lengths.npy")
         return {"clusters": np.array(clusters, dtype=np.int64), "train": np.array(counts["train"], dtype=np.int64),
                 "heldout": np.array(counts["heldout"], dtype=np.int64)}
 
 
-def interleave(staged: list[str], parts: list[dict[str, Any]], kind: str, n_clusters: int
+def interleave(staged: list[str], parts: list[dict[str, Any]], kind: str, n_clusters: int, dtype: np.dtype
                ) -> tuple[np.ndarray, Iterable[tuple[np.ndarray, np.ndarray]]]:
     """Documents per cluster, and the staged (tokens, lengths) chunks of `kind` in cluster order, shard order
-    within a cluster (the order of the manifest's files); arrays are memory-mapped, one slice in memory."""
+    within a cluster (the order of the manifest's files). Token slices are read, not memory-mapped, so that what
+    has been copied does not stay resident: memory does not grow with the corpus."""
     per_cluster = np.zeros(n_clusters, dtype=np.int64)
     for part in parts:
         np.add.at(per_cluster, part["clusters"], part[kind])
 
     def chunks() -> Iterable[tuple[np.ndarray, np.ndarray]]:
         shards = []
-        for path, part in zip(staged, parts):
-            lengths = np.load(f"{path}.{kind}_lengths.npy", mmap_mode="r")
-            doc_start = np.zeros(len(part[kind]) + 1, dtype=np.int64)
-            doc_start[1:] = np.cumsum(part[kind])
-            token_start = np.zeros(len(lengths) + 1, dtype=np.int64)
-            token_start[1:] = np.cumsum(lengths)
-            where = {c: i for i, c in enumerate(part["clusters"].tolist())}
-            shards.append((np.load(f"{path}.{kind}_tokens.npy", mmap_mode="r"), lengths, doc_start, token_start, where))
-        for cluster in range(n_clusters):
-            for tokens_, lengths, doc_start, token_start, where in shards:
-                group = where.get(cluster)
-                if group is None or doc_start[group] == doc_start[group + 1]:
-                    continue
-                first, last = doc_start[group], doc_start[group + 1]
-                yield (np.asarray(tokens_[token_start[first] : token_start[last]]),
-                       np.asarray(lengths[first:last]))
+        try:
+            for path, part in zip(staged, parts):
+                lengths = np.load(f"{path}.{kind}_lengths.npy")
+                doc_start = np.zeros(len(part[kind]) + 1, dtype=np.int64)
+                doc_start[1:] = np.cumsum(part[kind])
+                token_start = np.zeros(len(lengths) + 1, dtype=np.int64)
+                token_start[1:] = np.cumsum(lengths)
+                where = {c: i for i, c in enumerate(part["clusters"].tolist())}
+                shards.append((open(f"{path}.{kind}_tokens.bin", "rb"), lengths, doc_start, token_start, where))
+            for cluster in range(n_clusters):
+                for fh, lengths, doc_start, token_start, where in shards:
+                    group = where.get(cluster)
+                    if group is None or doc_start[group] == doc_start[group + 1]:
+                        continue
+                    first, last = doc_start[group], doc_start[group + 1]
+                    fh.seek(int(token_start[first]) * dtype.itemsize)
+                    count = int(token_start[last] - token_start[first])
+                    yield np.fromfile(fh, dtype=dtype, count=count), lengths[first:last]
+        finally:
+            for shard in shards:
+                shard[0].close()
 
     return per_cluster, chunks()
 
@@ -251,8 +259,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         parts = engine.map(TokenizeShard(tokenizer.to_str(), eos, dtype.name, holdout, seed), tasks, "tokenize",
                            weights=[pq.ParquetFile(s).metadata.num_rows for s in shards], unit="doc")
         staged = [path for _, path in tasks]
-        kept, train_chunks = interleave(staged, parts, "train", len(manifest))
-        held, heldout_chunks = interleave(staged, parts, "heldout", len(manifest))
+        kept, train_chunks = interleave(staged, parts, "train", len(manifest), dtype)
+        held, heldout_chunks = interleave(staged, parts, "heldout", len(manifest), dtype)
         if not np.array_equal(kept + held, manifest):
             bad = int(np.flatnonzero(kept + held != manifest)[0])
             raise ParamError(f"tokenize.domains: cluster {bad} has {int(kept[bad] + held[bad])} documents but the "
