@@ -1,6 +1,6 @@
 """Faster CPU encoders, side by side in one run: docs/s and fidelity to the fp32 torch reference.
 
-    .venv/bin/python bench/encoder_backends.py [--docs 6000] [--speed-docs 2000] [--levels 16 16]
+    .venv/bin/python bench/encoder_backends.py [--docs 6000] [--speed-docs 2000] [--levels 16 16] [--ov-precision f32]
 
 Documents: a seeded sample of ../shared/corpus/generic. Every backend embeds the same documents through the
 pipeline's own path (embed_texts: character cut, length-sorted batches, fp16 output), so docs/s are comparable;
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ov-precision", default=None, help="f32: force OpenVINO to fp32 (a CPU without AMX)")
     args = parser.parse_args()
 
     texts = corpus_texts(args.docs + args.calibration_docs, args.seed)
@@ -65,7 +66,7 @@ def main() -> None:
             start = time.perf_counter()
             encoder = st_model if backend == "torch" else openvino_encoder(
                 st_model, "all-MiniLM-L6-v2", backend, Path(cache),
-                calibration if backend == "openvino-int8" else None)
+                calibration if backend == "openvino-int8" else None, args.ov_precision)
             prepare_s = time.perf_counter() - start
             embed_texts(encoder, texts[:64], args.max_tokens, args.batch_size)  # warm-up
             start = time.perf_counter()
@@ -84,7 +85,8 @@ def main() -> None:
         row.update({"mean_cosine": round(report["mean_cosine"], 5), "min_cosine": round(float(cos.min()), 4),
                     "cluster_agreement": round(report["cluster_agreement"], 4), "passes": report["passed"]})
     print_table(rows)
-    print("wrote", write_result("encoder_backends", rows, {"args": vars(args), "torch_threads": torch.get_num_threads(),
+    name = "encoder_backends" + (f"_{args.ov_precision}" if args.ov_precision else "")
+    print("wrote", write_result(name, rows, {"args": vars(args), "torch_threads": torch.get_num_threads(),
                                                           "fidelity_docs": len(texts)}))
 
 

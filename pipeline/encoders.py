@@ -112,12 +112,15 @@ def export_openvino(st_model: Any, out_dir: Path, calibration_texts: list[str] |
 class OpenVINOEncoder:
     """The subset of SentenceTransformer that embed_texts uses (encode, max_seq_length, dimension), on OpenVINO."""
 
-    def __init__(self, st_model: Any, model_xml: Path, backend: str):
+    def __init__(self, st_model: Any, model_xml: Path, backend: str, precision: str | None = None):
         ov = _require_openvino(backend)
         self.st_model = st_model
         self.backend = backend
         core = ov.Core()
-        self.compiled = core.compile_model(str(model_xml), "CPU")
+        # precision None: OpenVINO's choice; "f32" forces fp32 where it would pick bf16 (benchmarks use it to show
+        # what a CPU without AMX gets).
+        config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+        self.compiled = core.compile_model(str(model_xml), "CPU", config)
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # bf16 on CPUs with AMX, else f32
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
 
@@ -159,7 +162,7 @@ def export_fingerprint(model: str, backend: str, calibration_texts: list[str] | 
 
 
 def openvino_encoder(st_model: Any, model: str, backend: str, cache_dir: Path,
-                     calibration_texts: list[str] | None = None) -> OpenVINOEncoder:
+                     calibration_texts: list[str] | None = None, precision: str | None = None) -> OpenVINOEncoder:
     """Load the export in cache_dir/<backend>, exporting it first when missing or made from something else."""
     _require_openvino(backend)
     if backend == "openvino-int8" and not calibration_texts:
@@ -173,4 +176,4 @@ def openvino_encoder(st_model: Any, model: str, backend: str, cache_dir: Path,
         meta_path.unlink(missing_ok=True)
         export_openvino(st_model, out_dir, calibration_texts if backend == "openvino-int8" else None)
         write_json(wanted, meta_path)  # written last: marks the export complete
-    return OpenVINOEncoder(st_model, out_dir / "model.xml", backend)
+    return OpenVINOEncoder(st_model, out_dir / "model.xml", backend, precision)
