@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 # faiss warns below 39 points per centroid and subsamples above 256: the same guidance sizes our fit sample.
 MIN_POINTS_PER_CENTROID = 39
+# Caps the fit sample (and so the stage's memory, about 5 KB per sampled document at 384 dimensions) on large
+# corpora: 64 points per fine cluster at [64, 64]. An explicit null in params.yaml removes the cap.
+DEFAULT_MAX_FIT_DOCS = 262_144
 
 
 def validate_levels(levels: Any, n_docs: int) -> list[int]:
@@ -46,7 +49,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     iterations = positive_int(cfg, "cluster", "iterations", 20)
     ppc = positive_int(cfg, "cluster", "points_per_centroid", 256)
     backend = require(cfg, "cluster", "backend", str, "auto")
-    max_fit_docs = require(cfg, "cluster", "max_fit_docs", int, None)
+    # A missing key takes the default cap; an explicit null removes it.
+    max_fit_docs = require(cfg, "cluster", "max_fit_docs", int, None) if "max_fit_docs" in cfg else DEFAULT_MAX_FIT_DOCS
     if backend not in ("auto", "faiss", "torch"):
         raise ParamError(f"cluster.backend = '{backend}': expected auto, faiss or torch")
     if not emb_dir.is_dir():

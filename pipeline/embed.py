@@ -149,6 +149,7 @@ def shard_is_done(npy: Path, expected: dict[str, Any]) -> bool:
         recorded = json.loads(meta.read_text())
     except json.JSONDecodeError:
         return False
+    recorded.setdefault("backend", "torch")  # sidecars written before backends existed
     return all(recorded.get(key) == value for key, value in expected.items())
 
 
@@ -198,16 +199,18 @@ def encoder_of(emb_dir: Path, sidecar: dict[str, Any], device: str = "auto") -> 
     return build_encoder(spec)
 
 
-def prepare_encoder(spec: dict[str, Any], shards: list[Path], calibration_docs: int, seed: int) -> None:
-    """Export the faster backend once, in the driver, before any worker needs it (no-op for torch)."""
+def prepare_encoder(spec: dict[str, Any], shards: list[Path], calibration_docs: int, seed: int) -> str | None:
+    """Export the faster backend once, in the driver, before any worker needs it (a no-op for torch, and when the
+    export is already there). Returns a digest of its export.json: shards embedded by another export are redone."""
     if spec["backend"] == "torch":
-        return
-    from .encoders import openvino_encoder
+        return None
+    from .encoders import ensure_openvino_export
 
     calibration = (sample_texts(shards, calibration_docs, seed, spec["max_tokens"] * CHARS_PER_TOKEN_BOUND)
                    if spec["backend"] == "openvino-int8" else None)
-    st_model = load_encoder(spec["model"], "cpu", spec["max_tokens"])
-    openvino_encoder(st_model, spec["model"], spec["backend"], Path(spec["cache"]), calibration)
+    export_json = ensure_openvino_export(lambda: load_encoder(spec["model"], "cpu", spec["max_tokens"]), spec["model"],
+                                         spec["backend"], Path(spec["cache"]), calibration)
+    return hashlib.blake2b(export_json.read_bytes(), digest_size=8).hexdigest()
 
 
 def verify_backend(spec: dict[str, Any], shards: list[Path], docs: int, levels: list[int], seed: int,
@@ -216,12 +219,12 @@ def verify_backend(spec: dict[str, Any], shards: list[Path], docs: int, levels: 
     from .fidelity import fidelity_report
 
     texts = sample_texts(shards, docs, seed, spec["max_tokens"] * CHARS_PER_TOKEN_BOUND)
-    reference = embed_texts(load_encoder(spec["model"], "cpu", spec["max_tokens"]), texts, spec["max_tokens"],
-                            spec["batch_size"])
-    candidate = embed_texts(build_encoder(spec), texts, spec["max_tokens"], spec["batch_size"])
     if int(np.prod(levels)) > len(texts):
         raise ParamError(f"embed.verify_levels = {levels}: {int(np.prod(levels))} clusters but the corpus gave a "
                          f"sample of only {len(texts)} documents (expected fewer clusters than documents)")
+    reference = embed_texts(load_encoder(spec["model"], "cpu", spec["max_tokens"]), texts, spec["max_tokens"],
+                            spec["batch_size"])
+    candidate = embed_texts(build_encoder(spec), texts, spec["max_tokens"], spec["batch_size"])
     report = {"backend": spec["backend"], **fidelity_report(reference, candidate, levels, seed, **thresholds)}
     write_json(report, Path(spec["cache"]) / spec["backend"] / "fidelity.json")
     if not report["passed"]:
@@ -249,9 +252,10 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     verify = require(cfg, "embed", "verify", bool, False)
     verify_docs = positive_int(cfg, "embed", "verify_docs", 2000)
     verify_levels = require(cfg, "embed", "verify_levels", list, [8, 8])
-    if not verify_levels or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in verify_levels):
+    if verify and (not verify_levels or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                                                for k in verify_levels)):
         raise ParamError(f"embed.verify_levels = {verify_levels}: expected a list of positive integers, e.g. [8, 8]")
-    if int(np.prod(verify_levels)) > verify_docs:
+    if verify and int(np.prod(verify_levels)) > verify_docs:
         raise ParamError(f"embed.verify_levels = {verify_levels} ask for more clusters than embed.verify_docs = "
                          f"{verify_docs} documents")
     thresholds = {"min_cosine": float(require(cfg, "embed", "verify_min_cosine", (int, float), MIN_MEAN_COSINE)),
@@ -270,24 +274,27 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         if old.name.split(".")[0] not in wanted:  # shards of a previous corpus
             old.unlink()
 
+    spec = {"model": model, "backend": backend, "device": device, "max_tokens": max_tokens,
+            "batch_size": batch_size, "cache": str((out_dir / ENCODER_DIR).resolve())}
+    export = prepare_encoder(spec, shards, calibration_docs, seed)
     plan = []
     for shard in shards:
         doc_ids = pq.read_table(shard, columns=["doc_id"]).column("doc_id").to_pylist()
         expected = {"rows": len(doc_ids), "docs_fingerprint": docs_fingerprint(doc_ids), "model": model,
                     "max_tokens": max_tokens, "backend": backend}
+        if export:
+            expected["export"] = export  # a re-export (e.g. new int8 calibration) re-embeds: one graph per corpus
         # Absolute paths: a Ray worker's working directory is not ours.
         plan.append((str(shard.resolve()), str((out_dir / f"{shard.stem}.npy").resolve()), expected))
     todo = [p for p in plan if not shard_is_done(Path(p[1]), p[2])]
     skipped = len(plan) - len(todo)
     if skipped:
         log.info("embed: %d of %d shards already done, skipped", skipped, len(plan))
-    spec = {"model": model, "backend": backend, "device": device, "max_tokens": max_tokens,
-            "batch_size": batch_size, "cache": str((out_dir / ENCODER_DIR).resolve())}
     report = None
-    if todo or verify:
-        prepare_encoder(spec, shards, calibration_docs, seed)
-        if verify and backend != "torch":
-            report = verify_backend(spec, shards, verify_docs, verify_levels, seed, thresholds)
+    if verify and backend == "torch":
+        log.info("embed: backend torch is the reference; nothing to verify")
+    elif verify and todo:  # checked before anything is embedded with the backend
+        report = verify_backend(spec, shards, verify_docs, verify_levels, seed, thresholds)
     # One GPU per actor when the engine's machines have GPUs and the device allows it (the actor then resolves
     # `auto` to CUDA and embeds in fp16, as the local engine does).
     wants_gpu = bool(todo) and backend == "torch" and device != "cpu" and engine.kind == "ray" and engine.gpus() > 0
@@ -311,7 +318,7 @@ def load_embeddings(emb_dir: Path, docs_dir: Path, param: str = "embeddings") ->
     """Memory-map every shard's embeddings after checking they match the docs shards row for row."""
     shards = docs_shards(docs_dir, param.replace("embeddings", "docs"))
     arrays = []
-    models: set[tuple[Any, Any]] = set()
+    models: set[tuple[Any, ...]] = set()
     for shard in shards:
         npy = emb_dir / f"{shard.stem}.npy"
         if not npy.exists() or not sidecar_for(npy).exists():
@@ -320,7 +327,7 @@ def load_embeddings(emb_dir: Path, docs_dir: Path, param: str = "embeddings") ->
             meta = json.loads(sidecar_for(npy).read_text())
         except json.JSONDecodeError as err:
             raise InputError(f"{param}: sidecar {sidecar_for(npy)} is not valid JSON ({err}); re-run embed") from err
-        models.add((meta.get("model"), meta.get("max_tokens")))
+        models.add((meta.get("model"), meta.get("max_tokens"), meta.get("backend", "torch"), meta.get("export")))
         doc_ids = pq.read_table(shard, columns=["doc_id"]).column("doc_id").to_pylist()
         array = np.load(npy, mmap_mode="r")
         if array.shape[0] != len(doc_ids) or meta.get("docs_fingerprint") != docs_fingerprint(doc_ids):
@@ -332,8 +339,8 @@ def load_embeddings(emb_dir: Path, docs_dir: Path, param: str = "embeddings") ->
             )
         arrays.append(array)
     if len(models) > 1:
-        raise InputError(f"{param}: embedding shards come from different models or max_tokens {sorted(models, key=str)}; "
-                         "re-run embed")
+        raise InputError(f"{param}: embedding shards come from different encoders (model, max_tokens, backend, "
+                         f"export) {sorted(models, key=str)}; re-run embed")
     dims = {a.shape[1] for a in arrays}
     if len(dims) != 1:
         raise InputError(f"{param}: embedding shards have different dimensions {sorted(dims)}; re-run embed")

@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -119,7 +120,10 @@ class OpenVINOEncoder:
         core = ov.Core()
         # precision None: OpenVINO's choice; "f32" forces fp32 where it would pick bf16 (benchmarks use it to show
         # what a CPU without AMX gets).
-        config = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision} if precision else {}
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            # A Ray worker is given its share of the CPUs this way; OpenVINO would otherwise use every core.
+            config["INFERENCE_NUM_THREADS"] = int(os.environ["OMP_NUM_THREADS"])
         self.compiled = core.compile_model(str(model_xml), "CPU", config)
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")  # bf16 on CPUs with AMX, else f32
         self.precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
@@ -161,9 +165,10 @@ def export_fingerprint(model: str, backend: str, calibration_texts: list[str] | 
     return meta
 
 
-def openvino_encoder(st_model: Any, model: str, backend: str, cache_dir: Path,
-                     calibration_texts: list[str] | None = None, precision: str | None = None) -> OpenVINOEncoder:
-    """Load the export in cache_dir/<backend>, exporting it first when missing or made from something else."""
+def ensure_openvino_export(load_st_model: Callable[[], Any], model: str, backend: str, cache_dir: Path,
+                           calibration_texts: list[str] | None = None) -> Path:
+    """Make sure cache_dir/<backend> holds the export of `model` (exporting when it is missing or was made from
+    something else); returns its export.json. The torch model is loaded only when an export is needed."""
     _require_openvino(backend)
     if backend == "openvino-int8" and not calibration_texts:
         raise ParamError("embed.backend = 'openvino-int8' needs calibration texts (a sample of the corpus)")
@@ -174,6 +179,13 @@ def openvino_encoder(st_model: Any, model: str, backend: str, cache_dir: Path,
     if recorded != wanted or not (out_dir / "model.xml").exists():
         log.info("embed: exporting %s to %s (%s)", model, backend, out_dir)
         meta_path.unlink(missing_ok=True)
-        export_openvino(st_model, out_dir, calibration_texts if backend == "openvino-int8" else None)
+        export_openvino(load_st_model(), out_dir, calibration_texts if backend == "openvino-int8" else None)
         write_json(wanted, meta_path)  # written last: marks the export complete
-    return OpenVINOEncoder(st_model, out_dir / "model.xml", backend, precision)
+    return meta_path
+
+
+def openvino_encoder(st_model: Any, model: str, backend: str, cache_dir: Path,
+                     calibration_texts: list[str] | None = None, precision: str | None = None) -> OpenVINOEncoder:
+    """The export in cache_dir/<backend> (made first if needed), ready to encode."""
+    ensure_openvino_export(lambda: st_model, model, backend, cache_dir, calibration_texts)
+    return OpenVINOEncoder(st_model, Path(cache_dir) / backend / "model.xml", backend, precision)

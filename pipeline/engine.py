@@ -11,9 +11,11 @@ by `ray.address` or the usual RAY_ADDRESS, else a local Ray started for the stag
 retried `ray.max_retries` times; if it still fails, the stage fails: what finished is kept (and skipped by a
 re-run where the stage resumes per shard), nothing half-written is left in the outputs.
 
-Fault injection for tests and drills: DGAMIX_INJECT_FAILURE="<stage>:<item index>" makes the worker that runs that
-item die (os._exit, like a killed machine) before it writes anything; "<stage>:<index>:once" dies only on the first
-attempt (a marker file under DGAMIX_INJECT_FAILURE_DIR records it), so Ray's retry completes the stage.
+Fault injection for tests and drills (Ray engine only): DGAMIX_INJECT_FAILURE="<stage>:<item index>" makes the
+worker that runs that item die (os._exit, like a killed machine) before it writes anything. Items are the stage's
+pending work in order (for embed, the shards not yet done). "<stage>:<index>:once" dies only on the first attempt
+(a marker file in DGAMIX_INJECT_FAILURE_DIR, default the driver's working directory, records it), so Ray's retry
+completes the stage.
 """
 from __future__ import annotations
 
@@ -133,7 +135,7 @@ class Engine:
         except Exception as err:
             raise StageFailed(f"{self.stage}: a task failed on Ray (a dead worker is retried "
                               f"{self.options['max_retries']} times) and {len(results)} of {len(items)} items "
-                              f"finished; finished work is kept, re-run to complete: {_first_line(err)}") from err
+                              f"finished; finished work is kept, re-run to complete: {_last_line(err)}") from err
         for i in range(len(items)):
             if isinstance(results[i], _StageError):  # bad input or parameters: the local engine's error, as is
                 raise results[i].error
@@ -181,8 +183,8 @@ def _run_local(make_state: Callable[[], Callable[[Any], Any]], items: Sequence[A
     return results
 
 
-def _fault_for(stage: str) -> tuple[int, bool, str | None] | None:
-    """The DGAMIX_INJECT_FAILURE spec that concerns this stage: (item index, once, marker directory)."""
+def _fault_for(stage: str) -> tuple[int, bool, str, str] | None:
+    """The DGAMIX_INJECT_FAILURE spec that concerns this stage: (item index, once, marker directory, stage)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
@@ -191,14 +193,15 @@ def _fault_for(stage: str) -> tuple[int, bool, str | None] | None:
         raise ParamError(f"{FAULT_ENV} = '{spec}': expected '<stage>:<item index>' or '<stage>:<item index>:once'")
     if parts[0] != stage:
         return None
-    return int(parts[1]), len(parts) == 3, os.environ.get(FAULT_DIR_ENV)
+    # The marker directory is resolved here, in the driver: a worker's working directory is not ours.
+    return int(parts[1]), len(parts) == 3, os.path.abspath(os.environ.get(FAULT_DIR_ENV, ".")), stage
 
 
-def _maybe_die(fault: tuple[int, bool, str | None] | None, index: int, stage_marker: str) -> None:
+def _maybe_die(fault: tuple[int, bool, str, str] | None, index: int) -> None:
     if fault is None or fault[0] != index:
         return
     if fault[1]:
-        marker = Path(fault[2] or ".") / f"{stage_marker}-{index}.injected"
+        marker = Path(fault[2]) / f"{fault[3]}-{index}.injected"
         if marker.exists():
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +227,7 @@ def _call(fn: Callable[[Any], Any], batch: dict[str, Any]) -> dict[str, Any]:
 
 
 def _call_task(batch: dict[str, Any], fn: Callable[[Any], Any], fault: Any) -> dict[str, Any]:
-    _maybe_die(fault, int(batch["index"][0]), "task")
+    _maybe_die(fault, int(batch["index"][0]))
     return _call(fn, batch)
 
 
@@ -232,14 +235,20 @@ class _ActorCaller:
     """One per Ray actor: builds the state (e.g. loads the model) once, then handles one item per call."""
 
     def __init__(self, make_state: Callable[[], Callable[[Any], Any]], fault: Any):
-        self.call = make_state()
         self.fault = fault
+        try:
+            self.call = make_state()
+            self.error = None
+        except (ParamError, InputError) as err:  # e.g. a model that cannot be loaded: say so, do not restart
+            self.call, self.error = None, err
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        _maybe_die(self.fault, int(batch["index"][0]), "actor")
+        _maybe_die(self.fault, int(batch["index"][0]))
+        if self.error is not None:
+            return {"index": [int(batch["index"][0])], "result": [pickle.dumps(_StageError(self.error))]}
         return _call(self.call, batch)
 
 
-def _first_line(err: BaseException) -> str:
+def _last_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[-1] if text else type(err).__name__

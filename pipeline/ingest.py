@@ -122,7 +122,8 @@ def commit_staged(staged: Path, doc_ids: list[str], seen: set[str], shard_path: 
             os.replace(staged, shard_path)
         return kept
     if kept:
-        table = pq.read_table(staged).filter(pa.array(keep))
+        # One chunk, as a table built from lists is: row groups (and so the bytes) then match a direct write.
+        table = pq.read_table(staged).filter(pa.array(keep)).combine_chunks()
         write_parquet(table, shard_path, row_group_size=SHARD_ROWS)
     staged.unlink()
     return kept

@@ -64,6 +64,17 @@ def test_int8_is_calibrated_on_the_corpus_and_refused_when_it_misses_the_bar(wor
     assert summary["fidelity"]["passed"] and summary["fidelity"]["mean_cosine"] < 0.99999  # quantized, not exact
     export = json.loads((workspace / "data/emb_openvino-int8/encoder/openvino-int8/export.json").read_text())
     assert export["calibration_docs"] == 240 and len(export["calibration_fingerprint"]) == 32
+    model_xml = workspace / "data/emb_openvino-int8/encoder/openvino-int8/model.xml"
+    exported_at = model_xml.stat().st_mtime_ns
+    assert embed.run(with_backend(workspace, "openvino-int8", verify=False))["skipped"] == 2
+    assert model_xml.stat().st_mtime_ns == exported_at  # the export is reused, not redone
+
+    # Another calibration sample is another graph: shards made with the old one are embedded again, so one corpus
+    # never mixes two exports.
+    first = json.loads((workspace / "data/emb_openvino-int8/part-00000.json").read_text())["export"]
+    again = embed.run(with_backend(workspace, "openvino-int8", verify=False, calibration_docs=200))
+    assert again["embedded"] == 2 and again["skipped"] == 0
+    assert json.loads((workspace / "data/emb_openvino-int8/part-00000.json").read_text())["export"] != first
 
     # A stricter bar than int8 can meet: the stage refuses before embedding anything. (The export is reused:
     # same model, same calibration sample.)
@@ -73,6 +84,13 @@ def test_int8_is_calibrated_on_the_corpus_and_refused_when_it_misses_the_bar(wor
                                          r"documents: mean cosine 0\.9\d+ \(expected >= 0.99999\)"):
         embed.run(strict)
     assert not list((workspace / "data/emb_strict").glob("part-*"))
+
+
+def test_verifying_torch_is_a_no_op(workspace):
+    params = load_params(workspace)
+    params["embed"]["verify"] = True
+    summary = embed.run(params)
+    assert summary["skipped"] == 2 and "fidelity" not in summary
 
 
 def test_backend_parameters_are_checked(workspace):

@@ -128,3 +128,24 @@ def test_bad_input_found_by_a_worker_is_the_same_error_as_on_the_local_engine(wo
     with pytest.raises(InputError, match=r"part-9.jsonl.zst:2: missing text field 'text' \(ingest.strict is true\)"):
         ingest.run(params)
     assert not Path("ray/data/docs").exists()
+
+
+def test_a_model_that_cannot_load_on_a_ray_actor_is_the_parameter_error(workspace, local_ray):
+    params = on_ray(load_params(workspace), "ray")
+    shutil.copytree("data/docs", "ray/data/docs")
+    params["embed"]["model"] = "no-such-org/no-such-model"
+    with pytest.raises(ParamError, match=r"embed.model = 'no-such-org/no-such-model' could not be loaded"):
+        embed.run(params)
+    assert not list(Path("ray/data/embeddings").glob("part-*"))
+
+
+def test_the_openvino_encoder_on_ray_actors_writes_the_local_bytes(workspace, local_ray):
+    params = load_params(workspace)
+    params["embed"].update(backend="openvino", output="data/emb_ov")
+    embed.run(params)
+    distributed = on_ray(params, "ray")
+    distributed["embed"]["docs"] = "data/docs"
+    embed.run(distributed)
+    local, remote = digests("data/emb_ov"), digests("ray/data/emb_ov")
+    assert {k: v for k, v in remote.items() if k.startswith("part-")} == \
+        {k: v for k, v in local.items() if k.startswith("part-")} != {}
