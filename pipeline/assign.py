@@ -20,7 +20,7 @@ from .cluster import load_model
 from .engine import Engine
 from .embed import docs_shards, load_embeddings
 from .kmeans import HierarchicalKMeans, resolve_backend
-from .params import ParamError, require, section
+from .params import ParamError, local_path, require, section
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,10 @@ def _empty_cluster_table(domains_dir: Path, columns: list[str] | None) -> pa.Tab
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "assign")
-    docs_dir = Path(require(cfg, "assign", "docs", str, "data/docs"))
-    emb_dir = Path(require(cfg, "assign", "embeddings", str, "data/embeddings"))
-    clusters_dir = Path(require(cfg, "assign", "clusters", str, "data/clusters"))
-    out_dir = Path(require(cfg, "assign", "output", str, "data/domains"))
+    docs_dir = local_path(cfg, "assign", "docs", "data/docs")
+    emb_dir = local_path(cfg, "assign", "embeddings", "data/embeddings")
+    clusters_dir = local_path(cfg, "assign", "clusters", "data/clusters")
+    out_dir = local_path(cfg, "assign", "output", "data/domains")
     backend = require(cfg, "assign", "backend", str, "auto")
     if backend not in ("auto", "faiss", "torch"):
         raise ParamError(f"assign.backend = '{backend}': expected auto, faiss or torch")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from .atomic import atomic_path, write_json, write_parquet
 from .cluster import load_model
 from .embed import embed_texts, encoder_of
 from .ingest import expand_inputs
-from .params import InputError, ParamError, require, section
+from .params import InputError, ParamError, local_path, require, section
 from .readers import Reject, iter_records
 from .tokens import load_tokenizer, tokenize_texts, write_token_store
 
@@ -107,12 +106,12 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     if smoothing < 0:
         raise ParamError(f"bases.smoothing = {smoothing}: expected a non-negative pseudo-count")
     reference_column = require(cfg, "bases", "reference_column", str, "source")
-    domains_dir = Path(require(cfg, "bases", "domains", str, "data/domains"))
-    clusters_dir = Path(require(cfg, "bases", "clusters", str, "data/clusters"))
-    tokens_dir = Path(require(cfg, "bases", "tokens", str, "data/tokens"))
-    emb_dir = Path(require(cfg, "bases", "embeddings", str, "data/embeddings"))
-    out_dir = Path(require(cfg, "bases", "output", str, "data/bases"))
-    metrics_path = Path(require(cfg, "bases", "metrics", str, "metrics/bases.json"))
+    domains_dir = local_path(cfg, "bases", "domains", "data/domains")
+    clusters_dir = local_path(cfg, "bases", "clusters", "data/clusters")
+    tokens_dir = local_path(cfg, "bases", "tokens", "data/tokens")
+    emb_dir = local_path(cfg, "bases", "embeddings", "data/embeddings")
+    out_dir = local_path(cfg, "bases", "output", "data/bases")
+    metrics_path = local_path(cfg, "bases", "metrics", "metrics/bases.json")
     for key, path in (("domains", domains_dir / MANIFEST), ("tokens", tokens_dir / "store.json")):
         if not path.exists():
             raise ParamError(f"bases.{key}: {path} does not exist (run the {key} stage first)")

@@ -18,7 +18,7 @@ from .atomic import atomic_path, write_json, write_npy, write_parquet
 from .embed import load_embeddings
 from .kmeans import HierarchicalKMeans, resolve_backend
 from .sampling import gather_rows, sample_rows
-from .params import ParamError, non_negative_int, positive_int, require, section
+from .params import ParamError, local_path, non_negative_int, positive_int, require, section
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +42,9 @@ def validate_levels(levels: Any, n_docs: int) -> list[int]:
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "cluster")
-    emb_dir = Path(require(cfg, "cluster", "embeddings", str, "data/embeddings"))
-    docs_dir = Path(require(cfg, "cluster", "docs", str, "data/docs"))
-    out_dir = Path(require(cfg, "cluster", "output", str, "data/clusters"))
+    emb_dir = local_path(cfg, "cluster", "embeddings", "data/embeddings")
+    docs_dir = local_path(cfg, "cluster", "docs", "data/docs")
+    out_dir = local_path(cfg, "cluster", "output", "data/clusters")
     seed = non_negative_int(cfg, "cluster", "seed", 0)
     iterations = positive_int(cfg, "cluster", "iterations", 20)
     ppc = positive_int(cfg, "cluster", "points_per_centroid", 256)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from .atomic import remove_stale_tmp, write_json, write_npy
 from .engine import Engine, StageFailed
 from .fidelity import MIN_CLUSTER_AGREEMENT, MIN_MEAN_COSINE
-from .params import InputError, ParamError, non_negative_int, positive_int, require, section
+from .params import InputError, ParamError, local_path, non_negative_int, positive_int, require, section
 from .sampling import sample_texts
 
 log = logging.getLogger(__name__)
@@ -242,8 +242,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     from .encoders import check_backend
 
     cfg = section(params, "embed")
-    docs_dir = Path(require(cfg, "embed", "docs", str, "data/docs"))
-    out_dir = Path(require(cfg, "embed", "output", str, "data/embeddings"))
+    docs_dir = local_path(cfg, "embed", "docs", "data/docs")
+    out_dir = local_path(cfg, "embed", "output", "data/embeddings")
     model = require(cfg, "embed", "model", str, DEFAULT_MODEL)
     max_tokens = positive_int(cfg, "embed", "max_tokens", 128)
     batch_size = positive_int(cfg, "embed", "batch_size", 64)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_path, write_json, write_parquet
 from .engine import Engine
-from .params import InputError, ParamError, require, section
+from .params import InputError, ParamError, local_path, require, section
 from .readers import Record, Reject, is_supported, iter_records
 
 log = logging.getLogger(__name__)
@@ -164,9 +164,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     text_field = require(cfg, "ingest", "text_field", str, "text")
     source_field = require(cfg, "ingest", "source_field", str, "meta.source")
     strict = require(cfg, "ingest", "strict", bool, False)
-    out_dir = Path(require(cfg, "ingest", "output", str, "data/docs"))
-    rejects_path = Path(require(cfg, "ingest", "rejects", str, "data/ingest/rejects.parquet"))
-    metrics_path = Path(require(cfg, "ingest", "metrics", str, "metrics/ingest.json"))
+    out_dir = local_path(cfg, "ingest", "output", "data/docs")
+    rejects_path = local_path(cfg, "ingest", "rejects", "data/ingest/rejects.parquet")
+    metrics_path = local_path(cfg, "ingest", "metrics", "metrics/ingest.json")
 
     files = expand_inputs(inputs)
     engine = Engine.for_stage(params, "ingest")

@@ -48,6 +48,19 @@ def require(cfg: dict[str, Any], stage: str, key: str, kind: type | tuple[type, 
     return value
 
 
+def local_path(cfg: dict[str, Any], stage: str, key: str, default: Any = ...) -> Path:
+    """A stage's data folder or file: a path or a file:// URL. Stage data is memory-mapped and renamed into place,
+    so it must live on a filesystem (one that every worker mounts, with the Ray engine), not in an object store."""
+    value = require(cfg, stage, key, str, default)
+    if "://" not in value:
+        return Path(value)
+    protocol, rest = value.split("://", 1)
+    if protocol in ("file", "local"):
+        return Path(rest)
+    raise ParamError(f"{stage}.{key} = '{value}': expected a path or file:// URL on a filesystem every worker "
+                     f"mounts; {protocol}:// works for the inputs (ingest.inputs, bases.target), not for stage data")
+
+
 def positive_int(cfg: dict[str, Any], stage: str, key: str, default: Any = ...) -> int:
     value = require(cfg, stage, key, int, default)
     if value < 1:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .assign import MANIFEST
 from .atomic import atomic_path, write_json
 from .sampling import sample_texts
-from .params import ParamError, non_negative_int, positive_int, require, section
+from .params import ParamError, local_path, non_negative_int, positive_int, section
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,9 @@ def shard_aggregates(table: pa.Table, vectorizer: CountVectorizer, n_clusters: i
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "stats")
-    domains_dir = Path(require(cfg, "stats", "domains", str, "data/domains"))
-    out_dir = Path(require(cfg, "stats", "output", str, "data/stats"))
-    metrics_path = Path(require(cfg, "stats", "metrics", str, "metrics/stats.json"))
+    domains_dir = local_path(cfg, "stats", "domains", "data/domains")
+    out_dir = local_path(cfg, "stats", "output", "data/stats")
+    metrics_path = local_path(cfg, "stats", "metrics", "metrics/stats.json")
     top_keywords = positive_int(cfg, "stats", "keywords", 8)
     vocab_docs = positive_int(cfg, "stats", "keyword_sample_docs", 20000)
     max_terms = positive_int(cfg, "stats", "keyword_terms", 30000)

@@ -30,7 +30,7 @@ from .assign import MANIFEST
 from .atomic import atomic_path, write_json, write_npy
 from .engine import Engine
 from .sampling import sample_texts
-from .params import ParamError, non_negative_int, positive_int, require, section
+from .params import ParamError, local_path, non_negative_int, positive_int, require, section
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,8 @@ def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "tokenize")
-    domains_dir = Path(require(cfg, "tokenize", "domains", str, "data/domains"))
-    out_dir = Path(require(cfg, "tokenize", "output", str, "data/tokens"))
+    domains_dir = local_path(cfg, "tokenize", "domains", "data/domains")
+    out_dir = local_path(cfg, "tokenize", "output", "data/tokens")
     tokenizer_path = require(cfg, "tokenize", "tokenizer", str, None)
     vocab_size = positive_int(cfg, "tokenize", "vocab_size", 8192)
     train_docs = positive_int(cfg, "tokenize", "train_docs", 20000)

@@ -221,3 +221,12 @@ def test_stale_temporary_output_of_a_killed_run_is_cleared(tmp_path):
     run_ingest(tmp_path, ["x.jsonl"])
     assert not stale.exists()
     assert pq.read_table(tmp_path / "docs").num_rows == 3
+
+
+def test_stage_data_takes_file_urls_and_refuses_object_stores(tmp_path):
+    write(tmp_path / "x.jsonl", jsonl_bytes(GOOD))
+    metrics = run_ingest(tmp_path, ["x.jsonl"], output=f"file://{tmp_path / 'urls'}")
+    assert metrics["kept"] == 3 and pq.read_table(tmp_path / "urls").num_rows == 3
+    with pytest.raises(ParamError, match=r"ingest.output = 's3://bucket/docs': expected a path or file:// URL on a "
+                                         r"filesystem every worker mounts; s3:// works for the inputs"):
+        run_ingest(tmp_path, ["x.jsonl"], output="s3://bucket/docs")

@@ -27,7 +27,7 @@ import torch
 from mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
 from mixer.strategies import DGAStrategy, ODMStrategy, StaticStrategy
 from pipeline.atomic import atomic_path, write_json
-from pipeline.params import ParamError, positive_int, require, section
+from pipeline.params import ParamError, local_path, positive_int, require, section
 
 from .model import GPT, GPTConfig
 
@@ -107,9 +107,9 @@ def run(params: dict[str, Any], strategy_name: str) -> dict[str, Any]:
     seed = require(cfg, "train", "seed", int, 0)
     lr = float(require(cfg, "train", "lr", (int, float), 3e-3))
     token_cap = require(cfg, "train", "token_cap", int, None)
-    tokens_dir = Path(require(cfg, "train", "tokens", str, "data/tokens"))
-    bases_dir = Path(require(cfg, "train", "bases", str, "data/bases"))
-    out_dir = Path(require(cfg, "train", "output", str, "runs")) / strategy_name
+    tokens_dir = local_path(cfg, "train", "tokens", "data/tokens")
+    bases_dir = local_path(cfg, "train", "bases", "data/bases")
+    out_dir = local_path(cfg, "train", "output", "runs") / strategy_name
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     device, autocast = resolve_device()
