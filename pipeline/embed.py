@@ -297,7 +297,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         report = verify_backend(spec, shards, verify_docs, verify_levels, seed, thresholds)
     # One GPU per actor when the engine's machines have GPUs and the device allows it (the actor then resolves
     # `auto` to CUDA and embeds in fp16, as the local engine does).
-    wants_gpu = bool(todo) and backend == "torch" and device != "cpu" and engine.kind == "ray" and engine.gpus() > 0
+    wants_gpu = (bool(todo) and backend == "torch" and device != "cpu" and engine.kind == "ray"
+                 and engine.cluster_gpus() > 0)
     if engine.kind == "local":
         resolve_device(device)  # a CUDA device that is not there is an error before any work
     num_gpus = 1 if wants_gpu else 0

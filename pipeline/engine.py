@@ -1,7 +1,7 @@
 """Where a stage's per-shard work runs: here, one shard after another (`local`), or on a Ray cluster (`ray`).
 
 The stages do not change with the engine: each gives the engine a list of independent items (an input file, a
-docs shard, a range of clusters) and a function of one item that reads its inputs and writes its own outputs
+docs shard, a domains shard) and a function of one item that reads its inputs and writes its own outputs
 atomically; the stage's driver plans the items beforehand and commits (manifest, metrics, final rename) after.
 The same function runs either way, so both engines write the same bytes.
 
@@ -76,12 +76,8 @@ class Engine:
         kind = stage_engine(params, stage)
         return cls(stage, kind, ray_options(params) if kind == "ray" else None)
 
-    def gpus(self) -> int:
-        """GPUs the work can use: this machine's, or the whole Ray cluster's."""
-        if self.kind == "local":
-            import torch
-
-            return torch.cuda.device_count()
+    def cluster_gpus(self) -> int:
+        """GPUs of the Ray cluster (the local engine uses this machine's through torch)."""
         return int(connect(self.options).cluster_resources().get("GPU", 0))
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], desc: str, weights: Sequence[int] | None = None,
