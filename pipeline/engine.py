@@ -23,7 +23,7 @@ import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
@@ -80,24 +80,31 @@ class Engine:
         """GPUs of the Ray cluster (the local engine uses this machine's through torch)."""
         return int(connect(self.options).cluster_resources().get("GPU", 0))
 
+    def imap(self, fn: Callable[[Any], Any], items: Sequence[Any], desc: str, weights: Sequence[int] | None = None,
+             unit: str = "item") -> Iterator[Any]:
+        """Stateless work, results yielded in item order as they become available (so the driver can commit as
+        it goes instead of holding every result). `fn` must be picklable (a module-level function or callable
+        object, or a functools.partial of one)."""
+        if self.kind == "local":
+            return _iter_local(lambda: fn, items, desc, weights, unit)
+        return self._iter_ray(_call_task, {"fn": fn}, False, items, desc, weights, unit, num_gpus=0)
+
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any], desc: str, weights: Sequence[int] | None = None,
             unit: str = "item") -> list[Any]:
-        """Stateless work: `fn` must be picklable (a module-level function or functools.partial of one)."""
-        if self.kind == "local":
-            return _run_local(lambda: fn, items, desc, weights, unit)
-        return self._run_ray(_call_task, {"fn": fn}, False, items, desc, weights, unit, num_gpus=0)
+        return list(self.imap(fn, items, desc, weights, unit))
 
     def map_with_state(self, make_state: Callable[[], Callable[[Any], Any]], items: Sequence[Any], desc: str,
                        weights: Sequence[int] | None = None, unit: str = "item", num_gpus: float = 0) -> list[Any]:
         """Work that loads something heavy once (a model): `make_state()` builds a callable, once per actor."""
         if self.kind == "local":
-            return _run_local(make_state, items, desc, weights, unit)
-        return self._run_ray(_ActorCaller, {"make_state": make_state}, True, items, desc, weights, unit, num_gpus)
+            return list(_iter_local(make_state, items, desc, weights, unit))
+        return list(self._iter_ray(_ActorCaller, {"make_state": make_state}, True, items, desc, weights, unit,
+                                   num_gpus))
 
-    def _run_ray(self, udf: Any, udf_args: dict[str, Any], stateful: bool, items: Sequence[Any], desc: str,
-                 weights: Sequence[int] | None, unit: str, num_gpus: float) -> list[Any]:
+    def _iter_ray(self, udf: Any, udf_args: dict[str, Any], stateful: bool, items: Sequence[Any], desc: str,
+                  weights: Sequence[int] | None, unit: str, num_gpus: float) -> Iterator[Any]:
         if not items:
-            return []
+            return
         ray = connect(self.options)  # with ray.data imported
         fault = _fault_for(self.stage)
         rows = [{"index": i, "payload": pickle.dumps(item)} for i, item in enumerate(items)]
@@ -119,23 +126,30 @@ class Engine:
             kwargs["num_gpus"] = num_gpus
         log.info("%s: %d items on Ray (%s, concurrency %d)", self.stage, len(rows),
                  self.options["address"] or os.environ.get("RAY_ADDRESS") or "local Ray", concurrency)
-        results: dict[int, Any] = {}
+        waiting: dict[int, Any] = {}  # finished out of order, held until the items before them are done
+        finished = next_index = 0
         total = sum(weights) if weights is not None else len(items)
-        try:
-            with tqdm(total=total, desc=f"{desc} (ray)", unit=unit if weights is not None else "task") as bar:
-                mapped = dataset.map_batches(udf, batch_size=1, **kwargs)
-                for batch in mapped.iter_batches(batch_size=1, batch_format="numpy"):
-                    index = int(batch["index"][0])
-                    results[index] = pickle.loads(batch["result"][0])
-                    bar.update(weights[index] if weights is not None else 1)
-        except Exception as err:
-            raise StageFailed(f"{self.stage}: a task failed on Ray (a dead worker is retried "
-                              f"{self.options['max_retries']} times) and {len(results)} of {len(items)} items "
-                              f"finished; finished work is kept, re-run to complete: {_last_line(err)}") from err
-        for i in range(len(items)):
-            if isinstance(results[i], _StageError):  # bad input or parameters: the local engine's error, as is
-                raise results[i].error
-        return [results[i] for i in range(len(items))]
+        with tqdm(total=total, desc=f"{desc} (ray)", unit=unit if weights is not None else "task") as bar:
+            batches = iter(dataset.map_batches(udf, batch_size=1, **kwargs).iter_batches(batch_size=1,
+                                                                                         batch_format="numpy"))
+            while next_index < len(items):
+                try:
+                    batch = next(batches)
+                except Exception as err:  # StopIteration included: Ray ended without every item
+                    raise StageFailed(
+                        f"{self.stage}: a task failed on Ray (a dead worker is retried {retries} times) and "
+                        f"{finished} of {len(items)} items finished; finished work is kept, re-run to complete: "
+                        f"{_last_line(err)}") from err
+                index = int(batch["index"][0])
+                waiting[index] = pickle.loads(batch["result"][0])
+                finished += 1
+                bar.update(weights[index] if weights is not None else 1)
+                while next_index in waiting:
+                    result = waiting.pop(next_index)
+                    if isinstance(result, _StageError):  # bad input or parameters: the local engine's error
+                        raise result.error
+                    yield result
+                    next_index += 1
 
 
 def connect(options: dict[str, Any]) -> Any:
@@ -160,11 +174,10 @@ def connect(options: dict[str, Any]) -> Any:
     return ray
 
 
-def _run_local(make_state: Callable[[], Callable[[Any], Any]], items: Sequence[Any], desc: str,
-               weights: Sequence[int] | None, unit: str) -> list[Any]:
-    results = []
+def _iter_local(make_state: Callable[[], Callable[[Any], Any]], items: Sequence[Any], desc: str,
+                weights: Sequence[int] | None, unit: str) -> Iterator[Any]:
     if not items:
-        return results
+        return
     call = make_state()
     # A callable with an `on_progress` slot reports its own progress (finer than one item); others move by item.
     reports = hasattr(call, "on_progress")
@@ -173,10 +186,10 @@ def _run_local(make_state: Callable[[], Callable[[Any], Any]], items: Sequence[A
         if reports:
             call.on_progress = bar.update
         for i, item in enumerate(items):
-            results.append(call(item))
+            result = call(item)
             if not reports:
                 bar.update(weights[i] if weights is not None else 1)
-    return results
+            yield result
 
 
 def _fault_for(stage: str) -> tuple[int, bool, str, str] | None:

@@ -181,10 +181,12 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         # Absolute paths: a Ray worker's working directory is not ours.
         tasks = [(url, _readable_anywhere(url), str((staging / f"{i:06d}.parquet").resolve()))
                  for i, url in enumerate(files)]
-        results = engine.map(StageFile(text_field, source_field, strict), tasks, f"ingest ({len(files)} files)",
-                             unit="doc")
+        # Results arrive in input order (the first copy of a document wins) and are committed as they arrive, so
+        # the driver holds the set of kept doc ids, not every file's list at once.
+        results = engine.imap(StageFile(text_field, source_field, strict), tasks, f"ingest ({len(files)} files)",
+                              unit="doc")
         shard = 0
-        for (url, _, staged), result in zip(tasks, results):  # input order: the first copy of a document wins
+        for (url, _, staged), result in zip(tasks, results):
             kept = commit_staged(Path(staged), result["doc_ids"], seen, tmp_dir / f"part-{shard:05d}.parquet")
             shard += kept > 0
             counts = {"read": result["read"], "kept": kept, "rejected": len(result["rejects"]),
