@@ -156,21 +156,20 @@ class TokenizeShard:
         clusters, parts = [], {"train": [], "heldout": []}
         counts: dict[str, list[int]] = {"train": [], "heldout": []}
         with pq.ParquetFile(shard) as parquet:
-            tables = [parquet.read_row_group(group, columns=["doc_id", "text", "cluster"])
-                      for group in range(parquet.metadata.num_row_groups)]
-        for group, table in enumerate(tables):
-            ids = np.unique(table.column("cluster").to_numpy())
-            if len(ids) != 1:
-                raise ParamError(f"tokenize.domains: row group {group} of {shard} holds clusters {ids.tolist()[:5]} "
-                                 "(expected exactly one cluster per row group); re-run assign")
-            clusters.append(int(ids[0]))
-            out = held_out(table.column("doc_id").to_pylist(), self.holdout, self.seed)
-            texts = table.column("text").to_pylist()
-            for kind, mask in (("train", ~out), ("heldout", out)):
-                chosen = [t for t, m in zip(texts, mask) if m]
-                counts[kind].append(len(chosen))
-                if chosen:
-                    parts[kind].append(tokenize_texts(self._tokenizer, chosen, self.eos, self.dtype))
+            for group in range(parquet.metadata.num_row_groups):  # one cluster's texts in memory at a time
+                table = parquet.read_row_group(group, columns=["doc_id", "text", "cluster"])
+                ids = np.unique(table.column("cluster").to_numpy())
+                if len(ids) != 1:
+                    raise ParamError(f"tokenize.domains: row group {group} of {shard} holds clusters "
+                                     f"{ids.tolist()[:5]} (expected exactly one cluster per row group); re-run assign")
+                clusters.append(int(ids[0]))
+                out = held_out(table.column("doc_id").to_pylist(), self.holdout, self.seed)
+                texts = table.column("text").to_pylist()
+                for kind, mask in (("train", ~out), ("heldout", out)):
+                    chosen = [t for t, m in zip(texts, mask) if m]
+                    counts[kind].append(len(chosen))
+                    if chosen:
+                        parts[kind].append(tokenize_texts(self._tokenizer, chosen, self.eos, self.dtype))
         for kind in ("train", "heldout"):
             with atomic_path(f"{staged}.{kind}_tokens.bin") as tmp, open(tmp, "wb") as fh:
                 for tokens_, _ in parts[kind]:
