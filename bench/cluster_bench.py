@@ -22,10 +22,10 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from common import WORK, print_table, write_result
 
-from pipeline.sampling import gather_rows, sample_rows
-from pipeline.embed import load_embeddings
-from pipeline.kmeans import HierarchicalKMeans, l2_normalize
-from pipeline.stats import purity
+from dgamix.pipeline.sampling import gather_rows, sample_rows
+from dgamix.pipeline.embed import load_embeddings
+from dgamix.pipeline.kmeans import HierarchicalKMeans, l2_normalize
+from dgamix.pipeline.stats import purity
 
 WORKDIR = WORK / "generic"
 SEED = 0

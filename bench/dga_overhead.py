@@ -26,10 +26,10 @@ import torch
 
 from common import ROOT, print_table, write_result
 
-from mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
-from mixer.dga import ESTIMATORS
-from mixer.strategies import DGAStrategy, StaticStrategy
-from trainer.model import GPT, GPTConfig
+from dgamix.mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
+from dgamix.mixer.dga import ESTIMATORS
+from dgamix.mixer.strategies import DGAStrategy, StaticStrategy
+from dgamix.trainer.model import GPT, GPTConfig
 
 SEQ, BATCH = 64, 16
 

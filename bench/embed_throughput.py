@@ -35,7 +35,7 @@ def load_texts(n: int) -> list[str]:
 def main() -> None:
     import torch
 
-    from pipeline.embed import CHARS_PER_TOKEN_BOUND, embed_texts, load_encoder
+    from dgamix.pipeline.embed import CHARS_PER_TOKEN_BOUND, embed_texts, load_encoder
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=600)

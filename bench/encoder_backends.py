@@ -41,9 +41,9 @@ def corpus_texts(n: int, seed: int) -> list[str]:
 def main() -> None:
     import torch
 
-    from pipeline.embed import CHARS_PER_TOKEN_BOUND, embed_texts, load_encoder
-    from pipeline.encoders import openvino_encoder
-    from pipeline.fidelity import fidelity_report
+    from dgamix.pipeline.embed import CHARS_PER_TOKEN_BOUND, embed_texts, load_encoder
+    from dgamix.pipeline.encoders import openvino_encoder
+    from dgamix.pipeline.fidelity import fidelity_report
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs", type=int, default=6000, help="documents the fidelity is measured on")

@@ -59,7 +59,7 @@ def digests(directory: Path) -> dict[str, str]:
 def main() -> None:
     import ray
 
-    from pipeline import assign, cluster, embed, ingest, tokens
+    from dgamix.pipeline import assign, cluster, embed, ingest, tokens
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--docs-per-shard", type=int, default=120)

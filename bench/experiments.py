@@ -30,8 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import zstandard  # noqa: E402
 from common import CORPUS, ROOT, WORK  # noqa: E402
 
-from pipeline import assign, bases, cluster, tokens  # noqa: E402
-from trainer import train  # noqa: E402
+from dgamix.pipeline import assign, bases, cluster, tokens  # noqa: E402
+from dgamix.trainer import train  # noqa: E402
 
 GENERIC = WORK / "generic"
 RESULTS = ROOT / "results"

@@ -32,7 +32,7 @@ CLUSTERS = 4096
 
 def build_store(directory: Path, tokens_per_cluster: int, seed: int = 0) -> Path:
     """A synthetic store: every cluster holds documents of 200-2000 random tokens, EOS-terminated."""
-    from pipeline.tokens import write_token_store
+    from dgamix.pipeline.tokens import write_token_store
 
     if (directory / "store.json").exists():
         return directory
@@ -55,7 +55,7 @@ def build_store(directory: Path, tokens_per_cluster: int, seed: int = 0) -> Path
 
 
 def run_stream(directory: Path, steps: int, change_every: int | None) -> dict:
-    from mixer import ClusterStore, Mixture, MixtureStream
+    from dgamix.mixer import ClusterStore, Mixture, MixtureStream
 
     store = ClusterStore(directory)
     stream = MixtureStream(store, Mixture.identity(store.available), SEQ_LEN, BATCH, seed=0)
@@ -73,7 +73,7 @@ def run_weighted_sampler(directory: Path, steps: int) -> dict:
     import torch
     from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-    from mixer import ClusterStore
+    from dgamix.mixer import ClusterStore
 
     store = ClusterStore(directory)
     per_cluster = store.cluster_tokens // (SEQ_LEN + 1)
@@ -106,7 +106,7 @@ def run_interleave(directory: Path, steps: int) -> dict:
     """
     from datasets import Dataset, interleave_datasets
 
-    from mixer import ClusterStore
+    from dgamix.mixer import ClusterStore
 
     store = ClusterStore(directory)
     build = time.perf_counter()

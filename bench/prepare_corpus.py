@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import CORPUS, WORK  # noqa: E402
 
-from pipeline import embed, ingest  # noqa: E402
+from dgamix.pipeline import embed, ingest  # noqa: E402
 
 WORKDIR = WORK / "generic"
 

@@ -19,7 +19,7 @@ import polars as pl
 
 from common import ROOT
 
-from trainer.plot import plot_runs
+from dgamix.trainer.plot import plot_runs
 
 RESULTS = ROOT / "results"
 REPORT = ROOT / "RESULTS.md"

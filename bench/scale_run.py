@@ -176,8 +176,8 @@ def tile_embeddings(n_docs: int, source_docs: int) -> dict:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from pipeline.atomic import write_json, write_npy
-    from pipeline.embed import docs_fingerprint, sidecar_for
+    from dgamix.core.atomic import write_json, write_npy
+    from dgamix.pipeline.embed import docs_fingerprint, sidecar_for
 
     src, dst = workdir(source_docs), workdir(n_docs)
     src_shards = sorted((src / "docs").glob("part-*.parquet"))
@@ -209,7 +209,7 @@ def tile_embeddings(n_docs: int, source_docs: int) -> dict:
 def mixer_child(tokens: Path, batches: int, seq_len: int, batch_size: int) -> None:
     import numpy as np
 
-    from mixer import ClusterStore, Mixture, MixtureStream
+    from dgamix.mixer import ClusterStore, Mixture, MixtureStream
 
     start = time.perf_counter()
     store = ClusterStore(tokens)
@@ -263,7 +263,7 @@ def cmd_run(args) -> None:
     meta = {"docs_generated": n, "levels": args.levels, "embed_backend": args.embed_backend or "default (torch)",
             "tiled_from": args.tile_from, "corpus": corpus, "machine": machine_info(),
             "date": time.strftime("%Y-%m-%d"), "commit": _git("rev-parse", "HEAD"),
-            "uncommitted": _git("status", "--porcelain", "--", "pipeline", "mixer").splitlines()}
+            "uncommitted": _git("status", "--porcelain", "--", "dgamix").splitlines()}
     if not (base / "run.json").exists():  # describes the run that recorded the stages: never overwritten
         (base / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     dgamix = [DGAMIX, "--params", params]

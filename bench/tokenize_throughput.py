@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from common import ROOT, print_table, write_result
 
-from pipeline.tokens import load_tokenizer, token_dtype, tokenize_texts, train_bpe
+from dgamix.pipeline.tokens import load_tokenizer, token_dtype, tokenize_texts, train_bpe
 
 
 def main() -> None:

@@ -45,7 +45,7 @@ def make_params(workdir: Path, inputs: list[str], levels: list[int]) -> dict:
 
 @pytest.fixture(scope="session")
 def encoder():
-    from pipeline.embed import load_encoder
+    from dgamix.pipeline.embed import load_encoder
 
     return load_encoder("all-MiniLM-L6-v2", "cpu", 128)
 
@@ -53,7 +53,7 @@ def encoder():
 @pytest.fixture(scope="session")
 def embedded_workspace(tmp_path_factory, sample_records) -> Path:
     """A workspace with the fixture corpus ingested and embedded (done once; tests copy it)."""
-    from pipeline import embed, ingest
+    from dgamix.pipeline import embed, ingest
 
     work = tmp_path_factory.mktemp("embedded")
     (work / "raw").mkdir()

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.tokens import write_token_store
+from dgamix.pipeline.tokens import write_token_store
 
 EOS = 0
 

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from pipeline import assign, cluster, stats
-from pipeline.params import ParamError
+from dgamix.pipeline import assign, cluster, stats
+from dgamix.core.params import ParamError
 from sklearn.metrics import normalized_mutual_info_score
 
-from pipeline.stats import class_tfidf_keywords, contingency_scores, purity
+from dgamix.pipeline.stats import class_tfidf_keywords, contingency_scores, purity
 
 from .conftest import load_params
 
@@ -127,7 +127,7 @@ def test_max_fit_docs_caps_the_fit_sample(workspace):
 def test_stages_name_a_missing_input(workspace):
     params = load_params(workspace)
     params["embed"]["docs"] = "data/nothing"
-    from pipeline import embed
+    from dgamix.pipeline import embed
 
     with pytest.raises(ParamError, match=r"embed.docs = 'data/nothing' does not exist"):
         embed.run(params)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixer.dga import check_dga_params, dga_update, exact_alignment, exponentiated_update
+from dgamix.mixer.dga import check_dga_params, dga_update, exact_alignment, exponentiated_update
 
 
 def test_update_matches_a_hand_computed_example():
@@ -115,8 +115,8 @@ def _dga_run(directory, target_dir, steps, resume_at=(), seed=0):
     """Train a tiny LM on the stream with DGA; stop and resume (fresh objects) at the given steps."""
     import hashlib
 
-    from mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
-    from mixer.strategies import DGAStrategy
+    from dgamix.mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
+    from dgamix.mixer.strategies import DGAStrategy
 
     def build(state=None):
         model = _lm(seed=seed)
@@ -173,8 +173,8 @@ def test_cheaper_estimators_are_faithful_to_exact_on_the_reference_gpt(estimator
     `batched`: all bases' sequences evaluated together through per-sequence losses."""
     from scipy.stats import spearmanr
 
-    from mixer.dga import ESTIMATORS
-    from trainer.model import GPT, GPTConfig
+    from dgamix.mixer.dga import ESTIMATORS
+    from dgamix.trainer.model import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=96, block_size=16, n_layer=1, n_head=2, n_embd=32))
@@ -201,7 +201,7 @@ def test_cheaper_estimators_are_faithful_to_exact_on_the_reference_gpt(estimator
 
 
 def test_forward_estimator_needs_the_module():
-    from mixer.dga import forward_mode_alignment
+    from dgamix.mixer.dga import forward_mode_alignment
 
     model = torch.nn.Linear(5, 1)
     with pytest.raises(ValueError, match="needs the model"):
@@ -214,7 +214,7 @@ def test_forward_estimator_needs_the_module():
 
 
 def test_exp3_policy_explores_and_favours_high_reward_domains():
-    from mixer.strategies import exp3_probabilities
+    from dgamix.mixer.strategies import exp3_probabilities
 
     pi, eps = exp3_probabilities(np.zeros(4), step=1)
     np.testing.assert_allclose(pi, 0.25) and np.testing.assert_allclose(eps, 0.25)
@@ -224,8 +224,8 @@ def test_exp3_policy_explores_and_favours_high_reward_domains():
 
 
 def test_odm_moves_weight_to_the_domain_with_the_highest_loss(tmp_path):
-    from mixer import ClusterStore, Mixture, MixtureStream
-    from mixer.strategies import ODMStrategy
+    from dgamix.mixer import ClusterStore, Mixture, MixtureStream
+    from dgamix.mixer.strategies import ODMStrategy
 
     from .mixer_fixtures import synthetic_store
 

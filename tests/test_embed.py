@@ -12,8 +12,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import cluster, embed
-from pipeline.params import InputError, ParamError
+from dgamix.pipeline import cluster, embed
+from dgamix.core.params import InputError, ParamError
 
 from .conftest import load_params
 
@@ -89,7 +89,7 @@ def test_killed_embed_resumes_to_identical_bytes(workspace, embedded_workspace):
     for p in emb.iterdir():
         p.unlink()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "pipeline.cli", "embed"]
+    cmd = [sys.executable, "-m", "dgamix.cli", "embed"]
     proc = subprocess.Popen(cmd, cwd=workspace, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while not (emb / "part-00000.json").exists():

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import embed
-from pipeline.fidelity import cluster_agreement, fidelity_report, mean_cosine
-from pipeline.kmeans import HierarchicalKMeans
-from pipeline.params import ParamError
+from dgamix.pipeline import embed
+from dgamix.pipeline.fidelity import cluster_agreement, fidelity_report, mean_cosine
+from dgamix.pipeline.kmeans import HierarchicalKMeans
+from dgamix.core.params import ParamError
 
 from .conftest import load_params
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from pipeline import assign, cluster, embed, ingest, tokens
-from pipeline.engine import FAULT_DIR_ENV, FAULT_ENV, StageFailed
-from pipeline.params import InputError, ParamError
+from dgamix.pipeline import assign, cluster, embed, ingest, tokens
+from dgamix.pipeline.engine import FAULT_DIR_ENV, FAULT_ENV, StageFailed
+from dgamix.core.params import InputError, ParamError
 
 from .conftest import load_params, write_jsonl_zst
 

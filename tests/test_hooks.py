@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
-from mixer.hooks import SequenceDataset, make_hf_callback, make_lightning_callback
-from mixer.strategies import DGAStrategy
+from dgamix.mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
+from dgamix.mixer.hooks import SequenceDataset, make_hf_callback, make_lightning_callback
+from dgamix.mixer.strategies import DGAStrategy
 
 from .mixer_fixtures import synthetic_store
 
@@ -80,7 +80,7 @@ lightning = pytest.importorskip("lightning")
 class _TinyLM(lightning.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        from trainer.model import GPT, GPTConfig
+        from dgamix.trainer.model import GPT, GPTConfig
 
         self.model = GPT(GPTConfig(vocab_size=128, block_size=SEQ, n_layer=1, n_head=2, n_embd=16))
         self.seen: list[str] = []

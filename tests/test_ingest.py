@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from pipeline import ingest
-from pipeline.params import InputError, ParamError
-from pipeline.readers import Record, Reject, iter_records
+from dgamix.pipeline import ingest
+from dgamix.core.params import InputError, ParamError
+from dgamix.pipeline.readers import Record, Reject, iter_records
 
 from .conftest import chdir
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.cluster import validate_levels
-from pipeline.kmeans import HierarchicalKMeans, _repair_empty, l2_normalize, nearest_centroid, spherical_kmeans
-from pipeline.params import ParamError
+from dgamix.pipeline.cluster import validate_levels
+from dgamix.pipeline.kmeans import HierarchicalKMeans, _repair_empty, l2_normalize, nearest_centroid, spherical_kmeans
+from dgamix.core.params import ParamError
 
 
 def planted(n_per: int = 60, k: int = 6, dim: int = 24, seed: int = 0):

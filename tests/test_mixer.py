@@ -9,7 +9,7 @@ import scipy.sparse as sp
 from scipy.stats import chisquare
 from torch.utils.data import DataLoader
 
-from mixer import ClusterStore, Mixture, MixtureStream, StateMismatchError
+from dgamix.mixer import ClusterStore, Mixture, MixtureStream, StateMismatchError
 
 from .mixer_fixtures import synthetic_store
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mixer import ClusterStore, Mixture, MixtureStream
+from dgamix.mixer import ClusterStore, Mixture, MixtureStream
 
 from .mixer_fixtures import synthetic_store
 
@@ -93,8 +93,8 @@ def _dga_rank_main(rank: int, world_size: int, port: int, directory: str, target
 
     import torch
 
-    from mixer import TargetSampler
-    from mixer.strategies import DGAStrategy
+    from dgamix.mixer import TargetSampler
+    from dgamix.mixer.strategies import DGAStrategy
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     torch.manual_seed(0)  # identical initial parameters on every rank, as DDP would broadcast

@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 import zstandard
 
-from mixer import ClusterStore, Mixture
-from pipeline import assign, bases, cluster, tokens
-from pipeline.params import InputError, ParamError
+from dgamix.mixer import ClusterStore, Mixture
+from dgamix.pipeline import assign, bases, cluster, tokens
+from dgamix.core.params import InputError, ParamError
 
 from .conftest import ROOT, load_params
 

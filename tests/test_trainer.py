@@ -6,10 +6,10 @@ import json
 import polars as pl
 import pytest
 
-from pipeline import assign, bases, cluster, tokens
-from pipeline.params import ParamError
-from trainer.plot import plot_runs
-from trainer.train import run
+from dgamix.pipeline import assign, bases, cluster, tokens
+from dgamix.core.params import ParamError
+from dgamix.trainer.plot import plot_runs
+from dgamix.trainer.train import run
 
 from .conftest import ROOT, load_params
 

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from tqdm.auto import tqdm
 
-from .params import InputError, ParamError, non_negative_int, require
+from ..core.params import InputError, ParamError, non_negative_int, require
 
 log = logging.getLogger(__name__)
 

@@ -25,11 +25,11 @@ import polars as pl
 import pyarrow as pa
 
 from .assign import MANIFEST
-from .atomic import atomic_path, write_json, write_parquet
+from ..core.atomic import atomic_path, write_json, write_parquet
 from .cluster import load_model
 from .embed import embed_texts, encoder_of
 from .ingest import expand_inputs
-from .params import InputError, ParamError, local_path, require, section
+from ..core.params import InputError, ParamError, local_path, require, section
 from .readers import Reject, iter_records
 from .tokens import load_tokenizer, tokenize_texts, write_token_store
 

@@ -27,10 +27,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .assign import MANIFEST
-from .atomic import atomic_path, write_json, write_npy
+from ..core.atomic import atomic_path, write_json, write_npy
 from .engine import Engine
 from .sampling import sample_texts
-from .params import ParamError, local_path, non_negative_int, positive_int, require, section
+from ..core.params import ParamError, local_path, non_negative_int, positive_int, require, section
 
 log = logging.getLogger(__name__)
 

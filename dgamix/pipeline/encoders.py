@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .atomic import atomic_path, write_json
-from .params import ParamError
+from ..core.atomic import atomic_path, write_json
+from ..core.params import ParamError
 
 log = logging.getLogger(__name__)
 

@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
-from mixer.strategies import DGAStrategy, ODMStrategy, StaticStrategy
-from pipeline.atomic import atomic_path, write_json
-from pipeline.params import ParamError, local_path, positive_int, require, section
+from ..mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
+from ..mixer.strategies import DGAStrategy, ODMStrategy, StaticStrategy
+from ..core.atomic import atomic_path, write_json
+from ..core.params import ParamError, local_path, positive_int, require, section
 
 from .model import GPT, GPTConfig
 

@@ -19,9 +19,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path, write_json, write_parquet
+from ..core.atomic import atomic_path, write_json, write_parquet
 from .engine import Engine
-from .params import InputError, ParamError, local_path, require, section
+from ..core.params import InputError, ParamError, local_path, require, section
 from .readers import Record, Reject, is_supported, iter_records
 
 log = logging.getLogger(__name__)

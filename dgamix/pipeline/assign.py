@@ -15,12 +15,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path, write_parquet
+from ..core.atomic import atomic_path, write_parquet
 from .cluster import load_model
 from .engine import Engine
 from .embed import docs_shards, load_embeddings
 from .kmeans import HierarchicalKMeans, resolve_backend
-from .params import ParamError, local_path, require, section
+from ..core.params import ParamError, local_path, require, section
 
 log = logging.getLogger(__name__)
 

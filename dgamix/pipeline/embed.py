@@ -18,10 +18,10 @@ from typing import Any, Callable
 import numpy as np
 import pyarrow.parquet as pq
 
-from .atomic import remove_stale_tmp, write_json, write_npy
+from ..core.atomic import remove_stale_tmp, write_json, write_npy
 from .engine import Engine, StageFailed
 from .fidelity import MIN_CLUSTER_AGREEMENT, MIN_MEAN_COSINE
-from .params import InputError, ParamError, local_path, non_negative_int, positive_int, require, section
+from ..core.params import InputError, ParamError, local_path, non_negative_int, positive_int, require, section
 from .sampling import sample_texts
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,9 @@ from sklearn.feature_extraction.text import CountVectorizer
 from tqdm.auto import tqdm
 
 from .assign import MANIFEST
-from .atomic import atomic_path, write_json
+from ..core.atomic import atomic_path, write_json
 from .sampling import sample_texts
-from .params import ParamError, local_path, non_negative_int, positive_int, section
+from ..core.params import ParamError, local_path, non_negative_int, positive_int, section
 
 log = logging.getLogger(__name__)
 

@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .atomic import atomic_path, write_json, write_npy, write_parquet
+from ..core.atomic import atomic_path, write_json, write_npy, write_parquet
 from .embed import load_embeddings
 from .kmeans import HierarchicalKMeans, resolve_backend
 from .sampling import gather_rows, sample_rows
-from .params import ParamError, local_path, non_negative_int, positive_int, require, section
+from ..core.params import ParamError, local_path, non_negative_int, positive_int, require, section
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import logging
 import os
 import sys
 
-from .engine import StageFailed
-from .params import InputError, ParamError, load_params
+from .pipeline.engine import StageFailed
+from .core.params import InputError, ParamError, load_params
 
 STAGES = {
     "ingest": "read RedPajama-layout files into normalized Parquet shards",
@@ -42,16 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.stage == "plot":
-            from trainer.plot import plot_runs
+            from .trainer.plot import plot_runs
 
             result = {"written": [str(p) for p in plot_runs(args.runs)]}
         elif args.stage == "train":
-            from trainer.train import run as train_run
+            from .trainer.train import run as train_run
 
             result = train_run(load_params(args.params), args.strategy)
         else:
             params = load_params(args.params)
-            stage = importlib.import_module(f"pipeline.{MODULES.get(args.stage, args.stage)}")
+            stage = importlib.import_module(f"dgamix.pipeline.{MODULES.get(args.stage, args.stage)}")
             result = stage.run(params)
     except (ParamError, InputError, FileNotFoundError, StageFailed) as err:
         print(f"dgamix {args.stage}: error: {err}", file=sys.stderr)
