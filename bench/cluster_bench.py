@@ -19,13 +19,14 @@ import numpy as np
 import polars as pl
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
 
 from common import WORK, print_table, write_result
 
 from dgamix.pipeline.sampling import gather_rows, sample_rows
-from dgamix.pipeline.embed import load_embeddings
+from dgamix.formats.embeddings import load as load_embeddings
 from dgamix.pipeline.kmeans import HierarchicalKMeans, l2_normalize
-from dgamix.pipeline.stats import purity
+from dgamix.pipeline.stats import contingency_scores
 
 WORKDIR = WORK / "generic"
 SEED = 0
@@ -70,7 +71,7 @@ def main() -> None:
         rows.append({"method": method, "levels": str(levels), "docs": n, "fit_points": fit_n,
                      "fit_s": fit_s, "assign_s": assign_s, "total_s": fit_s + assign_s,
                      "clusters_used": int(len(np.unique(labels))),
-                     "purity": purity(labels, domains), "nmi": float(normalized_mutual_info_score(domains, labels))})
+                     "purity": contingency_scores(contingency_matrix(labels, domains))[0], "nmi": float(normalized_mutual_info_score(domains, labels))})
         print_table(rows[-1:])
 
     for levels in ([64], [64, 64]):

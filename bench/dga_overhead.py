@@ -104,7 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # one core each: experiments share the machine (ratios are within-run)
     store = ClusterStore(ROOT / "data/tokens")
-    target_store = ClusterStore(ROOT / "data/bases/target")
+    target_store = ClusterStore(ROOT / "data/targets/spec/tokens")
     rows = []
     grid = [(m, every, BATCH) for m in (8, 64) for every in (10, 50)] + [(64, 50, 2)]
     for m, every, align in grid:

@@ -42,7 +42,7 @@ def main() -> None:
     import torch
 
     from dgamix.pipeline.embed import CHARS_PER_TOKEN_BOUND, embed_texts, load_encoder
-    from dgamix.pipeline.encoders import openvino_encoder
+    from dgamix.pipeline.encoders import OpenVINOEncoder, ensure_openvino_export
     from dgamix.pipeline.fidelity import fidelity_report
 
     parser = argparse.ArgumentParser()
@@ -64,9 +64,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache:
         for backend in BACKENDS:
             start = time.perf_counter()
-            encoder = st_model if backend == "torch" else openvino_encoder(
-                st_model, "all-MiniLM-L6-v2", backend, Path(cache),
-                calibration if backend == "openvino-int8" else None, args.ov_precision)
+            encoder = st_model
+            if backend != "torch":  # exported into the cache as the embed stage does, then loaded
+                ensure_openvino_export(lambda: st_model, "all-MiniLM-L6-v2", backend, Path(cache),
+                                       calibration if backend == "openvino-int8" else None)
+                encoder = OpenVINOEncoder(st_model, Path(cache) / backend / "model.xml", backend, args.ov_precision)
             prepare_s = time.perf_counter() - start
             embed_texts(encoder, texts[:64], args.max_tokens, args.batch_size)  # warm-up
             start = time.perf_counter()

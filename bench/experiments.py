@@ -30,7 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import zstandard  # noqa: E402
 from common import CORPUS, ROOT, WORK  # noqa: E402
 
-from dgamix.pipeline import assign, bases, cluster, tokens  # noqa: E402
+from dgamix.pipeline import assign, bases, cluster, embed, ingest, tokens  # noqa: E402
+from dgamix.pipeline.targets import stage_params  # noqa: E402
 from dgamix.trainer import train  # noqa: E402
 
 GENERIC = WORK / "generic"
@@ -114,16 +115,18 @@ def pipeline_params(levels: list[int], target: str, spec_docs: int | None) -> di
     spec = (spec_prefix(target, spec_docs, tdir / "spec.jsonl.zst") if spec_docs
             else CORPUS / "targets" / target / "spec.jsonl.zst")
     return {
+        "embed": {"output": str(GENERIC / "embeddings")},
+        "targets": {"sets": {"spec": [str(spec)], "eval": [str(CORPUS / "targets" / target / "eval.jsonl.zst")]},
+                    "output": str(tdir / "targets"), "metrics": str(tdir / "targets")},
         "cluster": {"embeddings": str(GENERIC / "embeddings"), "docs": str(GENERIC / "docs"),
                     "output": str(base / "clusters"), "levels": levels, "seed": 0},
         "assign": {"docs": str(GENERIC / "docs"), "embeddings": str(GENERIC / "embeddings"),
                    "clusters": str(base / "clusters"), "output": str(base / "domains")},
         "tokenize": {"domains": str(base / "domains"), "output": str(base / "tokens"), "vocab_size": 8192,
                      "holdout_fraction": 0.02, "seed": 0, **shared_tokenizer},
-        "bases": {"target": [str(spec)], "eval": [str(CORPUS / "targets" / target / "eval.jsonl.zst")],
+        "bases": {"target": str(tdir / "targets" / "spec" / "domains"),
                   "families": ["importance", "natural", "uniform", "coarse"], "domains": str(base / "domains"),
-                  "clusters": str(base / "clusters"), "tokens": str(base / "tokens"),
-                  "embeddings": str(GENERIC / "embeddings"), "output": str(tdir / "bases"),
+                  "clusters": str(base / "clusters"), "tokens": str(base / "tokens"), "output": str(tdir / "bases"),
                   "metrics": str(tdir / "bases.json")},
     }
 
@@ -136,7 +139,15 @@ def prepare(levels: list[int], target: str, spec_docs: int | None) -> None:
     for stage, done in ((cluster, base / "clusters"), (assign, base / "domains"), (tokens, base / "tokens")):
         if not done.exists():  # shared by every target at this granularity
             stage.run(params)
+    for name in ("spec", "eval"):  # the target sets through the corpus's own stages, as dvc.yaml's target_* do
+        for stage_name, stage in (("ingest", ingest), ("embed", embed), ("assign", assign), ("tokenize", tokens)):
+            stage.run(stage_params(params, name, stage_name))
     bases.run(params)
+
+
+def target_stores(tdir: Path) -> dict[str, str]:
+    """The trainer's specialized stores for a target folder."""
+    return {"target": str(tdir / "targets" / "spec" / "tokens"), "target_eval": str(tdir / "targets" / "eval" / "tokens")}
 
 
 def variant_settings(spec: dict[str, Any], variant: str) -> tuple[list[int], dict[str, Any]]:
@@ -165,7 +176,8 @@ def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | No
                     continue
                 cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides
                 cfg.update(seed=seed, tokens=str(levels_dir(levels) / "tokens"), bases=str(tdir / "bases"),
-                           output=str(out), basis_names=coarse if basis_set == "coarse" else None)
+                           output=str(out), basis_names=coarse if basis_set == "coarse" else None,
+                           **target_stores(tdir))
                 if steps:
                     cfg["steps"] = steps
                 started = time.perf_counter()
@@ -193,11 +205,14 @@ def verify(name: str, target: str, seed: int, method: str, variant: str = "defau
     names = json.loads((tdir / "bases" / "names.json").read_text())
     cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides
     cfg.update(seed=seed, tokens=str(levels_dir(levels) / "tokens"), bases=str(tdir / "bases"), output=str(scratch),
-               basis_names=[n for n in names if n.startswith("coarse:")] if basis_set == "coarse" else None)
+               basis_names=[n for n in names if n.startswith("coarse:")] if basis_set == "coarse" else None,
+               **target_stores(tdir))
     again = train.run({"train": cfg}, strategy)
     keys = ["final_spec_loss", "best_spec_loss", "final_generic_loss", "final_weights"]
+    # metrics.json rounds losses to 6 decimals (runs recorded before that did not): compare at that precision.
+    same = all(round(again[k], 6) == round(recorded[k], 6) for k in keys[:3]) and again[keys[3]] == recorded[keys[3]]
     report = {"run": f"{name}/{target}/{variant}/seed{seed}/{method}",
-              "identical": all(again[k] == recorded[k] for k in keys),
+              "identical": same,
               **{f"recorded_{k}": recorded[k] for k in keys[:3]}, **{f"rerun_{k}": again[k] for k in keys[:3]}}
     (RESULTS / name / "reproduced.json").write_text(json.dumps(report, indent=2) + "\n")
     print(report)

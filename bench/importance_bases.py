@@ -20,7 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from common import CORPUS, WORK, print_table, write_result  # noqa: E402
 
 from dgamix.pipeline.sampling import gather_rows, sample_rows  # noqa: E402
-from dgamix.pipeline.embed import embed_texts, load_embeddings, load_encoder  # noqa: E402
+from dgamix.formats.embeddings import load as load_embeddings  # noqa: E402
+from dgamix.pipeline.embed import embed_texts, load_encoder  # noqa: E402
 from dgamix.pipeline.kmeans import HierarchicalKMeans  # noqa: E402
 from dgamix.pipeline.readers import Record, iter_records  # noqa: E402
 

@@ -32,7 +32,7 @@ CLUSTERS = 4096
 
 def build_store(directory: Path, tokens_per_cluster: int, seed: int = 0) -> Path:
     """A synthetic store: every cluster holds documents of 200-2000 random tokens, EOS-terminated."""
-    from dgamix.pipeline.tokens import write_token_store
+    from dgamix.formats import token_store
 
     if (directory / "store.json").exists():
         return directory
@@ -50,7 +50,7 @@ def build_store(directory: Path, tokens_per_cluster: int, seed: int = 0) -> Path
             tokens[np.cumsum(cluster_lengths) - 1] = 0
             yield tokens, cluster_lengths
 
-    write_token_store(directory, chunks(), np.array([len(x) for x in lengths]), {"vocab_size": 32000, "eos_id": 0})
+    token_store.write(directory, chunks(), np.array([len(x) for x in lengths]), {"vocab_size": 32000, "eos_id": 0})
     return directory
 
 

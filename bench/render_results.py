@@ -35,6 +35,8 @@ def collect(variant_dir: Path) -> dict[str, list[dict]]:
     by_method: dict[str, list[dict]] = {}
     for path in sorted(variant_dir.glob("seed*/*/metrics.json")):
         metrics = json.loads(path.read_text())
+        summary = path.with_name("summary.json")  # seconds, steps, ... (runs recorded before it hold them inline)
+        metrics = (json.loads(summary.read_text()) if summary.exists() else {}) | metrics
         metrics["seed"] = path.parent.parent.name
         by_method.setdefault(path.parent.name, []).append(metrics)
     return by_method

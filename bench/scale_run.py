@@ -177,7 +177,7 @@ def tile_embeddings(n_docs: int, source_docs: int) -> dict:
     import pyarrow.parquet as pq
 
     from dgamix.core.atomic import write_json, write_npy
-    from dgamix.pipeline.embed import docs_fingerprint, sidecar_for
+    from dgamix.formats.embeddings import docs_fingerprint, sidecar_for
 
     src, dst = workdir(source_docs), workdir(n_docs)
     src_shards = sorted((src / "docs").glob("part-*.parquet"))

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 
 from common import ROOT, print_table, write_result
 
-from dgamix.pipeline.tokens import load_tokenizer, token_dtype, tokenize_texts, train_bpe
+from dgamix.formats.token_store import token_dtype
+from dgamix.pipeline.tokens import load_tokenizer, tokenize_texts, train_bpe
 
 
 def main() -> None:

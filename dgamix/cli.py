@@ -1,4 +1,5 @@
-"""`dgamix <stage>`: run one pipeline stage with its section of params.yaml (what dvc.yaml calls)."""
+"""`dgamix <command>`: run one pipeline stage with its section of params.yaml (what dvc.yaml calls), a reference
+training run, or the plots. Dispatch only: the work is in dgamix.pipeline and dgamix.trainer."""
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,8 @@ import logging
 import os
 import sys
 
-from .pipeline.engine import StageFailed
 from .core.params import InputError, ParamError, load_params
+from .pipeline.engine import StageFailed
 
 STAGES = {
     "ingest": "read RedPajama-layout files into normalized Parquet shards",
@@ -21,6 +22,7 @@ STAGES = {
     "bases": "basis distributions over the clusters (importance, reference, natural, uniform, coarse)",
 }
 MODULES = {"tokenize": "tokens"}  # `tokenize` would shadow the standard library module
+TARGET_STAGES = ("ingest", "embed", "assign", "tokenize")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,11 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, help_text in STAGES.items():
-        sub.add_parser(name, help=help_text)
+        stage = sub.add_parser(name, help=help_text)
+        if name in TARGET_STAGES:
+            stage.add_argument("--target", metavar="SET", help="run the stage on the specialized set SET of "
+                               "targets.sets (spec, eval), the corpus's way: its encoder, tree and tokenizer")
     train = sub.add_parser("train", help="reference training run of the small GPT under one strategy")
     train.add_argument("--strategy", required=True, help="uniform, natural, importance, dga or dga_ema")
-    plot = sub.add_parser("plot", help="weight trajectories and losses of training runs (PNG)")
-    plot.add_argument("runs", nargs="?", default="runs", help="folder of runs (default: runs)")
+    plot = sub.add_parser("plot", help="loss curves (CSV for dvc plots, PNG) and weight trajectories of the runs")
+    plot.add_argument("runs", nargs="?", default=None,
+                      help="folder of runs (default: the runs of train.strategies in train.output)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -42,19 +48,25 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         if args.stage == "plot":
-            from .trainer.plot import plot_runs
+            from .trainer import plot
 
-            result = {"written": [str(p) for p in plot_runs(args.runs)]}
+            result = (plot.run(load_params(args.params)) if args.runs is None
+                      else {"written": [str(p) for p in plot.plot_runs(args.runs)]})
         elif args.stage == "train":
             from .trainer.train import run as train_run
 
             result = train_run(load_params(args.params), args.strategy)
         else:
             params = load_params(args.params)
+            if getattr(args, "target", None):
+                from .pipeline.targets import stage_params
+
+                params = stage_params(params, args.target, args.stage)
             stage = importlib.import_module(f"dgamix.pipeline.{MODULES.get(args.stage, args.stage)}")
             result = stage.run(params)
     except (ParamError, InputError, FileNotFoundError, StageFailed) as err:
-        print(f"dgamix {args.stage}: error: {err}", file=sys.stderr)
+        target = f" --target {args.target}" if getattr(args, "target", None) else ""
+        print(f"dgamix {args.stage}{target}: error: {err}", file=sys.stderr)
         return 2
     summary = {k: v for k, v in result.items() if k != "per_file"}
     print(json.dumps(summary, indent=None, default=str))

@@ -39,8 +39,21 @@ def make_params(workdir: Path, inputs: list[str], levels: list[int]) -> dict:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["ingest"]["inputs"] = inputs
     params["cluster"]["levels"] = levels
-    # Keep every path relative to the workdir: stages run there as dvc would.
+    params["targets"]["sets"] = {name: [str(ROOT / "data/sample/target" / f"{name}.jsonl.zst")]
+                                 for name in ("spec", "eval")}
+    # Keep every other path relative to the workdir: stages run there as dvc would.
     return params
+
+
+def run_target_stages(params: dict, names: tuple[str, ...] = ("spec", "eval")) -> None:
+    """The target stages of dvc.yaml, in order: each set through ingest, embed, assign and tokenize the corpus's way
+    (needs the corpus's embed, cluster and tokenize outputs)."""
+    from dgamix.pipeline import assign, embed, ingest, tokens
+    from dgamix.pipeline.targets import stage_params
+
+    for name in names:
+        for stage, module in (("ingest", ingest), ("embed", embed), ("assign", assign), ("tokenize", tokens)):
+            module.run(stage_params(params, name, stage))
 
 
 @pytest.fixture(scope="session")

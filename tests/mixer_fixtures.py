@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dgamix.pipeline.tokens import write_token_store
+from dgamix.formats import token_store
 
 EOS = 0
 
@@ -20,5 +20,5 @@ def synthetic_store(directory: Path, docs_per_cluster: list[int], seed: int = 0,
         tokens = np.concatenate([np.r_[rng.integers(cluster * 10 + 1, cluster * 10 + 10, size=n - 1), EOS]
                                  for n in lengths]).astype(np.uint16) if n_docs else np.zeros(0, np.uint16)
         chunks.append((tokens, lengths.astype(np.int64)))
-    write_token_store(directory, chunks, np.array(docs_per_cluster), {"vocab_size": vocab, "eos_id": EOS})
+    token_store.write(directory, chunks, np.array(docs_per_cluster), {"vocab_size": vocab, "eos_id": EOS})
     return directory

@@ -71,7 +71,8 @@ def test_a_loss_without_grad_is_a_clear_error():
     model = tiny_model()
     with torch.no_grad():
         with pytest.raises(ValueError, match="does not require grad"):
-            exact_alignment(lambda b: model(b).sum(), list(model.parameters()), [[torch.ones(1, 5)]], [torch.ones(1, 5)])
+            exact_alignment(lambda b: model(b).sum(), list(model.parameters()), [[torch.ones(1, 5)]],
+                            [torch.ones(1, 5)])
 
 
 def test_theorem_1_dga_recovers_the_mixture_of_a_specialized_set():
@@ -163,6 +164,96 @@ def test_dga_resume_gives_the_same_weights_and_data(tmp_path):
     assert not np.allclose(straight_alphas[-1], straight_alphas[0])  # DGA did move the weights
 
 
+def test_dga_strategy_defaults_are_the_train_defaults():
+    """DGAStrategy's defaults are params.yaml's train section (dgamix.core.defaults), not numbers of its own."""
+    import dataclasses
+
+    from dgamix.core.defaults import DEFAULTS
+    from dgamix.mixer.strategies import DGAStrategy
+
+    defaults = {f.name: f.default for f in dataclasses.fields(DGAStrategy)}
+    train = DEFAULTS["train"]
+    assert {name: defaults[name] for name in ("eta", "beta", "every", "estimator")} == {
+        name: train[name] for name in ("eta", "beta", "every", "estimator")}
+    assert defaults["batch_size"] == train["dga_batch_size"]
+    assert defaults["target_batch_size"] == train["dga_target_batch_size"]
+
+
+def _small_dga(tmp_path, **settings):
+    from dgamix.mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
+    from dgamix.mixer.strategies import DGAStrategy
+
+    from .mixer_fixtures import synthetic_store
+
+    tokens, target = tmp_path / "tokens", tmp_path / "target"
+    if not tokens.exists():
+        synthetic_store(tokens, [20, 15, 10])
+        synthetic_store(target, [12], seed=5)
+    model = _lm()
+    store = ClusterStore(tokens)
+    stream = MixtureStream(store, Mixture.identity(store.available), seq_len=8, batch_size=4, seed=0)
+    loss_fn = lambda t: torch.nn.functional.cross_entropy(  # noqa: E731
+        model(t[:, :-1]).reshape(-1, 128), t[:, 1:].reshape(-1))
+    return DGAStrategy(stream, TargetSampler(ClusterStore(target), seq_len=8), loss_fn, list(model.parameters()),
+                       **{"module": model, **settings})
+
+
+def test_dga_state_records_its_settings_and_round_trips_through_a_checkpoint(tmp_path):
+    from dgamix.mixer.hooks import _tensors
+
+    dga = _small_dga(tmp_path, eta=0.5, beta=0.5, every=2, batch_size=2)
+    assert dga.target_batch_size == 2  # None means batch_size: the effective value is saved
+    for step in range(4):
+        record = dga.on_step(step)
+        assert (record is None) == (step % 2 == 0)
+        assert record is None or record.step == step and record.weights == dga.weights.tolist()
+    assert not hasattr(dga, "history")  # the caller logs the returned records; nothing grows without bound
+    state = dga.state_dict()
+    assert {k: state[k] for k in dga.SETTINGS} == {"eta": 0.5, "beta": 0.5, "every": 2, "estimator": "exact",
+                                                   "batch_size": 2, "micro_batches": 1, "target_batch_size": 2}
+    torch.save(_tensors(state), tmp_path / "state.pt")  # as the trainer hooks save it
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)
+    resumed = _small_dga(tmp_path, eta=0.5, beta=0.5, every=2, batch_size=2)
+    resumed.load_state_dict(loaded)
+    np.testing.assert_array_equal(resumed.weights, dga.weights)
+    assert (resumed.updates, resumed.target.position) == (2, dga.target.position)
+
+
+@pytest.mark.parametrize("changed, message", [
+    ({"eta": 0.4}, r"eta: saved 0\.5, now 0\.4"),
+    ({"beta": 1.0}, r"beta: saved 0\.5, now 1\.0"),
+    ({"every": 3}, r"every: saved 2, now 3"),
+    ({"estimator": "finite_difference"}, r"estimator: saved 'exact', now 'finite_difference'"),
+    ({"batch_size": 4}, r"batch_size: saved 2, now 4; target_batch_size: saved 2, now 4"),
+    ({"target_batch_size": 3}, r"target_batch_size: saved 2, now 3"),
+    ({"micro_batches": 2}, r"micro_batches: saved 1, now 2"),
+])
+def test_dga_refuses_a_state_saved_under_other_settings(tmp_path, changed, message):
+    from dgamix.mixer import StateMismatchError
+
+    saved = _small_dga(tmp_path, eta=0.5, beta=0.5, every=2, batch_size=2)
+    saved.on_step(1)
+    state = saved.state_dict()
+    other = _small_dga(tmp_path, **{"eta": 0.5, "beta": 0.5, "every": 2, "batch_size": 2, **changed})
+    before = (other.weights.copy(), other.updates, other.target.position)
+    with pytest.raises(StateMismatchError, match=message):
+        other.load_state_dict(state)
+    after = (other.weights, other.updates, other.target.position)
+    assert np.array_equal(after[0], before[0]) and after[1:] == before[1:]  # refused before anything was restored
+
+
+def test_dga_names_every_differing_setting_and_refuses_a_state_without_them(tmp_path):
+    from dgamix.mixer import StateMismatchError
+
+    state = _small_dga(tmp_path, eta=0.5, beta=0.5, every=2, batch_size=2).state_dict()
+    other = _small_dga(tmp_path, eta=0.3, beta=0.1, every=2, batch_size=2)
+    with pytest.raises(StateMismatchError, match=r"eta: saved 0\.5, now 0\.3; beta: saved 0\.5, now 0\.1$"):
+        other.load_state_dict(state)
+    del state["estimator"]
+    with pytest.raises(StateMismatchError, match=r"estimator: not saved, now 'exact'"):
+        _small_dga(tmp_path, eta=0.5, beta=0.5, every=2, batch_size=2).load_state_dict(state)
+
+
 @pytest.mark.parametrize("estimator, batched, tolerance", [
     ("finite_difference", False, 0.05), ("finite_difference", True, 0.05), ("forward", False, 1e-3),
     ("forward", True, 1e-3)])
@@ -217,7 +308,8 @@ def test_exp3_policy_explores_and_favours_high_reward_domains():
     from dgamix.mixer.strategies import exp3_probabilities
 
     pi, eps = exp3_probabilities(np.zeros(4), step=1)
-    np.testing.assert_allclose(pi, 0.25) and np.testing.assert_allclose(eps, 0.25)
+    np.testing.assert_allclose(pi, 0.25)
+    assert eps == pytest.approx(0.25)
     pi, eps = exp3_probabilities(np.array([100.0, 0.0, 0.0, 0.0]), step=100)
     assert eps == pytest.approx(np.sqrt(np.log(4) / 400))
     assert pi[0] > 0.5 and np.allclose(pi[1:], pi[1]) and pi.min() >= eps and pi.sum() == pytest.approx(1.0)

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from dgamix.formats import embeddings
 from dgamix.pipeline import cluster, embed
 from dgamix.core.params import InputError, ParamError
 
@@ -39,7 +40,7 @@ def test_only_the_first_max_tokens_tokens_count(encoder):
 
 
 def test_embeddings_are_row_aligned_with_docs(embedded_workspace):
-    arrays = embed.load_embeddings(embedded_workspace / "data/embeddings", embedded_workspace / "data/docs")
+    arrays = embeddings.load(embedded_workspace / "data/embeddings", embedded_workspace / "data/docs")
     shards = sorted((embedded_workspace / "data/docs").glob("part-*.parquet"))
     assert [len(a) for a in arrays] == [pq.read_metadata(s).num_rows for s in shards]
     assert all(a.dtype == np.float16 for a in arrays)

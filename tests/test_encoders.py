@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from dgamix.formats import embeddings
 from dgamix.pipeline import embed
 from dgamix.pipeline.fidelity import cluster_agreement, fidelity_report, mean_cosine
 from dgamix.pipeline.kmeans import HierarchicalKMeans
@@ -36,12 +37,12 @@ def test_fidelity_is_perfect_for_the_same_vectors_and_drops_with_noise():
 
 
 def test_openvino_backend_is_faithful_resumable_and_recorded(workspace):
-    torch_rows = np.concatenate(embed.load_embeddings(workspace / "data/embeddings", workspace / "data/docs"))
+    torch_rows = np.concatenate(embeddings.load(workspace / "data/embeddings", workspace / "data/docs"))
     params = with_backend(workspace, "openvino")
     summary = embed.run(params)
     assert summary["embedded"] == 2 and summary["fidelity"]["passed"]
     out = workspace / "data/emb_openvino"
-    rows = np.concatenate(embed.load_embeddings(out, workspace / "data/docs"))
+    rows = np.concatenate(embeddings.load(out, workspace / "data/docs"))
     assert not np.array_equal(rows, torch_rows)  # another encoder did run
     assert mean_cosine(torch_rows, rows) >= 0.99
     sidecar = json.loads((out / "part-00000.json").read_text())
@@ -53,7 +54,7 @@ def test_openvino_backend_is_faithful_resumable_and_recorded(workspace):
     again = embed.run(params)
     assert again["skipped"] == 2 and again["embedded"] == 0
     # Text embedded later (the bases stage's target) goes through the same export.
-    encoder = embed.encoder_of(out, sidecar)
+    encoder = embed.build_encoder(embed.encoder_spec_of(out, "cpu", 64))
     texts = pq.read_table(workspace / "data/docs/part-00000.parquet").column("text").to_pylist()[:8]
     np.testing.assert_allclose(embed.embed_texts(encoder, texts, 128).astype(np.float32),
                                rows[:8].astype(np.float32), atol=2e-2)

@@ -64,7 +64,7 @@ def _hf_run(stores, out_dir, resume: str | None = None):
 
 def test_hf_trainer_runs_dga_and_resumes_exactly(stores, tmp_path):
     seen, weights, dga = _hf_run(stores, tmp_path / "straight")
-    assert len(seen) == STEPS and len(dga.history) == STEPS // 2
+    assert len(seen) == STEPS and dga.updates == STEPS // 2
     assert not np.allclose(weights, np.full(4, 0.25))  # DGA moved the weights
     checkpoint = tmp_path / "straight/checkpoint-3"
     assert (checkpoint / "dgamix_state.pt").exists()
@@ -112,7 +112,7 @@ def _lightning_run(stores, out_dir, accumulate: int, resume: str | None = None):
 def test_lightning_runs_dga_and_resumes_exactly(stores, tmp_path, accumulate):
     seen, weights, dga = _lightning_run(stores, tmp_path / "straight", accumulate)
     optimizer_steps = STEPS // accumulate
-    assert len(seen) == STEPS and len(dga.history) == optimizer_steps // 2
+    assert len(seen) == STEPS and dga.updates == optimizer_steps // 2
     assert not np.allclose(weights, np.full(4, 0.25))
     resumed_seen, resumed_weights, _ = _lightning_run(stores, tmp_path / "resumed", accumulate,
                                                       resume=str(tmp_path / "straight/step=2.ckpt"))

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from dgamix.formats import docs
 from dgamix.pipeline import ingest
 from dgamix.core.params import InputError, ParamError
 from dgamix.pipeline.readers import Record, Reject, iter_records
@@ -138,15 +139,14 @@ def test_a_shard_thinned_by_cross_file_duplicates_is_written_as_a_fresh_table_wo
     # bytes of writing its documents directly (one row group per SHARD_ROWS rows), whatever path produced it.
     # (Texts long enough that a row group spans several Parquet data pages, where chunking shows in the bytes.)
     first = [{"text": f"document {i} " + "lorem ipsum " * 30} for i in range(0, 3000, 3)]
-    second = [{"text": f"document {i} " + "lorem ipsum " * 30} for i in range(ingest.SHARD_ROWS + 2500)]
+    second = [{"text": f"document {i} " + "lorem ipsum " * 30} for i in range(docs.SHARD_ROWS + 2500)]
     write(tmp_path / "a.jsonl", jsonl_bytes(first))
     write(tmp_path / "b.jsonl", jsonl_bytes(second))
     metrics = run_ingest(tmp_path, ["a.jsonl", "b.jsonl"])
     assert metrics["duplicates"] == len(first)
     kept = [r["text"] for r in second if int(r["text"].split()[1]) >= 3000 or int(r["text"].split()[1]) % 3]
     direct = tmp_path / "direct.parquet"
-    ingest.write_parquet(ingest.docs_table([ingest.content_hash(t) for t in kept], kept, ["unknown"] * len(kept)),
-                         direct, row_group_size=ingest.SHARD_ROWS)
+    docs.write_shard(docs.docs_table([ingest.content_hash(t) for t in kept], kept, ["unknown"] * len(kept)), direct)
     shard = tmp_path / "docs/part-00001.parquet"
     assert pq.ParquetFile(shard).metadata.num_row_groups == 2
     assert shard.read_bytes() == direct.read_bytes()

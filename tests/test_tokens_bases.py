@@ -9,21 +9,23 @@ import pytest
 import zstandard
 
 from dgamix.mixer import ClusterStore, Mixture
-from dgamix.pipeline import assign, bases, cluster, tokens
+from dgamix.pipeline import assign, bases, cluster, ingest, tokens
 from dgamix.core.params import InputError, ParamError
 
-from .conftest import ROOT, load_params
+from dgamix.formats import domains
+from dgamix.pipeline.targets import stage_params
+
+from .conftest import load_params, run_target_stages
 
 
 @pytest.fixture
 def tokenized(workspace):
     params = load_params(workspace)
     params["tokenize"]["vocab_size"] = 1024
-    params["bases"]["target"] = [str(ROOT / "data/sample/target/spec.jsonl.zst")]
-    params["bases"]["eval"] = [str(ROOT / "data/sample/target/eval.jsonl.zst")]
     cluster.run(params)
     assign.run(params)
     tokens.run(params)
+    run_target_stages(params)
     return workspace, params
 
 
@@ -35,7 +37,7 @@ def test_token_store_round_trips_every_document_and_holds_some_out(tokenized):
     assert meta["dtype"] == "uint16" and store.n_clusters == 16 and heldout.n_clusters == 1
     assert meta["documents"] + meta["heldout_documents"] == 240 and meta["heldout_documents"] > 0
     tokenizer = tokens.load_tokenizer(work / "data/tokens/tokenizer.json")
-    by_cluster = dict(assign.iter_clusters(work / "data/domains", ["doc_id", "text"]))
+    by_cluster = dict(domains.iter_clusters(work / "data/domains", ["doc_id", "text"]))
     doc, held = 0, 0
     for c in range(16):
         table = by_cluster[c]
@@ -86,29 +88,53 @@ def test_bases_stage_builds_valid_rows_with_the_importance_histogram(tokenized):
     mixture.check_store(store.available)
     assert names[0] == "importance" and "natural" in names and "uniform" in names
     assert any(n.startswith("reference:") for n in names) and any(n.startswith("coarse:") for n in names)
-    target = pl.read_parquet(work / "data/bases/target_clusters.parquet")["cluster"].to_numpy()
+    target = pl.read_parquet(work / "data/targets/spec/domains/part-*.parquet")["cluster"].to_numpy()
     expected = np.bincount(target, minlength=16) / len(target)
     np.testing.assert_allclose(mixture.bases.getrow(0).toarray().ravel(), expected)
     natural = mixture.bases.getrow(names.index("natural")).toarray().ravel()
     np.testing.assert_allclose(natural, store.cluster_tokens / store.cluster_tokens.sum())
     assert metrics["importance_clusters_covered"] == len(np.unique(target))
     assert metrics["target_documents"] == 176
-    target_store = ClusterStore(work / "data/bases/target")
+    target_store = ClusterStore(work / "data/targets/spec/tokens")
     assert target_store.n_clusters == 1 and target_store.meta["documents"] == 176
+    assert json.loads((work / "metrics/bases.json").read_text()) == {
+        "bases": len(names), "target_clusters": len(np.unique(target))}
 
 
-def test_empty_target_and_missing_text_field_are_errors(tokenized, tmp_path):
+def test_target_store_holds_the_target_in_its_order_with_the_corpus_tokenizer(tokenized):
     work, params = tokenized
+    tokenizer = tokens.load_tokenizer(work / "data/tokens/tokenizer.json")
+    texts = pl.read_parquet(work / "data/targets/spec/docs/part-*.parquet")["text"].to_list()
+    store = ClusterStore(work / "data/targets/spec/tokens")
+    assert store.meta["documents"] == len(texts) == 176 and store.eos_id == tokenizer.token_to_id(tokens.EOS)
+    for i in (0, 1, len(texts) - 1):
+        ids = store.tokens[store.doc_offsets[i]:store.doc_offsets[i + 1]]
+        assert ids[-1] == store.eos_id and tokenizer.decode(ids[:-1].tolist()) == texts[i]
+    # Same encoder and tree as the corpus: the target's embeddings come from the corpus's model.
+    corpus = json.loads(next((work / "data/embeddings").glob("part-*.json")).read_text())
+    target = json.loads(next((work / "data/targets/spec/embeddings").glob("part-*.json")).read_text())
+    assert {k: target[k] for k in ("model", "max_tokens", "backend")} == {
+        k: corpus[k] for k in ("model", "max_tokens", "backend")}
+
+
+def test_empty_target_and_missing_text_field_are_errors(workspace, tmp_path):
+    params = load_params(workspace)
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": "  "}\n')
-    params["bases"]["target"] = [str(empty)]
-    with pytest.raises(InputError, match="empty target set"):
-        bases.run(params)
+    params["targets"]["sets"]["spec"] = [str(empty)]
+    with pytest.raises(InputError, match="empty corpus: no document kept"):
+        ingest.run(stage_params(params, "spec", "ingest"))
     other = tmp_path / "other.jsonl.zst"
     other.write_bytes(zstandard.ZstdCompressor().compress(b'{"body": "a licence"}\n{"body": "another"}\n'))
-    params["bases"]["target"] = [str(other)]
-    with pytest.raises(InputError, match="bases.text_field = 'text': no record of bases.target"):
-        bases.run(params)
+    params["targets"]["sets"]["spec"] = [str(other)]
+    with pytest.raises(InputError, match="rejected 2"):
+        ingest.run(stage_params(params, "spec", "ingest"))
+    params["targets"]["sets"]["spec"] = "not a list"
+    params["targets"]["sets"]["bad name"] = ["x"]
+    with pytest.raises(ParamError, match="set name 'bad name' must be a plain folder name"):
+        stage_params(params, "spec", "ingest")
+    with pytest.raises(ParamError, match="--target nowhere: not in targets.sets"):
+        stage_params(load_params(workspace), "nowhere", "ingest")
 
 
 def test_to_distribution_known_answer():
@@ -135,9 +161,8 @@ def test_validate_bases_errors():
 
 def test_held_out_eval_set_is_tokenized_apart(tokenized):
     work, params = tokenized
-    bases.run(params)
-    held_out = ClusterStore(work / "data/bases/target_eval")
+    held_out = ClusterStore(work / "data/targets/eval/tokens")
     assert held_out.meta["documents"] == 75 and held_out.n_clusters == 1
-    params["bases"]["eval"] = ["nowhere.jsonl"]
-    with pytest.raises(ParamError, match="bases.eval: 'nowhere.jsonl' matches no file"):
-        bases.run(params)
+    params["targets"]["sets"]["eval"] = ["nowhere.jsonl"]
+    with pytest.raises(ParamError, match="ingest.inputs: 'nowhere.jsonl' matches no file"):
+        ingest.run(stage_params(params, "eval", "ingest"))

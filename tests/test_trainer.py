@@ -1,36 +1,75 @@
-"""The reference trainer on the real fixture pipeline: every strategy runs, logs, evaluates and plots."""
+"""The reference trainer on the real fixture pipeline: every strategy runs, logs, evaluates, resumes and plots."""
 from __future__ import annotations
 
+import copy
 import json
+import shutil
+from pathlib import Path
+from typing import Iterator
 
 import polars as pl
 import pytest
+import yaml
 
-from dgamix.pipeline import assign, bases, cluster, tokens
+from dgamix.core.defaults import DEFAULTS
 from dgamix.core.params import ParamError
+from dgamix.pipeline import assign, bases, cluster, tokens
+from dgamix.trainer import plot, train
 from dgamix.trainer.plot import plot_runs
-from dgamix.trainer.train import run
+from dgamix.trainer.train import read_config, run
 
-from .conftest import ROOT, load_params
+from .conftest import chdir, load_params, run_target_stages
+
+METRICS = {"final_spec_loss", "final_generic_loss", "bases", "final_weights"}
 
 
-
-
-def test_every_strategy_trains_and_is_plotted(workspace):
-    params = load_params(workspace)
+@pytest.fixture(scope="module")
+def pipeline_workspace(embedded_workspace, tmp_path_factory) -> Path:
+    """The fixture corpus through cluster, assign, tokenize, the target stages and bases (once per module; tests
+    copy it)."""
+    work = tmp_path_factory.mktemp("trainer") / "ws"
+    shutil.copytree(embedded_workspace, work)
+    params = load_params(work)
     params["tokenize"]["vocab_size"] = 512
-    params["bases"]["target"] = [str(ROOT / "data/sample/target/spec.jsonl.zst")]
-    params["bases"]["eval"] = [str(ROOT / "data/sample/target/eval.jsonl.zst")]
-    for stage in (cluster, assign, tokens, bases):
-        stage.run(params)
+    with chdir(work):
+        for stage in (cluster, assign, tokens):
+            stage.run(params)
+        run_target_stages(params)
+        bases.run(params)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    return work
+
+
+@pytest.fixture
+def trainer_params(pipeline_workspace, tmp_path) -> Iterator[dict]:
+    """A private copy of the pipeline workspace (the process inside it) and small train parameters."""
+    work = tmp_path / "ws"
+    shutil.copytree(pipeline_workspace, work)
+    params = load_params(work)
     params["train"].update(steps=6, seq_len=16, batch_size=4, n_layer=1, n_embd=32, n_head=2, eval_every=3,
                            eval_batches=1, every=3, dga_batch_size=2)
+    with chdir(work):
+        yield params
+
+
+def test_every_strategy_trains_and_is_plotted(trainer_params):
+    params, workspace = trainer_params, Path.cwd()
     names = json.loads((workspace / "data/bases/names.json").read_text())
     for strategy in ("uniform", "importance", "dga_ema", "odm"):
-        metrics = run(params, strategy)
-        assert metrics["steps"] == 6 and metrics["final_spec_loss"] > 0 and metrics["final_generic_loss"] > 0
-        frame = pl.read_csv(workspace / "runs" / strategy / "log.csv", infer_schema_length=None)
+        result = run(params, strategy)
+        out = workspace / "runs" / strategy
+        metrics = json.loads((out / "metrics.json").read_text())
+        summary = json.loads((out / "summary.json").read_text())
+        # metrics.json: only the losses are scalars (one `dvc metrics show` column each), rounded for reading
+        assert set(metrics) == METRICS and metrics["final_spec_loss"] > 0 and metrics["final_generic_loss"] > 0
+        assert all(round(metrics[k], 6) == metrics[k] for k in METRICS - {"bases", "final_weights"})
+        assert summary["best_spec_loss"] <= metrics["final_spec_loss"] and len(metrics["final_weights"]) == len(
+            metrics["bases"])
+        assert summary["strategy"] == strategy and summary["steps"] == 6 and summary["parameters"] > 0
+        assert result == summary | metrics and not (out / "checkpoint.pt").exists()
+        frame = pl.read_csv(out / "log.csv", infer_schema_length=None)
         assert frame.height == 6 and frame["spec_loss"].drop_nulls().len() == 2
+        assert frame["spec_loss"].drop_nulls()[-1] == pytest.approx(metrics["final_spec_loss"], abs=1e-6)
         if strategy == "odm":  # EXP3 over the coarse clusters (disjoint domains)
             assert [c[2:] for c in frame.columns if c.startswith("w:")] == [n for n in names if n.startswith("coarse:")]
             continue
@@ -38,7 +77,7 @@ def test_every_strategy_trains_and_is_plotted(workspace):
         # every step's tokens (4 sequences x 17) attributed to the bases, and the same total per cluster
         per_basis = frame.select([c for c in frame.columns if c.startswith("t:")]).sum_horizontal()
         assert per_basis.round(2).to_list() == [68.0] * 6
-        drawn = pl.read_parquet(workspace / "runs" / strategy / "clusters.parquet")
+        drawn = pl.read_parquet(out / "clusters.parquet")
         assert drawn.group_by("step").agg(pl.col("tokens").sum()).sort("step")["tokens"].to_list() == [68] * 6
         if strategy == "importance":
             assert frame["w:importance"].to_list() == [1.0] * 6
@@ -50,7 +89,81 @@ def test_every_strategy_trains_and_is_plotted(workspace):
     params["train"]["estimator"] = "forward"
     run(params, "dga")
     assert pl.read_csv(workspace / "runs/dga/log.csv", infer_schema_length=None)["a:importance"].drop_nulls().len() == 2
+
     written = plot_runs(workspace / "runs")
-    assert all(p.stat().st_size > 0 for p in written) and len(written) == 6
+    assert all(p.stat().st_size > 0 for p in written) and len(written) == 2 + 1 + 5  # CSVs, losses.png, weights
+    spec = pl.read_csv(workspace / "runs/plots/spec_loss.csv")
+    assert spec.columns == ["step", "dga", "dga_ema", "importance", "odm", "uniform"]
+    assert spec["step"].to_list() == [2, 5]  # the evaluated steps only (0-based, as in log.csv)
+    assert spec["uniform"].to_list() == logged_losses(workspace / "runs/uniform/log.csv", "spec_loss")
+    # the stage plots the runs dvc.yaml trains, in their order
+    params["train"]["strategies"] = ["uniform", "dga_ema"]
+    assert plot.run(params)["written"][-2:] == ["runs/uniform/weights.png", "runs/dga_ema/weights.png"]
+    assert pl.read_csv(workspace / "runs/plots/generic_loss.csv").columns == ["step", "uniform", "dga_ema"]
+    params["train"]["strategies"] = ["uniform", "natural"]
+    with pytest.raises(FileNotFoundError, match="natural"):
+        plot.run(params)
     with pytest.raises(ParamError, match="train.strategy = 'nope'"):
         run(params, "nope")
+
+
+def logged_losses(log_csv: Path, column: str) -> list[float]:
+    frame = pl.read_csv(log_csv, infer_schema_length=None)
+    return frame[column].drop_nulls().cast(pl.Float64).to_list()
+
+
+class Killed(Exception):
+    """Stands for the process dying right after a checkpoint was written."""
+
+
+@pytest.mark.parametrize("strategy", ["dga_ema", "odm"])
+def test_resumed_run_matches_a_straight_run(trainer_params, monkeypatch, strategy):
+    params = copy.deepcopy(trainer_params)
+    params["train"].update(checkpoint_every=2, output="straight")
+    run(params, strategy)
+
+    params["train"]["output"] = "resumed"
+    save = train.save_checkpoint
+
+    def save_then_die(path, objects, next_step, history):
+        save(path, objects, next_step, history)
+        if next_step == 4:
+            raise Killed
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(params, strategy)
+    resumed = Path("resumed") / strategy
+    assert (resumed / "checkpoint.pt").exists() and not (resumed / "log.csv").exists()
+    monkeypatch.undo()
+    other = copy.deepcopy(params)
+    other["train"]["batch_size"] = 2
+    with pytest.raises(ParamError, match="checkpoint.pt was saved by a run with other data or train parameters"):
+        run(other, strategy)
+    assert run(params, strategy)["steps"] == 6
+    for name in ("log.csv", "clusters.parquet", "metrics.json"):  # every step drawn, also the ones before the kill
+        assert (resumed / name).read_bytes() == (Path("straight") / strategy / name).read_bytes(), name
+    assert not (resumed / "checkpoint.pt").exists()
+
+
+def test_missing_eval_store_names_its_parameter(trainer_params):
+    trainer_params["train"]["target_eval"] = "data/targets/nowhere"
+    with pytest.raises(ParamError, match=r"train.target_eval = 'data/targets/nowhere'.*dgamix tokenize --target eval"):
+        run(trainer_params, "uniform")
+
+
+def test_parameters_default_from_core_and_are_checked():
+    config = read_config({"train": {}}, "dga_ema")
+    for key, value in DEFAULTS["train"].items():
+        if key != "strategies":  # dvc.yaml's foreach list: the trainer runs the one strategy it is given
+            assert getattr(config, key) == (Path(value) if isinstance(getattr(config, key), Path) else value), key
+    bad = [({"eta": "0.3"}, "train.eta"), ({"eta": -1}, "train.eta"), ({"beta": 0}, "train.beta"),
+           ({"beta": True}, "train.beta"), ({"estimator": "adjoint"}, "train.estimator"),
+           ({"every": 2.5}, "train.every"), ({"token_cap": 0}, "train.token_cap"),
+           ({"dga_target_batch_size": 0}, "train.dga_target_batch_size"), ({"n_embd": 30}, "train.n_embd"),
+           ({"basis_names": [1]}, "train.basis_names"), ({"lr": "fast"}, "train.lr"), ({"seed": -1}, "train.seed")]
+    for override, named in bad:
+        with pytest.raises(ParamError, match=named.replace(".", r"\.")):
+            read_config({"train": override}, "uniform")
+    with pytest.raises(ParamError, match="train.strategy = 'nope'"):
+        read_config({"train": {}}, "nope")

@@ -1,10 +1,17 @@
-"""Loading params.yaml and validating parameters at the boundary, with messages that name the parameter."""
+"""Loading params.yaml and validating parameters at the boundary, with messages that name the parameter.
+
+A key missing from params.yaml (or null where null is not a value of its own) takes its default from
+`dgamix.core.defaults`, the one place defaults are defined.
+"""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .defaults import DEFAULTS
 
 
 class ParamError(ValueError):
@@ -34,8 +41,11 @@ def section(params: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def require(cfg: dict[str, Any], stage: str, key: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    """Return cfg[key] checked against `kind`; a missing key takes `default` or is an error naming `stage.key`."""
+    """Return cfg[key] checked against `kind`. A missing or null key takes `default` when one is given, else the
+    one defined in `dgamix.core.defaults` for `stage.key`; a key with neither is an error naming `stage.key`."""
     if key not in cfg or cfg[key] is None:
+        if default is ...:
+            default = copy.deepcopy(DEFAULTS.get(stage, {}).get(key, ...))
         if default is ...:
             raise ParamError(f"{stage}.{key} is missing (expected {_kind_name(kind)})")
         return default
@@ -48,10 +58,13 @@ def require(cfg: dict[str, Any], stage: str, key: str, kind: type | tuple[type, 
     return value
 
 
-def local_path(cfg: dict[str, Any], stage: str, key: str, default: Any = ...) -> Path:
-    """A stage's data folder or file: a path or a file:// URL. Stage data is memory-mapped and renamed into place,
-    so it must live on a filesystem (one that every worker mounts, with the Ray engine), not in an object store."""
+def local_path(cfg: dict[str, Any], stage: str, key: str, default: Any = ...) -> Path | None:
+    """A stage's data folder or file: a path or a file:// URL (None only where null is the default). Stage data is
+    memory-mapped and renamed into place, so it must live on a filesystem (one that every worker mounts, with the
+    Ray engine), not in an object store."""
     value = require(cfg, stage, key, str, default)
+    if value is None:
+        return None
     if "://" not in value:
         return Path(value)
     protocol, rest = value.split("://", 1)

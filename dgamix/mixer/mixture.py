@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import scipy.sparse as sp
+
+from ..formats import bases as bases_format
 
 SUM_TOLERANCE = 1e-6
 
@@ -97,13 +98,7 @@ class Mixture:
 
     @classmethod
     def from_bases_dir(cls, directory: str | Path, names: list[str] | None = None) -> "Mixture":
-        directory = Path(directory)
-        all_names = json.loads((directory / "names.json").read_text())
-        table = pq.read_table(directory / "bases.parquet", columns=["basis", "cluster", "prob"]).to_pydict()
-        k = int(pq.read_metadata(directory / "bases.parquet").metadata.get(b"clusters", b"0")) or None
-        n_clusters = k if k else int(max(table["cluster"]) + 1)
-        matrix = sp.csr_matrix((table["prob"], (table["basis"], table["cluster"])),
-                               shape=(len(all_names), n_clusters))
+        all_names, matrix = bases_format.read(Path(directory))
         mixture = cls(matrix, all_names)
         return mixture.select(names) if names else mixture
 

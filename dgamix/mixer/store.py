@@ -9,38 +9,30 @@ order; the last document cut) exist: the cluster repeats after that many tokens,
 """
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
+from ..formats import token_store
+
 
 class ClusterStore:
     def __init__(self, directory: str | Path, token_cap: int | None = None, seed: int = 0, cache_clusters: int = 8192):
         directory = Path(directory)
-        meta_path = directory / "store.json"
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{directory} holds no store.json (expected the tokenize stage's output)")
         if token_cap is not None and (isinstance(token_cap, bool) or not isinstance(token_cap, (int, np.integer))
                                       or token_cap < 1):
             raise ValueError(f"token_cap = {token_cap!r}: expected a positive number of tokens per cluster, or None")
+        files = token_store.read(directory, "ClusterStore")
         self.directory = directory
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = files.meta
         self.token_cap = None if token_cap is None else int(token_cap)
         self.seed = int(seed)
         self.dtype = np.dtype(self.meta["dtype"])
         self.eos_id = int(self.meta["eos_id"])
         self.vocab_size = int(self.meta["vocab_size"])
-        n_tokens = int(self.meta["tokens"])
-        # A plain ndarray view of the map: slicing np.memmap objects costs microseconds of subclass bookkeeping.
-        self.tokens = (np.memmap(directory / "tokens.bin", dtype=self.dtype, mode="r", shape=(n_tokens,))
-                       .view(np.ndarray) if n_tokens else np.zeros(0, self.dtype))
-        self.doc_offsets = np.load(directory / "doc_offsets.npy")
-        self.cluster_offsets = np.load(directory / "cluster_offsets.npy")
-        if self.doc_offsets[-1] != n_tokens or self.cluster_offsets[-1] != len(self.doc_offsets) - 1:
-            raise ValueError(f"{directory}: index files do not match store.json (re-run tokenize)")
-        full = self.doc_offsets[self.cluster_offsets[1:]] - self.doc_offsets[self.cluster_offsets[:-1]]
+        self.tokens, self.doc_offsets, self.cluster_offsets = files.tokens, files.doc_offsets, files.cluster_offsets
+        full = files.cluster_tokens
         self.cluster_tokens = full if self.token_cap is None else np.minimum(full, self.token_cap)
         self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_size = cache_clusters
@@ -57,13 +49,6 @@ class ClusterStore:
     @property
     def fingerprint(self) -> str:
         return f"{self.meta.get('fingerprint')}:cap={self.token_cap}:seed={self.seed}"
-
-    def pass_at(self, cluster: int, position: int) -> int:
-        """Which pass over the cluster holds the token at stream `position` (1 = first; 2 and up = repeated data)."""
-        per_pass = int(self.cluster_tokens[cluster])
-        if per_pass == 0:
-            raise ValueError(f"cluster {cluster} has no tokens")
-        return position // per_pass + 1
 
     def _documents(self, cluster: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """(start, length) of the cluster's available documents in stored order, cut at the token cap, and whether

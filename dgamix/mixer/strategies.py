@@ -5,19 +5,24 @@
 - `DGAStrategy`: Dynamic Gradient Alignment every `every` (T_r) steps, domain or distribution reweighting
   depending on the stream's bases, with the EMA variant when beta < 1.
 A strategy's `state_dict()` holds its weights, EMA state, counters and its target sampler's position; the stream's
-own state (training and auxiliary sampler positions) goes beside it in the checkpoint.
+own state (training and auxiliary sampler positions) goes beside it in the checkpoint. DGA's state also records the
+settings that shape its updates, and loading it under other settings is refused (StateMismatchError), as the stream
+refuses another store.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 
+from ..core.defaults import DEFAULTS
 from .dga import ESTIMATORS, check_dga_params, dga_update
 from .mixture import check_weights
-from .stream import MixtureStream, TargetSampler
+from .stream import MixtureStream, StateMismatchError, TargetSampler
+
+_TRAIN = DEFAULTS["train"]  # the one place DGA's defaults are defined (params.yaml's train section)
 
 
 @dataclass
@@ -64,16 +69,21 @@ class DGAStrategy:
     target: TargetSampler
     loss_fn: Callable[[torch.Tensor], torch.Tensor]
     params: list[torch.nn.Parameter]
-    eta: float = 0.3
-    beta: float = 0.1
-    every: int = 50
-    batch_size: int = 8  # sequences per basis in each alignment
+    eta: float = _TRAIN["eta"]
+    beta: float = _TRAIN["beta"]
+    every: int = _TRAIN["every"]
+    batch_size: int = _TRAIN["dga_batch_size"]  # sequences per basis in each alignment
     micro_batches: int = 1
-    target_batch_size: int | None = None  # sequences of the specialized set per micro-batch (default: batch_size)
-    estimator: str = "exact"
+    # sequences of the specialized set per micro-batch (None: batch_size)
+    target_batch_size: int | None = _TRAIN["dga_target_batch_size"]
+    estimator: str = _TRAIN["estimator"]
     module: torch.nn.Module | None = None  # the model the loss calls: needed by the "forward" estimator
     sequence_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
-    history: list[UpdateRecord] = field(default_factory=list)
+
+    # Saved with the state and checked on load: each changes the weights a run reaches (eta, beta, every, the
+    # estimator) or which sequences the alignment draws from the stream and the target (the batch sizes).
+    SETTINGS: ClassVar[tuple[str, ...]] = ("eta", "beta", "every", "estimator", "batch_size", "micro_batches",
+                                           "target_batch_size")
 
     def __post_init__(self) -> None:
         check_dga_params(self.eta, self.beta, self.every)
@@ -106,7 +116,8 @@ class DGAStrategy:
                                           sequence_loss_fn=self.sequence_loss_fn)
 
     def on_step(self, step: int) -> UpdateRecord | None:
-        """Call after optimizer.step() of step `step` (0-based); updates the weights every `every` steps."""
+        """Call after optimizer.step() of step `step` (0-based); updates the weights every `every` steps and returns
+        the update's record (the caller logs it), else None."""
         if (step + 1) % self.every:
             return None
         scores = self.alignment_scores()
@@ -115,18 +126,33 @@ class DGAStrategy:
         self.skipped += int(skipped)
         if not skipped:
             self.stream.set_weights(new)
-        record = UpdateRecord(step, self.weights.tolist(), scores.tolist(), skipped)
-        self.history.append(record)
-        return record
+        return UpdateRecord(step, self.weights.tolist(), scores.tolist(), skipped)
 
     def state_dict(self) -> dict[str, Any]:
         return {"weights": self.weights.tolist(), "updates": self.updates, "skipped": self.skipped,
-                "target": self.target.state_dict(), "eta": self.eta, "beta": self.beta, "every": self.every}
+                "target": self.target.state_dict(), **{name: getattr(self, name) for name in self.SETTINGS}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the weights, counters and target position; refused when the state was saved under other
+        settings (a resumed run would not be the run that was saved)."""
+        differing = []
+        for name in self.SETTINGS:
+            now = getattr(self, name)
+            if name not in state:
+                differing.append(f"{name}: not saved, now {now!r}")
+            elif _plain(state[name]) != now:
+                differing.append(f"{name}: saved {_plain(state[name])!r}, now {now!r}")
+        if differing:
+            raise StateMismatchError("the saved DGA state was made with other settings; refusing to resume under "
+                                     "different ones: " + "; ".join(differing))
         self.stream.set_weights(state["weights"])
         self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
         self.target.load_state_dict(state["target"])
+
+
+def _plain(value: Any) -> Any:
+    """A saved setting as a Python scalar (a checkpoint may hold it as a 0-d tensor or numpy scalar)."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
 
 
 def exp3_probabilities(cumulative_rewards: np.ndarray, step: int) -> tuple[np.ndarray, float]:

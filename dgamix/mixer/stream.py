@@ -231,7 +231,7 @@ class MixtureStream(IterableDataset):
 
 
 class TargetSampler:
-    """Sequences of the specialized set (a one-cluster store, e.g. data/bases/target), with its own resumable
+    """Sequences of the specialized set (a one-cluster store, e.g. data/targets/spec/tokens), with its own resumable
     position. Its document order is the store's (seeded by the store's `seed`)."""
 
     def __init__(self, store: ClusterStore, seq_len: int):

@@ -1,46 +1,42 @@
 """Stage 7, bases: basis distributions over the fine clusters, the m x k matrix P of distribution reweighting.
 
 Families (bases.families):
-- `importance`: histogram of the specialized set D_spe over the clusters (embedded with the same model, routed
-  down the same tree), plus optional additive smoothing over non-empty clusters;
+- `importance`: histogram of the specialized set D_spe over the clusters: the docs per cluster of its domains
+  manifest (the target stages routed it down the corpus's tree with the corpus's encoder), plus optional additive
+  smoothing over non-empty clusters;
 - `reference:<label>`: the same histogram for each group of a labelled reference set; by default the generic
   corpus itself grouped by its `source` column, so DGA can move mass between whole regions of the corpus;
 - `natural` (proportional to cluster tokens), `uniform` (over non-empty clusters), `coarse:<id>` (one per
   top-level cluster of the tree that has tokens, natural within it; with a flat clustering, one per cluster).
 A cluster with no tokens can never be drawn, so mass a histogram puts there is dropped and the row renormalized
-(reported in the metrics); a basis with all its mass on empty clusters is an error.
+(reported in the summary); a basis with all its mass on empty clusters is an error.
 
-Outputs (bases.output): `bases.parquet` (basis, name, cluster, prob; sparse), `names.json`, the target's own token
-store under `target/` (same layout as the tokenize stage's, one "cluster"), `target_clusters.parquet`, plots;
-metrics in bases.metrics.
+Outputs (bases.output): the bases table (`dgamix.formats.bases`), `summary.json` (entropy of every basis, mass
+dropped, the importance basis's coverage), `plots/` (bases.png, importance_top.png, entropy.csv); the DVC metrics
+(bases, clusters the specialized set falls in) in bases.metrics.
 """
 from __future__ import annotations
 
-import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
 
-from .assign import MANIFEST
-from ..core.atomic import atomic_path, write_json, write_parquet
-from .cluster import load_model
-from .embed import embed_texts, encoder_of
-from .ingest import expand_inputs
+from ..core.atomic import atomic_path, write_json
+from ..core.defaults import BASIS_FAMILIES
 from ..core.params import InputError, ParamError, local_path, require, section
-from .readers import Reject, iter_records
-from .tokens import load_tokenizer, tokenize_texts, write_token_store
+from ..formats import bases as bases_format
+from ..formats import clusters, domains, token_store
 
 log = logging.getLogger(__name__)
 
-FAMILIES = ("importance", "reference", "natural", "uniform", "coarse")
 SUM_TOLERANCE = 1e-6
 
 
-def histogram(clusters: np.ndarray, n_clusters: int, weights: np.ndarray | None = None) -> np.ndarray:
-    return np.bincount(clusters, weights=weights, minlength=n_clusters).astype(np.float64)
+def histogram(clusters_: np.ndarray, n_clusters: int, weights: np.ndarray | None = None) -> np.ndarray:
+    return np.bincount(clusters_, weights=weights, minlength=n_clusters).astype(np.float64)
 
 
 def to_distribution(counts: np.ndarray, available: np.ndarray, name: str, smoothing: float = 0.0) -> tuple[np.ndarray, float]:
@@ -74,71 +70,13 @@ def entropy(row: np.ndarray) -> float:
     return float(max(0.0, -(p * np.log(p)).sum()))
 
 
-def read_target(inputs: list[str], text_field: str, param: str = "bases.target") -> tuple[list[str], list[Reject], int]:
-    texts, rejects, read = [], [], 0
-    for url in expand_inputs(inputs, param=param):
-        for item in iter_records(url, text_field, None):
-            read += 1
-            if isinstance(item, Reject):
-                rejects.append(item)
-            else:
-                texts.append(item.text)
-    if not texts:
-        missing = sum(r.reason.startswith("missing text field") for r in rejects)
-        if missing and missing == len(rejects):
-            raise InputError(f"bases.text_field = '{text_field}': no record of {param} = {inputs} has it "
-                             f"({read} records read; expected the field that holds each document's text)")
-        raise InputError(f"empty target set: no valid document in {param} = {inputs} "
-                         f"(read {read}, rejected {len(rejects)})")
-    return texts, rejects, read
-
-
-def run(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = section(params, "bases")
-    target = require(cfg, "bases", "target", (list, str))
-    target = [target] if isinstance(target, str) else target
-    text_field = require(cfg, "bases", "text_field", str, "text")
-    families = require(cfg, "bases", "families", list, list(FAMILIES))
-    unknown = [f for f in families if f not in FAMILIES]
-    if unknown or not families:
-        raise ParamError(f"bases.families = {families}: expected a non-empty subset of {list(FAMILIES)}")
-    smoothing = require(cfg, "bases", "smoothing", (int, float), 0.0)
-    if smoothing < 0:
-        raise ParamError(f"bases.smoothing = {smoothing}: expected a non-negative pseudo-count")
-    reference_column = require(cfg, "bases", "reference_column", str, "source")
-    domains_dir = local_path(cfg, "bases", "domains", "data/domains")
-    clusters_dir = local_path(cfg, "bases", "clusters", "data/clusters")
-    tokens_dir = local_path(cfg, "bases", "tokens", "data/tokens")
-    emb_dir = local_path(cfg, "bases", "embeddings", "data/embeddings")
-    out_dir = local_path(cfg, "bases", "output", "data/bases")
-    metrics_path = local_path(cfg, "bases", "metrics", "metrics/bases.json")
-    for key, path in (("domains", domains_dir / MANIFEST), ("tokens", tokens_dir / "store.json")):
-        if not path.exists():
-            raise ParamError(f"bases.{key}: {path} does not exist (run the {key} stage first)")
-
-    eval_inputs = require(cfg, "bases", "eval", (list, str), [])
-    eval_inputs = [eval_inputs] if isinstance(eval_inputs, str) else eval_inputs
-    texts, rejects, read = read_target(target, text_field)
-    # The target must be embedded exactly as the corpus was: same model, same max_tokens, same backend.
-    sidecars = sorted(emb_dir.glob("part-*.json"))
-    if not sidecars:
-        raise ParamError(f"bases.embeddings = '{emb_dir}' holds no embedding shards (run embed first)")
-    embed_meta = json.loads(sidecars[0].read_text())
-    encoder = encoder_of(emb_dir, embed_meta, require(cfg, "bases", "device", str, "auto"))
-    model = load_model(clusters_dir, "bases.clusters")
-    target_ids, target_sims = model.predict(embed_texts(encoder, texts, embed_meta["max_tokens"]))
-    target_clusters = target_ids[:, -1]
-
-    store = json.loads((tokens_dir / "store.json").read_text())
-    doc_offsets = np.load(tokens_dir / "doc_offsets.npy")
-    cluster_offsets = np.load(tokens_dir / "cluster_offsets.npy")
-    k = model.n_clusters
-    if len(cluster_offsets) != k + 1:
-        raise InputError(f"bases.tokens: the token store has {len(cluster_offsets) - 1} clusters but the clustering "
-                         f"has {k}; re-run tokenize")
-    cluster_tokens = (doc_offsets[cluster_offsets[1:]] - doc_offsets[cluster_offsets[:-1]]).astype(np.float64)
+def build_bases(families: list[str], target_counts: np.ndarray, cluster_tokens: np.ndarray,
+                reference: dict[str, np.ndarray], levels: list[int], smoothing: float
+                ) -> tuple[list[str], np.ndarray, dict[str, float]]:
+    """Pure: (names, the m x k matrix, mass each basis lost on empty clusters) of the requested families, in the
+    families' fixed order."""
+    k = len(cluster_tokens)
     available = cluster_tokens > 0
-
     names: list[str] = []
     rows: list[np.ndarray] = []
     dropped: dict[str, float] = {}
@@ -150,72 +88,92 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         dropped[name] = lost
 
     if "importance" in families:
-        add("importance", histogram(target_clusters, k), smoothing)
+        add("importance", target_counts, smoothing)
     if "reference" in families:
-        frame = pl.read_parquet(domains_dir / "part-*.parquet", columns=["cluster", reference_column])
-        for label, group in sorted(frame.group_by(reference_column), key=lambda g: str(g[0][0])):
-            add(f"reference:{label[0]}", histogram(group["cluster"].to_numpy(), k))
+        for label, counts in reference.items():
+            add(f"reference:{label}", counts)
     if "natural" in families:
-        add("natural", cluster_tokens)
+        add("natural", cluster_tokens.astype(np.float64))
     if "uniform" in families:
         add("uniform", available.astype(np.float64))
     if "coarse" in families:
         # Coarse = the top level of the tree; with a flat clustering every cluster is its own coarse cluster.
-        per_coarse = k // model.levels[0]
-        for coarse in range(model.levels[0]):
+        per_coarse = k // levels[0]
+        for coarse in range(levels[0]):
             counts = np.zeros(k)
-            counts[coarse * per_coarse : (coarse + 1) * per_coarse] = cluster_tokens[coarse * per_coarse : (coarse + 1) * per_coarse]
+            span = slice(coarse * per_coarse, (coarse + 1) * per_coarse)
+            counts[span] = cluster_tokens[span]
             if counts.sum() > 0:
                 add(f"coarse:{coarse}", counts)
     if not rows:
         raise InputError(f"bases.families = {families} built no basis (expected at least one non-empty family)")
     matrix = np.stack(rows)
     validate_bases(matrix, names, available)
+    return names, matrix, dropped
 
-    tokenizer = load_tokenizer(tokens_dir / "tokenizer.json")
-    target_chunk = tokenize_texts(tokenizer, texts, store["eos_id"], np.dtype(store["dtype"]))
-    target_tokens = target_chunk[0]
-    eval_chunk = None
-    if eval_inputs:  # the held-out specialized set, for reporting only: tokenized, never embedded or counted
-        eval_texts, _, _ = read_target(eval_inputs, text_field, "bases.eval")
-        eval_chunk = tokenize_texts(tokenizer, eval_texts, store["eos_id"], np.dtype(store["dtype"]))
 
-    importance = matrix[names.index("importance")] if "importance" in names else None
-    metrics: dict[str, Any] = {
+def reference_histograms(domains_dir: Path, column: str, n_clusters: int) -> dict[str, np.ndarray]:
+    """The corpus's histogram over the clusters for each value of `column`, by label."""
+    shards = domains.list_shards(domains_dir)
+    frame = pl.concat([pl.from_arrow(domains.read_shard(s, ["cluster", column])) for s in shards])
+    return {str(label[0]): histogram(group["cluster"].to_numpy(), n_clusters)
+            for label, group in sorted(frame.group_by(column), key=lambda g: str(g[0][0]))}
+
+
+def summarize(names: list[str], matrix: np.ndarray, dropped: dict[str, float], target_counts: np.ndarray,
+              available: np.ndarray) -> dict[str, Any]:
+    """Pure: entropy of every basis, mass dropped, and how much of the corpus the importance basis covers."""
+    summary: dict[str, Any] = {
         "bases": len(names),
-        "target_read": read, "target_documents": len(texts), "target_rejected": len(rejects),
-        "target_tokens": int(target_tokens.size),
-        "entropy": {n: entropy(r) for n, r in zip(names, rows)},
+        "target_documents": int(target_counts.sum()),
+        "entropy": {n: entropy(r) for n, r in zip(names, matrix)},
         "mass_dropped_on_empty_clusters": {n: v for n, v in dropped.items() if v > 0},
     }
-    if importance is not None:
-        raw = histogram(target_clusters, k)
-        order = np.sort(importance)[::-1]
-        metrics["importance_clusters_covered"] = int(((raw > 0) & available).sum())
-        metrics["importance_clusters_for_90pct"] = int(np.searchsorted(np.cumsum(order), 0.9) + 1)
+    if "importance" in names:
+        order = np.sort(matrix[names.index("importance")])[::-1]
+        summary["importance_clusters_covered"] = int(((target_counts > 0) & available).sum())
+        summary["importance_clusters_for_90pct"] = int(np.searchsorted(np.cumsum(order), 0.9) + 1)
+    return summary
 
-    basis_idx, cluster_idx = np.nonzero(matrix)
-    table = pa.table({
-        "basis": basis_idx.astype(np.int32),
-        "name": [names[i] for i in basis_idx],
-        "cluster": cluster_idx.astype(np.int32),
-        "prob": matrix[basis_idx, cluster_idx],
-    }).replace_schema_metadata({"clusters": str(k)})  # the table is sparse: k is not implied by its rows
-    with atomic_path(out_dir) as tmp:
-        (tmp / "target").mkdir(parents=True)
-        (tmp / "plots").mkdir()
-        write_parquet(table, tmp / "bases.parquet")
-        write_json(names, tmp / "names.json")
-        write_parquet(pa.table({"cluster": target_clusters.astype(np.int32), "similarity": target_sims}),
-                      tmp / "target_clusters.parquet")
-        write_token_store(tmp / "target", [target_chunk], np.array([len(texts)]),
-                          {"vocab_size": store["vocab_size"], "eos_id": store["eos_id"]})
-        if eval_chunk is not None:
-            (tmp / "target_eval").mkdir()
-            write_token_store(tmp / "target_eval", [eval_chunk], np.array([len(eval_chunk[1])]),
-                              {"vocab_size": store["vocab_size"], "eos_id": store["eos_id"]})
-        from .plots import plot_bases
 
-        plot_bases(names, matrix, tmp / "plots")
-    write_json(metrics, metrics_path)
-    return metrics
+def write_outputs(directory: Path, names: list[str], matrix: np.ndarray, summary: dict[str, Any]) -> None:
+    from .plots import plot_bases
+
+    (directory / "plots").mkdir(parents=True)
+    bases_format.write(directory, names, matrix)
+    write_json(summary, directory / "summary.json")
+    pl.DataFrame({"basis": names, "entropy": [summary["entropy"][n] for n in names]}).write_csv(
+        directory / "plots" / "entropy.csv")
+    plot_bases(names, matrix, directory / "plots")
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    cfg = section(params, "bases")
+    families = require(cfg, "bases", "families", list)
+    if not families or any(f not in BASIS_FAMILIES for f in families):
+        raise ParamError(f"bases.families = {families}: expected a non-empty subset of {BASIS_FAMILIES}")
+    smoothing = require(cfg, "bases", "smoothing", (int, float))
+    if smoothing < 0:
+        raise ParamError(f"bases.smoothing = {smoothing}: expected a non-negative pseudo-count")
+    domains_dir = local_path(cfg, "bases", "domains")
+    tree = clusters.read(local_path(cfg, "bases", "clusters"), "bases.clusters")
+    cluster_tokens = token_store.read(local_path(cfg, "bases", "tokens"), "bases.tokens").cluster_tokens
+    target_counts = domains.read_manifest(local_path(cfg, "bases", "target"), ["docs"], "bases.target") \
+        .column("docs").to_numpy().astype(np.float64)
+    domains.read_manifest(domains_dir, ["docs"], "bases.domains")  # a missing corpus fails before any work
+    for what, n in (("the token store (bases.tokens)", len(cluster_tokens)),
+                    ("the target's domains (bases.target)", len(target_counts))):
+        if n != tree.n_clusters:
+            raise InputError(f"{what} has {n} clusters but the clustering has {tree.n_clusters}: build them from "
+                             "the same clustering (re-run tokenize and the target stages)")
+    reference = (reference_histograms(domains_dir, require(cfg, "bases", "reference_column", str), tree.n_clusters)
+                 if "reference" in families else {})
+    names, matrix, dropped = build_bases(families, target_counts, cluster_tokens, reference, tree.levels,
+                                         float(smoothing))
+    summary = summarize(names, matrix, dropped, target_counts, cluster_tokens > 0)
+    with atomic_path(local_path(cfg, "bases", "output")) as tmp:
+        write_outputs(tmp, names, matrix, summary)
+    # target_clusters: the clusters the specialized set falls in (the importance basis's support before smoothing).
+    write_json({"bases": len(names), "target_clusters": int((target_counts > 0).sum())},
+               local_path(cfg, "bases", "metrics"))
+    return summary

@@ -9,19 +9,18 @@ fp32 torch reference on a sample of the corpus before embedding anything with it
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from ..core.atomic import remove_stale_tmp, write_json, write_npy
-from .engine import Engine, StageFailed
-from .fidelity import MIN_CLUSTER_AGREEMENT, MIN_MEAN_COSINE
+from ..core.atomic import remove_stale_tmp, write_json
 from ..core.params import InputError, ParamError, local_path, non_negative_int, positive_int, require, section
+from ..formats import docs, embeddings
+from ..formats.embeddings import ENCODER_DIR
+from .engine import Engine, StageFailed
 from .sampling import sample_texts
 
 log = logging.getLogger(__name__)
@@ -32,7 +31,6 @@ _PACKAGED_NAMES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
 # from tokenizing the tail of long documents. WordPiece tokens of English text average about 4 characters.
 CHARS_PER_TOKEN_BOUND = 32
 ENCODE_CHUNK = 256  # docs per encode call: the progress bar moves every chunk
-ENCODER_DIR = "encoder"  # under embed.output: exported faster encoders, shared by every worker
 
 
 def resolve_model(name: str) -> str:
@@ -119,40 +117,6 @@ def embed_texts(
     return out
 
 
-def docs_fingerprint(doc_ids: list[str]) -> str:
-    """Identifies a docs shard's rows, so embeddings can be checked against the documents they claim to be."""
-    h = hashlib.blake2b(digest_size=16)
-    for doc_id in doc_ids:
-        h.update(doc_id.encode())
-        h.update(b"\n")
-    return h.hexdigest()
-
-
-def docs_shards(docs_dir: Path, param: str = "embed.docs") -> list[Path]:
-    if not docs_dir.is_dir():
-        raise ParamError(f"{param} = '{docs_dir}' does not exist (expected the ingest stage's output directory)")
-    shards = sorted(docs_dir.glob("part-*.parquet"))
-    if not shards:
-        raise InputError(f"{param} = '{docs_dir}' holds no part-*.parquet shard: empty corpus (run ingest first)")
-    return shards
-
-
-def sidecar_for(npy: Path) -> Path:
-    return npy.with_suffix(".json")
-
-
-def shard_is_done(npy: Path, expected: dict[str, Any]) -> bool:
-    meta = sidecar_for(npy)
-    if not (npy.exists() and meta.exists()):
-        return False
-    try:
-        recorded = json.loads(meta.read_text())
-    except json.JSONDecodeError:
-        return False
-    recorded.setdefault("backend", "torch")  # sidecars written before backends existed
-    return all(recorded.get(key) == value for key, value in expected.items())
-
-
 class EmbedShards:
     """The per-shard step, as a callable that holds one encoder: docs shard -> .npy + sidecar, written atomically.
 
@@ -166,14 +130,10 @@ class EmbedShards:
 
     def __call__(self, task: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
         shard, npy, expected = task
-        texts = pq.read_table(shard, columns=["text"]).column("text").to_pylist()
+        texts = docs.read_shard(shard, ["text"]).column("text").to_pylist()
         vectors = embed_texts(self.encoder, texts, self.spec["max_tokens"], self.spec["batch_size"], self.on_progress)
-        # Drop the old sidecar first: new vectors must never sit beside metadata describing old ones.
-        sidecar_for(Path(npy)).unlink(missing_ok=True)
-        write_npy(vectors, npy)
         precision = getattr(self.encoder, "precision", None) or str(getattr(self.encoder, "dtype", "float32"))
-        write_json({**expected, "dim": int(vectors.shape[1]), "precision": precision}, sidecar_for(Path(npy)))
-        # The sidecar, written last, marks the shard complete.
+        embeddings.write_shard(vectors, Path(npy), {**expected, "precision": precision})
         return {"shard": shard, "rows": len(texts)}
 
 
@@ -188,15 +148,17 @@ def build_encoder(spec: dict[str, Any]) -> Any:
     return OpenVINOEncoder(st_model, Path(spec["cache"]) / spec["backend"] / "model.xml", spec["backend"])
 
 
-def encoder_of(emb_dir: Path, sidecar: dict[str, Any], device: str = "auto") -> Any:
-    """The encoder that wrote a set of embeddings (from a shard's sidecar), to embed more text the same way."""
-    backend = sidecar.get("backend", "torch")  # sidecars written before backends existed are torch
-    spec = {"model": sidecar["model"], "backend": backend, "device": device, "max_tokens": sidecar["max_tokens"],
-            "cache": str(Path(emb_dir) / ENCODER_DIR)}
-    if backend != "torch" and not (Path(spec["cache"]) / backend / "model.xml").exists():
-        raise InputError(f"{emb_dir} was embedded with backend {backend} but its export "
-                         f"{Path(spec['cache']) / backend} is missing; re-run embed")
-    return build_encoder(spec)
+def encoder_spec_of(emb_dir: Path, device: str, batch_size: int, param: str = "embed.encoder_from") -> dict[str, Any]:
+    """The spec of the encoder that embedded `emb_dir` (read from its sidecars), to embed more text exactly the same
+    way: same model, max_tokens, backend and export."""
+    sidecar = embeddings.encoder_sidecar(emb_dir, param)
+    spec = {"model": sidecar["model"], "backend": sidecar["backend"], "device": device,
+            "max_tokens": sidecar["max_tokens"], "batch_size": batch_size,
+            "cache": str((Path(emb_dir) / ENCODER_DIR).resolve()), "export": sidecar.get("export")}
+    if spec["backend"] != "torch" and not (Path(spec["cache"]) / spec["backend"] / "model.xml").exists():
+        raise InputError(f"{emb_dir} was embedded with backend {spec['backend']} but its export "
+                         f"{Path(spec['cache']) / spec['backend']} is missing; re-run embed")
+    return spec
 
 
 def prepare_encoder(spec: dict[str, Any], shards: list[Path], calibration_docs: int, seed: int) -> str | None:
@@ -206,19 +168,20 @@ def prepare_encoder(spec: dict[str, Any], shards: list[Path], calibration_docs: 
         return None
     from .encoders import ensure_openvino_export
 
-    calibration = (sample_texts(shards, calibration_docs, seed, spec["max_tokens"] * CHARS_PER_TOKEN_BOUND)
+    calibration = (sample_texts(shards, calibration_docs, seed, spec["max_tokens"] * CHARS_PER_TOKEN_BOUND,
+                                docs.read_shard)
                    if spec["backend"] == "openvino-int8" else None)
     export_json = ensure_openvino_export(lambda: load_encoder(spec["model"], "cpu", spec["max_tokens"]), spec["model"],
                                          spec["backend"], Path(spec["cache"]), calibration)
     return hashlib.blake2b(export_json.read_bytes(), digest_size=8).hexdigest()
 
 
-def verify_backend(spec: dict[str, Any], shards: list[Path], docs: int, levels: list[int], seed: int,
+def verify_backend(spec: dict[str, Any], shards: list[Path], n_docs: int, levels: list[int], seed: int,
                    thresholds: dict[str, float]) -> dict[str, Any]:
     """Embed a seeded sample with the backend and with torch fp32; refuse the backend if it is not faithful."""
     from .fidelity import fidelity_report
 
-    texts = sample_texts(shards, docs, seed, spec["max_tokens"] * CHARS_PER_TOKEN_BOUND)
+    texts = sample_texts(shards, n_docs, seed, spec["max_tokens"] * CHARS_PER_TOKEN_BOUND, docs.read_shard)
     if int(np.prod(levels)) > len(texts):
         raise ParamError(f"embed.verify_levels = {levels}: {int(np.prod(levels))} clusters but the corpus gave a "
                          f"sample of only {len(texts)} documents (expected fewer clusters than documents)")
@@ -238,111 +201,96 @@ def verify_backend(spec: dict[str, Any], shards: list[Path], docs: int, levels: 
     return report
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
+def encoder_fields(spec: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar fields that name an encoder: a shard embedded by another one is redone."""
+    fields = {k: spec[k] for k in ("model", "max_tokens", "backend")}
+    if spec.get("export"):
+        fields["export"] = spec["export"]  # a re-export (e.g. new int8 calibration) re-embeds: one graph per corpus
+    return fields
+
+
+def plan_shards(shards: list[Path], out_dir: Path, spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(docs shard, .npy, the sidecar it must end with) per shard; absolute paths: a Ray worker's working
+    directory is not ours."""
+    return [(str(shard.resolve()), str(embeddings.matrix_path(out_dir, shard).resolve()),
+             embeddings.expected_sidecar(docs.read_doc_ids(shard), encoder_fields(spec))) for shard in shards]
+
+
+def verify_options(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """The fidelity check's settings, validated, or None when embed.verify is false."""
+    if not require(cfg, "embed", "verify", bool):
+        return None
+    docs_, levels = positive_int(cfg, "embed", "verify_docs"), require(cfg, "embed", "verify_levels", list)
+    if not levels or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in levels):
+        raise ParamError(f"embed.verify_levels = {levels}: expected a list of positive integers, e.g. [8, 8]")
+    if int(np.prod(levels)) > docs_:
+        raise ParamError(f"embed.verify_levels = {levels} ask for more clusters than embed.verify_docs = "
+                         f"{docs_} documents")
+    return {"docs": docs_, "levels": levels, "thresholds": {
+        "min_cosine": float(require(cfg, "embed", "verify_min_cosine", (int, float))),
+        "min_agreement": float(require(cfg, "embed", "verify_min_agreement", (int, float)))}}
+
+
+def encoder_spec(cfg: dict[str, Any], out_dir: Path, shards: list[Path], seed: int) -> dict[str, Any]:
+    """What to embed with: the encoder that embedded `embed.encoder_from` (the target stages: the corpus's own), or
+    the model and backend of this section (a faster backend is exported here first)."""
     from .encoders import check_backend
 
+    device, batch_size = require(cfg, "embed", "device", str), positive_int(cfg, "embed", "batch_size")
+    source = require(cfg, "embed", "encoder_from", str)
+    if source is not None:
+        return encoder_spec_of(local_path(cfg, "embed", "encoder_from"), device, batch_size)
+    spec = {"model": require(cfg, "embed", "model", str), "backend": require(cfg, "embed", "backend", str),
+            "device": device, "max_tokens": positive_int(cfg, "embed", "max_tokens"), "batch_size": batch_size,
+            "cache": str((out_dir / ENCODER_DIR).resolve())}
+    check_backend(spec["backend"], device)
+    spec["export"] = prepare_encoder(spec, shards, positive_int(cfg, "embed", "calibration_docs"), seed)
+    return spec
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "embed")
-    docs_dir = local_path(cfg, "embed", "docs", "data/docs")
-    out_dir = local_path(cfg, "embed", "output", "data/embeddings")
-    model = require(cfg, "embed", "model", str, DEFAULT_MODEL)
-    max_tokens = positive_int(cfg, "embed", "max_tokens", 128)
-    batch_size = positive_int(cfg, "embed", "batch_size", 64)
-    device = require(cfg, "embed", "device", str, "auto")
-    backend = require(cfg, "embed", "backend", str, "torch")
-    verify = require(cfg, "embed", "verify", bool, False)
-    verify_docs = positive_int(cfg, "embed", "verify_docs", 2000)
-    verify_levels = require(cfg, "embed", "verify_levels", list, [8, 8])
-    if verify and (not verify_levels or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
-                                                for k in verify_levels)):
-        raise ParamError(f"embed.verify_levels = {verify_levels}: expected a list of positive integers, e.g. [8, 8]")
-    if verify and int(np.prod(verify_levels)) > verify_docs:
-        raise ParamError(f"embed.verify_levels = {verify_levels} ask for more clusters than embed.verify_docs = "
-                         f"{verify_docs} documents")
-    thresholds = {"min_cosine": float(require(cfg, "embed", "verify_min_cosine", (int, float), MIN_MEAN_COSINE)),
-                  "min_agreement": float(require(cfg, "embed", "verify_min_agreement", (int, float),
-                                                 MIN_CLUSTER_AGREEMENT))}
-    calibration_docs = positive_int(cfg, "embed", "calibration_docs", 512)
-    seed = non_negative_int(cfg, "embed", "seed", 0)
-    check_backend(backend, device)
+    out_dir = local_path(cfg, "embed", "output")
+    seed = non_negative_int(cfg, "embed", "seed")
+    verify = verify_options(cfg)
     engine = Engine.for_stage(params, "embed")
+    shards = docs.list_shards(local_path(cfg, "embed", "docs"))
+    clear_other_shards(out_dir, shards)
+    spec = encoder_spec(cfg, out_dir, shards, seed)
 
-    shards = docs_shards(docs_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(out_dir)
-    wanted = {s.stem for s in shards}
-    for old in out_dir.glob("part-*"):
-        if old.name.split(".")[0] not in wanted:  # shards of a previous corpus
-            old.unlink()
-
-    spec = {"model": model, "backend": backend, "device": device, "max_tokens": max_tokens,
-            "batch_size": batch_size, "cache": str((out_dir / ENCODER_DIR).resolve())}
-    export = prepare_encoder(spec, shards, calibration_docs, seed)
-    plan = []
-    for shard in shards:
-        doc_ids = pq.read_table(shard, columns=["doc_id"]).column("doc_id").to_pylist()
-        expected = {"rows": len(doc_ids), "docs_fingerprint": docs_fingerprint(doc_ids), "model": model,
-                    "max_tokens": max_tokens, "backend": backend}
-        if export:
-            expected["export"] = export  # a re-export (e.g. new int8 calibration) re-embeds: one graph per corpus
-        # Absolute paths: a Ray worker's working directory is not ours.
-        plan.append((str(shard.resolve()), str((out_dir / f"{shard.stem}.npy").resolve()), expected))
-    todo = [p for p in plan if not shard_is_done(Path(p[1]), p[2])]
-    skipped = len(plan) - len(todo)
-    if skipped:
-        log.info("embed: %d of %d shards already done, skipped", skipped, len(plan))
+    plan = plan_shards(shards, out_dir, spec)
+    todo = [p for p in plan if not embeddings.shard_is_done(Path(p[1]), p[2])]
+    if len(plan) > len(todo):
+        log.info("embed: %d of %d shards already done, skipped", len(plan) - len(todo), len(plan))
     report = None
-    if verify and backend == "torch":
+    if verify and spec["backend"] == "torch":
         log.info("embed: backend torch is the reference; nothing to verify")
     elif verify and todo:  # checked before anything is embedded with the backend
-        report = verify_backend(spec, shards, verify_docs, verify_levels, seed, thresholds)
+        report = verify_backend(spec, shards, verify["docs"], verify["levels"], seed, verify["thresholds"])
     # One GPU per actor when the engine's machines have GPUs and the device allows it (the actor then resolves
     # `auto` to CUDA and embeds in fp16, as the local engine does).
-    wants_gpu = (bool(todo) and backend == "torch" and device != "cpu" and engine.kind == "ray"
+    wants_gpu = (bool(todo) and spec["backend"] == "torch" and spec["device"] != "cpu" and engine.kind == "ray"
                  and engine.cluster_gpus() > 0)
     if engine.kind == "local":
-        resolve_device(device)  # a CUDA device that is not there is an error before any work
-    num_gpus = 1 if wants_gpu else 0
+        resolve_device(spec["device"])  # a CUDA device that is not there is an error before any work
     try:
         engine.map_with_state(partial(EmbedShards, spec), todo, "embed", weights=[p[2]["rows"] for p in todo],
-                              unit="doc", num_gpus=num_gpus)
+                              unit="doc", num_gpus=1 if wants_gpu else 0)
     except StageFailed:
         remove_stale_tmp(out_dir)  # what a killed worker was writing; its finished shards stay
         raise
-    summary: dict[str, Any] = {"shards": len(plan), "embedded": len(todo), "skipped": skipped, "backend": backend,
-                               "engine": engine.kind}
+    summary: dict[str, Any] = {"shards": len(plan), "embedded": len(todo), "skipped": len(plan) - len(todo),
+                               "backend": spec["backend"], "engine": engine.kind}
     if report:
         summary["fidelity"] = {k: report[k] for k in ("docs", "mean_cosine", "cluster_agreement", "passed")}
     return summary
 
 
-def load_embeddings(emb_dir: Path, docs_dir: Path, param: str = "embeddings") -> list[np.ndarray]:
-    """Memory-map every shard's embeddings after checking they match the docs shards row for row."""
-    shards = docs_shards(docs_dir, param.replace("embeddings", "docs"))
-    arrays = []
-    models: set[tuple[Any, ...]] = set()
-    for shard in shards:
-        npy = emb_dir / f"{shard.stem}.npy"
-        if not npy.exists() or not sidecar_for(npy).exists():
-            raise InputError(f"{param}: no embeddings for docs shard {shard} (expected {npy}; run embed first)")
-        try:
-            meta = json.loads(sidecar_for(npy).read_text())
-        except json.JSONDecodeError as err:
-            raise InputError(f"{param}: sidecar {sidecar_for(npy)} is not valid JSON ({err}); re-run embed") from err
-        models.add((meta.get("model"), meta.get("max_tokens"), meta.get("backend", "torch"), meta.get("export")))
-        doc_ids = pq.read_table(shard, columns=["doc_id"]).column("doc_id").to_pylist()
-        array = np.load(npy, mmap_mode="r")
-        if array.shape[0] != len(doc_ids) or meta.get("docs_fingerprint") != docs_fingerprint(doc_ids):
-            raise InputError(
-                f"{param}: embeddings {npy} do not match docs shard {shard} "
-                f"({array.shape[0]} embedding rows for {len(doc_ids)} documents"
-                + (")" if array.shape[0] != len(doc_ids) else ", but embedded from other documents)")
-                + "; re-run embed"
-            )
-        arrays.append(array)
-    if len(models) > 1:
-        raise InputError(f"{param}: embedding shards come from different encoders (model, max_tokens, backend, "
-                         f"export) {sorted(models, key=str)}; re-run embed")
-    dims = {a.shape[1] for a in arrays}
-    if len(dims) != 1:
-        raise InputError(f"{param}: embedding shards have different dimensions {sorted(dims)}; re-run embed")
-    return arrays
+def clear_other_shards(out_dir: Path, shards: list[Path]) -> None:
+    """Remove temporary files of a killed run and the shards of a previous corpus."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out_dir)
+    wanted = {s.stem for s in shards}
+    for old in out_dir.glob("part-*"):
+        if old.name.split(".")[0] not in wanted:
+            old.unlink()

@@ -183,9 +183,3 @@ def ensure_openvino_export(load_st_model: Callable[[], Any], model: str, backend
         write_json(wanted, meta_path)  # written last: marks the export complete
     return meta_path
 
-
-def openvino_encoder(st_model: Any, model: str, backend: str, cache_dir: Path,
-                     calibration_texts: list[str] | None = None, precision: str | None = None) -> OpenVINOEncoder:
-    """The export in cache_dir/<backend> (made first if needed), ready to encode."""
-    ensure_openvino_export(lambda: st_model, model, backend, cache_dir, calibration_texts)
-    return OpenVINOEncoder(st_model, Path(cache_dir) / backend / "model.xml", backend, precision)

@@ -41,7 +41,7 @@ class StageFailed(RuntimeError):
 
 
 def stage_engine(params: dict[str, Any], stage: str) -> str:
-    engine = require(params.get(stage) or {}, stage, "engine", str, "local")
+    engine = require(params.get(stage) or {}, stage, "engine", str)
     if engine not in ENGINES:
         raise ParamError(f"{stage}.engine = '{engine}': expected local or ray")
     return engine
@@ -52,15 +52,15 @@ def ray_options(params: dict[str, Any]) -> dict[str, Any]:
     cfg = params.get("ray") or {}
     if not isinstance(cfg, dict):
         raise ParamError("params.yaml 'ray' section must be a mapping (address, num_cpus, max_retries, ...)")
-    concurrency = require(cfg, "ray", "concurrency", int, None)
+    concurrency = require(cfg, "ray", "concurrency", int)
     if concurrency is not None and concurrency < 1:
         raise ParamError(f"ray.concurrency = {concurrency}: expected a positive integer or null")
     return {
-        "address": require(cfg, "ray", "address", str, None),
-        "num_cpus": require(cfg, "ray", "num_cpus", int, None),
-        "max_retries": non_negative_int(cfg, "ray", "max_retries", 3),
+        "address": require(cfg, "ray", "address", str),
+        "num_cpus": require(cfg, "ray", "num_cpus", int),
+        "max_retries": non_negative_int(cfg, "ray", "max_retries"),
         "concurrency": concurrency,
-        "runtime_env": require(cfg, "ray", "runtime_env", dict, None),
+        "runtime_env": require(cfg, "ray", "runtime_env", dict),
     }
 
 

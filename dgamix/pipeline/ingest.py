@@ -20,24 +20,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.atomic import atomic_path, write_json, write_parquet
-from .engine import Engine
 from ..core.params import InputError, ParamError, local_path, require, section
+from ..formats import docs
+from .engine import Engine
 from .readers import Record, Reject, is_supported, iter_records
 
 log = logging.getLogger(__name__)
 
-DOCS_SCHEMA = pa.schema(
-    [
-        ("doc_id", pa.string()),
-        ("text", pa.string()),
-        ("source", pa.string()),
-        ("n_chars", pa.int64()),
-    ]
-)
 REJECTS_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
 UNKNOWN_SOURCE = "unknown"
 PROGRESS_EVERY = 1000
-SHARD_ROWS = 10_000  # Parquet row group size of the docs shards
 
 
 def content_hash(text: str) -> str:
@@ -86,11 +78,6 @@ def ingest_file(
     return result
 
 
-def docs_table(doc_ids: list[str], texts: list[str], sources: list[str]) -> pa.Table:
-    return pa.table({"doc_id": doc_ids, "text": texts, "source": sources, "n_chars": [len(t) for t in texts]},
-                    schema=DOCS_SCHEMA)
-
-
 class StageFile:
     """The per-file step of either engine: one input file -> a staged shard of its within-file-unique documents.
 
@@ -107,7 +94,7 @@ class StageFile:
         result = ingest_file(url, self.text_field, self.source_field, self.strict, self.on_progress)
         result.rejects = [Reject(name, r.line, r.reason) for r in result.rejects]
         if result.doc_ids:
-            write_parquet(docs_table(result.doc_ids, result.texts, result.sources), staged, row_group_size=SHARD_ROWS)
+            docs.write_shard(docs.docs_table(result.doc_ids, result.texts, result.sources), staged)
         return {"read": result.read, "duplicates": result.duplicates, "rejects": result.rejects,
                 "doc_ids": result.doc_ids}
 
@@ -124,7 +111,7 @@ def commit_staged(staged: Path, doc_ids: list[str], seen: set[str], shard_path: 
     if kept:
         # One chunk, as a table built from lists is: row groups (and so the bytes) then match a direct write.
         table = pq.read_table(staged).filter(pa.array(keep)).combine_chunks()
-        write_parquet(table, shard_path, row_group_size=SHARD_ROWS)
+        docs.write_shard(table, shard_path)
     staged.unlink()
     return kept
 
@@ -155,66 +142,81 @@ def expand_inputs(patterns: Iterable[str], param: str = "ingest.inputs") -> list
     return unique
 
 
+@dataclass
+class IngestReport:
+    """What ingest did, file by file; the counts always add up (read = kept + rejected + duplicates)."""
+
+    files: int = 0
+    shards: int = 0
+    totals: Counter = field(default_factory=Counter)
+    reasons: Counter = field(default_factory=Counter)
+    rejects: list[Reject] = field(default_factory=list)
+    per_file: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, url: str, result: dict[str, Any], kept: int) -> None:
+        counts = {"read": result["read"], "kept": kept, "rejected": len(result["rejects"]),
+                  "duplicates": result["duplicates"] + len(result["doc_ids"]) - kept}
+        self.per_file.append({"file": url, **counts})
+        self.totals.update(counts)
+        self.reasons.update(_reason_kind(r.reason) for r in result["rejects"])
+        self.rejects.extend(result["rejects"])
+        self.shards += kept > 0
+
+    def metrics(self) -> dict[str, int]:
+        """The DVC metrics: the four counts only (the report holds the rest)."""
+        metrics = {k: self.totals[k] for k in ("read", "kept", "rejected", "duplicates")}
+        assert metrics["read"] == metrics["kept"] + metrics["rejected"] + metrics["duplicates"]
+        return metrics
+
+    def details(self) -> dict[str, Any]:
+        return {"files": self.files, "shards": self.shards, **self.metrics(),
+                "rejected_by_reason": dict(sorted(self.reasons.items())), "per_file": self.per_file}
+
+
+def ingest_files(files: list[str], step: StageFile, engine: Engine, out_dir: Path) -> IngestReport:
+    """Run `step` on every file and commit the shards into `out_dir` in input order (the first copy of a document
+    wins). Results are committed as they arrive, so the driver holds the set of kept doc ids, not every file's
+    list at once."""
+    staging = out_dir / "staged"
+    staging.mkdir(parents=True)
+    # Absolute paths: a Ray worker's working directory is not ours.
+    tasks = [(url, _readable_anywhere(url), str((staging / f"{i:06d}.parquet").resolve()))
+             for i, url in enumerate(files)]
+    results = engine.imap(step, tasks, f"ingest ({len(files)} files)", unit="doc")
+    report, seen = IngestReport(files=len(files)), set()
+    for (url, _, staged), result in zip(tasks, results):
+        kept = commit_staged(Path(staged), result["doc_ids"], seen, out_dir / docs.shard_name(report.shards))
+        report.add(url, result, kept)
+    staging.rmdir()
+    return report
+
+
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "ingest")
     inputs = require(cfg, "ingest", "inputs", (list, str))
     inputs = [inputs] if isinstance(inputs, str) else inputs
     if not all(isinstance(item, str) for item in inputs):
         raise ParamError(f"ingest.inputs = {inputs!r}: expected a list of paths, globs or URLs (strings)")
-    text_field = require(cfg, "ingest", "text_field", str, "text")
-    source_field = require(cfg, "ingest", "source_field", str, "meta.source")
-    strict = require(cfg, "ingest", "strict", bool, False)
-    out_dir = local_path(cfg, "ingest", "output", "data/docs")
-    rejects_path = local_path(cfg, "ingest", "rejects", "data/ingest/rejects.parquet")
-    metrics_path = local_path(cfg, "ingest", "metrics", "metrics/ingest.json")
+    step = StageFile(require(cfg, "ingest", "text_field", str), require(cfg, "ingest", "source_field", str),
+                     require(cfg, "ingest", "strict", bool))
+    out_dir = local_path(cfg, "ingest", "output")
+    rejects_path = local_path(cfg, "ingest", "rejects")
 
     files = expand_inputs(inputs)
-    engine = Engine.for_stage(params, "ingest")
-    seen: set[str] = set()
-    totals = Counter()
-    reasons = Counter()
-    rejects: list[Reject] = []
-    per_file = []
     with atomic_path(out_dir) as tmp_dir:
-        staging = tmp_dir / "staged"
-        staging.mkdir(parents=True)
-        # Absolute paths: a Ray worker's working directory is not ours.
-        tasks = [(url, _readable_anywhere(url), str((staging / f"{i:06d}.parquet").resolve()))
-                 for i, url in enumerate(files)]
-        # Results arrive in input order (the first copy of a document wins) and are committed as they arrive, so
-        # the driver holds the set of kept doc ids, not every file's list at once.
-        results = engine.imap(StageFile(text_field, source_field, strict), tasks, f"ingest ({len(files)} files)",
-                              unit="doc")
-        shard = 0
-        for (url, _, staged), result in zip(tasks, results):
-            kept = commit_staged(Path(staged), result["doc_ids"], seen, tmp_dir / f"part-{shard:05d}.parquet")
-            shard += kept > 0
-            counts = {"read": result["read"], "kept": kept, "rejected": len(result["rejects"]),
-                      "duplicates": result["duplicates"] + len(result["doc_ids"]) - kept}
-            per_file.append({"file": url, **counts})
-            totals.update(counts)
-            reasons.update(_reason_kind(r.reason) for r in result["rejects"])
-            rejects.extend(result["rejects"])
-        staging.rmdir()
-        write_parquet(_rejects_table(rejects), rejects_path)
-        metrics = {
-            "files": len(files),
-            "shards": shard,
-            **{k: totals[k] for k in ("read", "kept", "rejected", "duplicates")},
-            "rejected_by_reason": dict(sorted(reasons.items())),
-            "per_file": per_file,
-        }
-        assert metrics["read"] == metrics["kept"] + metrics["rejected"] + metrics["duplicates"]
-        write_json(metrics, metrics_path)
-        if totals["kept"] == 0:
+        report = ingest_files(files, step, Engine.for_stage(params, "ingest"), tmp_dir)
+        write_parquet(_rejects_table(report.rejects), rejects_path)
+        write_json(report.details(), local_path(cfg, "ingest", "report"))
+        write_json(report.metrics(), local_path(cfg, "ingest", "metrics"))
+        counts = report.metrics()
+        if counts["kept"] == 0:
             raise InputError(
                 f"empty corpus: no document kept from {len(files)} file(s) of ingest.inputs "
-                f"(read {totals['read']}, rejected {totals['rejected']}, duplicates {totals['duplicates']}; "
+                f"(read {counts['read']}, rejected {counts['rejected']}, duplicates {counts['duplicates']}; "
                 f"rejects listed in {rejects_path})"
             )
-    log.info("ingest: read %d, kept %d, rejected %d, duplicates %d", totals["read"], totals["kept"],
-             totals["rejected"], totals["duplicates"])
-    return metrics
+    log.info("ingest: read %d, kept %d, rejected %d, duplicates %d", *counts.values())
+    return report.details()
 
 
 def _local_name(path: str) -> str:

@@ -23,17 +23,24 @@ def plot_cluster_sizes(sizes_desc: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_source_heatmap(counts: pl.DataFrame, coarse_col: str, path: Path, max_sources: int = 30) -> None:
-    """Share of each source's documents that falls in each coarse cluster (rows sum to 1)."""
-    top_sources = counts.group_by("source").agg(pl.col("docs").sum()).sort("docs", descending=True)["source"]
-    sources = top_sources[:max_sources].to_list()
+def source_shares(counts: pl.DataFrame, coarse_col: str, max_sources: int = 30) -> tuple[list[str], np.ndarray]:
+    """Pure: the largest sources (ties broken by name, so the result does not depend on row order) and, for each,
+    the share of its documents in each coarse cluster (rows sum to 1)."""
+    totals = counts.group_by("source").agg(pl.col("docs").sum())
+    sources = totals.sort(["docs", "source"], descending=[True, False])["source"][:max_sources].to_list()
     n_coarse = int(counts[coarse_col].max()) + 1
     grid = np.zeros((len(sources), n_coarse))
     index = {s: i for i, s in enumerate(sources)}
     for source, coarse, docs in counts.select("source", coarse_col, "docs").iter_rows():
         if source in index:
             grid[index[source], coarse] += docs
-    grid /= np.maximum(grid.sum(axis=1, keepdims=True), 1)
+    return sources, grid / np.maximum(grid.sum(axis=1, keepdims=True), 1)
+
+
+def plot_source_heatmap(counts: pl.DataFrame, coarse_col: str, path: Path, max_sources: int = 30) -> None:
+    """Share of each source's documents that falls in each coarse cluster (rows sum to 1)."""
+    sources, grid = source_shares(counts, coarse_col, max_sources)
+    n_coarse = grid.shape[1]
     fig, ax = plt.subplots(figsize=(max(6, 0.18 * n_coarse + 3), 0.3 * len(sources) + 1.5))
     image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_yticks(range(len(sources)), sources, fontsize=7)

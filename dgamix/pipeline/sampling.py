@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 
@@ -26,16 +28,18 @@ def gather_rows(arrays: list[np.ndarray], rows: np.ndarray) -> np.ndarray:
     return out
 
 
-def sample_texts(shards: list[Path], size: int, seed: int, max_chars: int) -> list[str]:
-    """A seeded sample of `size` texts (each cut to max_chars) across Parquet shards, reading one shard at a time."""
-    sizes = [pq.ParquetFile(s).metadata.num_rows for s in shards]
+def sample_texts(shards: list[Path], size: int, seed: int, max_chars: int,
+                 read: Callable[[Path, list[str]], pa.Table]) -> list[str]:
+    """A seeded sample of `size` texts (each cut to max_chars) across Parquet shards, reading one shard at a time
+    with `read(shard, columns)` (the shards' format reader, e.g. `dgamix.formats.docs.read_shard`)."""
+    sizes = [pq.read_metadata(s).num_rows for s in shards]
     chosen = sample_rows(sum(sizes), size, seed)
     texts: list[str] = []
     offset = 0
     for shard, rows in zip(shards, sizes):
         local = chosen[(chosen >= offset) & (chosen < offset + rows)] - offset
         if len(local):
-            column = pq.read_table(shard, columns=["text"]).column("text").take(local)
+            column = read(shard, ["text"]).column("text").take(local)
             texts += [t[:max_chars] for t in column.to_pylist()]
         offset += rows
     return texts

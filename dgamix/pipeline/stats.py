@@ -1,7 +1,9 @@
 """Stage 5, stats: a polars-friendly table of cluster statistics, clustering metrics, and plots for `dvc plots`.
 
 Outputs (stats.output): `clusters.parquet` (one row per fine cluster), `sources.parquet` (cluster x source
-counts and shares), `plots/cluster_sizes.csv` + `.png`, `plots/source_by_coarse.png`; metrics go to stats.metrics.
+counts and shares), `summary.json` (cluster sizes, purity and NMI at both levels, mean distance),
+`plots/cluster_sizes.csv` + `.png`, `plots/source_by_coarse.png`; the DVC metrics (clusters, NMI of the fine
+clustering against the source label) go to stats.metrics.
 Keywords are class-based TF-IDF: each cluster is one "document" made of all its texts' term counts.
 """
 from __future__ import annotations
@@ -13,28 +15,18 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 from sklearn.feature_extraction.text import CountVectorizer
 from tqdm.auto import tqdm
 
-from .assign import MANIFEST
 from ..core.atomic import atomic_path, write_json
+from ..core.params import local_path, non_negative_int, positive_int, section
+from ..formats import domains
 from .sampling import sample_texts
-from ..core.params import ParamError, local_path, non_negative_int, positive_int, section
 
 log = logging.getLogger(__name__)
 
 KEYWORD_CHARS = 5000  # characters of each text counted for keywords: enough for topic words, bounded cost
-
-
-def purity(clusters: np.ndarray, labels: np.ndarray) -> float:
-    """Share of documents whose label is their cluster's most common label."""
-    if not len(clusters):
-        return float("nan")
-    frame = pl.DataFrame({"c": clusters, "l": labels})
-    top = frame.group_by("c", "l").len().group_by("c").agg(pl.col("len").max())
-    return float(top["len"].sum() / len(clusters))
 
 
 def class_tfidf_keywords(counts: sp.csr_matrix, vocabulary: np.ndarray, top: int) -> list[list[str]]:
@@ -59,7 +51,7 @@ def class_tfidf_keywords(counts: sp.csr_matrix, vocabulary: np.ndarray, top: int
 
 def fit_vocabulary(shards: list[Path], sample_docs: int, seed: int, max_terms: int) -> CountVectorizer:
     """Fit the keyword vocabulary on a seeded sample of texts, read shard by shard."""
-    texts = sample_texts(shards, sample_docs, seed, KEYWORD_CHARS)
+    texts = sample_texts(shards, sample_docs, seed, KEYWORD_CHARS, domains.read_shard)
     vectorizer = CountVectorizer(
         lowercase=True, stop_words="english", token_pattern=r"(?u)\b[^\W\d_][^\W\d_]{2,}\b",
         max_features=max_terms, min_df=2 if len(texts) > 50 else 1, dtype=np.float32,
@@ -102,36 +94,26 @@ def shard_aggregates(table: pa.Table, vectorizer: CountVectorizer, n_clusters: i
     return counts, sp.csr_matrix(membership @ x)
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = section(params, "stats")
-    domains_dir = local_path(cfg, "stats", "domains", "data/domains")
-    out_dir = local_path(cfg, "stats", "output", "data/stats")
-    metrics_path = local_path(cfg, "stats", "metrics", "metrics/stats.json")
-    top_keywords = positive_int(cfg, "stats", "keywords", 8)
-    vocab_docs = positive_int(cfg, "stats", "keyword_sample_docs", 20000)
-    max_terms = positive_int(cfg, "stats", "keyword_terms", 30000)
-    seed = non_negative_int(cfg, "stats", "seed", 0)
-    if not (domains_dir / MANIFEST).exists():
-        raise ParamError(f"stats.domains = '{domains_dir}' holds no {MANIFEST} (expected the assign stage's output)")
-
-    manifest = pl.read_parquet(domains_dir / MANIFEST)
-    n_clusters = manifest.height
-    parents = [c for c in manifest.columns if c.startswith("parent_l")]
-    coarse_col = parents[0] if parents else "cluster"
-    shards = sorted(domains_dir.glob("part-*.parquet"))
-    vectorizer = fit_vocabulary(shards, vocab_docs, seed, max_terms)
-    vocabulary = vectorizer.get_feature_names_out()
-
-    # Memory stays flat: only per-(cluster, source) aggregates and cluster x term counts are kept across shards.
-    term_counts = sp.csr_matrix((n_clusters, len(vocabulary)), dtype=np.float32)
+def aggregate_shards(shards: list[Path], vectorizer: CountVectorizer, n_clusters: int
+                     ) -> tuple[pl.DataFrame, sp.csr_matrix]:
+    """(cluster, source) -> docs and summed cosine distance, and cluster x term counts, over every shard. Memory
+    stays flat: only these aggregates are kept across shards."""
+    term_counts = sp.csr_matrix((n_clusters, len(vectorizer.get_feature_names_out())), dtype=np.float32)
     partials = []
     for shard in tqdm(shards, desc="stats", unit="shard"):
-        counts, terms = shard_aggregates(pq.read_table(shard), vectorizer, n_clusters)
+        counts, terms = shard_aggregates(domains.read_shard(shard), vectorizer, n_clusters)
         partials.append(counts)
         term_counts = term_counts + terms
     by_source = pl.concat(partials).group_by("cluster", "source").agg(pl.col("docs").sum(),
                                                                        pl.col("distance_sum").sum())
+    return by_source, term_counts
 
+
+def cluster_table(manifest: pl.DataFrame, by_source: pl.DataFrame, keywords: list[list[str]]
+                  ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Pure: one row per fine cluster (sizes, dominant source, source shares, mean distance, keywords), and the
+    (cluster, source) table of counts and shares."""
+    parents = [c for c in manifest.columns if c.startswith("parent_l")]
     per_source = (
         by_source.select("cluster", "source", "docs")
         .with_columns((pl.col("docs") / pl.col("docs").sum().over("cluster")).alias("share"))
@@ -147,43 +129,84 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         manifest.select("cluster", *parents, "docs", "chars")
         .join(dominant, on="cluster", how="left").join(shares, on="cluster", how="left")
         .join(distance, on="cluster", how="left")
-        .with_columns(pl.Series("keywords", class_tfidf_keywords(term_counts, vocabulary, top_keywords),
-                                dtype=pl.List(pl.String)))
+        .with_columns(pl.Series("keywords", keywords, dtype=pl.List(pl.String)))
         .sort("cluster")
     )
+    return table, per_source
 
+
+def clustering_summary(manifest: pl.DataFrame, table: pl.DataFrame, per_source: pl.DataFrame,
+                       by_source: pl.DataFrame) -> dict[str, Any]:
+    """Pure: cluster sizes, mean distance, and purity / NMI of the fine and coarse clusterings against the source
+    label (when the corpus has one)."""
+    coarse_col = _coarse_column(manifest)
     n_docs = int(by_source["docs"].sum())
     sources = sorted(by_source["source"].unique().to_list())
-    metrics: dict[str, Any] = {
+    summary: dict[str, Any] = {
         "documents": n_docs,
-        "clusters": n_clusters,
+        "clusters": manifest.height,
         "empty_clusters": int((table["docs"] == 0).sum()),
         "largest_cluster_docs": int(table["docs"].max()),
         "median_nonempty_cluster_docs": float(table.filter(pl.col("docs") > 0)["docs"].median()),
         "mean_distance": float(by_source["distance_sum"].sum() / max(n_docs, 1)),
     }
     if sources != ["unknown"]:  # a source label exists: score the clustering against it
-        with_coarse = per_source.join(manifest.select("cluster", pl.col(coarse_col).alias("coarse")), on="cluster")
-        metrics["sources"] = len(sources)
-        metrics["purity_fine"], metrics["nmi_fine"] = contingency_scores(_contingency(per_source, "cluster", sources))
-        if parents:
-            metrics["purity_coarse"], metrics["nmi_coarse"] = contingency_scores(
+        summary["sources"] = len(sources)
+        summary["purity_fine"], summary["nmi_fine"] = contingency_scores(_contingency(per_source, "cluster", sources))
+        if coarse_col != "cluster":
+            with_coarse = per_source.join(manifest.select("cluster", pl.col(coarse_col).alias("coarse")),
+                                          on="cluster")
+            summary["purity_coarse"], summary["nmi_coarse"] = contingency_scores(
                 _contingency(with_coarse, "coarse", sources))
-    heat = per_source.join(manifest.select("cluster", coarse_col) if parents else manifest.select("cluster"),
-                           on="cluster").group_by(coarse_col, "source").agg(pl.col("docs").sum())
+    return summary
 
-    with atomic_path(out_dir) as tmp:
-        (tmp / "plots").mkdir(parents=True)
-        table.write_parquet(tmp / "clusters.parquet", compression="zstd")
-        per_source.write_parquet(tmp / "sources.parquet", compression="zstd")
-        sizes = table.select("docs").sort("docs", descending=True).with_row_index("rank")
-        sizes.write_csv(tmp / "plots" / "cluster_sizes.csv")
-        from .plots import plot_cluster_sizes, plot_source_heatmap
 
-        plot_cluster_sizes(sizes["docs"].to_numpy(), tmp / "plots" / "cluster_sizes.png")
-        plot_source_heatmap(heat, coarse_col, tmp / "plots" / "source_by_coarse.png")
-    write_json(metrics, metrics_path)
-    return metrics
+def dvc_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The few numbers `dvc metrics show` puts in its one wide table: the rest is in summary.json."""
+    return {k: round(summary[k], 4) if isinstance(summary[k], float) else summary[k]
+            for k in ("clusters", "nmi_fine") if k in summary}
+
+
+def write_outputs(directory: Path, table: pl.DataFrame, per_source: pl.DataFrame, manifest: pl.DataFrame,
+                  summary: dict[str, Any]) -> None:
+    from .plots import plot_cluster_sizes, plot_source_heatmap
+
+    (directory / "plots").mkdir(parents=True)
+    table.write_parquet(directory / "clusters.parquet", compression="zstd")
+    per_source.write_parquet(directory / "sources.parquet", compression="zstd")
+    write_json(summary, directory / "summary.json")
+    sizes = table.select("docs").sort("docs", descending=True).with_row_index("rank")
+    sizes.write_csv(directory / "plots" / "cluster_sizes.csv")
+    plot_cluster_sizes(sizes["docs"].to_numpy(), directory / "plots" / "cluster_sizes.png")
+    coarse_col = _coarse_column(manifest)
+    heat = per_source.join(manifest.select("cluster", coarse_col) if coarse_col != "cluster"
+                           else manifest.select("cluster"), on="cluster").group_by(coarse_col, "source").agg(
+        pl.col("docs").sum())
+    plot_source_heatmap(heat, coarse_col, directory / "plots" / "source_by_coarse.png")
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    cfg = section(params, "stats")
+    domains_dir = local_path(cfg, "stats", "domains")
+    manifest = pl.from_arrow(domains.read_manifest(domains_dir, param="stats.domains"))
+    shards = domains.list_shards(domains_dir)
+    vectorizer = fit_vocabulary(shards, positive_int(cfg, "stats", "keyword_sample_docs"),
+                                non_negative_int(cfg, "stats", "seed"), positive_int(cfg, "stats", "keyword_terms"))
+    by_source, term_counts = aggregate_shards(shards, vectorizer, manifest.height)
+    keywords = class_tfidf_keywords(term_counts, vectorizer.get_feature_names_out(),
+                                    positive_int(cfg, "stats", "keywords"))
+    table, per_source = cluster_table(manifest, by_source, keywords)
+    summary = clustering_summary(manifest, table, per_source, by_source)
+    with atomic_path(local_path(cfg, "stats", "output")) as tmp:
+        write_outputs(tmp, table, per_source, manifest, summary)
+    write_json(dvc_metrics(summary), local_path(cfg, "stats", "metrics"))
+    return summary
+
+
+def _coarse_column(manifest: pl.DataFrame) -> str:
+    """The top level's id column; with a flat clustering every cluster is its own coarse cluster."""
+    parents = [c for c in manifest.columns if c.startswith("parent_l")]
+    return parents[0] if parents else "cluster"
 
 
 def _contingency(frame: pl.DataFrame, group: str, sources: list[str]) -> np.ndarray:

@@ -2,18 +2,13 @@
 
 (The module is `tokens`, so as not to shadow the standard library's `tokenize`.)
 
-Layout of tokenize.output:
-- `tokens.bin`: token ids (uint16 when the vocabulary fits, else uint32), documents grouped by fine cluster in
-  cluster-id order, each document followed by EOS;
-- `doc_offsets.npy`: int64, n_docs + 1 token offsets (document i is tokens[doc_offsets[i]:doc_offsets[i+1]],
-  its EOS included);
-- `cluster_offsets.npy`: int64, k + 1 document offsets (cluster c holds documents cluster_offsets[c] ..
-  cluster_offsets[c+1] - 1);
-- `tokenizer.json` (the one used) and `store.json` (dtype, vocab size, EOS id, counts, fingerprint);
-- `heldout/`: the held-out generic documents (`holdout_fraction` of them, chosen by a hash of their doc_id, so the
-  choice does not depend on the clustering or the shard order), as a one-cluster store of the same layout. They are
-  not in the training store: the reference trainer's generic loss is measured on them (forgetting).
-The mixer slices any cluster's token stream with two array lookups, no parsing.
+The store's layout is `dgamix.formats.token_store`. Besides it, tokenize.output holds `tokenizer.json` (the one
+used) and `heldout/`: the held-out generic documents (`holdout_fraction` of them, chosen by a hash of their
+doc_id, so the choice does not depend on the clustering or the shard order), as a one-cluster store of the same
+layout. They are not in the training store: the reference trainer's generic loss is measured on them.
+
+With `tokenize.docs` set (what the target stages do), the documents of that ingest output are tokenized as one
+cluster, in their order, with the corpus's tokenizer: the specialized set's own store.
 """
 from __future__ import annotations
 
@@ -26,11 +21,12 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow.parquet as pq
 
-from .assign import MANIFEST
-from ..core.atomic import atomic_path, write_json, write_npy
+from ..core.atomic import atomic_path, write_npy
+from ..core.params import InputError, ParamError, local_path, non_negative_int, positive_int, require, section
+from ..formats import docs, domains, token_store
+from ..formats.token_store import token_dtype
 from .engine import Engine
 from .sampling import sample_texts
-from ..core.params import ParamError, local_path, non_negative_int, positive_int, require, section
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +70,6 @@ def eos_id(tokenizer: Any, eos_token: str | None) -> int:
                      "(expected the name of its end-of-document token)")
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
 def tokenize_texts(tokenizer: Any, texts: list[str], eos: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Pure step: (token ids of all texts, each followed by EOS; per-text lengths including the EOS)."""
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
@@ -89,37 +81,6 @@ def tokenize_texts(tokenizer: Any, texts: list[str], eos: int, dtype: np.dtype) 
         out[position + length - 1] = eos
         position += length
     return out, lengths
-
-
-def write_token_store(directory: Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], docs_per_cluster: np.ndarray,
-                      meta: dict[str, Any]) -> dict[str, Any]:
-    """Write tokens.bin, doc_offsets.npy, cluster_offsets.npy and store.json from (tokens, doc lengths) chunks
-    given in cluster order. The fingerprint identifies the exact tokens and their grouping."""
-    digest = hashlib.blake2b(digest_size=16)
-    lengths: list[np.ndarray] = []
-    dtype = None
-    with open(directory / "tokens.bin", "wb") as fh:
-        for tokens, chunk_lengths in chunks:
-            dtype = tokens.dtype
-            fh.write(tokens.tobytes())
-            digest.update(tokens.tobytes())
-            lengths.append(chunk_lengths)
-    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    doc_offsets = np.zeros(len(all_lengths) + 1, dtype=np.int64)
-    doc_offsets[1:] = np.cumsum(all_lengths)
-    cluster_offsets = np.zeros(len(docs_per_cluster) + 1, dtype=np.int64)
-    cluster_offsets[1:] = np.cumsum(docs_per_cluster)
-    if cluster_offsets[-1] != len(all_lengths):
-        raise ValueError(f"{len(all_lengths)} documents tokenized but the clusters hold {cluster_offsets[-1]}")
-    digest.update(doc_offsets.tobytes())
-    digest.update(cluster_offsets.tobytes())
-    write_npy(doc_offsets, directory / "doc_offsets.npy")
-    write_npy(cluster_offsets, directory / "cluster_offsets.npy")
-    summary = {"dtype": (dtype or token_dtype(meta["vocab_size"])).name, **meta, "documents": int(len(all_lengths)),
-               "tokens": int(doc_offsets[-1]), "clusters": int(len(docs_per_cluster)),
-               "fingerprint": digest.hexdigest()}
-    write_json(summary, directory / "store.json")
-    return summary
 
 
 def held_out(doc_ids: list[str], fraction: float, seed: int) -> np.ndarray:
@@ -155,7 +116,7 @@ class TokenizeShard:
             self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
         clusters, parts = [], {"train": [], "heldout": []}
         counts: dict[str, list[int]] = {"train": [], "heldout": []}
-        with pq.ParquetFile(shard) as parquet:
+        with domains.open_shard(Path(shard)) as parquet:
             for group in range(parquet.metadata.num_row_groups):  # one cluster's texts in memory at a time
                 table = parquet.read_row_group(group, columns=["doc_id", "text", "cluster"])
                 ids = np.unique(table.column("cluster").to_numpy())
@@ -231,60 +192,82 @@ def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
 
+def tokenizer_for(cfg: dict[str, Any], domains_dir: Path) -> Any:
+    """The tokenizer tokenize.tokenizer names, or a byte-level BPE trained here on a seeded sample of the corpus."""
+    path = require(cfg, "tokenize", "tokenizer", str)
+    if path:
+        return load_tokenizer(path)
+    vocab_size, train_docs = positive_int(cfg, "tokenize", "vocab_size"), positive_int(cfg, "tokenize", "train_docs")
+    if vocab_size < 257:
+        raise ParamError(f"tokenize.vocab_size = {vocab_size}: expected at least 257 (256 bytes + EOS)")
+    log.info("tokenize: training a byte-level BPE (vocab %d) on up to %d documents", vocab_size, train_docs)
+    return train_bpe(sample_texts(domains.list_shards(domains_dir), train_docs, non_negative_int(cfg, "tokenize", "seed"),
+                                  TRAIN_CHARS_PER_DOC, domains.read_shard), vocab_size)
+
+
+def tokenize_clusters(tmp: Path, domains_dir: Path, tokenizer: Any, eos: int, holdout: float, seed: int,
+                      engine: Engine) -> dict[str, Any]:
+    """The corpus: every domains shard tokenized (on the engine), interleaved cluster by cluster into the training
+    store, and the held-out documents into `heldout/`. Returns store.json's content."""
+    manifest = domains.read_manifest(domains_dir, ["docs"], "tokenize.domains").column("docs").to_numpy()
+    shards = domains.list_shards(domains_dir)
+    dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
+    meta = {"vocab_size": int(tokenizer.get_vocab_size(with_added_tokens=True)), "eos_id": eos}
+    staging = tmp / "staged"
+    staging.mkdir(parents=True)
+    # Absolute paths: a Ray worker's working directory is not ours.
+    tasks = [(str(shard.resolve()), str((staging / shard.stem).resolve())) for shard in shards]
+    parts = engine.map(TokenizeShard(tokenizer.to_str(), eos, dtype.name, holdout, seed), tasks, "tokenize",
+                       weights=[pq.read_metadata(s).num_rows for s in shards], unit="doc")
+    staged = [path for _, path in tasks]
+    kept, train_chunks = interleave(staged, parts, "train", len(manifest), dtype)
+    held, heldout_chunks = interleave(staged, parts, "heldout", len(manifest), dtype)
+    if not np.array_equal(kept + held, manifest):
+        bad = int(np.flatnonzero(kept + held != manifest)[0])
+        raise ParamError(f"tokenize.domains: cluster {bad} has {int(kept[bad] + held[bad])} documents but the "
+                         f"manifest says {int(manifest[bad])}; re-run assign")
+    summary = token_store.write(tmp, train_chunks, kept, meta)
+    if held.sum():
+        (tmp / token_store.HELDOUT).mkdir()
+        held_summary = token_store.write(tmp / token_store.HELDOUT, heldout_chunks, np.array([held.sum()]), meta)
+        summary["heldout_documents"], summary["heldout_tokens"] = held_summary["documents"], held_summary["tokens"]
+        token_store.write_meta(summary, tmp)
+    shutil.rmtree(staging)
+    return summary
+
+
+def tokenize_documents(tmp: Path, docs_dir: Path, tokenizer: Any, eos: int) -> dict[str, Any]:
+    """A docs folder (the specialized set) as a one-cluster store, in its order. Returns store.json's content."""
+    vocab = int(tokenizer.get_vocab_size(with_added_tokens=True))
+    texts = [t for shard in docs.list_shards(docs_dir, "tokenize.docs")
+             for t in docs.read_shard(shard, ["text"]).column("text").to_pylist()]
+    if not texts:
+        raise InputError(f"tokenize.docs = '{docs_dir}' holds no document")
+    chunk = tokenize_texts(tokenizer, texts, eos, token_dtype(vocab))
+    tmp.mkdir(parents=True)
+    return token_store.write(tmp, [chunk], np.array([len(texts)]), {"vocab_size": vocab, "eos_id": eos})
+
+
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "tokenize")
-    domains_dir = local_path(cfg, "tokenize", "domains", "data/domains")
-    out_dir = local_path(cfg, "tokenize", "output", "data/tokens")
-    tokenizer_path = require(cfg, "tokenize", "tokenizer", str, None)
-    vocab_size = positive_int(cfg, "tokenize", "vocab_size", 8192)
-    train_docs = positive_int(cfg, "tokenize", "train_docs", 20000)
-    seed = non_negative_int(cfg, "tokenize", "seed", 0)
-    eos_token = require(cfg, "tokenize", "eos_token", str, None)
-    holdout = float(require(cfg, "tokenize", "holdout_fraction", (int, float), 0.0))
+    domains_dir = local_path(cfg, "tokenize", "domains")
+    docs_dir = local_path(cfg, "tokenize", "docs")
+    seed = non_negative_int(cfg, "tokenize", "seed")
+    holdout = float(require(cfg, "tokenize", "holdout_fraction", (int, float)))
     if not 0.0 <= holdout < 1.0:
         raise ParamError(f"tokenize.holdout_fraction = {holdout}: expected 0 <= fraction < 1 (share of documents "
                          "kept out of training for the generic eval loss)")
-    if not (domains_dir / MANIFEST).exists():
-        raise ParamError(f"tokenize.domains = '{domains_dir}' holds no {MANIFEST} (expected the assign stage's output)")
-    if tokenizer_path is None and vocab_size < 257:
-        raise ParamError(f"tokenize.vocab_size = {vocab_size}: expected at least 257 (256 bytes + EOS)")
-
-    if tokenizer_path:
-        tokenizer = load_tokenizer(tokenizer_path)
-    else:
-        log.info("tokenize: training a byte-level BPE (vocab %d) on up to %d documents", vocab_size, train_docs)
-        tokenizer = train_bpe(sample_texts(sorted(domains_dir.glob("part-*.parquet")), train_docs, seed,
-                                           TRAIN_CHARS_PER_DOC), vocab_size)
-    eos = eos_id(tokenizer, eos_token)
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    dtype = token_dtype(vocab)
-
-    manifest = pq.read_table(domains_dir / MANIFEST, columns=["docs"]).column("docs").to_numpy()
-    shards = sorted(domains_dir.glob("part-*.parquet"))
-    engine = Engine.for_stage(params, "tokenize")
-    meta = {"vocab_size": int(vocab), "eos_id": eos}
-    with atomic_path(out_dir) as tmp:
-        staging = tmp / "staged"
-        staging.mkdir(parents=True)
-        # Absolute paths: a Ray worker's working directory is not ours.
-        tasks = [(str(shard.resolve()), str((staging / shard.stem).resolve())) for shard in shards]
-        parts = engine.map(TokenizeShard(tokenizer.to_str(), eos, dtype.name, holdout, seed), tasks, "tokenize",
-                           weights=[pq.read_metadata(s).num_rows for s in shards], unit="doc")
-        staged = [path for _, path in tasks]
-        kept, train_chunks = interleave(staged, parts, "train", len(manifest), dtype)
-        held, heldout_chunks = interleave(staged, parts, "heldout", len(manifest), dtype)
-        if not np.array_equal(kept + held, manifest):
-            bad = int(np.flatnonzero(kept + held != manifest)[0])
-            raise ParamError(f"tokenize.domains: cluster {bad} has {int(kept[bad] + held[bad])} documents but the "
-                             f"manifest says {int(manifest[bad])}; re-run assign")
-        summary = write_token_store(tmp, train_chunks, kept, meta)
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        if held.sum():
-            (tmp / "heldout").mkdir()
-            held_summary = write_token_store(tmp / "heldout", heldout_chunks, np.array([held.sum()]), meta)
-            summary["heldout_documents"], summary["heldout_tokens"] = held_summary["documents"], held_summary["tokens"]
-            write_json(summary, tmp / "store.json")
-        shutil.rmtree(staging)
+    if docs_dir is None:
+        domains.read_manifest(domains_dir, ["docs"], "tokenize.domains")  # a missing input fails before training
+    tokenizer = tokenizer_for(cfg, domains_dir)
+    eos = eos_id(tokenizer, require(cfg, "tokenize", "eos_token", str))
+    with atomic_path(local_path(cfg, "tokenize", "output")) as tmp:
+        if docs_dir is None:
+            summary = tokenize_clusters(tmp, domains_dir, tokenizer, eos, holdout, seed,
+                                        Engine.for_stage(params, "tokenize"))
+        else:
+            summary = tokenize_documents(tmp, docs_dir, tokenizer, eos)
+        tokenizer.save(str(tmp / token_store.TOKENIZER))
     log.info("tokenize: %d documents in the store, %d held out", summary["documents"],
              summary.get("heldout_documents", 0))
     return summary

@@ -1,7 +1,17 @@
-"""`dgamix plot RUNS_DIR`: weight trajectories and losses of every run (PNG), like the paper's Figure 3."""
+"""`dgamix plot`: losses and weight trajectories of training runs, like the paper's Figure 3.
+
+As a stage (`run`), it plots the runs of `train.strategies` in `train.output`. Writes, from each runs/NAME/log.csv:
+- runs/plots/spec_loss.csv and runs/plots/generic_loss.csv: the evaluation losses, one row per evaluated step and
+  one column per strategy. DVC's plot templates draw one line per y column of a file, so each of these is one
+  `dvc plots show` chart with a line per strategy (a long table with a `strategy` column would be drawn as one line);
+- runs/losses.png: both losses per strategy (the same data, as an image);
+- runs/NAME/weights.png: the weights of the largest bases over training (basis names differ between projects, so a
+  fixed DVC plot definition could not name their columns; the image shows them, and log.csv holds every `w:` column).
+"""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -9,28 +19,77 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
+from ..core.atomic import atomic_path  # noqa: E402
+from ..core.params import ParamError, local_path, require, section  # noqa: E402
 
-def plot_runs(runs_dir: str | Path, top_bases: int = 8) -> list[Path]:
+LOSSES = {"spec_loss": "specialized eval loss", "generic_loss": "generic loss"}
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    """The plot stage: the runs dvc.yaml trains (`train.strategies`, in `train.output`)."""
+    cfg = section(params, "train")
+    strategies = require(cfg, "train", "strategies", list)
+    if not strategies or not all(isinstance(s, str) for s in strategies):
+        raise ParamError(f"train.strategies = {strategies!r}: expected a non-empty list of strategy names")
+    return {"written": [str(p) for p in plot_runs(local_path(cfg, "train", "output"), strategies)]}
+
+
+def plot_runs(runs_dir: str | Path, strategies: list[str] | None = None, top_bases: int = 8) -> list[Path]:
+    """Plot the runs in `runs_dir` (the given strategies, in that order, or every runs_dir/*/log.csv).
+    Returns the files written."""
     runs_dir = Path(runs_dir)
-    logs = sorted(runs_dir.glob("*/log.csv"))
-    if not logs:
-        raise FileNotFoundError(f"{runs_dir} holds no */log.csv (expected the output folder of `dgamix train`)")
-    written = []
-    fig, (ax_spec, ax_gen) = plt.subplots(1, 2, figsize=(11, 4))
-    for path in logs:
-        frame = pl.read_csv(path, infer_schema_length=None)
-        evals = frame.filter(pl.col("spec_loss").is_not_null())
-        ax_spec.plot(evals["step"], evals["spec_loss"], marker="o", label=path.parent.name)
-        ax_gen.plot(evals["step"], evals["generic_loss"], marker="o", label=path.parent.name)
-        written.append(plot_weights(frame, path.parent / "weights.png", path.parent.name, top_bases))
-    for ax, title in ((ax_spec, "specialized eval loss"), (ax_gen, "generic loss")):
+    logs = {name: pl.read_csv(path, infer_schema_length=None) for name, path in find_logs(runs_dir, strategies)}
+    evals = eval_losses(logs)
+    written = [write_wide(evals, loss, runs_dir / "plots" / f"{loss}.csv") for loss in LOSSES]
+    written.append(plot_losses(evals, runs_dir / "losses.png"))
+    written += [plot_weights(frame, runs_dir / name / "weights.png", name, top_bases) for name, frame in logs.items()]
+    return written
+
+
+def find_logs(runs_dir: Path, strategies: list[str] | None) -> list[tuple[str, Path]]:
+    if strategies is None:
+        found = [(path.parent.name, path) for path in sorted(runs_dir.glob("*/log.csv"))]
+        if not found:
+            raise FileNotFoundError(f"{runs_dir} holds no */log.csv (expected the output folder of `dgamix train`)")
+        return found
+    missing = [s for s in strategies if not (runs_dir / s / "log.csv").exists()]
+    if missing or not strategies:
+        raise FileNotFoundError(f"no log.csv for the strategies {missing or strategies} in {runs_dir} "
+                                "(run `dgamix train --strategy NAME` for each, or `dvc repro`)")
+    return [(s, runs_dir / s / "log.csv") for s in strategies]
+
+
+def eval_losses(logs: dict[str, pl.DataFrame]) -> pl.DataFrame:
+    """Pure: the evaluated steps of every run, long: step, strategy, spec_loss, generic_loss."""
+    return pl.concat([frame.filter(pl.col("spec_loss").is_not_null())
+                      .select(pl.col("step"), pl.lit(name).alias("strategy"),
+                              pl.col("spec_loss").cast(pl.Float64), pl.col("generic_loss").cast(pl.Float64))
+                      for name, frame in logs.items()])
+
+
+def wide(evals: pl.DataFrame, loss: str) -> pl.DataFrame:
+    """Pure: one loss, one column per strategy (in the runs' order), one row per step that any run evaluated."""
+    strategies = list(dict.fromkeys(evals["strategy"]))
+    return evals.pivot(on="strategy", index="step", values=loss).select("step", *strategies).sort("step")
+
+
+def write_wide(evals: pl.DataFrame, loss: str, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        wide(evals, loss).write_csv(tmp)
+    return path
+
+
+def plot_losses(evals: pl.DataFrame, path: Path) -> Path:
+    fig, axes = plt.subplots(1, len(LOSSES), figsize=(11, 4))
+    for ax, (loss, title) in zip(axes, LOSSES.items()):
+        for (name,), run in evals.group_by("strategy", maintain_order=True):
+            ax.plot(run["step"], run[loss], marker="o", label=name)
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(runs_dir / "losses.png", dpi=110)
-    plt.close(fig)
-    return [runs_dir / "losses.png", *written]
+    save(fig, path)
+    return path
 
 
 def plot_weights(frame: pl.DataFrame, path: Path, title: str, top: int) -> Path:
@@ -45,6 +104,14 @@ def plot_weights(frame: pl.DataFrame, path: Path, title: str, top: int) -> Path:
     ax.set_title(f"{title}: weights of the {len(keep)} largest bases")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return path
+
+
+def save(fig: plt.Figure, path: Path) -> None:
+    # Written then renamed, like every stage output: a killed `dvc repro` leaves no half-written image.
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)

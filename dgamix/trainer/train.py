@@ -3,19 +3,25 @@
 `dgamix train --strategy NAME` (what dvc.yaml's foreach calls) reads the `train` section of params.yaml.
 Strategies: uniform (over the bases), natural, importance (static weight 1 on the importance basis), dga (no EMA),
 dga_ema, and odm (the EXP3 bandit of Online Data Mixing over disjoint domains: the coarse bases when the bases
-stage built them, else one domain per cluster). Outputs in runs/NAME/: metrics.json (final and best losses),
-log.csv (per step: train loss, evaluation losses when measured, weights `w:`, alignment scores `a:`, tokens drawn
-per basis `t:` (a sequence's tokens split over the bases in proportion to alpha_j P_j(cluster)), skipped updates),
-clusters.parquet (step, cluster, tokens: what was drawn), checkpoint.pt (resumed when present).
+stage built them, else one domain per cluster). Outputs in runs/NAME/:
+- metrics.json: the final and best losses (what `dvc metrics show` tabulates), the bases and the final weights;
+- summary.json: how the run went (steps, seconds, parameters, skipped updates, clusters repeated, eval sets);
+- log.csv: per step: train loss, evaluation losses when measured, weights `w:`, alignment scores `a:`, tokens
+  drawn per basis `t:` (a sequence's tokens split over the bases in proportion to alpha_j P_j(cluster)), skipped
+  updates;
+- clusters.parquet: (step, cluster, tokens): what was drawn;
+- checkpoint.pt while the run is in progress (resumed when present, removed when the run completes).
 
-Evaluation: the specialized loss on the target's held-out eval set (bases stage, `target_eval/`), and the generic
-loss on the held-out generic documents (tokenize stage, `heldout/`), which training never reads.
+Evaluation: the specialized loss on the target's held-out eval set (`train.target_eval`), and the generic loss on
+the held-out generic documents (`<train.tokens>/heldout`, tokenize stage), which training never reads.
 """
 from __future__ import annotations
 
 import csv
 import logging
+import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +30,144 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ..mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
-from ..mixer.strategies import DGAStrategy, ODMStrategy, StaticStrategy
 from ..core.atomic import atomic_path, write_json
-from ..core.params import ParamError, local_path, positive_int, require, section
-
+from ..core.defaults import STRATEGIES
+from ..core.params import ParamError, local_path, non_negative_int, positive_int, require, section
+from ..formats import token_store
+from ..mixer import ClusterStore, Mixture, MixtureStream, StateMismatchError, TargetSampler
+from ..mixer.dga import ESTIMATORS
+from ..mixer.strategies import DGAStrategy, ODMStrategy, StaticStrategy
 from .model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
-STRATEGIES = ("uniform", "natural", "importance", "dga", "dga_ema", "odm")
+
+Strategy = StaticStrategy | DGAStrategy | ODMStrategy
+Drawn = list[tuple[int, dict[int, int]]]  # per step: tokens drawn per cluster
+METRIC_DECIMALS = 6  # `dvc metrics show` prints what the file holds: six decimals of a loss are plenty
+TARGET_HINT = "run the target stages first (`dvc repro`, or `dgamix tokenize --target {name}`)"
+
+
+# ---- parameters (pure) -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainConfig:
+    """The `train` section, validated: every value comes from params.yaml or `dgamix.core.defaults`."""
+
+    strategy: str
+    steps: int
+    seq_len: int
+    batch_size: int
+    lr: float
+    n_layer: int
+    n_head: int
+    n_embd: int
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    token_cap: int | None
+    basis_names: list[str] | None
+    eta: float
+    beta: float
+    every: int
+    dga_batch_size: int
+    dga_target_batch_size: int | None
+    estimator: str
+    seed: int
+    tokens: Path
+    bases: Path
+    target: Path
+    target_eval: Path
+    output: Path
+
+    @property
+    def out_dir(self) -> Path:
+        return self.output / self.strategy
+
+
+def read_config(params: dict[str, Any], strategy: str) -> TrainConfig:
+    """Validate the `train` section for one strategy; a missing key takes its default from `dgamix.core.defaults`."""
+    cfg = section(params, "train")
+    if strategy not in STRATEGIES:
+        raise ParamError(f"train.strategy = '{strategy}': expected one of {STRATEGIES}")
+    config = TrainConfig(
+        strategy=strategy,
+        steps=positive_int(cfg, "train", "steps"),
+        seq_len=positive_int(cfg, "train", "seq_len"),
+        batch_size=positive_int(cfg, "train", "batch_size"),
+        lr=_positive_float(cfg, "lr"),
+        n_layer=positive_int(cfg, "train", "n_layer"),
+        n_head=positive_int(cfg, "train", "n_head"),
+        n_embd=positive_int(cfg, "train", "n_embd"),
+        eval_every=positive_int(cfg, "train", "eval_every"),
+        eval_batches=positive_int(cfg, "train", "eval_batches"),
+        checkpoint_every=positive_int(cfg, "train", "checkpoint_every"),
+        token_cap=_optional_positive_int(cfg, "token_cap"),
+        basis_names=_basis_names(cfg),
+        eta=_positive_float(cfg, "eta"),
+        beta=_fraction(cfg, "beta"),
+        every=positive_int(cfg, "train", "every"),
+        dga_batch_size=positive_int(cfg, "train", "dga_batch_size"),
+        dga_target_batch_size=_optional_positive_int(cfg, "dga_target_batch_size"),
+        estimator=require(cfg, "train", "estimator", str),
+        seed=non_negative_int(cfg, "train", "seed"),
+        tokens=local_path(cfg, "train", "tokens"),
+        bases=local_path(cfg, "train", "bases"),
+        target=local_path(cfg, "train", "target"),
+        target_eval=local_path(cfg, "train", "target_eval"),
+        output=local_path(cfg, "train", "output"),
+    )
+    if config.estimator not in ESTIMATORS:
+        raise ParamError(f"train.estimator = '{config.estimator}': expected one of {sorted(ESTIMATORS)}")
+    if config.n_embd % config.n_head:  # attention splits the embedding evenly over the heads
+        raise ParamError(f"train.n_embd = {config.n_embd}: expected a multiple of train.n_head = {config.n_head}")
+    return config
+
+
+def _positive_float(cfg: dict[str, Any], key: str) -> float:
+    value = float(require(cfg, "train", key, (int, float)))
+    if not (value > 0 and math.isfinite(value)):
+        raise ParamError(f"train.{key} = {value}: expected a positive number")
+    return value
+
+
+def _fraction(cfg: dict[str, Any], key: str) -> float:
+    value = float(require(cfg, "train", key, (int, float)))
+    if not 0 < value <= 1:
+        raise ParamError(f"train.{key} = {value}: expected 0 < {key} <= 1")
+    return value
+
+
+def _optional_positive_int(cfg: dict[str, Any], key: str) -> int | None:
+    # null is a value of its own here ("no cap", "same as dga_batch_size"), and it is the default.
+    return None if require(cfg, "train", key, int) is None else positive_int(cfg, "train", key)
+
+
+def _basis_names(cfg: dict[str, Any]) -> list[str] | None:
+    names = require(cfg, "train", "basis_names", list)
+    if names is not None and not all(isinstance(n, str) for n in names):
+        raise ParamError(f"train.basis_names = {names!r}: expected a list of basis names (see bases/names.json)")
+    return names
+
+
+# ---- run objects (reads the stores) ------------------------------------------------------------------------------
+@dataclass
+class RunObjects:
+    """Everything a training step touches. Its checkpointed state is what a resumed run restores."""
+
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    mixture: Mixture
+    stream: MixtureStream
+    strategy: Strategy
+    device: str
+    autocast: torch.dtype | None
+
+
+@dataclass
+class History:
+    """What the outputs are written from: one log row per step and the tokens drawn per cluster."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    drawn: Drawn = field(default_factory=list)
 
 
 def resolve_device() -> tuple[str, torch.dtype | None]:
@@ -41,15 +176,128 @@ def resolve_device() -> tuple[str, torch.dtype | None]:
     return "cpu", None
 
 
-def eval_sampler(directory: Path, param: str, seq_len: int, seed: int) -> TargetSampler:
-    if not (directory / "store.json").exists():
-        raise ParamError(f"no held-out evaluation store at {directory}: set {param} (and re-run that stage) so the "
-                         "trainer can report a held-out loss")
-    return TargetSampler(ClusterStore(directory, seed=seed + 1), seq_len)
+def open_store(directory: Path, param: str, stage_hint: str, seed: int) -> ClusterStore:
+    """A one-cluster token store named by a `train.*` path, with an error that says which stage writes it."""
+    if not (directory / token_store.META).exists():
+        raise ParamError(f"{param} = '{directory}' holds no token store ({token_store.META}): {stage_hint}")
+    return ClusterStore(directory, seed=seed)
 
 
-def fixed_eval_set(sampler_draw, n_batches: int) -> list[torch.Tensor]:
-    return [sampler_draw() for _ in range(n_batches)]
+def build_run(config: TrainConfig) -> RunObjects:
+    """Model, optimizer, stream and strategy. The order of construction fixes every random draw (the torch seed is
+    consumed by the model's initialization), so it must not change: runs reproduce earlier runs byte for byte."""
+    torch.manual_seed(config.seed)
+    device, autocast = resolve_device()
+    store = ClusterStore(config.tokens, token_cap=config.token_cap, seed=config.seed)
+    mixture = Mixture.from_bases_dir(config.bases, config.basis_names)
+    if config.strategy == "odm":
+        mixture = domain_mixture(mixture, store)
+    stream = MixtureStream(store, mixture, config.seq_len, config.batch_size, seed=config.seed)
+    target = TargetSampler(open_store(config.target, "train.target", TARGET_HINT.format(name="spec"), config.seed),
+                           config.seq_len)
+    model = GPT(GPTConfig(vocab_size=store.vocab_size, block_size=config.seq_len, n_layer=config.n_layer,
+                          n_head=config.n_head, n_embd=config.n_embd)).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    strategy = build_strategy(config, stream, target, model, device)
+    return RunObjects(model, optimizer, mixture, stream, strategy, device, autocast)
+
+
+def domain_mixture(mixture: Mixture, store: ClusterStore) -> Mixture:
+    """ODM needs disjoint domains: the coarse bases when present, else one domain per cluster."""
+    coarse = [n for n in mixture.names if n.startswith("coarse:")]
+    return mixture.select(coarse) if coarse else Mixture.identity(store.available)
+
+
+def build_strategy(config: TrainConfig, stream: MixtureStream, target: TargetSampler, model: GPT,
+                   device: str) -> Strategy:
+    name = config.strategy
+    if name == "odm":
+        return ODMStrategy(stream)
+    if name == "uniform":
+        return StaticStrategy(stream)
+    if name in ("natural", "importance"):
+        return StaticStrategy(stream, basis=name)
+    # dga or dga_ema (read_config admits no other name)
+    loss_fn = lambda tokens: model.loss(tokens.to(device))  # noqa: E731
+    sequence_loss_fn = lambda tokens: model.sequence_losses(tokens.to(device))  # noqa: E731
+    try:
+        return DGAStrategy(stream, target, loss_fn, [p for p in model.parameters() if p.requires_grad],
+                           eta=config.eta, beta=1.0 if name == "dga" else config.beta, every=config.every,
+                           batch_size=config.dga_batch_size, target_batch_size=config.dga_target_batch_size,
+                           estimator=config.estimator, module=model, sequence_loss_fn=sequence_loss_fn)
+    except ValueError as err:  # what the parameters cannot tell in advance, e.g. a basis with no tokens
+        raise ParamError(f"train: {err}") from err
+
+
+@dataclass
+class EvalSets:
+    """Fixed evaluation batches, drawn once: the held-out specialized set and the held-out generic documents."""
+
+    spec: list[torch.Tensor]
+    generic: list[torch.Tensor]
+
+
+def load_eval_sets(config: TrainConfig) -> EvalSets:
+    # seed + 1, as in every recorded run: another offset would draw other evaluation batches, and losses would no
+    # longer compare with the recorded ones (bench/results).
+    spec = TargetSampler(open_store(config.target_eval, "train.target_eval", TARGET_HINT.format(name="eval"),
+                                    config.seed + 1), config.seq_len)
+    spec_batches = [spec.sample(config.batch_size) for _ in range(config.eval_batches)]
+    generic = TargetSampler(open_store(config.tokens / token_store.HELDOUT, "train.tokens (its heldout/ store)",
+                                       "run the tokenize stage with tokenize.holdout_fraction > 0",
+                                       config.seed + 1), config.seq_len)
+    generic_batches = [generic.sample(config.batch_size) for _ in range(config.eval_batches)]
+    return EvalSets(spec_batches, generic_batches)
+
+
+# ---- checkpoint ---------------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, objects: RunObjects, next_step: int, history: History) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"model": objects.model.state_dict(), "optimizer": objects.optimizer.state_dict(),
+                    "stream": objects.stream.state_dict(), "strategy": objects.strategy.state_dict(),
+                    "step": next_step, "rows": history.rows, "drawn": history.drawn}, tmp)
+
+
+def restore_checkpoint(path: Path, objects: RunObjects) -> tuple[int, History]:
+    """Restore the run objects in place; returns the first step still to train and the history so far (the rows and
+    the draws of the steps before the checkpoint belong in the outputs as much as the ones after it)."""
+    state = torch.load(path, weights_only=False)
+    try:
+        objects.model.load_state_dict(state["model"])
+        objects.optimizer.load_state_dict(state["optimizer"])
+        objects.stream.load_state_dict(state["stream"])
+        objects.strategy.load_state_dict(state["strategy"])
+    except (StateMismatchError, RuntimeError) as err:  # RuntimeError: torch's refusal of another model shape
+        raise ParamError(f"{path} was saved by a run with other data or train parameters ({err}); delete it to "
+                         "train from scratch") from err
+    return state["step"], History(state["rows"], state["drawn"])
+
+
+# ---- training -------------------------------------------------------------------------------------------------------
+def train_step(objects: RunObjects, step: int) -> tuple[dict[str, Any], dict[int, int]]:
+    """One optimizer step on the stream's next batch, then the strategy's update. Returns the step's log row and the
+    tokens it drew per cluster."""
+    model, stream, device, autocast = objects.model, objects.stream, objects.device, objects.autocast
+    batch = stream.next_batch()
+    tokens = batch["tokens"].to(device)
+    with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+        losses = model.sequence_losses(tokens)
+        loss = losses.mean()
+    objects.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    objects.optimizer.step()
+    if isinstance(objects.strategy, ODMStrategy):  # rewarded by each domain's training loss
+        objects.strategy.observe(batch["cluster"].numpy(), losses.detach().float().cpu().numpy())
+    # The weights the batch was drawn with: read before the strategy's update may change them.
+    drawn_with = stream.last_log
+    update = objects.strategy.on_step(step)
+    row: dict[str, Any] = {"step": step, "train_loss": float(loss.detach()),
+                           "weights": stream.weights.round(6).tolist(),
+                           "tokens": tokens_per_basis(objects.mixture, drawn_with.weights,
+                                                      drawn_with.tokens_per_cluster)}
+    if update is not None:
+        row.update(scores=np.round(update.scores, 8).tolist(), skipped=update.skipped)
+    return row, drawn_with.tokens_per_cluster
 
 
 @torch.no_grad()
@@ -63,132 +311,77 @@ def evaluate(model: GPT, batches: list[torch.Tensor], device: str, autocast: tor
     return float(np.mean(losses))
 
 
-def domain_mixture(mixture: Mixture, store: ClusterStore) -> Mixture:
-    """ODM needs disjoint domains: the coarse bases when present, else one domain per cluster."""
-    coarse = [n for n in mixture.names if n.startswith("coarse:")]
-    return mixture.select(coarse) if coarse else Mixture.identity(store.available)
-
-
-def build_strategy(name: str, stream: MixtureStream, target: TargetSampler, model: GPT, cfg: dict[str, Any],
-                   device: str) -> StaticStrategy | DGAStrategy | ODMStrategy:
-    if name == "odm":
-        return ODMStrategy(stream)
-    if name == "uniform":
-        return StaticStrategy(stream)
-    if name in ("natural", "importance"):
-        return StaticStrategy(stream, basis=name)
-    if name in ("dga", "dga_ema"):
-        loss_fn = lambda tokens: model.loss(tokens.to(device))  # noqa: E731
-        sequence_loss_fn = lambda tokens: model.sequence_losses(tokens.to(device))  # noqa: E731
-        try:
-            return DGAStrategy(stream, target, loss_fn, [p for p in model.parameters() if p.requires_grad],
-                               eta=float(cfg.get("eta", 0.3)),
-                               beta=1.0 if name == "dga" else float(cfg.get("beta", 0.1)),
-                               every=int(cfg.get("every", 20)), batch_size=int(cfg.get("dga_batch_size", 8)),
-                               target_batch_size=(positive_int(cfg, "train", "dga_target_batch_size", 1)
-                                                  if cfg.get("dga_target_batch_size") is not None else None),
-                               estimator=str(cfg.get("estimator", "exact")), module=model,
-                               sequence_loss_fn=sequence_loss_fn)
-        except ValueError as err:
-            raise ParamError(f"train: {err}") from err
-    raise ParamError(f"train.strategy = '{name}': expected one of {list(STRATEGIES)}")
+def train_loop(config: TrainConfig, objects: RunObjects, evals: EvalSets, start_step: int, history: History,
+               checkpoint: Path) -> None:
+    """Steps start_step..steps-1, appending to `history`; evaluates every eval_every steps and at the end, and
+    checkpoints every checkpoint_every steps (not at the end: the outputs are the record of a complete run)."""
+    for step in range(start_step, config.steps):
+        row, drawn = train_step(objects, step)
+        history.drawn.append((step, drawn))
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            row["spec_loss"] = evaluate(objects.model, evals.spec, objects.device, objects.autocast)
+            row["generic_loss"] = evaluate(objects.model, evals.generic, objects.device, objects.autocast)
+            log.info("train %s: step %d spec %.4f generic %.4f", config.strategy, step + 1, row["spec_loss"],
+                     row["generic_loss"])
+        history.rows.append(row)
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            save_checkpoint(checkpoint, objects, step + 1, history)
 
 
 def run(params: dict[str, Any], strategy_name: str) -> dict[str, Any]:
-    cfg = section(params, "train")
-    if strategy_name not in STRATEGIES:
-        raise ParamError(f"train.strategy = '{strategy_name}': expected one of {list(STRATEGIES)}")
-    steps = positive_int(cfg, "train", "steps", 200)
-    seq_len = positive_int(cfg, "train", "seq_len", 64)
-    batch_size = positive_int(cfg, "train", "batch_size", 16)
-    eval_every = positive_int(cfg, "train", "eval_every", 50)
-    eval_batches = positive_int(cfg, "train", "eval_batches", 4)
-    checkpoint_every = positive_int(cfg, "train", "checkpoint_every", 100)
-    seed = require(cfg, "train", "seed", int, 0)
-    lr = float(require(cfg, "train", "lr", (int, float), 3e-3))
-    token_cap = require(cfg, "train", "token_cap", int, None)
-    tokens_dir = local_path(cfg, "train", "tokens", "data/tokens")
-    bases_dir = local_path(cfg, "train", "bases", "data/bases")
-    out_dir = local_path(cfg, "train", "output", "runs") / strategy_name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    device, autocast = resolve_device()
-
-    store = ClusterStore(tokens_dir, token_cap=token_cap, seed=seed)
-    mixture = Mixture.from_bases_dir(bases_dir, require(cfg, "train", "basis_names", list, None))
-    if strategy_name == "odm":
-        mixture = domain_mixture(mixture, store)
-    stream = MixtureStream(store, mixture, seq_len, batch_size, seed=seed)
-    target = TargetSampler(ClusterStore(bases_dir / "target", seed=seed), seq_len)
-    model = GPT(GPTConfig(vocab_size=store.vocab_size, block_size=seq_len,
-                          n_layer=int(cfg.get("n_layer", 2)), n_head=int(cfg.get("n_head", 4)),
-                          n_embd=int(cfg.get("n_embd", 128)))).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    strategy = build_strategy(strategy_name, stream, target, model, cfg, device)
-
-    # Fixed evaluation sets, drawn once: the held-out specialized set and the held-out generic documents.
-    spec_eval = eval_sampler(bases_dir / "target_eval", "bases.eval", seq_len, seed)
-    spec_batches = fixed_eval_set(lambda: spec_eval.sample(batch_size), eval_batches)
-    generic_eval = eval_sampler(tokens_dir / "heldout", "tokenize.holdout_fraction", seq_len, seed)
-    generic_batches = fixed_eval_set(lambda: generic_eval.sample(batch_size), eval_batches)
-
-    checkpoint = out_dir / "checkpoint.pt"
-    start_step, rows, drawn = 0, [], []
+    """Train one strategy to completion (resuming from runs/NAME/checkpoint.pt when present) and write its outputs.
+    Returns the run's summary and metrics in one mapping."""
+    config = read_config(params, strategy_name)
+    config.out_dir.mkdir(parents=True, exist_ok=True)
+    objects = build_run(config)
+    evals = load_eval_sets(config)
+    checkpoint = config.out_dir / "checkpoint.pt"
+    start_step, history = 0, History()
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        stream.load_state_dict(state["stream"])
-        strategy.load_state_dict(state["strategy"])
-        start_step, rows, drawn = state["step"], state["rows"], state["drawn"]
+        start_step, history = restore_checkpoint(checkpoint, objects)
         log.info("train %s: resumed at step %d", strategy_name, start_step)
 
     started = time.perf_counter()
-    drawn: list[tuple[int, dict[int, int]]] = []
-    for step in range(start_step, steps):
-        batch = stream.next_batch()
-        tokens = batch["tokens"].to(device)
-        with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
-            losses = model.sequence_losses(tokens)
-            loss = losses.mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if isinstance(strategy, ODMStrategy):  # rewarded by each domain's training loss
-            strategy.observe(batch["cluster"].numpy(), losses.detach().float().cpu().numpy())
-        log_entry = stream.last_log
-        update = strategy.on_step(step)
-        row: dict[str, Any] = {"step": step, "train_loss": float(loss.detach()),
-                               "weights": stream.weights.round(6).tolist(),
-                               "tokens": tokens_per_basis(mixture, log_entry.weights, log_entry.tokens_per_cluster)}
-        drawn.append((step, log_entry.tokens_per_cluster))
-        if update is not None:
-            row.update(scores=np.round(update.scores, 8).tolist(), skipped=update.skipped)
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            row["spec_loss"] = evaluate(model, spec_batches, device, autocast)
-            row["generic_loss"] = evaluate(model, generic_batches, device, autocast)
-            log.info("train %s: step %d spec %.4f generic %.4f", strategy_name, step + 1, row["spec_loss"],
-                     row["generic_loss"])
-        rows.append(row)
-        if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "stream": stream.state_dict(), "strategy": strategy.state_dict(),
-                            "step": step + 1, "rows": rows, "drawn": drawn}, tmp)
+    train_loop(config, objects, evals, start_step, history, checkpoint)
+    seconds = time.perf_counter() - started
 
-    evals = [r for r in rows if "spec_loss" in r]
-    metrics = {"strategy": strategy_name, "steps": steps, "final_spec_loss": evals[-1]["spec_loss"],
-               "final_generic_loss": evals[-1]["generic_loss"], "best_spec_loss": min(r["spec_loss"] for r in evals),
-               "seconds": time.perf_counter() - started, "parameters": model.num_params(),
-               "bases": mixture.names, "final_weights": stream.weights.tolist(),
-               "skipped_updates": sum(1 for r in rows if r.get("skipped")),
-               "generic_eval": "held-out generic documents (tokenize.holdout_fraction)",
-               "clusters_repeated": int((stream.passes_completed() > 0).sum())}
-    write_log(rows, mixture.names, out_dir / "log.csv")
-    write_drawn(drawn, out_dir / "clusters.parquet")
-    write_json(metrics, out_dir / "metrics.json")
+    metrics = run_metrics(history.rows, objects.mixture.names, objects.stream.weights)
+    summary = run_summary(config, history.rows, objects, seconds)
+    write_outputs(config.out_dir, history, objects.mixture.names, metrics, summary)
     checkpoint.unlink(missing_ok=True)  # the run is complete; its outputs are the record
-    return metrics
+    return summary | metrics
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------------
+def run_metrics(rows: list[dict[str, Any]], names: list[str], weights: np.ndarray) -> dict[str, Any]:
+    """Pure: metrics.json. Its scalars are the columns `dvc metrics show` puts in one table with every other
+    stage's, so only the losses are scalars here; the lists (hidden by DVC) are read by bench/."""
+    evals = [r for r in rows if "spec_loss" in r]
+    return {"final_spec_loss": round(evals[-1]["spec_loss"], METRIC_DECIMALS),
+            "final_generic_loss": round(evals[-1]["generic_loss"], METRIC_DECIMALS),
+            "bases": list(names), "final_weights": weights.tolist()}
+
+
+def run_summary(config: TrainConfig, rows: list[dict[str, Any]], objects: RunObjects,
+                seconds: float) -> dict[str, Any]:
+    """summary.json: how the run went, for a reader rather than for the metrics table."""
+    evals = [r for r in rows if "spec_loss" in r]
+    return {"strategy": config.strategy, "steps": config.steps, "seconds": seconds,
+            "best_spec_loss": round(min(r["spec_loss"] for r in evals), METRIC_DECIMALS),
+            "parameters": objects.model.num_params(),
+            "skipped_updates": sum(1 for r in rows if r.get("skipped")),
+            "clusters_repeated": int((objects.stream.passes_completed() > 0).sum()),
+            "spec_eval": f"held-out specialized set {config.target_eval} (train.target_eval)",
+            "generic_eval": f"held-out generic documents {config.tokens / token_store.HELDOUT} "
+                            "(tokenize.holdout_fraction)"}
+
+
+def write_outputs(out_dir: Path, history: History, names: list[str], metrics: dict[str, Any],
+                  summary: dict[str, Any]) -> None:
+    write_log(history.rows, names, out_dir / "log.csv")
+    write_drawn(history.drawn, out_dir / "clusters.parquet")
+    write_json(summary, out_dir / "summary.json")
+    write_json(metrics, out_dir / "metrics.json")
 
 
 def tokens_per_basis(mixture: Mixture, weights: np.ndarray, tokens_per_cluster: dict[int, int]) -> list[float]:
@@ -201,7 +394,7 @@ def tokens_per_basis(mixture: Mixture, weights: np.ndarray, tokens_per_cluster: 
     return np.round(share @ counts, 3).tolist()
 
 
-def write_drawn(drawn: list[tuple[int, dict[int, int]]], path: Path) -> None:
+def write_drawn(drawn: Drawn, path: Path) -> None:
     steps = [step for step, per_cluster in drawn for _ in per_cluster]
     clusters = [c for _, per_cluster in drawn for c in per_cluster]
     tokens = [t for _, per_cluster in drawn for t in per_cluster.values()]

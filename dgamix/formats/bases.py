@@ -1,0 +1,56 @@
+"""Bases table: the basis distributions P (m bases × k clusters) of distribution reweighting (written by the bases
+stage; read by the mixer's `Mixture.from_bases_dir`).
+
+Layout of `<bases.output>/`:
+- `bases.parquet`: the non-zero entries of P, one row each: `basis` (int32, row index), `name` (string),
+  `cluster` (int32, fine cluster id), `prob` (float64). Every basis sums to 1 and puts no mass on a cluster
+  without tokens. Schema metadata: `clusters` (k: the table is sparse, so k is not implied by its rows),
+  `dgamix.format = bases`, `dgamix.format_version = 1`.
+- `names.json`: the m basis names in row order (`importance`, `reference:<label>`, `natural`, `uniform`,
+  `coarse:<id>`).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from ..core.atomic import write_json, write_parquet
+from ..core.params import ParamError
+from . import check_parquet, parquet_metadata
+
+NAME = "bases"
+VERSION = 1
+SUPPORTED = {1}
+TABLE = "bases.parquet"
+NAMES = "names.json"
+
+
+def write(directory: Path, names: list[str], matrix: np.ndarray) -> None:
+    basis_idx, cluster_idx = np.nonzero(matrix)
+    table = pa.table({
+        "basis": basis_idx.astype(np.int32),
+        "name": [names[i] for i in basis_idx],
+        "cluster": cluster_idx.astype(np.int32),
+        "prob": matrix[basis_idx, cluster_idx],
+    }).replace_schema_metadata({"clusters": str(matrix.shape[1]), **parquet_metadata(NAME, VERSION)})
+    write_parquet(table, Path(directory) / TABLE)
+    write_json(names, Path(directory) / NAMES)
+
+
+def read(directory: Path, param: str = "bases") -> tuple[list[str], sp.csr_matrix]:
+    """(names, P as a CSR matrix of shape (m, k))."""
+    directory = Path(directory)
+    for name in (TABLE, NAMES):
+        if not (directory / name).exists():
+            raise ParamError(f"{param} = '{directory}' holds no {name} (expected the bases stage's output)")
+    schema = pq.read_schema(directory / TABLE)
+    check_parquet(directory / TABLE, schema, NAME, SUPPORTED, "bases")
+    names = json.loads((directory / NAMES).read_text())
+    table = pq.read_table(directory / TABLE, columns=["basis", "cluster", "prob"]).to_pydict()
+    k = int(schema.metadata[b"clusters"])
+    return names, sp.csr_matrix((table["prob"], (table["basis"], table["cluster"])), shape=(len(names), k))
