@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from dgamix.core.defaults import DEFAULTS, defaults
+from dgamix.core.defaults import DEFAULTS
 from dgamix.formats import FormatError, bases, clusters, docs, domains, embeddings, token_store
 
 from .conftest import ROOT
@@ -22,7 +22,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_params_yaml_is_exactly_the_defaults():
     shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert shipped == defaults(), "params.yaml and dgamix/core/defaults.py disagree"
+    assert shipped == DEFAULTS, "params.yaml and dgamix/core/defaults.py disagree"
 
 
 def readme_configuration() -> dict[str, object]:

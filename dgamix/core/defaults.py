@@ -146,7 +146,3 @@ def default(section: str, key: str) -> Any:
     """The default of `section.key` (a fresh copy: callers may mutate lists). KeyError for an unknown key."""
     return copy.deepcopy(DEFAULTS[section][key])
 
-
-def defaults() -> dict[str, dict[str, Any]]:
-    """All defaults, as params.yaml holds them (a fresh copy)."""
-    return copy.deepcopy(DEFAULTS)

@@ -34,6 +34,18 @@ def validate_levels(levels: Any, n_docs: int) -> list[int]:
     return levels
 
 
+def fit_sample_size(levels: list[int], points_per_centroid: int, max_fit_docs: int | None) -> int:
+    """Pure: documents to fit on. The fit sample, not the corpus, sets the stage's memory (about 4 float32 copies
+    of it at the peak): max_fit_docs caps it below faiss's guidance of points_per_centroid per fine centroid."""
+    size = prod(levels) * points_per_centroid
+    if max_fit_docs is None:
+        return size
+    if max_fit_docs < prod(levels):
+        raise ParamError(f"cluster.max_fit_docs = {max_fit_docs}: expected at least one document per fine "
+                         f"cluster ({prod(levels)} for levels {levels}), or null")
+    return min(size, max_fit_docs)
+
+
 def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "cluster")
     emb_dir = local_path(cfg, "cluster", "embeddings")
@@ -57,15 +69,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     if n_docs < MIN_POINTS_PER_CENTROID * levels[0]:
         log.warning("cluster: %d documents for %d top-level clusters is below faiss's guidance of %d points per "
                     "centroid; clusters will be noisy", n_docs, levels[0], MIN_POINTS_PER_CENTROID)
-    # The fit sample, not the corpus, sets the stage's memory (about 4 float32 copies of it at the peak):
-    # max_fit_docs caps it below faiss's guidance of points_per_centroid points per fine centroid.
-    fit_docs = prod(levels) * ppc
-    if max_fit_docs is not None:
-        if max_fit_docs < prod(levels):
-            raise ParamError(f"cluster.max_fit_docs = {max_fit_docs}: expected at least one document per fine "
-                             f"cluster ({prod(levels)} for levels {levels}), or null")
-        fit_docs = min(fit_docs, max_fit_docs)
-    rows = sample_rows(n_docs, fit_docs, seed)
+    rows = sample_rows(n_docs, fit_sample_size(levels, ppc, max_fit_docs), seed)
     x = gather_rows(arrays, rows)
     resolved = resolve_backend(backend)
     log.info("cluster: fitting levels %s on %d of %d documents (%s)", levels, len(rows), n_docs, resolved)
