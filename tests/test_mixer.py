@@ -56,7 +56,11 @@ def test_token_cap_limits_and_repeats(tmp_path):
     head[-1] = 0  # the cap cut a document there, and a cut document still ends with EOS
     epoch1, epoch2 = capped.read(4, 0, 100), capped.read(4, 100, 100)
     assert sorted(epoch1.tolist()) == sorted(head.tolist()) == sorted(epoch2.tolist())
-    assert (capped.pass_at(4, 99), capped.pass_at(4, 100), capped.pass_at(4, 250)) == (1, 2, 3)
+    # 30 sequences of 10 tokens from cluster 4 alone: its 100-token pass repeats every 10 sequences, and each
+    # batch says which pass a sequence's last token comes from.
+    stream = MixtureStream(capped, Mixture.identity(capped.available).select(["cluster:4"]), seq_len=9, batch_size=5)
+    passes = np.concatenate([stream.next_batch()["pass"].numpy() for _ in range(6)])
+    assert passes.tolist() == [(10 * i + 9) // 100 + 1 for i in range(30)]
     with pytest.raises(ValueError, match="token_cap = 0: expected a positive number"):
         ClusterStore(tmp_path / "t", token_cap=0)
 
