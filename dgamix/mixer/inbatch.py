@@ -146,9 +146,12 @@ class InBatchAlignment:
                                                        if p.requires_grad]
         trainable = {id(p) for _, p in self.params}
         self._taps: list[_Tap] = []
+        # nn.MultiheadAttention applies F.linear to out_proj's weight without calling out_proj: hooks on modules
+        # inside it would never fire, so its parameters are all uncovered.
+        opaque = [name + "." for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
         for name, module in model.named_modules():
             kind = _supported_kind(module)
-            if kind is None:
+            if kind is None or any(name.startswith(prefix) for prefix in opaque):
                 continue
             weight, bias = (getattr(module, attr, None) for attr in ("weight", "bias"))
             ids = [id(p) if isinstance(p, nn.Parameter) and id(p) in trainable else None for p in (weight, bias)]
