@@ -202,7 +202,10 @@ class InBatchAlignment:
                     raise ValueError(f"target['{name}'] has shape {tuple(target[name].shape)}, expected "
                                      f"{tuple(p.shape)}")
                 blocks[id(p)] = target[name]
-        self._blocks = {i: b.detach().to(torch.float32) for i, b in blocks.items()}
+        # Held by reference where already fp32 on the parameter's device (no second copy of g): do not modify g in
+        # place afterwards.
+        self._blocks = {id(p): blocks[id(p)].detach().to(device=p.device, dtype=torch.float32)
+                        for _, p in self.params}
         squares = {i: float(b.double().square().sum()) for i, b in self._blocks.items()}
         covered = {id(p) for n, p in self.params if n in self._covered}
         total = sum(squares.values())
