@@ -206,7 +206,7 @@ class InBatchAlignment:
         # place afterwards.
         self._blocks = {id(p): blocks[id(p)].detach().to(device=p.device, dtype=torch.float32)
                         for _, p in self.params}
-        squares = {i: float(b.double().square().sum()) for i, b in self._blocks.items()}
+        squares = {i: float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2 for i, b in self._blocks.items()}
         covered = {id(p) for n, p in self.params if n in self._covered}
         total = sum(squares.values())
         self._target_share = sum(squares[i] for i in covered) / total if total > 0 else 1.0
