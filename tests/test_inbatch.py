@@ -181,6 +181,29 @@ def test_misuse_is_refused_with_clear_errors(setup):
     model.zero_grad(set_to_none=True)
 
 
+def test_activations_are_released_after_the_backward_and_collect(setup):
+    """The kept inputs live no longer than the micro-batch: with the loss (and so the graph's nodes) still held by
+    the caller, every input the tracker kept is freed once the backward has run and the scores are collected."""
+    import gc
+    import weakref
+
+    model, batch, _, g, _ = setup
+    with InBatchAlignment(model) as tracker:
+        tracker.set_target(g)
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(batch)
+        kept = [weakref.ref(pending.saved) for pending in tracker._pending]  # the tracker's own references
+        assert len(kept) == 16  # 2 embeddings, 5 LayerNorms, 8 Linears in the blocks, the head
+        loss.backward()
+        tracker.collect(loss_scale=1 / BATCH)
+        gc.collect()
+        assert all(ref() is None for ref in kept) and loss.grad_fn is not None
+        with tracker.paused():  # a differentiated forward that is not scored: nothing recorded, nothing kept
+            model.loss(batch).backward()
+        assert not tracker._pending and not tracker._terms
+    model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("rank", [None, 4])
 def test_training_is_bit_identical_with_and_without_the_tracker(rank):
     """Same model, seed and batches, 3 AdamW steps: every .grad after every step and every final weight equal
