@@ -169,7 +169,7 @@ def test_misuse_is_refused_with_clear_errors(setup):
             model.loss(batch)
         tracker.reset()
         model.loss(batch).backward()
-        for bad in (0.0, -1.0, float("nan")):
+        for bad in (0.0, -1.0, float("nan"), torch.tensor([1.0, -1.0]), torch.ones(2, 3)):
             with pytest.raises(ValueError, match="loss_scale"):
                 tracker.collect(loss_scale=bad)
         assert tracker.collect(loss_scale=1 / BATCH).shape == (BATCH,)  # the terms survive a refused collect
@@ -248,6 +248,22 @@ def test_gradient_accumulation_gives_the_unaccumulated_scores(setup):
     assert [p.shape for p in parts] == [(3,), (3,)] and parts[0].device.type == "cpu"
     torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-5, atol=1e-9)
     assert ((torch.cat(parts) - exact).abs() / exact.abs()).max() <= 1e-3
+    model.zero_grad(set_to_none=True)
+
+
+def test_per_sequence_loss_weights(setup):
+    """A loss weighing sequences differently (as a token mean over sequences of different lengths does): one
+    loss_scale per sequence gives back each sequence's own score."""
+    model, batch, _, g, exact = setup
+    weights = torch.tensor([0.1, 0.3, 0.05, 0.25, 0.2, 0.1])
+    with InBatchAlignment(model) as tracker:
+        tracker.set_target(g)
+        model.zero_grad(set_to_none=True)
+        (model.sequence_losses(batch) * weights).sum().backward()
+        with pytest.raises(ValueError, match="5 weights for a micro-batch of 6"):
+            tracker.collect(loss_scale=weights[:5])
+        scores = tracker.collect(loss_scale=weights)  # the refused collect kept the terms
+    assert ((scores - exact).abs() / exact.abs()).max() <= 1e-3
     model.zero_grad(set_to_none=True)
 
 

@@ -20,7 +20,7 @@ Usage, with gradient accumulation over A micro-batches of B sequences each:
 `loss_scale` is the weight each sequence's loss l(theta; x) had in the loss that was backpropagated (1 / (B * A)
 above; `mean_loss_scale(B, A)`): the backward's delta carries it, and d_x is divided by it (and by the GradScaler's
 scale), so d_x is the inner product for the per-sequence loss itself, e.g. its mean-over-tokens cross-entropy as
-`GPT.sequence_losses` returns. Under DistributedDataParallel, B is the rank's own micro-batch (deltas are local;
+`GPT.sequence_losses` returns; a (B,) tensor gives sequences different weights. Under DistributedDataParallel, B is the rank's own micro-batch (deltas are local;
 only parameter gradients are averaged) and g is averaged across ranks by `target_gradient`.
 
 Requirements and limits:
@@ -59,6 +59,18 @@ def mean_loss_scale(batch_size: int, accumulation: int = 1) -> float:
     if batch_size < 1 or accumulation < 1:
         raise ValueError(f"batch_size = {batch_size}, accumulation = {accumulation}: expected both >= 1")
     return 1.0 / (batch_size * accumulation)
+
+
+def _check_loss_scale(loss_scale: float | torch.Tensor) -> None:
+    expected = ("expected the positive weight of each sequence's loss in the backpropagated loss, e.g. "
+                "1 / (batch_size * accumulation_steps), or a 1-d tensor of one such weight per sequence")
+    if isinstance(loss_scale, torch.Tensor):
+        if loss_scale.dim() != 1 or not bool(torch.isfinite(loss_scale).all() and (loss_scale > 0).all()):
+            raise ValueError(f"loss_scale tensor of shape {tuple(loss_scale.shape)} with non-positive or non-finite "
+                             f"entries: {expected}")
+    elif isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not (
+            loss_scale > 0 and math.isfinite(loss_scale)):
+        raise ValueError(f"loss_scale = {loss_scale!r}: {expected}")
 
 
 # ---- the target gradient ---------------------------------------------------------------------------------------
@@ -282,19 +294,25 @@ class InBatchAlignment:
         return layer_norm_dots(saved, delta, tuple(module.normalized_shape), module.eps, weight, bias)
 
     # ---- results --------------------------------------------------------------------------------------------
-    def collect(self, *, loss_scale: float, grad_scaler: object | None = None,
+    def collect(self, *, loss_scale: float | torch.Tensor, grad_scaler: object | None = None,
                 n_sequences: int | None = None) -> torch.Tensor:
         """The scores of the micro-batch just backpropagated: float64, shape (n_sequences,), in batch order, on the
         model's device; also kept for `take()`. Call after each backward, before the next forward.
 
-        loss_scale: the weight of each sequence's loss in the backpropagated loss (1 / (B * A) for a mean over B
-            sequences divided by A accumulation steps). grad_scaler: the torch.amp.GradScaler whose scale the
-            backward carried, if any (read before its update()). n_sequences: B, checked against the outputs."""
-        if not (isinstance(loss_scale, (int, float)) and loss_scale > 0 and math.isfinite(loss_scale)):
-            raise ValueError(f"loss_scale = {loss_scale!r}: expected the positive weight of each sequence's loss in "
-                             "the backpropagated loss, e.g. 1 / (batch_size * accumulation_steps)")
+        loss_scale: the weight of each sequence's loss in the backpropagated loss: 1 / (B * A) for a mean over B
+            sequences divided by A accumulation steps, or one weight per sequence, shape (B,), where they differ
+            (a token mean over sequences of different lengths n_x: n_x / sum(n) for each l(x) = its token mean).
+        grad_scaler: the torch.amp.GradScaler whose scale the backward carried, if any (read before its update()).
+        n_sequences: B, checked against the outputs' dim 0."""
+        _check_loss_scale(loss_scale)
         terms, refired = self._terms, self._refired
-        self._release()
+        sizes = {name: term.shape[0] for name, term in terms}  # for the message
+        counts = {term.shape[0] for _, term in terms}  # every call's, a module called twice included
+        if terms and not refired and len(counts) == 1 and isinstance(loss_scale, torch.Tensor) \
+                and loss_scale.numel() != terms[0][1].shape[0]:  # a caller's mistake: the terms stay for a retry
+            raise ValueError(f"loss_scale has {loss_scale.numel()} weights for a micro-batch of "
+                             f"{terms[0][1].shape[0]} sequences")
+        self._release()  # from here on the terms are either used or unusable
         if refired:
             raise RuntimeError("in-batch alignment: a tracked output received a second gradient (a backward through "
                                "the same graph twice, e.g. retain_graph=True); its per-sequence terms are unusable")
@@ -302,17 +320,19 @@ class InBatchAlignment:
             raise RuntimeError("in-batch alignment: nothing to collect; expected a forward and backward since the "
                                "last collect with the tracker enabled and a target set (set_target / "
                                "refresh_target)")
-        sizes = {name: term.shape[0] for name, term in terms}
-        if len(set(sizes.values())) > 1 or (n_sequences is not None and set(sizes.values()) != {n_sequences}):
+        if len(counts) > 1 or (n_sequences is not None and counts != {n_sequences}):
             raise ValueError(f"in-batch alignment: the tracked outputs disagree on the number of sequences (dim 0): "
                              f"{sizes}{f', expected {n_sequences}' if n_sequences is not None else ''}. Each "
                              "module's output must have one row per sequence; an output shared by the batch (e.g. "
                              "a position embedding of shape (T, D) broadcast over it) hides per-sequence gradients: "
                              "give it batch-shaped input (positions expanded to (B, T))")
+        device = terms[0][1].device
+        grad_scale = float(grad_scaler.get_scale()) if grad_scaler is not None else 1.0
+        scale = (loss_scale.to(device=device, dtype=torch.float64) if isinstance(loss_scale, torch.Tensor)
+                 else float(loss_scale)) * grad_scale
         by_layer: dict[str, torch.Tensor] = {}
         for name, term in terms:  # summed in float64: layers' terms of opposite signs cancel
             by_layer[name] = by_layer[name] + term.double() if name in by_layer else term.double()
-        scale = float(loss_scale) * (float(grad_scaler.get_scale()) if grad_scaler is not None else 1.0)
         self.last_layer_terms = {name: term / scale for name, term in by_layer.items()}
         scores = torch.stack(list(self.last_layer_terms.values())).sum(dim=0)
         self._results.append(scores)
