@@ -98,4 +98,6 @@ def low_rank_factors(matrix: torch.Tensor, rank: int, seed: int = 0, oversample:
         u = q @ u_small
     s = s[:rank]
     captured = float(s.square().sum()) / total if total > 0 else 1.0
-    return (u[:, :rank] * s).contiguous(), vh[:rank].T.contiguous(), captured
+    # Both factors are views of contiguous (rank, d) tensors, the layout of an nn.Linear weight: delta @ us then
+    # reads like a Linear forward (on CPU 3x faster than a row-major (d_out, rank) us for the output head).
+    return (u[:, :rank] * s).T.contiguous().T, vh[:rank].contiguous().T, captured
