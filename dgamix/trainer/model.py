@@ -1,7 +1,6 @@
 """A small GPT (nanoGPT-style): the whole model in one screen, config as plain values."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -19,18 +18,39 @@ class GPTConfig:
     dropout: float = 0.0
 
 
+class CausalSelfAttention(nn.Module):
+    """nanoGPT's attention: explicit `c_attn` (q, k, v) and `c_proj` projections, so every weight is an nn.Linear
+    that module hooks see (nn.MultiheadAttention applies F.linear to its own parameters, invisible to them), and
+    causal scaled-dot-product attention (the math kernel stays available to forward-mode AD)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd = {config.n_embd} is not a multiple of n_head = {config.n_head}")
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2)
+                   for z in self.c_attn(x).split(c, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, c)))
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = nn.MultiheadAttention(config.n_embd, config.n_head, dropout=config.dropout, batch_first=True)
+        self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = nn.Sequential(nn.Linear(config.n_embd, 4 * config.n_embd), nn.GELU(),
                                  nn.Linear(4 * config.n_embd, config.n_embd), nn.Dropout(config.dropout))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
 
@@ -54,13 +74,15 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
+        b, t = idx.shape
         if t > self.config.block_size:
             raise ValueError(f"sequence of {t} tokens, but block_size is {self.config.block_size}")
-        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
-        mask = torch.triu(torch.full((t, t), -math.inf, device=idx.device), diagonal=1)
+        # Batch-shaped position ids: wpe's output is (B, T, D), so its gradient per sequence is visible to hooks
+        # (a (T, D) output broadcast over the batch would only show the gradient summed over sequences).
+        pos = torch.arange(t, device=idx.device).expand(b, t)
+        x = self.wte(idx) + self.wpe(pos)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x)
         return self.lm_head(self.ln_f(x))
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:

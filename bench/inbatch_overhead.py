@@ -1,0 +1,143 @@
+"""In-batch alignment overhead: wall time of a training step alone, with exact per-sequence scores, with the output
+head's term at rank 8 (the default size threshold), and with every Linear at rank 8, on the reference GPT at the
+trainer's defaults.
+
+    .venv/bin/python bench/inbatch_overhead.py [--steps 20] [--warmup 5] [--threads 2]
+
+Reference GPT (trainer/model.py defaults: 2 layers, 128 wide, 4 heads, vocabulary 8192), batch 16 x 64 tokens of
+random ids, AdamW, CPU with `--threads` torch threads. Three identical models (same seed, same batches) train side
+by side, one step of each mode in turn, so machine noise falls on every mode alike; tracking never changes the
+training, so the three stay bit-identical and the low-rank scores are compared with the exact ones on the very same
+parameters and sequences (Spearman over all scored sequences). A step is zero_grad + forward + backward (+ collect)
++ optimizer.step; the target gradient and its factors are refreshed outside the timed part (reported apart: once
+per T_r steps; the second, warm refresh is reported). Medians over `--steps` steps after `--warmup`, and minima,
+of wall time, and medians of the process's CPU time (both torch threads): on a shared machine the wall-time median
+carries other jobs' load (the load average is printed and saved); the minimum and the CPU time are closer to what
+the work itself costs.
+
+FLOP model (multiply-adds x 2): forward ~ 2 * params * tokens (the brief's rule), or per Linear 2 * B*T * d_in *
+d_out plus attention 4 * B * T^2 * D per layer; a training step ~ 3 forwards. Exact tracking adds, per Linear,
+2 * B*T * d_in * d_out (one more matmul of the layer's size) and O(B*T*D) for embeddings, LayerNorms and biases;
+at rank r a Linear's term costs 2 * B*T * r * (d_in + d_out) instead.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+from common import print_table, write_result
+
+from dgamix.mixer.inbatch import InBatchAlignment, mean_loss_scale
+from dgamix.trainer.model import GPT, GPTConfig
+
+BATCH, SEQ, VOCAB, RANK = 16, 64, 8192, 8
+# rank8_head: the default size threshold picks the output head only; rank8_all: every Linear at rank 8.
+MODES = ("train", "exact", f"rank{RANK}_head", f"rank{RANK}_all")
+TRACKER_OPTIONS = {"exact": {}, f"rank{RANK}_head": {"rank": RANK},
+                   f"rank{RANK}_all": {"rank": RANK, "low_rank_min_params": 0}}
+
+
+def flop_model(model: GPT, tokens: int, seq: int) -> dict[str, float]:
+    linears = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    cfg = model.config
+    forward = 2 * tokens * sum(i * o for i, o in linears) + 4 * tokens * seq * cfg.n_embd * cfg.n_layer
+    exact = 2 * tokens * sum(i * o for i, o in linears)
+    head = 2 * tokens * cfg.n_embd * cfg.vocab_size
+    low_head = exact - head + 2 * tokens * RANK * (cfg.n_embd + cfg.vocab_size)
+    low_all = 2 * tokens * sum(min(RANK, i, o) * (i + o) for i, o in linears)
+    step = 3 * forward
+    return {"forward_rule_2_params_tokens": 2 * model.num_params() * tokens, "forward": forward,
+            "train_step": step, "exact_tracking": exact, f"rank{RANK}_head_tracking": low_head,
+            f"rank{RANK}_all_tracking": low_all}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    models, optimizers, trackers = {}, {}, {}
+    for mode in MODES:
+        torch.manual_seed(0)
+        models[mode] = GPT(GPTConfig(vocab_size=VOCAB, block_size=SEQ))
+        optimizers[mode] = torch.optim.AdamW(models[mode].parameters(), lr=3e-3)
+        if mode != "train":
+            trackers[mode] = InBatchAlignment(models[mode], **TRACKER_OPTIONS[mode])
+    gen = torch.Generator().manual_seed(0)
+    target = [torch.randint(0, VOCAB // 2, (BATCH, SEQ + 1), generator=gen)]  # a "specialized" half of the ids
+    refresh: dict[str, list[float]] = {mode: [] for mode in trackers}
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
+    scores: dict[str, list[torch.Tensor]] = {mode: [] for mode in trackers}
+    total = args.warmup + args.steps
+    for step in range(total):
+        if step in (0, total // 2):  # T_r: refreshed twice, outside the timed step
+            for mode, tracker in trackers.items():
+                start = time.perf_counter()
+                tracker.refresh_target(models[mode].loss, target)
+                refresh[mode].append(time.perf_counter() - start)
+        batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
+        for mode in MODES:
+            model, optimizer = models[mode], optimizers[mode]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            optimizer.zero_grad(set_to_none=True)
+            model.loss(batch).backward()
+            if mode in trackers:
+                trackers[mode].collect(loss_scale=mean_loss_scale(BATCH))
+            optimizer.step()
+            elapsed, elapsed_cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            if step >= args.warmup:
+                times[mode].append(elapsed)
+                cpu[mode].append(elapsed_cpu)
+        for mode, tracker in trackers.items():
+            taken = tracker.take()
+            if step >= args.warmup:
+                scores[mode].extend(taken)
+    same = all(torch.equal(a, b) for mode in MODES[1:]
+               for a, b in zip(models["train"].parameters(), models[mode].parameters()))
+
+    from scipy.stats import spearmanr
+
+    exact = torch.cat(scores["exact"]).numpy()
+    flops = flop_model(models["train"], BATCH * SEQ, SEQ)
+    base, base_min, base_cpu = (statistics.median(times["train"]), min(times["train"]),
+                                statistics.median(cpu["train"]))
+    rows = []
+    for mode in MODES:
+        median, fastest, median_cpu = statistics.median(times[mode]), min(times[mode]), statistics.median(cpu[mode])
+        row = {"mode": mode, "median_ms": 1e3 * median, "overhead_pct": 100 * (median / base - 1),
+               "min_ms": 1e3 * fastest, "overhead_min_pct": 100 * (fastest / base_min - 1),
+               "cpu_median_ms": 1e3 * median_cpu, "overhead_cpu_pct": 100 * (median_cpu / base_cpu - 1),
+               "flop_overhead_pct": 100 * flops.get(f"{mode}_tracking", 0.0) / flops["train_step"],
+               "refresh_ms": 1e3 * refresh[mode][-1] if mode in refresh else None,
+               "spearman_vs_exact": None, "min_captured": None}
+        if mode.startswith("rank"):
+            low = torch.cat(scores[mode]).numpy()
+            row["spearman_vs_exact"] = float(spearmanr(exact, low).statistic)
+            row["min_captured"] = min(v["captured"] for v in trackers[mode].low_rank_layers.values())
+        rows.append(row)
+    load = os.getloadavg()
+    print(f"reference GPT {models['train'].num_params():,} parameters, batch {BATCH} x {SEQ}, {args.threads} "
+          f"threads, {args.steps} steps after {args.warmup} warm-up, load average {load[0]:.1f} on "
+          f"{os.cpu_count()} CPUs")
+    print_table(rows)
+    print("GFLOP per step: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in flops.items()))
+    print(f"Spearman over {len(exact)} sequences; min_captured: smallest share of a factored ||G_W||^2 at rank "
+          f"{RANK}; training bit-identical in every mode: {same}")
+    path = write_result("inbatch_overhead", rows, {"settings": {"batch": BATCH, "seq": SEQ, "vocab": VOCAB,
+                                                                "rank": RANK, "steps": args.steps,
+                                                                "warmup": args.warmup, "threads": args.threads,
+                                                                "load_average": load},
+                                                   "flops": flops, "training_bit_identical": same})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""In-batch alignment: d_x = <grad_theta l(theta; x), g> for every sequence x the training step backpropagates.
+
+g is the specialized (target) gradient, set or refreshed by the caller every T_r steps. The scores come from what
+the training backward already computes, without a backward per sequence: for each nn.Linear, nn.Embedding and
+nn.LayerNorm, a forward hook keeps the module's input and registers a tensor hook on its output; in the backward,
+that hook receives delta (the gradient with respect to the output) and reduces (input, delta) to one number per
+sequence with the layer's block of g (`inbatch_math`). Hooks only read: the training gradients are bit-identical
+to a run without the tracker. A weight used by several modules (tied embedding and head) gets one term per use.
+
+Usage, with gradient accumulation over A micro-batches of B sequences each:
+
+    tracker = InBatchAlignment(model)                        # coverage="exact": every trainable parameter reached
+    tracker.refresh_target(model.loss, target_batches)       # every T_r steps; autograd.grad, .grad untouched
+    for micro in micro_batches:
+        loss = model.loss(micro) / A                         # mean over B sequences, then / A
+        scaler.scale(loss).backward()                        # or loss.backward()
+        tracker.collect(loss_scale=1 / (B * A), grad_scaler=scaler)   # before the next micro-batch's forward
+    scores = tracker.take()                                  # one float64 (B,) tensor per micro-batch, in order
+
+`loss_scale` is the weight each sequence's loss l(theta; x) had in the loss that was backpropagated (1 / (B * A)
+above; `mean_loss_scale(B, A)`): the backward's delta carries it, and d_x is divided by it (and by the GradScaler's
+scale), so d_x is the inner product for the per-sequence loss itself, e.g. its mean-over-tokens cross-entropy as
+`GPT.sequence_losses` returns; a (B,) tensor gives sequences different weights. Under DistributedDataParallel, B is the rank's own micro-batch (deltas are local;
+only parameter gradients are averaged) and g is averaged across ranks by `target_gradient`.
+
+Requirements and limits:
+- The sequence is dim 0 of every tracked module's output, and each sequence's loss depends on that sequence only
+  (no BatchNorm-like coupling). An output shared by the batch (a position embedding computed once as (T, D) and
+  broadcast) only shows the gradient summed over sequences; `collect` refuses outputs whose dim 0 disagrees.
+- One backward per forward (no retain_graph re-backward) and no activation checkpointing (its recomputation runs
+  forward hooks inside the backward). Other differentiated forwards between a backward and `collect` (an exact
+  DGA estimator, an evaluation with grad enabled) must run inside `tracker.paused()`.
+- A parameter used outside the supported modules (F.linear on a module's own weight, a bare nn.Parameter added to
+  activations) is reported by `coverage()`; a use of a covered parameter outside its module is not detectable from
+  the modules, but `gradient_dot()` checks the sum: right after one backward from zeroed gradients,
+  loss_scale * sum_x d_x equals <p.grad, g> over the covered parameters.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Literal, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from .dga import mean_gradient
+from .inbatch_math import embedding_dots, layer_norm_dots, linear_dots, low_rank_factors, low_rank_linear_dots
+
+# Low rank applies by default to Linear weights of at least this many entries: on the reference GPT the output
+# head (8192 x 128), whose exact term costs as much as all the other layers' together.
+LOW_RANK_MIN_PARAMS = 2 ** 18
+
+
+def mean_loss_scale(batch_size: int, accumulation: int = 1) -> float:
+    """The loss_scale of a mean over `batch_size` sequences divided by `accumulation` micro-batches."""
+    if batch_size < 1 or accumulation < 1:
+        raise ValueError(f"batch_size = {batch_size}, accumulation = {accumulation}: expected both >= 1")
+    return 1.0 / (batch_size * accumulation)
+
+
+def _check_loss_scale(loss_scale: float | torch.Tensor) -> None:
+    expected = ("expected the positive weight of each sequence's loss in the backpropagated loss, e.g. "
+                "1 / (batch_size * accumulation_steps), or a 1-d tensor of one such weight per sequence")
+    if isinstance(loss_scale, torch.Tensor):
+        if loss_scale.dim() != 1 or not bool(torch.isfinite(loss_scale).all() and (loss_scale > 0).all()):
+            raise ValueError(f"loss_scale tensor of shape {tuple(loss_scale.shape)} with non-positive or non-finite "
+                             f"entries: {expected}")
+    elif isinstance(loss_scale, bool) or not isinstance(loss_scale, (int, float)) or not (
+            loss_scale > 0 and math.isfinite(loss_scale)):
+        raise ValueError(f"loss_scale = {loss_scale!r}: {expected}")
+
+
+# ---- the target gradient ---------------------------------------------------------------------------------------
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """In place: the mean of `tensor` over the ranks of torch.distributed (a no-op without it). SUM then divide,
+    not ReduceOp.AVG, which not every backend implements; the collective runs on the tensor's own device (NCCL
+    needs CUDA tensors, gloo takes either)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+        tensor.div_(torch.distributed.get_world_size())
+    return tensor
+
+
+def target_gradient(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
+                    target_batches: Iterable[object]) -> torch.Tensor:
+    """g: the gradient of the mean of loss_fn over the target micro-batches, flat fp32 in `params` order, by
+    torch.autograd.grad (the parameters' .grad is untouched), averaged across ranks under torch.distributed."""
+    return all_reduce_mean_(mean_gradient(loss_fn, target_batches, params))
+
+
+# ---- which parameters the hooks reach --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Coverage:
+    """Which trainable parameters the hooks reach (by name, as model.named_parameters() gives them)."""
+
+    covered: tuple[str, ...]
+    uncovered: tuple[str, ...]  # their block of g is left out of every d_x
+    target_share: float | None  # share of ||g||^2 in the covered parameters; None before a target is set
+
+    @property
+    def exact(self) -> bool:
+        return not self.uncovered
+
+
+def _supported_kind(module: nn.Module) -> str | None:
+    """The math a module's parameters follow, or None. A subclass that overrides forward (a LoRA Linear, a
+    quantized one) is not assumed to compute what its base class does."""
+    for kind, base in (("linear", nn.Linear), ("embedding", nn.Embedding), ("layer_norm", nn.LayerNorm)):
+        if isinstance(module, base) and type(module).forward is base.forward:
+            if kind == "embedding" and module.scale_grad_by_freq:  # its gradient depends on the whole batch
+                return None
+            return kind
+    return None
+
+
+@dataclass
+class _Tap:
+    """One hooked module and the ids of its trainable parameters (None where frozen or absent)."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    weight: int | None
+    bias: int | None
+
+
+class _Pending:
+    """What one forward call of a tracked module left for its backward: the saved input until delta arrives."""
+
+    __slots__ = ("tap", "saved", "handle")
+
+    def __init__(self, tap: _Tap, saved: torch.Tensor):
+        self.tap, self.saved, self.handle = tap, saved, None
+
+
+class InBatchAlignment:
+    """Per-sequence alignment d_x = <grad l(theta; x), g> from the training backward (see the module docstring).
+
+    coverage: "exact" refuses a model with a trainable parameter no hook reaches (the error names them);
+        "partial" scores with the covered parameters only (`coverage().target_share` says how much of g they hold).
+    rank: None (default) computes every term exactly; an int replaces the block G_W of each Linear weight with at
+        least `low_rank_min_params` entries by a rank-`rank` factorization, refreshed with the target.
+    seed: of the randomized SVD's own generator (the global random stream is never drawn from).
+    """
+
+    def __init__(self, model: nn.Module, *, coverage: Literal["exact", "partial"] = "exact",
+                 rank: int | None = None, low_rank_min_params: int = LOW_RANK_MIN_PARAMS, seed: int = 0):
+        if coverage not in ("exact", "partial"):
+            raise ValueError(f"coverage = {coverage!r}: expected 'exact' or 'partial'")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"rank = {rank!r}: expected None (exact) or a positive int")
+        self.model, self.rank, self.low_rank_min_params, self.seed = model, rank, low_rank_min_params, seed
+        # Trainable parameters in model.parameters() order, a tied parameter once: the layout of a flat g.
+        self.params: list[tuple[str, nn.Parameter]] = [(n, p) for n, p in model.named_parameters()
+                                                       if p.requires_grad]
+        trainable = {id(p) for _, p in self.params}
+        self._taps: list[_Tap] = []
+        # nn.MultiheadAttention applies F.linear to out_proj's weight without calling out_proj: hooks on modules
+        # inside it would never fire, so its parameters are all uncovered.
+        opaque = [name + "." for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
+        for name, module in model.named_modules():
+            kind = _supported_kind(module)
+            if kind is None or any(name.startswith(prefix) for prefix in opaque):
+                continue
+            weight, bias = (getattr(module, attr, None) for attr in ("weight", "bias"))
+            ids = [id(p) if isinstance(p, nn.Parameter) and id(p) in trainable else None for p in (weight, bias)]
+            if ids != [None, None]:
+                self._taps.append(_Tap(name, module, kind, *ids))
+        reached = {i for tap in self._taps for i in (tap.weight, tap.bias) if i is not None}
+        self._covered = tuple(n for n, p in self.params if id(p) in reached)
+        self._uncovered = tuple(n for n, p in self.params if id(p) not in reached)
+        if coverage == "exact" and self._uncovered:
+            raise ValueError(
+                f"{len(self._uncovered)} trainable parameters are used outside nn.Linear / nn.Embedding / "
+                f"nn.LayerNorm modules, so no hook sees their per-sequence gradients: {list(self._uncovered[:8])}"
+                f"{' ...' if len(self._uncovered) > 8 else ''}. Express them as those modules (e.g. nanoGPT's "
+                "c_attn / c_proj instead of nn.MultiheadAttention), freeze them, or pass coverage='partial' to "
+                "score with the covered parameters only")
+        self.enabled = True
+        self._blocks: dict[int, torch.Tensor] | None = None  # id(param) -> its fp32 block of g
+        self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # tap name -> (us, v)
+        self.low_rank_layers: dict[str, dict[str, float]] = {}  # tap name -> {"rank", "captured"}
+        self._target_share: float | None = None
+        self._pending: list[_Pending] = []
+        self._terms: list[tuple[str, torch.Tensor]] = []
+        self._refired = False
+        self._results: list[torch.Tensor] = []
+        self.last_layer_terms: dict[str, torch.Tensor] = {}  # the last collect's d_x split by module (diagnostics)
+        self._handles = [tap.module.register_forward_hook(functools.partial(self._forward_hook, tap))
+                         for tap in self._taps]
+
+    # ---- target ---------------------------------------------------------------------------------------------
+    def set_target(self, target: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+        """Set g: a flat tensor in `self.params` order (as `target_gradient` returns) or {parameter name: tensor}
+        over every trainable parameter. Held in fp32; the low-rank factors, if any, are refreshed from it."""
+        if isinstance(target, torch.Tensor):
+            expected = sum(p.numel() for _, p in self.params)
+            if target.dim() != 1 or target.numel() != expected:
+                raise ValueError(f"target of shape {tuple(target.shape)}: expected a flat tensor of {expected} "
+                                 "entries, the trainable parameters in model.named_parameters() order")
+            pieces = torch.split(target, [p.numel() for _, p in self.params])
+            blocks = {id(p): piece.view(p.shape) for (_, p), piece in zip(self.params, pieces)}
+        else:
+            missing = [n for n, _ in self.params if n not in target]
+            if missing:
+                raise ValueError(f"target lacks trainable parameters {missing[:8]}: expected one tensor per name "
+                                 "of model.named_parameters() that requires grad")
+            blocks = {}
+            for name, p in self.params:
+                if tuple(target[name].shape) != tuple(p.shape):
+                    raise ValueError(f"target['{name}'] has shape {tuple(target[name].shape)}, expected "
+                                     f"{tuple(p.shape)}")
+                blocks[id(p)] = target[name]
+        # Held by reference where already fp32 on the parameter's device (no second copy of g): do not modify g in
+        # place afterwards.
+        self._blocks = {id(p): blocks[id(p)].detach().to(device=p.device, dtype=torch.float32)
+                        for _, p in self.params}
+        squares = {i: float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2 for i, b in self._blocks.items()}
+        covered = {id(p) for n, p in self.params if n in self._covered}
+        total = sum(squares.values())
+        self._target_share = sum(squares[i] for i in covered) / total if total > 0 else 1.0
+        self._refresh_factors()
+
+    def _refresh_factors(self) -> None:
+        self._factors, self.low_rank_layers = {}, {}
+        if self.rank is None:
+            return
+        for tap in self._taps:
+            if tap.kind == "linear" and tap.weight is not None and \
+                    self._blocks[tap.weight].numel() >= self.low_rank_min_params:
+                us, v, captured = low_rank_factors(self._blocks[tap.weight], self.rank, seed=self.seed)
+                self._factors[tap.name] = (us, v)
+                self.low_rank_layers[tap.name] = {"rank": us.shape[1], "captured": captured}
+
+    def refresh_target(self, loss_fn: Callable[[object], torch.Tensor],
+                       target_batches: Iterable[object]) -> torch.Tensor:
+        """g from the target micro-batches (`target_gradient`, with the tracker paused so that its own backward is
+        not scored), then `set_target`. Returns the flat g."""
+        with self.paused():
+            target = target_gradient(loss_fn, [p for _, p in self.params], target_batches)
+        self.set_target(target)
+        return target
+
+    def coverage(self) -> Coverage:
+        return Coverage(self._covered, self._uncovered, self._target_share)
+
+    # ---- hooks ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside are not scored (their backward leaves the tracker alone)."""
+        enabled, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = enabled
+
+    def _forward_hook(self, tap: _Tap, module: nn.Module, inputs: tuple, output: object) -> None:
+        if not (self.enabled and self._blocks is not None and torch.is_grad_enabled()):
+            return
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        if self._terms:  # a backward has delivered terms that nobody collected: they would mix with this batch's
+            raise RuntimeError("in-batch alignment: a forward started after a backward whose per-sequence scores "
+                               "were not collected; call tracker.collect(loss_scale=...) after each backward, or "
+                               "run other differentiated forwards inside tracker.paused()")
+        # The input is kept by reference, not copied: autograd saves the same tensor for the weight gradient.
+        pending = _Pending(tap, inputs[0].detach())
+        pending.handle = output.register_hook(functools.partial(self._backward_hook, pending))
+        self._pending.append(pending)
+
+    def _backward_hook(self, pending: _Pending, delta: torch.Tensor) -> None:
+        saved, pending.saved = pending.saved, None  # drop the activation as soon as it is used
+        if saved is None:
+            self._refired = True
+            return None
+        # The backward may run inside the caller's autocast region: the dot products stay in fp32.
+        with torch.no_grad(), torch.autocast(delta.device.type, enabled=False):
+            self._terms.append((pending.tap.name, self._term(pending.tap, saved, delta)))
+        return None  # never changes the gradient
+
+    def _term(self, tap: _Tap, saved: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        blocks, module = self._blocks, tap.module
+        weight = blocks[tap.weight] if tap.weight is not None else None
+        bias = blocks[tap.bias] if tap.bias is not None else None
+        if tap.kind == "linear":
+            if tap.name in self._factors:
+                return low_rank_linear_dots(saved, delta, *self._factors[tap.name], bias)
+            return linear_dots(saved, delta, weight, bias)
+        if tap.kind == "embedding":
+            return embedding_dots(saved, delta, weight, module.padding_idx)
+        return layer_norm_dots(saved, delta, tuple(module.normalized_shape), module.eps, weight, bias)
+
+    # ---- results --------------------------------------------------------------------------------------------
+    def collect(self, *, loss_scale: float | torch.Tensor, grad_scaler: object | None = None,
+                n_sequences: int | None = None) -> torch.Tensor:
+        """The scores of the micro-batch just backpropagated: float64, shape (n_sequences,), in batch order, on the
+        model's device; also kept for `take()`. Call after each backward, before the next forward.
+
+        loss_scale: the weight of each sequence's loss in the backpropagated loss: 1 / (B * A) for a mean over B
+            sequences divided by A accumulation steps, or one weight per sequence, shape (B,), where they differ
+            (a token mean over sequences of different lengths n_x: n_x / sum(n) for each l(x) = its token mean).
+        grad_scaler: the torch.amp.GradScaler whose scale the backward carried, if any (read before its update()).
+        n_sequences: B, checked against the outputs' dim 0."""
+        _check_loss_scale(loss_scale)
+        terms, refired = self._terms, self._refired
+        sizes = {name: term.shape[0] for name, term in terms}  # for the message
+        counts = {term.shape[0] for _, term in terms}  # every call's, a module called twice included
+        if terms and not refired and len(counts) == 1 and isinstance(loss_scale, torch.Tensor) \
+                and loss_scale.numel() != terms[0][1].shape[0]:  # a caller's mistake: the terms stay for a retry
+            raise ValueError(f"loss_scale has {loss_scale.numel()} weights for a micro-batch of "
+                             f"{terms[0][1].shape[0]} sequences")
+        self._release()  # from here on the terms are either used or unusable
+        if refired:
+            raise RuntimeError("in-batch alignment: a tracked output received a second gradient (a backward through "
+                               "the same graph twice, e.g. retain_graph=True); its per-sequence terms are unusable")
+        if not terms:
+            raise RuntimeError("in-batch alignment: nothing to collect; expected a forward and backward since the "
+                               "last collect with the tracker enabled and a target set (set_target / "
+                               "refresh_target)")
+        if len(counts) > 1 or (n_sequences is not None and counts != {n_sequences}):
+            raise ValueError(f"in-batch alignment: the tracked outputs disagree on the number of sequences (dim 0): "
+                             f"{sizes}{f', expected {n_sequences}' if n_sequences is not None else ''}. Each "
+                             "module's output must have one row per sequence; an output shared by the batch (e.g. "
+                             "a position embedding of shape (T, D) broadcast over it) hides per-sequence gradients: "
+                             "give it batch-shaped input (positions expanded to (B, T))")
+        device = terms[0][1].device
+        grad_scale = float(grad_scaler.get_scale()) if grad_scaler is not None else 1.0
+        scale = (loss_scale.to(device=device, dtype=torch.float64) if isinstance(loss_scale, torch.Tensor)
+                 else float(loss_scale)) * grad_scale
+        by_layer: dict[str, torch.Tensor] = {}
+        for name, term in terms:  # summed in float64: layers' terms of opposite signs cancel
+            by_layer[name] = by_layer[name] + term.double() if name in by_layer else term.double()
+        self.last_layer_terms = {name: term / scale for name, term in by_layer.items()}
+        scores = torch.stack(list(self.last_layer_terms.values())).sum(dim=0)
+        self._results.append(scores)
+        return scores
+
+    def take(self) -> list[torch.Tensor]:
+        """The collected micro-batches' scores since the last take, in order, as float64 CPU tensors; clears them."""
+        results, self._results = self._results, []
+        return [r.cpu() for r in results]
+
+    def reset(self) -> None:
+        """Forget uncollected terms, saved activations and collected scores (e.g. after a skipped step)."""
+        self._release()
+        self._results = []
+
+    def _release(self) -> None:
+        for pending in self._pending:  # an output that got no gradient still holds its input: free it
+            pending.saved = None
+            pending.handle.remove()
+        self._pending, self._terms, self._refired = [], [], False
+
+    def gradient_dot(self) -> float:
+        """<p.grad, g> over the covered parameters (float64): after one backward from zeroed gradients it equals
+        loss_scale * (sum of that micro-batch's scores), which checks that no use of a covered parameter escaped
+        the hooks (a weight also used by F.linear outside its module would break the equality)."""
+        if self._blocks is None:
+            raise RuntimeError("no target set: call set_target or refresh_target first")
+        names = set(self._covered)
+        return float(sum(torch.dot(p.grad.double().reshape(-1), self._blocks[id(p)].double().reshape(-1))
+                         for n, p in self.params if n in names and p.grad is not None))
+
+    def close(self) -> None:
+        """Remove every hook; the tracker is unusable afterwards."""
+        self._release()
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> InBatchAlignment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
