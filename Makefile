@@ -20,4 +20,5 @@ test: setup
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf data/docs data/embeddings data/clusters data/domains data/stats data/ingest metrics
+	rm -rf data/docs data/embeddings data/clusters data/domains data/stats data/ingest data/tokens data/targets \
+		data/bases runs/plots runs/*/log.csv runs/*/clusters.parquet runs/*/alignment.parquet

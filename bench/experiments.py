@@ -31,7 +31,7 @@ import zstandard  # noqa: E402
 from common import CORPUS, ROOT, WORK  # noqa: E402
 
 from dgamix.pipeline import assign, bases, cluster, embed, ingest, tokens  # noqa: E402
-from dgamix.pipeline.targets import stage_params  # noqa: E402
+from dgamix.pipeline.targets import run_stage  # noqa: E402
 from dgamix.trainer import train  # noqa: E402
 
 GENERIC = WORK / "generic"
@@ -140,8 +140,8 @@ def prepare(levels: list[int], target: str, spec_docs: int | None) -> None:
         if not done.exists():  # shared by every target at this granularity
             stage.run(params)
     for name in ("spec", "eval"):  # the target sets through the corpus's own stages, as dvc.yaml's target_* do
-        for stage_name, stage in (("ingest", ingest), ("embed", embed), ("assign", assign), ("tokenize", tokens)):
-            stage.run(stage_params(params, name, stage_name))
+        for stage, module in (("ingest", ingest), ("embed", embed), ("assign", assign), ("tokenize", tokens)):
+            run_stage(params, name, stage, module)
     bases.run(params)
 
 
@@ -196,6 +196,8 @@ def verify(name: str, target: str, seed: int, method: str, variant: str = "defau
 
     recorded_dir = RESULTS / name / target / variant / f"seed{seed}"
     recorded = json.loads((recorded_dir / method / "metrics.json").read_text())
+    summary = recorded_dir / method / "summary.json"  # best_spec_loss, seconds... (older runs hold them inline)
+    recorded = (json.loads(summary.read_text()) if summary.exists() else {}) | recorded
     scratch = WORK / "reproduce" / name
     shutil.rmtree(scratch, ignore_errors=True)
     spec = EXPERIMENTS[name]

@@ -58,12 +58,13 @@ def main(argv: list[str] | None = None) -> int:
             result = train_run(load_params(args.params), args.strategy)
         else:
             params = load_params(args.params)
-            if getattr(args, "target", None):
-                from .pipeline.targets import stage_params
-
-                params = stage_params(params, args.target, args.stage)
             stage = importlib.import_module(f"dgamix.pipeline.{MODULES.get(args.stage, args.stage)}")
-            result = stage.run(params)
+            if getattr(args, "target", None):
+                from .pipeline.targets import run_stage
+
+                result = run_stage(params, args.target, args.stage, stage)
+            else:
+                result = stage.run(params)
     except (ParamError, InputError, FileNotFoundError, StageFailed) as err:
         target = f" --target {args.target}" if getattr(args, "target", None) else ""
         print(f"dgamix {args.stage}{target}: error: {err}", file=sys.stderr)

@@ -49,11 +49,11 @@ def run_target_stages(params: dict, names: tuple[str, ...] = ("spec", "eval")) -
     """The target stages of dvc.yaml, in order: each set through ingest, embed, assign and tokenize the corpus's way
     (needs the corpus's embed, cluster and tokenize outputs)."""
     from dgamix.pipeline import assign, embed, ingest, tokens
-    from dgamix.pipeline.targets import stage_params
+    from dgamix.pipeline.targets import run_stage
 
     for name in names:
         for stage, module in (("ingest", ingest), ("embed", embed), ("assign", assign), ("tokenize", tokens)):
-            module.run(stage_params(params, name, stage))
+            run_stage(params, name, stage, module)
 
 
 @pytest.fixture(scope="session")

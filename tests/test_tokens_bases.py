@@ -13,7 +13,7 @@ from dgamix.pipeline import assign, bases, cluster, ingest, tokens
 from dgamix.core.params import InputError, ParamError
 
 from dgamix.formats import domains
-from dgamix.pipeline.targets import stage_params
+from dgamix.pipeline.targets import run_stage, stage_params
 
 from .conftest import load_params, run_target_stages
 
@@ -122,13 +122,13 @@ def test_empty_target_and_missing_text_field_are_errors(workspace, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": "  "}\n')
     params["targets"]["sets"]["spec"] = [str(empty)]
-    with pytest.raises(InputError, match="empty corpus: no document kept"):
-        ingest.run(stage_params(params, "spec", "ingest"))
+    with pytest.raises(InputError, match="empty corpus: no document kept from 1 file.s. of targets.sets.spec"):
+        run_stage(params, "spec", "ingest", ingest)
     other = tmp_path / "other.jsonl.zst"
     other.write_bytes(zstandard.ZstdCompressor().compress(b'{"body": "a licence"}\n{"body": "another"}\n'))
     params["targets"]["sets"]["spec"] = [str(other)]
-    with pytest.raises(InputError, match="rejected 2"):
-        ingest.run(stage_params(params, "spec", "ingest"))
+    with pytest.raises(InputError, match="rejected 2.*no record has the text field 'text'"):
+        run_stage(params, "spec", "ingest", ingest)
     params["targets"]["sets"]["spec"] = "not a list"
     params["targets"]["sets"]["bad name"] = ["x"]
     with pytest.raises(ParamError, match="set name 'bad name' must be a plain folder name"):
@@ -164,5 +164,5 @@ def test_held_out_eval_set_is_tokenized_apart(tokenized):
     held_out = ClusterStore(work / "data/targets/eval/tokens")
     assert held_out.meta["documents"] == 75 and held_out.n_clusters == 1
     params["targets"]["sets"]["eval"] = ["nowhere.jsonl"]
-    with pytest.raises(ParamError, match="ingest.inputs: 'nowhere.jsonl' matches no file"):
-        ingest.run(stage_params(params, "eval", "ingest"))
+    with pytest.raises(ParamError, match="targets.sets.eval: 'nowhere.jsonl' matches no file"):
+        run_stage(params, "eval", "ingest", ingest)

@@ -98,7 +98,7 @@ def test_every_strategy_trains_and_is_plotted(trainer_params):
     assert spec["uniform"].to_list() == logged_losses(workspace / "runs/uniform/log.csv", "spec_loss")
     # the stage plots the runs dvc.yaml trains, in their order
     params["train"]["strategies"] = ["uniform", "dga_ema"]
-    assert plot.run(params)["written"][-2:] == ["runs/uniform/weights.png", "runs/dga_ema/weights.png"]
+    assert plot.run(params)["written"][-2:] == ["runs/plots/weights_uniform.png", "runs/plots/weights_dga_ema.png"]
     assert pl.read_csv(workspace / "runs/plots/generic_loss.csv").columns == ["step", "uniform", "dga_ema"]
     params["train"]["strategies"] = ["uniform", "natural"]
     with pytest.raises(FileNotFoundError, match="natural"):

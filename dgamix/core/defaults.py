@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-STRATEGIES = ["uniform", "natural", "importance", "dga", "dga_ema", "odm"]
+STRATEGIES = ["uniform", "natural", "importance", "dga", "dga_ema", "inbatch", "inbatch_domains", "odm"]
 BASIS_FAMILIES = ["importance", "reference", "natural", "uniform", "coarse"]
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -125,6 +125,14 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "dga_batch_size": 8,
         "dga_target_batch_size": None,
         "estimator": "exact",
+        "inbatch_eta": 0.02,
+        "inbatch_every": 1,
+        "inbatch_refresh": 20,
+        "inbatch_decay": 0.95,
+        "inbatch_min_sequences": 8,
+        "inbatch_scale": "snr",
+        "inbatch_rank": None,
+        "weight_floor": 0.001,
         "seed": 0,
         "tokens": "data/tokens",
         "bases": "data/bases",

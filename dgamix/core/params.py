@@ -71,7 +71,7 @@ def local_path(cfg: dict[str, Any], stage: str, key: str, default: Any = ...) ->
     if protocol in ("file", "local"):
         return Path(rest)
     raise ParamError(f"{stage}.{key} = '{value}': expected a path or file:// URL on a filesystem every worker "
-                     f"mounts; {protocol}:// works for the inputs (ingest.inputs, bases.target), not for stage data")
+                     f"mounts; {protocol}:// works for the inputs (ingest.inputs, targets.sets), not for stage data")
 
 
 def positive_int(cfg: dict[str, Any], stage: str, key: str, default: Any = ...) -> int:

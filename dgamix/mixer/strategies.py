@@ -3,7 +3,9 @@
 - `StaticStrategy`: fixed weights over the bases: uniform, natural, or importance sampling (weight 1 on the
   importance basis);
 - `DGAStrategy`: Dynamic Gradient Alignment every `every` (T_r) steps, domain or distribution reweighting
-  depending on the stream's bases, with the EMA variant when beta < 1.
+  depending on the stream's bases, with the EMA variant when beta < 1;
+- `InBatchDGAStrategy`: DGA scored from the training step itself (every training sequence's alignment with the
+  specialized gradient, `inbatch` + `alignment_stats`), no extra backward per basis, updating as often as every step.
 A strategy's `state_dict()` holds its weights, EMA state, counters and its target sampler's position; the stream's
 own state (training and auxiliary sampler positions) goes beside it in the checkpoint. DGA's state also records the
 settings that shape its updates, and loading it under other settings is refused (StateMismatchError), as the stream
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 from ..core.defaults import DEFAULTS
+from .alignment_stats import SCALES, AlignmentStats, scale_scores
 from .dga import ESTIMATORS, check_dga_params, dga_update
 from .mixture import check_weights
 from .stream import MixtureStream, StateMismatchError, TargetSampler
@@ -135,19 +138,163 @@ class DGAStrategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the weights, counters and target position; refused when the state was saved under other
         settings (a resumed run would not be the run that was saved)."""
-        differing = []
-        for name in self.SETTINGS:
-            now = getattr(self, name)
-            if name not in state:
-                differing.append(f"{name}: not saved, now {now!r}")
-            elif _plain(state[name]) != now:
-                differing.append(f"{name}: saved {_plain(state[name])!r}, now {now!r}")
-        if differing:
-            raise StateMismatchError("the saved DGA state was made with other settings; refusing to resume under "
-                                     "different ones: " + "; ".join(differing))
+        _check_settings(self, state, "DGA")
         self.stream.set_weights(state["weights"])
         self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
         self.target.load_state_dict(state["target"])
+
+
+@dataclass
+class InBatchDGAStrategy:
+    """DGA from the sequences the training step already backpropagates.
+
+    After each training backward, `observe(batch)` takes every sequence's d_x = <grad l(theta; x), g_spe> from
+    `tracker` (an `inbatch.InBatchAlignment` on the model) into per-cluster statistics. Every `every` steps the
+    weights move: alpha <- normalize(alpha * exp(eta * s)), then the EMA with `beta`, then a mix with the uniform
+    weights, (1 - floor) alpha + floor / m, so that no weight ever sticks at 0. The scores s:
+    - `level="bases"` (distribution reweighting): the importance-weighted estimate of
+      a_j = E_{c~P_j}[abar_c] from every sequence drawn (see `alignment_stats`);
+    - `level="clusters"`: each cluster's decayed mean alignment, then s_j = sum_c P_j(c) s_c: with
+      `Mixture.identity` bases, domain reweighting over every fine cluster.
+    Scores are scaled by `scale` (`snr`: in units of their standard error, the default; `standardized`; `raw`: the
+    paper's) and are 0 for whatever has fewer than `min_sequences` recent sequences. The specialized gradient g_spe
+    is refreshed every `refresh` steps (T_r) on `target_batch_size` sequences of the target: the only extra backward.
+
+    Plain loop: `loss.backward(); strategy.observe(batch); optimizer.step(); strategy.on_step(step)`, with `batch`
+    the stream's batch (its `cluster` and `prob`) and `loss` the mean over its sequences (else pass `loss_scale`).
+    """
+
+    stream: MixtureStream
+    target: TargetSampler
+    tracker: Any  # inbatch.InBatchAlignment on the model whose loss `loss_fn` computes
+    loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    eta: float = _TRAIN["inbatch_eta"]
+    beta: float = 1.0
+    every: int = _TRAIN["inbatch_every"]
+    refresh: int = _TRAIN["inbatch_refresh"]
+    target_batch_size: int = _TRAIN["dga_batch_size"]
+    decay: float = _TRAIN["inbatch_decay"]
+    min_sequences: float = _TRAIN["inbatch_min_sequences"]
+    scale: str = _TRAIN["inbatch_scale"]
+    level: str = "bases"
+    floor: float = _TRAIN["weight_floor"]
+
+    SETTINGS: ClassVar[tuple[str, ...]] = ("eta", "beta", "every", "refresh", "target_batch_size", "decay",
+                                           "min_sequences", "scale", "level", "floor")
+
+    def __post_init__(self) -> None:
+        check_dga_params(self.eta, self.beta, self.every)
+        for name in ("refresh", "target_batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} = {value!r}: expected a positive integer")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale = {self.scale!r}: expected one of {', '.join(SCALES)}")
+        if self.level not in ("bases", "clusters"):
+            raise ValueError(f"level = {self.level!r}: expected 'bases' (distribution reweighting) or 'clusters'")
+        if not 0.0 <= self.floor < 1.0:
+            raise ValueError(f"floor = {self.floor!r}: expected 0 <= floor < 1 (share of a uniform weight kept)")
+        k = self.stream.mixture.n_clusters
+        self.stats = AlignmentStats(k, self.decay)
+        self.window = AlignmentStats(k)  # sequences since the last update, merged across ranks at the update
+        self.weights = self.stream.weights
+        self.updates, self.skipped = 0, 0
+        self.records: list[dict[str, Any]] = []  # per-cluster alignment of each update window (drain_records)
+        self.refresh_target()
+
+    def refresh_target(self) -> None:
+        """g_spe at the current parameters, from a fresh target batch (one backward; .grad untouched)."""
+        self._target_gradient = self.tracker.refresh_target(self.loss_fn, [self.target.sample(self.target_batch_size)])
+
+    def observe(self, batch: dict[str, Any], loss_scale: float | None = None) -> None:
+        """The alignments of the batch just backpropagated (`loss_scale`: each sequence's weight in that loss;
+        default 1 / its number of sequences, a mean)."""
+        clusters = batch["cluster"].numpy()
+        scale = 1.0 / len(clusters) if loss_scale is None else loss_scale
+        scores = self.tracker.collect(loss_scale=scale, n_sequences=len(clusters)).cpu().numpy()
+        self.tracker.take()  # the strategy keeps its own statistics; nothing accumulates in the tracker
+        self.window.add(clusters, scores, batch["prob"].numpy())
+
+    def scores(self) -> np.ndarray:
+        """The scaled score of every basis, from the statistics so far."""
+        bases = self.stream.mixture.bases
+        if self.level == "bases":
+            a, se, seen = self.stats.basis_estimates(bases)
+            return scale_scores(a, se, seen, self.scale, self.min_sequences)
+        means, se, seen = self.stats.cluster_means()
+        per_cluster = scale_scores(means, se, seen, self.scale, self.min_sequences)
+        return np.asarray(bases @ per_cluster).ravel()
+
+    def on_step(self, step: int) -> UpdateRecord | None:
+        """Call after optimizer.step() of step `step` (0-based): every `every` steps the weights move; every
+        `refresh` steps g_spe is recomputed at the new parameters."""
+        record = None
+        if (step + 1) % self.every == 0:
+            record = self._update(step)
+        if (step + 1) % self.refresh == 0:
+            self.refresh_target()
+        return record
+
+    def _update(self, step: int) -> UpdateRecord:
+        device = next(iter(p.device for _, p in self.tracker.params), "cpu")
+        self.window.merge_across_ranks(device)  # every rank then holds the same statistics and scores
+        self._record(step)
+        self.stats.absorb(self.window)
+        self.window = AlignmentStats(self.stats.n_clusters)
+        scores = self.scores()
+        new, skipped = dga_update(self.weights, scores, self.eta, self.beta)
+        if not skipped and self.floor > 0:  # mixed with uniform, as EXP3 explores: every weight >= floor / m
+            new = (1.0 - self.floor) * new + self.floor / len(new)
+        self.weights = new
+        self.updates += 1
+        self.skipped += int(skipped)
+        if not skipped:
+            self.stream.set_weights(new)
+        self.stats.age()
+        return UpdateRecord(step, self.weights.tolist(), scores.tolist(), skipped)
+
+    def _record(self, step: int) -> None:
+        seen = np.flatnonzero(self.window.count > 0)
+        for c in seen.tolist():
+            self.records.append({"step": step, "cluster": c, "sequences": int(self.window.count[c]),
+                                 "mean_alignment": float(self.window.total[c] / self.window.count[c])})
+
+    def drain_records(self) -> list[dict[str, Any]]:
+        """The per-cluster records since the last drain (step, cluster, sequences, mean_alignment); cleared."""
+        records, self.records = self.records, []
+        return records
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights.tolist(), "updates": self.updates, "skipped": self.skipped,
+                "stats": self.stats.state_dict(), "window": self.window.state_dict(),
+                # g_spe as last refreshed: a run resumed between two refreshes scores with the same g.
+                "target_gradient": self._target_gradient.detach().cpu(),
+                "target": self.target.state_dict(), **{name: getattr(self, name) for name in self.SETTINGS}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore weights, statistics, g_spe and the target's position: the resumed run continues exactly."""
+        _check_settings(self, state, "in-batch DGA")
+        self.weights = np.asarray(state["weights"], dtype=np.float64)
+        self.stream.set_weights(self.weights)
+        self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
+        self.stats.load_state_dict(state["stats"])
+        self.window.load_state_dict(state["window"])
+        self._target_gradient = torch.as_tensor(state["target_gradient"])
+        self.tracker.set_target(self._target_gradient)
+        self.target.load_state_dict(state["target"])
+
+
+def _check_settings(strategy: Any, state: dict[str, Any], what: str) -> None:
+    differing = []
+    for name in strategy.SETTINGS:
+        now = getattr(strategy, name)
+        if name not in state:
+            differing.append(f"{name}: not saved, now {now!r}")
+        elif _plain(state[name]) != now:
+            differing.append(f"{name}: saved {_plain(state[name])!r}, now {now!r}")
+    if differing:
+        raise StateMismatchError(f"the saved {what} state was made with other settings; refusing to resume under "
+                                 "different ones: " + "; ".join(differing))
 
 
 def _plain(value: Any) -> Any:

@@ -147,8 +147,11 @@ class MixtureStream(IterableDataset):
                                 dict(zip(unique.tolist(), (counts * self.sequence_tokens).tolist())),
                                 sorted(set(clusters[passes > 1].tolist())),
                                 int((self.passes_completed() > 0).sum()))
+        # Each sequence's probability of being drawn (p = alpha^T P at its cluster, under the weights it was planned
+        # with): what importance-weighted estimates over the bases need (alignment_stats).
+        probs = self.mixture.cluster_probs(planned_with)[clusters]
         return {"tokens": tokens, "cluster": torch.from_numpy(clusters), "pass": torch.from_numpy(passes),
-                "step": step}
+                "prob": torch.from_numpy(probs), "step": step}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()

@@ -191,18 +191,20 @@ def ingest_files(files: list[str], step: StageFile, engine: Engine, out_dir: Pat
     return report
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
+def run(params: dict[str, Any], inputs_param: str = "ingest.inputs") -> dict[str, Any]:
+    """The ingest stage. `inputs_param` names the parameter the inputs came from in errors (the target stages
+    ingest `targets.sets.<set>`)."""
     cfg = section(params, "ingest")
     inputs = require(cfg, "ingest", "inputs", (list, str))
     inputs = [inputs] if isinstance(inputs, str) else inputs
     if not all(isinstance(item, str) for item in inputs):
-        raise ParamError(f"ingest.inputs = {inputs!r}: expected a list of paths, globs or URLs (strings)")
-    step = StageFile(require(cfg, "ingest", "text_field", str), require(cfg, "ingest", "source_field", str),
-                     require(cfg, "ingest", "strict", bool))
+        raise ParamError(f"{inputs_param} = {inputs!r}: expected a list of paths, globs or URLs (strings)")
+    text_field = require(cfg, "ingest", "text_field", str)
+    step = StageFile(text_field, require(cfg, "ingest", "source_field", str), require(cfg, "ingest", "strict", bool))
     out_dir = local_path(cfg, "ingest", "output")
     rejects_path = local_path(cfg, "ingest", "rejects")
 
-    files = expand_inputs(inputs)
+    files = expand_inputs(inputs, inputs_param)
     with atomic_path(out_dir) as tmp_dir:
         report = ingest_files(files, step, Engine.for_stage(params, "ingest"), tmp_dir)
         write_parquet(_rejects_table(report.rejects), rejects_path)
@@ -210,11 +212,13 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         write_json(report.metrics(), local_path(cfg, "ingest", "metrics"))
         counts = report.metrics()
         if counts["kept"] == 0:
+            no_text = bool(report.reasons) and all(r.startswith("missing text field") for r in report.reasons)
             raise InputError(
-                f"empty corpus: no document kept from {len(files)} file(s) of ingest.inputs "
+                f"empty corpus: no document kept from {len(files)} file(s) of {inputs_param} "
                 f"(read {counts['read']}, rejected {counts['rejected']}, duplicates {counts['duplicates']}; "
                 f"rejects listed in {rejects_path})"
-            )
+                + (f"; no record has the text field '{text_field}' (expected the field that holds each "
+                   "document's text)" if no_text else ""))
     log.info("ingest: read %d, kept %d, rejected %d, duplicates %d", *counts.values())
     return report.details()
 

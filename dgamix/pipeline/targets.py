@@ -7,7 +7,8 @@ corpus's encoder (`embed.encoder_from`), the corpus's tree (`cluster.output`) an
 `<targets.output>/<name>/{docs,embeddings,domains,tokens}`. The bases stage then only turns the spec set's
 histogram (its domains manifest) into a basis row.
 
-This module derives, for one set and one stage, the stage section the stage's own `run(params)` reads.
+This module derives, for one set and one stage, the stage section the stage's own `run(params)` reads
+(`stage_params`), and runs the stage with it (`run_stage`).
 """
 from __future__ import annotations
 
@@ -79,3 +80,13 @@ def stage_params(params: dict[str, Any], name: str, stage: str) -> dict[str, Any
     result = copy.deepcopy(params)
     result[stage] = derived
     return result
+
+
+def run_stage(params: dict[str, Any], name: str, stage: str, module: Any) -> dict[str, Any]:
+    """`dgamix <stage> --target <name>`: the stage module's own run() on the derived section (the caller passes the
+    module, so that each target stage runs, and depends on, its own stage's code only); errors about the inputs
+    name `targets.sets.<name>`."""
+    derived = stage_params(params, name, stage)
+    if stage == "ingest":
+        return module.run(derived, inputs_param=f"targets.sets.{name}")
+    return module.run(derived)

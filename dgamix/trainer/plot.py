@@ -4,9 +4,13 @@ As a stage (`run`), it plots the runs of `train.strategies` in `train.output`. W
 - runs/plots/spec_loss.csv and runs/plots/generic_loss.csv: the evaluation losses, one row per evaluated step and
   one column per strategy. DVC's plot templates draw one line per y column of a file, so each of these is one
   `dvc plots show` chart with a line per strategy (a long table with a `strategy` column would be drawn as one line);
-- runs/losses.png: both losses per strategy (the same data, as an image);
-- runs/NAME/weights.png: the weights of the largest bases over training (basis names differ between projects, so a
-  fixed DVC plot definition could not name their columns; the image shows them, and log.csv holds every `w:` column).
+- runs/plots/losses.png: both losses per strategy (the same data, as an image);
+- runs/plots/weights_NAME.png: the weights of the largest bases over training (basis names differ between projects,
+  so a fixed DVC plot definition could not name their columns; the image shows them, and log.csv holds every `w:`
+  column);
+- runs/plots/alignment_NAME.png, for in-batch runs (runs/NAME/alignment.parquet): the clusters whose sequences were
+  most and least aligned with the specialized gradient over the run.
+Everything goes to the one folder runs/plots, so the DVC stage's output does not name the strategies.
 """
 from __future__ import annotations
 
@@ -41,9 +45,43 @@ def plot_runs(runs_dir: str | Path, strategies: list[str] | None = None, top_bas
     logs = {name: pl.read_csv(path, infer_schema_length=None) for name, path in find_logs(runs_dir, strategies)}
     evals = eval_losses(logs)
     written = [write_wide(evals, loss, runs_dir / "plots" / f"{loss}.csv") for loss in LOSSES]
-    written.append(plot_losses(evals, runs_dir / "losses.png"))
-    written += [plot_weights(frame, runs_dir / name / "weights.png", name, top_bases) for name, frame in logs.items()]
+    written.append(plot_losses(evals, runs_dir / "plots" / "losses.png"))
+    written += [plot_weights(frame, runs_dir / "plots" / f"weights_{name}.png", name, top_bases)
+                for name, frame in logs.items()]
+    written += [plot_alignment(pl.read_parquet(runs_dir / name / "alignment.parquet"),
+                               runs_dir / "plots" / f"alignment_{name}.png", name)
+                for name in logs if (runs_dir / name / "alignment.parquet").exists()]
     return written
+
+
+def cluster_alignment(records: pl.DataFrame) -> pl.DataFrame:
+    """Pure: per cluster, over the whole run, the sequence-weighted mean alignment and the sequences seen."""
+    return (records.group_by("cluster")
+            .agg((pl.col("mean_alignment") * pl.col("sequences")).sum().alias("weighted"),
+                 pl.col("sequences").sum())
+            .with_columns((pl.col("weighted") / pl.col("sequences")).alias("mean_alignment"))
+            .select("cluster", "mean_alignment", "sequences").sort("mean_alignment", "cluster", descending=[True, False]))
+
+
+def plot_alignment(records: pl.DataFrame, path: Path, title: str, top: int = 15) -> Path:
+    """The `top` clusters that helped the target most (largest mean alignment) and the `top` that hurt it most."""
+    per_cluster = cluster_alignment(records)
+    shown = pl.concat([per_cluster.head(top), per_cluster.tail(top)]).unique("cluster", keep="first").sort(
+        "mean_alignment", descending=True)
+    fig, ax = plt.subplots(figsize=(8, 0.22 * shown.height + 1.5))
+    values = shown["mean_alignment"].to_numpy()
+    ax.barh(range(shown.height), values, color=["#4472c4" if v > 0 else "#c0504d" for v in values])
+    ax.set_yticks(range(shown.height), [f"{c} ({n} seq)" for c, n in zip(shown["cluster"], shown["sequences"])],
+                  fontsize=6)
+    ax.invert_yaxis()
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.set_xlabel("mean alignment <grad l(x), g_spe> of the cluster's sequences")
+    ax.set_title(f"{title}: clusters that help (blue) and hurt (red) the target")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
 
 
 def find_logs(runs_dir: Path, strategies: list[str] | None) -> list[tuple[str, Path]]:

@@ -2,7 +2,8 @@
 
 `dgamix train --strategy NAME` (what dvc.yaml's foreach calls) reads the `train` section of params.yaml.
 Strategies: uniform (over the bases), natural, importance (static weight 1 on the importance basis), dga (no EMA),
-dga_ema, and odm (the EXP3 bandit of Online Data Mixing over disjoint domains: the coarse bases when the bases
+dga_ema, inbatch (DGA over the bases scored from the training step's own sequences), inbatch_domains (the same over
+every fine cluster: domain reweighting), and odm (the EXP3 bandit of Online Data Mixing over disjoint domains: the coarse bases when the bases
 stage built them, else one domain per cluster). Outputs in runs/NAME/:
 - metrics.json: the final and best losses (what `dvc metrics show` tabulates), the bases and the final weights;
 - summary.json: how the run went (steps, seconds, parameters, skipped updates, clusters repeated, eval sets);
@@ -10,6 +11,8 @@ stage built them, else one domain per cluster). Outputs in runs/NAME/:
   drawn per basis `t:` (a sequence's tokens split over the bases in proportion to alpha_j P_j(cluster)), skipped
   updates;
 - clusters.parquet: (step, cluster, tokens): what was drawn;
+- alignment.parquet (in-batch strategies): (step, cluster, sequences, mean_alignment): each update window's mean
+  alignment of the sequences drawn from each cluster with the specialized gradient (> 0: they help the target);
 - checkpoint.pt while the run is in progress (resumed when present, removed when the run completes).
 
 Evaluation: the specialized loss on the target's held-out eval set (`train.target_eval`), and the generic loss on
@@ -36,12 +39,14 @@ from ..core.params import ParamError, local_path, non_negative_int, positive_int
 from ..formats import token_store
 from ..mixer import ClusterStore, Mixture, MixtureStream, StateMismatchError, TargetSampler
 from ..mixer.dga import ESTIMATORS
-from ..mixer.strategies import DGAStrategy, ODMStrategy, StaticStrategy
+from ..mixer.alignment_stats import SCALES
+from ..mixer.inbatch import InBatchAlignment
+from ..mixer.strategies import DGAStrategy, InBatchDGAStrategy, ODMStrategy, StaticStrategy
 from .model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 
-Strategy = StaticStrategy | DGAStrategy | ODMStrategy
+Strategy = StaticStrategy | DGAStrategy | InBatchDGAStrategy | ODMStrategy
 Drawn = list[tuple[int, dict[int, int]]]  # per step: tokens drawn per cluster
 METRIC_DECIMALS = 6  # `dvc metrics show` prints what the file holds: six decimals of a loss are plenty
 TARGET_HINT = "run the target stages first (`dvc repro`, or `dgamix tokenize --target {name}`)"
@@ -71,6 +76,14 @@ class TrainConfig:
     dga_batch_size: int
     dga_target_batch_size: int | None
     estimator: str
+    inbatch_eta: float
+    inbatch_every: int
+    inbatch_refresh: int
+    inbatch_decay: float
+    inbatch_min_sequences: float
+    inbatch_scale: str
+    inbatch_rank: int | None
+    weight_floor: float
     seed: int
     tokens: Path
     bases: Path
@@ -108,6 +121,14 @@ def read_config(params: dict[str, Any], strategy: str) -> TrainConfig:
         dga_batch_size=positive_int(cfg, "train", "dga_batch_size"),
         dga_target_batch_size=_optional_positive_int(cfg, "dga_target_batch_size"),
         estimator=require(cfg, "train", "estimator", str),
+        inbatch_eta=_positive_float(cfg, "inbatch_eta"),
+        inbatch_every=positive_int(cfg, "train", "inbatch_every"),
+        inbatch_refresh=positive_int(cfg, "train", "inbatch_refresh"),
+        inbatch_decay=_fraction(cfg, "inbatch_decay"),
+        inbatch_min_sequences=float(require(cfg, "train", "inbatch_min_sequences", (int, float))),
+        inbatch_scale=require(cfg, "train", "inbatch_scale", str),
+        inbatch_rank=_optional_positive_int(cfg, "inbatch_rank"),
+        weight_floor=float(require(cfg, "train", "weight_floor", (int, float))),
         seed=non_negative_int(cfg, "train", "seed"),
         tokens=local_path(cfg, "train", "tokens"),
         bases=local_path(cfg, "train", "bases"),
@@ -117,6 +138,10 @@ def read_config(params: dict[str, Any], strategy: str) -> TrainConfig:
     )
     if config.estimator not in ESTIMATORS:
         raise ParamError(f"train.estimator = '{config.estimator}': expected one of {sorted(ESTIMATORS)}")
+    if config.inbatch_scale not in SCALES:
+        raise ParamError(f"train.inbatch_scale = '{config.inbatch_scale}': expected one of {list(SCALES)}")
+    if not 0 <= config.weight_floor < 1:
+        raise ParamError(f"train.weight_floor = {config.weight_floor}: expected 0 <= floor < 1")
     if config.n_embd % config.n_head:  # attention splits the embedding evenly over the heads
         raise ParamError(f"train.n_embd = {config.n_embd}: expected a multiple of train.n_head = {config.n_head}")
     return config
@@ -168,6 +193,7 @@ class History:
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     drawn: Drawn = field(default_factory=list)
+    alignment: list[dict[str, Any]] = field(default_factory=list)  # in-batch strategies: per-cluster records
 
 
 def resolve_device() -> tuple[str, torch.dtype | None]:
@@ -192,6 +218,8 @@ def build_run(config: TrainConfig) -> RunObjects:
     mixture = Mixture.from_bases_dir(config.bases, config.basis_names)
     if config.strategy == "odm":
         mixture = domain_mixture(mixture, store)
+    elif config.strategy == "inbatch_domains":  # domain reweighting over every fine cluster that has tokens
+        mixture = Mixture.identity(store.available)
     stream = MixtureStream(store, mixture, config.seq_len, config.batch_size, seed=config.seed)
     target = TargetSampler(open_store(config.target, "train.target", TARGET_HINT.format(name="spec"), config.seed),
                            config.seq_len)
@@ -217,8 +245,18 @@ def build_strategy(config: TrainConfig, stream: MixtureStream, target: TargetSam
         return StaticStrategy(stream)
     if name in ("natural", "importance"):
         return StaticStrategy(stream, basis=name)
-    # dga or dga_ema (read_config admits no other name)
     loss_fn = lambda tokens: model.loss(tokens.to(device))  # noqa: E731
+    if name in ("inbatch", "inbatch_domains"):
+        try:
+            return InBatchDGAStrategy(stream, target, InBatchAlignment(model, rank=config.inbatch_rank), loss_fn,
+                                      eta=config.inbatch_eta, every=config.inbatch_every,
+                                      refresh=config.inbatch_refresh, target_batch_size=config.dga_batch_size,
+                                      decay=config.inbatch_decay, min_sequences=config.inbatch_min_sequences,
+                                      scale=config.inbatch_scale, floor=config.weight_floor,
+                                      level="clusters" if name == "inbatch_domains" else "bases")
+        except ValueError as err:
+            raise ParamError(f"train: {err}") from err
+    # dga or dga_ema (read_config admits no other name)
     sequence_loss_fn = lambda tokens: model.sequence_losses(tokens.to(device))  # noqa: E731
     try:
         return DGAStrategy(stream, target, loss_fn, [p for p in model.parameters() if p.requires_grad],
@@ -255,7 +293,8 @@ def save_checkpoint(path: Path, objects: RunObjects, next_step: int, history: Hi
     with atomic_path(path) as tmp:
         torch.save({"model": objects.model.state_dict(), "optimizer": objects.optimizer.state_dict(),
                     "stream": objects.stream.state_dict(), "strategy": objects.strategy.state_dict(),
-                    "step": next_step, "rows": history.rows, "drawn": history.drawn}, tmp)
+                    "step": next_step, "rows": history.rows, "drawn": history.drawn,
+                    "alignment": history.alignment}, tmp)
 
 
 def restore_checkpoint(path: Path, objects: RunObjects) -> tuple[int, History]:
@@ -270,7 +309,7 @@ def restore_checkpoint(path: Path, objects: RunObjects) -> tuple[int, History]:
     except (StateMismatchError, RuntimeError) as err:  # RuntimeError: torch's refusal of another model shape
         raise ParamError(f"{path} was saved by a run with other data or train parameters ({err}); delete it to "
                          "train from scratch") from err
-    return state["step"], History(state["rows"], state["drawn"])
+    return state["step"], History(state["rows"], state["drawn"], state.get("alignment", []))
 
 
 # ---- training -------------------------------------------------------------------------------------------------------
@@ -285,6 +324,8 @@ def train_step(objects: RunObjects, step: int) -> tuple[dict[str, Any], dict[int
         loss = losses.mean()
     objects.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if isinstance(objects.strategy, InBatchDGAStrategy):  # each sequence's alignment, from this backward
+        objects.strategy.observe(batch)
     objects.optimizer.step()
     if isinstance(objects.strategy, ODMStrategy):  # rewarded by each domain's training loss
         objects.strategy.observe(batch["cluster"].numpy(), losses.detach().float().cpu().numpy())
@@ -318,6 +359,8 @@ def train_loop(config: TrainConfig, objects: RunObjects, evals: EvalSets, start_
     for step in range(start_step, config.steps):
         row, drawn = train_step(objects, step)
         history.drawn.append((step, drawn))
+        if isinstance(objects.strategy, InBatchDGAStrategy):
+            history.alignment += objects.strategy.drain_records()
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             row["spec_loss"] = evaluate(objects.model, evals.spec, objects.device, objects.autocast)
             row["generic_loss"] = evaluate(objects.model, evals.generic, objects.device, objects.autocast)
@@ -380,6 +423,8 @@ def write_outputs(out_dir: Path, history: History, names: list[str], metrics: di
                   summary: dict[str, Any]) -> None:
     write_log(history.rows, names, out_dir / "log.csv")
     write_drawn(history.drawn, out_dir / "clusters.parquet")
+    if history.alignment:
+        write_alignment(history.alignment, out_dir / "alignment.parquet")
     write_json(summary, out_dir / "summary.json")
     write_json(metrics, out_dir / "metrics.json")
 
@@ -401,6 +446,16 @@ def write_drawn(drawn: Drawn, path: Path) -> None:
     with atomic_path(path) as tmp:
         pq.write_table(pa.table({"step": pa.array(steps, pa.int32()), "cluster": pa.array(clusters, pa.int32()),
                                  "tokens": pa.array(tokens, pa.int64())}), tmp)
+
+
+def write_alignment(records: list[dict[str, Any]], path: Path) -> None:
+    """(step, cluster, sequences, mean_alignment) per update window and cluster drawn in it."""
+    table = pa.table({"step": pa.array([r["step"] for r in records], pa.int32()),
+                      "cluster": pa.array([r["cluster"] for r in records], pa.int32()),
+                      "sequences": pa.array([r["sequences"] for r in records], pa.int32()),
+                      "mean_alignment": pa.array([r["mean_alignment"] for r in records], pa.float64())})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_log(rows: list[dict[str, Any]], names: list[str], path: Path) -> None:

@@ -1,0 +1,163 @@
+"""Alignment scores for every cluster and every basis, from the sequences the training stream actually drew.
+
+Each training sequence x, drawn from cluster c_x with probability p_t(c_x) under the mixture in force at its step t,
+carries d_x = <grad l(theta; x), g_spe> (computed from the training backward, see `inbatch`). From them:
+
+Per cluster c (domain reweighting over fine clusters), a decayed running mean
+    abar_c = S_c / N_c,   S_c = sum_x lambda^(age_x) d_x [c_x = c],   N_c = sum_x lambda^(age_x) [c_x = c],
+where age_x counts the updates since x was seen and lambda = `decay` (1: plain running mean). N_c is the cluster's
+effective number of recent sequences.
+
+Per basis j (distribution reweighting), the importance-weighted estimate of a_j = E_{c~P_j}[abar_c]:
+    ahat_j = (1/n) sum_x z_jx,   z_jx = P_j(c_x) d_x / p_t(c_x),   n = sum_x lambda^(age_x) (decayed as above),
+unbiased for a_j while p_t > 0 wherever P_j > 0 (a mixture always covers its bases' supports: p = alpha^T P with
+alpha > 0). Its variance is Var(z_j)/n, estimated by
+    se_j^2 = ( (1/n) sum_x z_jx^2 - ahat_j^2 ) / n,   sum_x z_jx^2 = sum_c P_j(c)^2 Q_c,  Q_c = sum_x d_x^2 / p_t(c_x)^2,
+so only three k-vectors are kept (S/p, Q and the counts): memory does not grow with the number of bases, and
+every basis is scored from every sequence that falls in its support. The variance grows as P_j departs from p
+(the weights P_j/p are large where p is small): a basis the mixture rarely visits is scored with a large se.
+
+A cluster or basis with fewer than `min_sequences` (effective) recent sequences in its support gets score 0: it does
+not move on one noisy sample.
+
+Scale (`scale`):
+- `raw`: the paper's a_j (its meaning changes with the model, the loss scale and the point in training);
+- `snr`: a_j / se_j, the score in units of its own standard error: scale-free (multiplying every d by a constant
+  leaves it unchanged) and noise-aware (a noisy estimate moves less);
+- `standardized`: (a_j - mean_j a) / std_j a across the scored bases or clusters: scale-free; every update moves the
+  weights by a comparable amount whatever the gradients' size.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+SCALES = ("raw", "snr", "standardized")
+
+
+class AlignmentStats:
+    """Decayed per-cluster sums of the per-sequence alignments d_x, enough for cluster means and basis estimates.
+
+    Five k-vectors: sequences, sum d, sum d^2 (cluster means and their standard errors), sum d/p and sum d^2/p^2
+    (the importance-weighted basis estimates); plus n, the decayed number of sequences.
+    """
+
+    FIELDS = ("count", "total", "total_sq", "weighted", "weighted_sq")
+
+    def __init__(self, n_clusters: int, decay: float = 1.0):
+        if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
+            raise ValueError(f"n_clusters = {n_clusters!r}: expected a positive number of clusters")
+        if not 0.0 < decay <= 1.0:
+            raise ValueError(f"decay = {decay!r}: expected 0 < decay <= 1 (weight kept by older sequences at each "
+                             "update; 1 = a plain running mean)")
+        self.n_clusters, self.decay = n_clusters, float(decay)
+        for name in self.FIELDS:
+            setattr(self, name, np.zeros(n_clusters))
+        self.sequences = 0.0
+
+    def add(self, clusters: np.ndarray, alignments: np.ndarray, probs: np.ndarray) -> None:
+        """One batch: each sequence's cluster, its d_x, and the probability its cluster had when it was drawn."""
+        clusters = np.asarray(clusters, dtype=np.int64)
+        d = np.asarray(alignments, dtype=np.float64)
+        p = np.asarray(probs, dtype=np.float64)
+        if not (clusters.shape == d.shape == p.shape) or clusters.ndim != 1:
+            raise ValueError(f"clusters {clusters.shape}, alignments {d.shape} and probs {p.shape}: expected three "
+                             "vectors with one entry per sequence")
+        if len(clusters) and (clusters.min() < 0 or clusters.max() >= self.n_clusters):
+            raise ValueError(f"cluster ids must lie in [0, {self.n_clusters}); got {clusters.min()}..{clusters.max()}")
+        if not np.isfinite(d).all():
+            raise ValueError("alignments contain NaN or inf")
+        if (p <= 0).any():
+            raise ValueError("a sequence was drawn from a cluster of probability 0: expected p > 0 for every sequence")
+        for name, values in (("count", np.ones_like(d)), ("total", d), ("total_sq", d * d),
+                             ("weighted", d / p), ("weighted_sq", (d / p) ** 2)):
+            np.add.at(getattr(self, name), clusters, values)
+        self.sequences += len(d)
+
+    def absorb(self, other: "AlignmentStats") -> None:
+        """Add another set of statistics (e.g. the sequences seen since the last update) to these."""
+        if other.n_clusters != self.n_clusters:
+            raise ValueError(f"statistics over {other.n_clusters} clusters cannot join {self.n_clusters}")
+        for name in self.FIELDS:
+            getattr(self, name).__iadd__(getattr(other, name))
+        self.sequences += other.sequences
+
+    def merge_across_ranks(self, device: torch.device | str = "cpu") -> None:
+        """Sum the statistics of every rank (one all-reduce of 5k + 1 numbers, on `device`: NCCL has no CPU path), so
+        every rank holds the same statistics and computes the same scores."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        flat = torch.from_numpy(np.concatenate([getattr(self, n) for n in self.FIELDS] + [[self.sequences]]))
+        flat = flat.to(device)
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        values = flat.cpu().numpy()
+        for i, name in enumerate(self.FIELDS):
+            setattr(self, name, values[i * self.n_clusters:(i + 1) * self.n_clusters].copy())
+        self.sequences = float(values[-1])
+
+    def age(self) -> None:
+        """Discount everything seen so far by `decay` (called after each weight update)."""
+        for name in self.FIELDS:
+            getattr(self, name).__imul__(self.decay)
+        self.sequences *= self.decay
+
+    # ---- estimates ----------------------------------------------------------------------------------------------
+    def cluster_means(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(mean d per cluster, its standard error, effective sequences); 0 where a cluster was never seen."""
+        seen = self.count > 0
+        mean = np.divide(self.total, self.count, out=np.zeros(self.n_clusters), where=seen)
+        var = np.divide(self.total_sq, self.count, out=np.zeros(self.n_clusters), where=seen) - mean ** 2
+        se = np.sqrt(np.divide(np.maximum(var, 0.0), self.count, out=np.zeros(self.n_clusters), where=seen))
+        return mean, se, self.count.copy()
+
+    def basis_estimates(self, bases: sp.spmatrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ahat_j, its standard error, effective sequences in P_j's support) for every basis (row of P)."""
+        bases = sp.csr_matrix(bases)
+        if bases.shape[1] != self.n_clusters:
+            raise ValueError(f"bases have {bases.shape[1]} clusters, the statistics {self.n_clusters}")
+        support = np.asarray((bases > 0).astype(np.float64) @ self.count).ravel()
+        if self.sequences <= 0:
+            zeros = np.zeros(bases.shape[0])
+            return zeros, zeros.copy(), support
+        a = np.asarray(bases @ self.weighted).ravel() / self.sequences
+        second = np.asarray(bases.multiply(bases) @ self.weighted_sq).ravel() / self.sequences
+        se = np.sqrt(np.maximum(second - a ** 2, 0.0) / self.sequences)
+        return a, se, support
+
+    # ---- state --------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"n_clusters": self.n_clusters, "decay": self.decay, "sequences": self.sequences,
+                **{name: getattr(self, name).tolist() for name in self.FIELDS}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state["n_clusters"]) != self.n_clusters or float(state["decay"]) != self.decay:
+            raise ValueError(f"alignment statistics saved for {state['n_clusters']} clusters with decay "
+                             f"{state['decay']}, not {self.n_clusters} and {self.decay}")
+        for name in self.FIELDS:
+            setattr(self, name, np.asarray(state[name], dtype=np.float64).copy())
+        self.sequences = float(state["sequences"])
+
+
+def scale_scores(scores: np.ndarray, se: np.ndarray, sequences: np.ndarray, scale: str,
+                 min_sequences: float) -> np.ndarray:
+    """Scores as the update uses them: 0 for whatever has fewer than `min_sequences` recent sequences (it does not
+    move on noise), the rest raw, divided by their standard error (`snr`), or standardized across the scored ones
+    (`standardized`)."""
+    if scale not in SCALES:
+        raise ValueError(f"scale = {scale!r}: expected one of {', '.join(SCALES)}")
+    scores, se = np.asarray(scores, dtype=np.float64), np.asarray(se, dtype=np.float64)
+    scored = np.asarray(sequences) >= min_sequences
+    out = np.zeros_like(scores)
+    if scale == "raw":
+        out[scored] = scores[scored]
+    elif scale == "snr":
+        ok = scored & (se > 0)
+        out[ok] = scores[ok] / se[ok]
+    elif scored.sum() > 1:
+        values = scores[scored]
+        spread = values.std()
+        out[scored] = (values - values.mean()) / spread if spread > 0 else 0.0
+    return out
