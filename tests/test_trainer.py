@@ -116,7 +116,7 @@ class Killed(Exception):
     """Stands for the process dying right after a checkpoint was written."""
 
 
-@pytest.mark.parametrize("strategy", ["dga_ema", "odm"])
+@pytest.mark.parametrize("strategy", ["dga_ema", "odm", "inbatch"])
 def test_resumed_run_matches_a_straight_run(trainer_params, monkeypatch, strategy):
     params = copy.deepcopy(trainer_params)
     params["train"].update(checkpoint_every=2, output="straight")
@@ -141,9 +141,34 @@ def test_resumed_run_matches_a_straight_run(trainer_params, monkeypatch, strateg
     with pytest.raises(ParamError, match="checkpoint.pt was saved by a run with other data or train parameters"):
         run(other, strategy)
     assert run(params, strategy)["steps"] == 6
-    for name in ("log.csv", "clusters.parquet", "metrics.json"):  # every step drawn, also the ones before the kill
+    names = ("log.csv", "clusters.parquet", "metrics.json") + (("alignment.parquet",) if strategy == "inbatch" else ())
+    for name in names:  # every step drawn, also the ones before the kill
         assert (resumed / name).read_bytes() == (Path("straight") / strategy / name).read_bytes(), name
     assert not (resumed / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("strategy, level_names", [("inbatch", "bases"), ("inbatch_domains", "clusters")])
+def test_in_batch_strategies_score_every_step_and_record_the_clusters(trainer_params, strategy, level_names):
+    trainer_params["train"].update(inbatch_min_sequences=1, inbatch_refresh=2)
+    run(trainer_params, strategy)
+    out = Path("runs") / strategy
+    frame = pl.read_csv(out / "log.csv", infer_schema_length=None)
+    weights = [c for c in frame.columns if c.startswith("w:")]
+    if level_names == "clusters":  # one weight per fine cluster with tokens
+        from dgamix.mixer import ClusterStore
+
+        assert len(weights) == int(ClusterStore("data/tokens").available.sum())
+        assert all(c.startswith("w:cluster:") for c in weights)
+    assert frame[f"a:{weights[0][2:]}"].drop_nulls().len() == 6  # scored at every step
+    assert frame.row(0)[5:5 + len(weights)] != frame.row(5)[5:5 + len(weights)]  # the weights moved
+    record = pl.read_parquet(out / "alignment.parquet")
+    assert record.columns == ["step", "cluster", "sequences", "mean_alignment"]
+    drawn = pl.read_parquet(out / "clusters.parquet")
+    # each step's record covers exactly the clusters drawn at that step, with their sequences (4 per step)
+    assert record.group_by("step").agg(pl.col("sequences").sum()).sort("step")["sequences"].to_list() == [4] * 6
+    assert set(zip(record["step"], record["cluster"])) == set(zip(drawn["step"], drawn["cluster"]))
+    written = plot.plot_runs(Path("runs"), [strategy])
+    assert Path(f"runs/plots/alignment_{strategy}.png") in written
 
 
 def test_missing_eval_store_names_its_parameter(trainer_params):
