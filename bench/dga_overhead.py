@@ -9,6 +9,15 @@ measured. For each (m, T_r, estimator) the extra time per step is reported in un
 beside the theory for the exact estimator: (m + 1) / T_r extra gradient evaluations per step (each about one
 training step's forward + backward) when the alignment batch equals the training batch.
 
+In-batch DGA (`--inbatch`, the table the README quotes): total wall time per step of the reference GPT with the
+in-batch strategy over every fine cluster (domain reweighting) at 256 clusters (the sample) and 4,096 clusters (the
+sample's documents dealt round-robin into 4,096 clusters), scoring and updating every step and every 10 steps,
+against a static mixture and against exact DGA at m = 19 and 64 bases (T_r = 20), all in one run, in one process,
+configurations interleaved round by round so that the machine's drift hits them alike. FLOP model beside it: a
+training step is about 3 forwards (6 N T FLOPs for N weights and T tokens); the in-batch scores add about one
+forward per scored step (2 N T: <delta, G a> per linear layer) plus the target gradient every T_r steps; exact
+DGA adds (m + 1) forward + backward passes every T_r steps.
+
 Estimators: exact (one backward per basis), finite_difference and forward (forward-mode AD), the last two with
 all bases batched together through per-sequence losses. Alignment batches: as large as the training batch (16),
 and small (2 sequences per basis, 16 for the target) at m = 64, T_r = 50. The score noise of small alignment
@@ -98,10 +107,114 @@ def score_noise(store, target_store, steps, aligns=(2, 4, 16), draws=3) -> list[
     return rows
 
 
+def round_robin_store(store: ClusterStore, k: int, directory) -> ClusterStore:
+    """The store's documents dealt round-robin into k clusters (same tokens, k-cluster layout)."""
+    from dgamix.formats import token_store
+
+    if not (directory / token_store.META).exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        starts, ends = store.doc_offsets[:-1], store.doc_offsets[1:]
+        owner = np.arange(len(starts)) % k
+        chunks, per_cluster = [], np.bincount(owner, minlength=k)
+        for c in range(k):
+            docs = np.flatnonzero(owner == c)
+            if len(docs):
+                chunks.append((np.concatenate([store.tokens[starts[d]:ends[d]] for d in docs]), ends[docs] - starts[docs]))
+        token_store.write(directory, chunks, per_cluster, {"vocab_size": store.vocab_size, "eos_id": store.eos_id})
+    return ClusterStore(directory)
+
+
+class Run:
+    """One configuration's training state, stepped a round at a time (so configurations can be interleaved)."""
+
+    def __init__(self, kind: str, store: ClusterStore, target_store: ClusterStore, m: int = 0, every: int = 1):
+        from dgamix.mixer.inbatch import InBatchAlignment
+        from dgamix.mixer.strategies import InBatchDGAStrategy
+
+        torch.manual_seed(0)
+        self.kind, self.every = kind, every
+        mixture = grouped_bases(store, m) if kind == "exact" else Mixture.identity(store.available)
+        self.stream = MixtureStream(store, mixture, SEQ, BATCH, seed=0)
+        self.model = GPT(GPTConfig(vocab_size=store.vocab_size, block_size=SEQ))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=3e-3)
+        target = TargetSampler(target_store, SEQ)
+        if kind == "static":
+            self.strategy = StaticStrategy(self.stream)
+        elif kind == "exact":
+            self.strategy = DGAStrategy(self.stream, target, self.model.loss, list(self.model.parameters()), eta=0.3,
+                                        beta=0.1, every=every, batch_size=BATCH, target_batch_size=BATCH)
+        else:
+            self.strategy = InBatchDGAStrategy(self.stream, target, InBatchAlignment(self.model), self.model.loss,
+                                               every=every, score_every=every, target_batch_size=BATCH,
+                                               level="clusters")
+        self.step, self.times = 0, []
+
+    def run(self, steps: int) -> None:
+        from dgamix.mixer.strategies import InBatchDGAStrategy
+
+        in_batch = isinstance(self.strategy, InBatchDGAStrategy)
+        for _ in range(steps):
+            start = time.perf_counter()
+            batch = self.stream.next_batch()
+            scored = in_batch and self.strategy.scores_step(self.step)
+            with torch.enable_grad() if scored or not in_batch else self.strategy.tracker.paused():
+                loss = self.model.loss(batch["tokens"])
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            if scored:
+                self.strategy.observe(batch)
+            self.optimizer.step()
+            self.strategy.on_step(self.step)
+            self.times.append(time.perf_counter() - start)
+            self.step += 1
+
+
+def inbatch_table(store: ClusterStore, target_store: ClusterStore, rounds: int, per_round: int) -> list[dict]:
+    big = round_robin_store(store, 4096, ROOT / "bench/work/store4096")
+    configs = {"static (256 clusters)": Run("static", store, target_store),
+               "in-batch, 256 clusters, every step": Run("inbatch", store, target_store, every=1),
+               "in-batch, 256 clusters, every 10 steps": Run("inbatch", store, target_store, every=10),
+               "static (4096 clusters)": Run("static", big, target_store),
+               "in-batch, 4096 clusters, every step": Run("inbatch", big, target_store, every=1),
+               "in-batch, 4096 clusters, every 10 steps": Run("inbatch", big, target_store, every=10),
+               "exact DGA, m = 19, T_r = 20": Run("exact", store, target_store, m=19, every=20),
+               "exact DGA, m = 64, T_r = 20": Run("exact", store, target_store, m=64, every=20)}
+    for run in configs.values():  # warm-up
+        run.run(2)
+        run.times.clear()
+    for _ in range(rounds):  # interleaved: each round gives every configuration the same machine
+        for run in configs.values():
+            run.run(per_round)
+    n_weights = sum(p.numel() for p in configs["static (256 clusters)"].model.parameters())
+    rows = []
+    for name, run in configs.items():
+        base = configs["static (4096 clusters)" if "4096" in name else "static (256 clusters)"]
+        mean, base_mean = float(np.mean(run.times)), float(np.mean(base.times))
+        # In units of a training step (about 3 forwards): in-batch adds one forward per scored step and the target's
+        # forward + backward every T_r = 20 steps; exact DGA adds m + 1 forward + backward passes every T_r steps.
+        flops = {"inbatch": (1 / 3) / run.every + 1 / 20, "exact": (run.stream.mixture.n_bases + 1) / run.every,
+                 "static": 0.0}[run.kind]
+        rows.append({"configuration": name, "s_per_step": mean, "overhead": mean / base_mean - 1,
+                     "flop_model_overhead": flops, "steps": len(run.times)})
+    rows.append({"configuration": f"(reference GPT: {n_weights} weights, batch {BATCH} x {SEQ})", "s_per_step": None,
+                 "overhead": None, "flop_model_overhead": None, "steps": None})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--inbatch", action="store_true", help="only the in-batch table (interleaved runs)")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--per-round", type=int, default=10)
     args = parser.parse_args()
+    if args.inbatch:
+        torch.set_num_threads(1)
+        store = ClusterStore(ROOT / "data/tokens")
+        rows = inbatch_table(store, ClusterStore(ROOT / "data/targets/spec/tokens"), args.rounds, args.per_round)
+        print_table(rows)
+        print("wrote", write_result("dga_overhead_inbatch", rows, {"args": vars(args)}))
+        return
     torch.set_num_threads(1)  # one core each: experiments share the machine (ratios are within-run)
     store = ClusterStore(ROOT / "data/tokens")
     target_store = ClusterStore(ROOT / "data/targets/spec/tokens")

@@ -127,6 +127,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "estimator": "exact",
         "inbatch_eta": 0.02,
         "inbatch_every": 1,
+        "inbatch_score_every": 1,
         "inbatch_refresh": 20,
         "inbatch_decay": 0.95,
         "inbatch_min_sequences": 8,

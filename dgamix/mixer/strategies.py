@@ -171,6 +171,7 @@ class InBatchDGAStrategy:
     eta: float = _TRAIN["inbatch_eta"]
     beta: float = 1.0
     every: int = _TRAIN["inbatch_every"]
+    score_every: int = _TRAIN["inbatch_score_every"]
     refresh: int = _TRAIN["inbatch_refresh"]
     target_batch_size: int = _TRAIN["dga_batch_size"]
     decay: float = _TRAIN["inbatch_decay"]
@@ -179,12 +180,12 @@ class InBatchDGAStrategy:
     level: str = "bases"
     floor: float = _TRAIN["weight_floor"]
 
-    SETTINGS: ClassVar[tuple[str, ...]] = ("eta", "beta", "every", "refresh", "target_batch_size", "decay",
-                                           "min_sequences", "scale", "level", "floor")
+    SETTINGS: ClassVar[tuple[str, ...]] = ("eta", "beta", "every", "score_every", "refresh", "target_batch_size",
+                                           "decay", "min_sequences", "scale", "level", "floor")
 
     def __post_init__(self) -> None:
         check_dga_params(self.eta, self.beta, self.every)
-        for name in ("refresh", "target_batch_size"):
+        for name in ("refresh", "target_batch_size", "score_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} = {value!r}: expected a positive integer")
@@ -205,6 +206,12 @@ class InBatchDGAStrategy:
     def refresh_target(self) -> None:
         """g_spe at the current parameters, from a fresh target batch (one backward; .grad untouched)."""
         self._target_gradient = self.tracker.refresh_target(self.loss_fn, [self.target.sample(self.target_batch_size)])
+
+    def scores_step(self, step: int) -> bool:
+        """Whether step `step`'s sequences are scored: every `score_every`-th step (fewer scored steps cost less and
+        keep the estimates unbiased, with fewer samples). Run the other steps' forward and backward inside
+        `tracker.paused()`."""
+        return step % self.score_every == 0
 
     def observe(self, batch: dict[str, Any], loss_scale: float | None = None) -> None:
         """The alignments of the batch just backpropagated (`loss_scale`: each sequence's weight in that loss;

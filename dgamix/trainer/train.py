@@ -20,6 +20,7 @@ the held-out generic documents (`<train.tokens>/heldout`, tokenize stage), which
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import math
@@ -78,6 +79,7 @@ class TrainConfig:
     estimator: str
     inbatch_eta: float
     inbatch_every: int
+    inbatch_score_every: int
     inbatch_refresh: int
     inbatch_decay: float
     inbatch_min_sequences: float
@@ -123,6 +125,7 @@ def read_config(params: dict[str, Any], strategy: str) -> TrainConfig:
         estimator=require(cfg, "train", "estimator", str),
         inbatch_eta=_positive_float(cfg, "inbatch_eta"),
         inbatch_every=positive_int(cfg, "train", "inbatch_every"),
+        inbatch_score_every=positive_int(cfg, "train", "inbatch_score_every"),
         inbatch_refresh=positive_int(cfg, "train", "inbatch_refresh"),
         inbatch_decay=_fraction(cfg, "inbatch_decay"),
         inbatch_min_sequences=float(require(cfg, "train", "inbatch_min_sequences", (int, float))),
@@ -250,6 +253,7 @@ def build_strategy(config: TrainConfig, stream: MixtureStream, target: TargetSam
         try:
             return InBatchDGAStrategy(stream, target, InBatchAlignment(model, rank=config.inbatch_rank), loss_fn,
                                       eta=config.inbatch_eta, every=config.inbatch_every,
+                                      score_every=config.inbatch_score_every,
                                       refresh=config.inbatch_refresh, target_batch_size=config.dga_batch_size,
                                       decay=config.inbatch_decay, min_sequences=config.inbatch_min_sequences,
                                       scale=config.inbatch_scale, floor=config.weight_floor,
@@ -319,12 +323,15 @@ def train_step(objects: RunObjects, step: int) -> tuple[dict[str, Any], dict[int
     model, stream, device, autocast = objects.model, objects.stream, objects.device, objects.autocast
     batch = stream.next_batch()
     tokens = batch["tokens"].to(device)
-    with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
-        losses = model.sequence_losses(tokens)
-        loss = losses.mean()
-    objects.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if isinstance(objects.strategy, InBatchDGAStrategy):  # each sequence's alignment, from this backward
+    in_batch = isinstance(objects.strategy, InBatchDGAStrategy)
+    scored = in_batch and objects.strategy.scores_step(step)
+    with contextlib.nullcontext() if scored or not in_batch else objects.strategy.tracker.paused():
+        with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+            losses = model.sequence_losses(tokens)
+            loss = losses.mean()
+        objects.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    if scored:  # each sequence's alignment, from this backward
         objects.strategy.observe(batch)
     objects.optimizer.step()
     if isinstance(objects.strategy, ODMStrategy):  # rewarded by each domain's training loss
