@@ -5,6 +5,7 @@
     .venv/bin/python bench/experiments.py run token_limited --target medical_abstracts --seeds 0 1 2
     .venv/bin/python bench/experiments.py run granularity --seeds 0 1 2 [--variants 4x4 32x32]  # levels per variant
     .venv/bin/python bench/experiments.py verify token_limited --seed 0 --method dga_ema   # re-run, compare
+    OMP_NUM_THREADS=1 .venv/bin/python bench/experiments.py run inbatch --target T --seeds 0 --threads 1  # 1 per core
     .venv/bin/python bench/render_results.py                      # RESULTS.md tables + plots from the metrics
 
 `prepare` runs the project's own stages (cluster -> assign -> tokenize -> bases) on the embedded corpus, into a
@@ -82,6 +83,22 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
                      "eta1": {"eta": 1.0}, "eta3": {"eta": 3.0}, "eta10": {"eta": 10.0}, "every10": {"every": 10},
                      "every50": {"every": 50}, "every100": {"every": 100},
                      "finite_difference": {"estimator": "finite_difference"}, "forward": {"estimator": "forward"}}},
+    # In-batch DGA (trainer strategies inbatch / inbatch_domains): every training sequence's alignment with g_spe,
+    # no extra backward per basis. Re-runs every method: the reference GPT's attention changed (explicit
+    # c_attn/c_proj), so the runs recorded above are not comparable with these. A method's optional 4th element
+    # is its own train overrides (here: exact DGA at the step size that moves the weights at 300 steps).
+    "inbatch": {
+        "levels": [16, 16], "train": {},
+        "methods": [("uniform", "uniform", "all"), ("importance", "importance", "all"),
+                    ("inbatch", "inbatch", "all"), ("inbatch_domains", "inbatch_domains", "all"),
+                    ("dga_ema", "dga_ema", "all", {"eta": 10.0})]},
+    # The pilot that chose train.inbatch_scale for `inbatch` (150 steps, seed 0, every target): snr against
+    # standardized at the default inbatch_eta, with uniform at the same length for the generic-loss bar.
+    "inbatch_pilot": {
+        "levels": [16, 16], "train": {"steps": 150},
+        "methods": [("uniform", "uniform", "all"),
+                    ("inbatch_snr", "inbatch", "all", {"inbatch_scale": "snr"}),
+                    ("inbatch_standardized", "inbatch", "all", {"inbatch_scale": "standardized"})]},
 }
 
 
@@ -167,14 +184,14 @@ def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | No
         names = __import__("json").loads((tdir / "bases" / "names.json").read_text())
         coarse = [n for n in names if n.startswith("coarse:")]
         for seed in seeds:
-            for label, strategy, basis_set in spec["methods"]:
+            for label, strategy, basis_set, *method_train in spec["methods"]:
                 if methods and label not in methods:
                     continue
                 out = (RESULTS / name / (target if spec_docs is None else f"{target}-{spec_docs}") / variant
                        / f"seed{seed}")
                 if (out / label / "metrics.json").exists():
                     continue
-                cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides
+                cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides | (method_train[0] if method_train else {})
                 cfg.update(seed=seed, tokens=str(levels_dir(levels) / "tokens"), bases=str(tdir / "bases"),
                            output=str(out), basis_names=coarse if basis_set == "coarse" else None,
                            **target_stores(tdir))
@@ -201,11 +218,12 @@ def verify(name: str, target: str, seed: int, method: str, variant: str = "defau
     scratch = WORK / "reproduce" / name
     shutil.rmtree(scratch, ignore_errors=True)
     spec = EXPERIMENTS[name]
-    strategy, basis_set = next((s, b) for label, s, b in spec["methods"] if label == method)
+    strategy, basis_set, method_train = next((s, b, m[0] if m else {}) for label, s, b, *m in spec["methods"]
+                                             if label == method)
     levels, overrides = variant_settings(spec, variant)
     tdir = target_dir(levels, target, None)
     names = json.loads((tdir / "bases" / "names.json").read_text())
-    cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides
+    cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides | method_train
     cfg.update(seed=seed, tokens=str(levels_dir(levels) / "tokens"), bases=str(tdir / "bases"), output=str(scratch),
                basis_names=[n for n in names if n.startswith("coarse:")] if basis_set == "coarse" else None,
                **target_stores(tdir))
@@ -237,6 +255,9 @@ def main() -> None:
     run.add_argument("--variants", nargs="+", default=None)
     run.add_argument("--steps", type=int, default=None)
     run.add_argument("--methods", nargs="+", default=None, help="a subset of the experiment's methods")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch threads for this process (1 per process when running several side by side; "
+                          "set OMP_NUM_THREADS to the same number)")
     again = sub.add_parser("verify", help="re-run one recorded run and compare its metrics")
     again.add_argument("experiment", choices=sorted(EXPERIMENTS))
     again.add_argument("--target", default="medical_abstracts")
@@ -249,6 +270,10 @@ def main() -> None:
     elif args.command == "prepare":
         prepare(args.levels, args.target, args.spec_docs)
     else:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         run_experiment(args.experiment, args.target, args.seeds, args.spec_docs, args.variants, args.steps,
                        args.methods)
 

@@ -1,15 +1,20 @@
 """Render RESULTS.md's tables and plots from the experiments' metrics files: no number is typed by hand.
 
     .venv/bin/python bench/render_results.py
+    .venv/bin/python bench/render_results.py --only inbatch   # just results/inbatch/RESULTS_section.md
 
 Reads results/<experiment>/<target>/<variant>/seed<k>/<method>/{metrics.json,log.csv} (bench/experiments.py),
 writes results/<experiment>/<target>/<variant>/table.md (mean ± std over seeds, per method), the plots of seed 0
 (`dgamix plot`: losses.png and each method's weights.png) and the mean specialized-loss curves over seeds
 (spec_curves.png), then fills the marked blocks of RESULTS.md (`<!-- table:EXPERIMENT/TARGET/VARIANT -->` ...
-`<!-- end -->`) with those tables.
+`<!-- end -->`) with those tables. The in-batch DGA experiment (`inbatch`) gets its own section, per target, with
+paired differences against importance sampling and uniform, how far the weights moved, and whether the bar is
+met; it is written to results/inbatch/RESULTS_section.md (and into RESULTS.md between
+`<!-- section:inbatch -->` and `<!-- end -->` when RESULTS.md has those markers).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -186,7 +191,111 @@ def spec_curves(variant_dir: Path, methods: list[str]) -> Path:
     return path
 
 
+# ---- the in-batch DGA experiment ----------------------------------------------------------------------------------
+INBATCH_METHODS = ["uniform", "importance", "inbatch", "inbatch_domains", "dga_ema"]
+STATIC = ("uniform", "natural", "importance")  # strategies whose weights never move
+BAR_SPEC, BAR_GENERIC = 0.1, 0.1  # within 0.1 of importance (or better) on spec; no worse than uniform + 0.1 generic
+
+
+def weight_moves(run: dict) -> tuple[float, float | None]:
+    """(TV distance of the final weights from the initial ones, the importance basis's final weight or None when
+    the method's weights are not over the bases). Adaptive strategies start from uniform weights over their bases
+    (Mixture.from_bases_dir / Mixture.identity); static ones never move."""
+    final = np.asarray(run["final_weights"], dtype=float)
+    tv = 0.0 if run.get("strategy") in STATIC else 0.5 * float(np.abs(final - 1.0 / len(final)).sum())
+    names = run.get("bases", [])
+    return tv, (float(final[names.index("importance")]) if "importance" in names else None)
+
+
+def inbatch_target(by_method: dict[str, list[dict]]) -> tuple[str, dict[str, dict[str, float]]]:
+    """One target's table, and per method the mean paired differences the bar reads."""
+    lines = ["| method | seeds | final specialized loss | Δ spec vs importance | Δ spec vs uniform | "
+             "final generic loss | Δ generic vs importance | Δ generic vs uniform | TV of weights from initial | "
+             "importance basis final weight | seconds per run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    deltas: dict[str, dict[str, float]] = {}
+    for method in [m for m in INBATCH_METHODS if m in by_method] + [m for m in by_method if m not in INBATCH_METHODS]:
+        runs = by_method[method]
+        cells = []
+        for ref in ("importance", "uniform"):
+            for key in ("final_spec_loss", "final_generic_loss"):
+                cells.append(paired(runs, by_method[ref], key) if ref in by_method and ref != method else "–")
+        moves = [weight_moves(r) for r in runs]
+        tv = mean_std([m[0] for m in moves])
+        imp = mean_std([m[1] for m in moves]) if moves[0][1] is not None else "– (no importance basis)"
+        lines.append(f"| {method} | {len(runs)} | {mean_std([r['final_spec_loss'] for r in runs])} | {cells[0]} | "
+                     f"{cells[2]} | {mean_std([r['final_generic_loss'] for r in runs])} | {cells[1]} | {cells[3]} | "
+                     f"{tv} | {imp} | {np.mean([r['seconds'] for r in runs]):.0f} |")
+        for ref in ("importance", "uniform"):
+            if ref in by_method:
+                base = {r["seed"]: r for r in by_method[ref]}
+                for key, short in (("final_spec_loss", "spec"), ("final_generic_loss", "generic")):
+                    diffs = [r[key] - base[r["seed"]][key] for r in runs if r["seed"] in base]
+                    if diffs:
+                        deltas.setdefault(method, {})[f"{short}_vs_{ref}"] = float(np.mean(diffs))
+    return "\n".join(lines), deltas
+
+
+def inbatch_section(experiment_dir: Path) -> str:
+    """The `inbatch` experiment's section: a table per target, then the bar, judged from the paired means."""
+    targets = sorted(p for p in experiment_dir.iterdir() if (p / "default").is_dir())
+    parts = ["In-batch DGA against importance sampling, uniform and exact DGA (`dga_ema`, eta 10, every 20 steps) "
+             f"on the development corpus (16x16 clusters, all the data, {TRAIN_STEPS(experiment_dir)} steps). "
+             "Mean ± std over seeds; Δ are paired differences within each seed (method − reference; negative "
+             "is a lower loss). TV: total-variation distance of the final mixture weights from the initial (uniform) "
+             "weights over the method's bases (0 for static methods); the importance basis's final weight for the "
+             "methods over the bases (inbatch_domains reweights the 256 fine clusters directly)."]
+    verdict: dict[str, dict[str, tuple[bool, float, float]]] = {}
+    for tdir in targets:
+        text, deltas = inbatch_target(collect(tdir / "default"))
+        parts.append(f"\n#### {tdir.name}\n\n{text}")
+        for method in ("inbatch", "inbatch_domains"):
+            d = deltas.get(method, {})
+            if "spec_vs_importance" in d and "generic_vs_uniform" in d:
+                verdict.setdefault(method, {})[tdir.name] = (d["spec_vs_importance"] <= BAR_SPEC
+                                                             and d["generic_vs_uniform"] <= BAR_GENERIC,
+                                                             d["spec_vs_importance"], d["generic_vs_uniform"])
+    lines = [f"\n#### The bar: specialized loss within {BAR_SPEC} of importance sampling or better on at least 2 of "
+             f"the 3 targets, with a generic loss no worse than uniform + {BAR_GENERIC}\n",
+             "| method | " + " | ".join(t.name for t in targets) + " | met |", "|---|" + "---|" * (len(targets) + 1)]
+    for method in ("inbatch", "inbatch_domains"):
+        per = verdict.get(method, {})
+        cells = [(f"{'yes' if per[t.name][0] else 'no'} (Δ spec vs IS {per[t.name][1]:+.3f}, Δ generic vs uniform "
+                  f"{per[t.name][2]:+.3f})") if t.name in per else "not run" for t in targets]
+        passed = sum(1 for v in per.values() if v[0])
+        met = (f"**yes** ({passed} of {len(targets)})" if passed >= 2
+               else f"**no** ({passed} of {len(targets)})" if passed + (len(targets) - len(per)) < 2
+               else f"undecided ({passed} of the {len(per)} targets run pass)")
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {met} |")
+    lines.append("\nA target passes when the mean paired Δ spec vs importance is ≤ "
+                 f"{BAR_SPEC} and the mean paired Δ generic vs uniform is ≤ {BAR_GENERIC}.")
+    return "\n".join(parts + lines)
+
+
+def TRAIN_STEPS(experiment_dir: Path) -> str:
+    steps = {json.loads(p.read_text()).get("steps") for p in experiment_dir.glob("*/default/seed*/*/summary.json")}
+    return "/".join(str(s) for s in sorted(x for x in steps if x)) or "?"
+
+
+def write_inbatch_section() -> str | None:
+    experiment_dir = RESULTS / "inbatch"
+    if not any(experiment_dir.glob("*/default/seed*/*/metrics.json")):
+        return None
+    section = inbatch_section(experiment_dir)
+    (experiment_dir / "RESULTS_section.md").write_text(section + "\n")
+    print(section)
+    return section
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=["inbatch"], default=None,
+                        help="render only this experiment's section (results/inbatch/RESULTS_section.md); "
+                             "touches neither RESULTS.md nor the other experiments' tables and plots")
+    args = parser.parse_args()
+    if args.only == "inbatch":
+        write_inbatch_section()
+        return
     tables: dict[str, str] = {}
     for variant_dir in sorted({p.parent.parent.parent for p in RESULTS.glob("*/*/*/seed*/*/metrics.json")}):
         key = str(variant_dir.relative_to(RESULTS))
@@ -221,8 +330,12 @@ def main() -> None:
                         f"{r['recorded_final_generic_loss']!r} | {r['rerun_final_generic_loss']!r} | "
                         f"{'yes' if r['identical'] else 'NO'} |")
         tables["reproduced"] = "\n".join(rows)
+    section = write_inbatch_section()
     if REPORT.exists():
         text = REPORT.read_text()
+        if section is not None:
+            text = re.sub(r"(<!-- section:inbatch -->\n).*?(<!-- end -->)",
+                          lambda m: m.group(1) + section + "\n" + m.group(2), text, flags=re.S)
         for key, rendered in tables.items():
             text = re.sub(rf"(<!-- table:{re.escape(key)} -->\n).*?(<!-- end -->)",
                           lambda m: m.group(1) + rendered + "\n" + m.group(2), text, flags=re.S)

@@ -5,6 +5,7 @@ import hashlib
 import socket
 
 import numpy as np
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -136,3 +137,65 @@ def test_dga_weights_are_identical_on_two_gloo_ranks(tmp_path):
     assert rank0["history"] == rank1["history"]  # bit-identical weights on both ranks
     assert rank0["history"][0] != rank0["history"][-1]  # and DGA did move them
     assert not set(rank0["batches"]) & set(rank1["batches"])  # while each rank trained on its own slice
+
+
+def _inbatch_rank_main(rank: int, world_size: int, port: int, directory: str, target_dir: str, out: str) -> None:
+    import pickle
+
+    import torch
+
+    from dgamix.mixer import TargetSampler
+    from dgamix.mixer.inbatch import InBatchAlignment
+    from dgamix.mixer.strategies import InBatchDGAStrategy
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 8), torch.nn.Linear(8, 64))
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
+    stream = make_stream(directory, rank=rank, world_size=world_size)
+
+    def sequence_losses(net, tokens):
+        logits = net(tokens[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 64), tokens[:, 1:].reshape(-1),
+                                                 reduction="none").view(len(tokens), -1).mean(dim=1)
+
+    dga = InBatchDGAStrategy(stream, TargetSampler(ClusterStore(target_dir), 16), InBatchAlignment(model),
+                             lambda t: sequence_losses(model, t).mean(), eta=0.5, every=2, refresh=3,
+                             min_sequences=1, target_batch_size=2)
+    history, local = [], 0
+    for step in range(6):
+        batch = stream.next_batch()
+        optimizer.zero_grad()
+        sequence_losses(ddp, batch["tokens"]).mean().backward()
+        dga.observe(batch)
+        local += len(batch["cluster"])
+        optimizer.step()
+        dga.on_step(step)
+        history.append(stream.weights.tolist())
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, {"history": history, "local": local, "sequences": dga.stats.sequences,
+                                      "decay": dga.decay})
+    if rank == 0:
+        with open(out, "wb") as fh:
+            pickle.dump(gathered, fh)
+    dist.destroy_process_group()
+
+
+def test_in_batch_dga_scores_every_ranks_sequences_and_gives_identical_weights(tmp_path):
+    import pickle
+
+    directory = synthetic_store(tmp_path / "tokens", DOCS)
+    target_dir = synthetic_store(tmp_path / "target", [12], seed=5)
+    out = tmp_path / "inbatch.pkl"
+    mp.spawn(_inbatch_rank_main, args=(2, free_port(), str(directory), str(target_dir), str(out)), nprocs=2,
+             join=True)
+    rank0, rank1 = pickle.loads(out.read_bytes())
+    assert rank0["history"] == rank1["history"]  # bit-identical weights on both ranks
+    assert rank0["history"][0] != rank0["history"][-1]
+    # The statistics hold both ranks' sequences (3 updates of 2 steps x 4 sequences x 2 ranks, decayed after each
+    # update), not one rank's: without the reduction they would hold half.
+    decay = rank0["decay"]
+    expected = sum(16 * decay ** k for k in range(1, 4))
+    assert rank0["sequences"] == rank1["sequences"] == pytest.approx(expected)
+    assert rank0["local"] == rank1["local"] == 24
