@@ -3,6 +3,7 @@ head's term at rank 8 (the default size threshold), and with every Linear at ran
 trainer's defaults.
 
     .venv/bin/python bench/inbatch_overhead.py [--steps 20] [--warmup 5] [--threads 2]
+    # writes bench/results/inbatch_overhead.json (inbatch_overhead_<n>thread.json for --threads n != 2)
 
 Reference GPT (trainer/model.py defaults: 2 layers, 128 wide, 4 heads, vocabulary 8192), batch 16 x 64 tokens of
 random ids, AdamW, CPU with `--threads` torch threads. Three identical models (same seed, same batches) train side
@@ -10,10 +11,12 @@ by side, one step of each mode in turn, so machine noise falls on every mode ali
 training, so the three stay bit-identical and the low-rank scores are compared with the exact ones on the very same
 parameters and sequences (Spearman over all scored sequences). A step is zero_grad + forward + backward (+ collect)
 + optimizer.step; the target gradient and its factors are refreshed outside the timed part (reported apart: once
-per T_r steps; the second, warm refresh is reported). Medians over `--steps` steps after `--warmup`, and minima,
-of wall time, and medians of the process's CPU time (both torch threads): on a shared machine the wall-time median
-carries other jobs' load (the load average is printed and saved); the minimum and the CPU time are closer to what
-the work itself costs.
+per T_r steps; the second, warm refresh is reported). `terms_*`: the time spent in the per-layer dot products inside
+the backward, measured in place (TimedTracker), per step. Medians over `--steps` steps after `--warmup`, and minima,
+of wall time, and medians of the process's CPU time (both torch threads); `paired_overhead_pct` is the median over
+steps of each step's time against the plain step of the same round (adjacent in time, so under the same load; the
+order of the modes rotates every round). On a shared machine the wall-time median carries other jobs' load (the
+load average is printed and saved); the paired ratio and the minimum are closer to what the work itself costs.
 
 FLOP model (multiply-adds x 2): forward ~ 2 * params * tokens (the brief's rule), or per Linear 2 * B*T * d_in *
 d_out plus attention 4 * B * T^2 * D per layer; a training step ~ 3 forwards. Exact tracking adds, per Linear,
@@ -39,6 +42,21 @@ BATCH, SEQ, VOCAB, RANK = 16, 64, 8192, 8
 MODES = ("train", "exact", f"rank{RANK}_head", f"rank{RANK}_all")
 TRACKER_OPTIONS = {"exact": {}, f"rank{RANK}_head": {"rank": RANK},
                    f"rank{RANK}_all": {"rank": RANK, "low_rank_min_params": 0}}
+
+
+class TimedTracker(InBatchAlignment):
+    """Times the per-layer dot products inside the backward (the tracker's `_term`): the work tracking adds, apart
+    from the hook plumbing; its minimum over steps is what the machine's load hides least."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.spent = 0.0
+
+    def _term(self, tap, saved, delta):
+        start = time.perf_counter()
+        term = super()._term(tap, saved, delta)
+        self.spent += time.perf_counter() - start
+        return term
 
 
 def flop_model(model: GPT, tokens: int, seq: int) -> dict[str, float]:
@@ -69,12 +87,13 @@ def main() -> None:
         models[mode] = GPT(GPTConfig(vocab_size=VOCAB, block_size=SEQ))
         optimizers[mode] = torch.optim.AdamW(models[mode].parameters(), lr=3e-3)
         if mode != "train":
-            trackers[mode] = InBatchAlignment(models[mode], **TRACKER_OPTIONS[mode])
+            trackers[mode] = TimedTracker(models[mode], **TRACKER_OPTIONS[mode])
     gen = torch.Generator().manual_seed(0)
     target = [torch.randint(0, VOCAB // 2, (BATCH, SEQ + 1), generator=gen)]  # a "specialized" half of the ids
     refresh: dict[str, list[float]] = {mode: [] for mode in trackers}
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
+    terms: dict[str, list[float]] = {mode: [] for mode in trackers}
     scores: dict[str, list[torch.Tensor]] = {mode: [] for mode in trackers}
     total = args.warmup + args.steps
     for step in range(total):
@@ -84,8 +103,10 @@ def main() -> None:
                 tracker.refresh_target(models[mode].loss, target)
                 refresh[mode].append(time.perf_counter() - start)
         batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
-        for mode in MODES:
+        for mode in MODES[step % len(MODES):] + MODES[:step % len(MODES)]:  # rotated: no mode always runs first
             model, optimizer = models[mode], optimizers[mode]
+            if mode in trackers:
+                trackers[mode].spent = 0.0
             start, start_cpu = time.perf_counter(), time.process_time()
             optimizer.zero_grad(set_to_none=True)
             model.loss(batch).backward()
@@ -96,6 +117,8 @@ def main() -> None:
             if step >= args.warmup:
                 times[mode].append(elapsed)
                 cpu[mode].append(elapsed_cpu)
+                if mode in trackers:
+                    terms[mode].append(trackers[mode].spent)
         for mode, tracker in trackers.items():
             taken = tracker.take()
             if step >= args.warmup:
@@ -112,10 +135,15 @@ def main() -> None:
     rows = []
     for mode in MODES:
         median, fastest, median_cpu = statistics.median(times[mode]), min(times[mode]), statistics.median(cpu[mode])
+        paired = statistics.median(t / b for t, b in zip(times[mode], times["train"]))
         row = {"mode": mode, "median_ms": 1e3 * median, "overhead_pct": 100 * (median / base - 1),
+               "paired_overhead_pct": 100 * (paired - 1),
                "min_ms": 1e3 * fastest, "overhead_min_pct": 100 * (fastest / base_min - 1),
                "cpu_median_ms": 1e3 * median_cpu, "overhead_cpu_pct": 100 * (median_cpu / base_cpu - 1),
                "flop_overhead_pct": 100 * flops.get(f"{mode}_tracking", 0.0) / flops["train_step"],
+               "terms_median_ms": 1e3 * statistics.median(terms[mode]) if mode in terms else 0.0,
+               "terms_min_ms": 1e3 * min(terms[mode]) if mode in terms else 0.0,
+               "terms_min_over_step_min_pct": 100 * min(terms[mode]) / base_min if mode in terms else 0.0,
                "refresh_ms": 1e3 * refresh[mode][-1] if mode in refresh else None,
                "spearman_vs_exact": None, "min_captured": None}
         if mode.startswith("rank"):
@@ -131,7 +159,8 @@ def main() -> None:
     print("GFLOP per step: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in flops.items()))
     print(f"Spearman over {len(exact)} sequences; min_captured: smallest share of a factored ||G_W||^2 at rank "
           f"{RANK}; training bit-identical in every mode: {same}")
-    path = write_result("inbatch_overhead", rows, {"settings": {"batch": BATCH, "seq": SEQ, "vocab": VOCAB,
+    name = "inbatch_overhead" if args.threads == 2 else f"inbatch_overhead_{args.threads}thread"
+    path = write_result(name, rows, {"settings": {"batch": BATCH, "seq": SEQ, "vocab": VOCAB,
                                                                 "rank": RANK, "steps": args.steps,
                                                                 "warmup": args.warmup, "threads": args.threads,
                                                                 "load_average": load},
