@@ -94,8 +94,8 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
                     ("dga_ema", "dga_ema", "all", {"eta": 10.0})]},
     # The pilot that chose train.inbatch_scale for `inbatch` (150 steps, seed 0, every target): snr against
     # standardized at the default inbatch_eta, with uniform at the same length for the generic-loss bar.
-    "inbatch_pilot": {
-        "levels": [16, 16], "train": {"steps": 150},
+    "inbatch_pilot": {  # written under results/inbatch/pilot/ (`dir`: the folder under results/, else the name)
+        "dir": "inbatch/pilot", "levels": [16, 16], "train": {"steps": 150},
         "methods": [("uniform", "uniform", "all"),
                     ("inbatch_snr", "inbatch", "all", {"inbatch_scale": "snr"}),
                     ("inbatch_standardized", "inbatch", "all", {"inbatch_scale": "standardized"})]},
@@ -187,8 +187,8 @@ def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | No
             for label, strategy, basis_set, *method_train in spec["methods"]:
                 if methods and label not in methods:
                     continue
-                out = (RESULTS / name / (target if spec_docs is None else f"{target}-{spec_docs}") / variant
-                       / f"seed{seed}")
+                out = (RESULTS / spec.get("dir", name) / (target if spec_docs is None else f"{target}-{spec_docs}")
+                       / variant / f"seed{seed}")
                 if (out / label / "metrics.json").exists():
                     continue
                 cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides | (method_train[0] if method_train else {})
@@ -211,7 +211,7 @@ def verify(name: str, target: str, seed: int, method: str, variant: str = "defau
     import json
     import shutil
 
-    recorded_dir = RESULTS / name / target / variant / f"seed{seed}"
+    recorded_dir = RESULTS / EXPERIMENTS[name].get("dir", name) / target / variant / f"seed{seed}"
     recorded = json.loads((recorded_dir / method / "metrics.json").read_text())
     summary = recorded_dir / method / "summary.json"  # best_spec_loss, seconds... (older runs hold them inline)
     recorded = (json.loads(summary.read_text()) if summary.exists() else {}) | recorded
@@ -234,7 +234,7 @@ def verify(name: str, target: str, seed: int, method: str, variant: str = "defau
     report = {"run": f"{name}/{target}/{variant}/seed{seed}/{method}",
               "identical": same,
               **{f"recorded_{k}": recorded[k] for k in keys[:3]}, **{f"rerun_{k}": again[k] for k in keys[:3]}}
-    (RESULTS / name / "reproduced.json").write_text(json.dumps(report, indent=2) + "\n")
+    (RESULTS / EXPERIMENTS[name].get("dir", name) / "reproduced.json").write_text(json.dumps(report, indent=2) + "\n")
     print(report)
     return report
 

@@ -240,7 +240,7 @@ def inbatch_section(experiment_dir: Path) -> str:
     """The `inbatch` experiment's section: a table per target, then the bar, judged from the paired means."""
     targets = sorted(p for p in experiment_dir.iterdir() if (p / "default").is_dir())
     parts = ["In-batch DGA against importance sampling, uniform and exact DGA (`dga_ema`, eta 10, every 20 steps) "
-             f"on the development corpus (16x16 clusters, all the data, {TRAIN_STEPS(experiment_dir)} steps). "
+             f"on the development corpus (16x16 clusters, all the data, {train_steps(experiment_dir)} steps). "
              "Mean ± std over seeds; Δ are paired differences within each seed (method − reference; negative "
              "is a lower loss). TV: total-variation distance of the final mixture weights from the initial (uniform) "
              "weights over the method's bases (0 for static methods); the importance basis's final weight for the "
@@ -272,16 +272,40 @@ def inbatch_section(experiment_dir: Path) -> str:
     return "\n".join(parts + lines)
 
 
-def TRAIN_STEPS(experiment_dir: Path) -> str:
+def pilot_table(pilot_dir: Path) -> str:
+    """The scale pilot (experiment inbatch_pilot): per target, seed 0, each run's final losses and weight moves."""
+    lines = ["| target | method | steps | final specialized loss | Δ spec vs uniform | final generic loss | "
+             "Δ generic vs uniform | TV of weights from uniform | importance basis final weight |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for tdir in sorted(p for p in pilot_dir.iterdir() if (p / "default").is_dir()):
+        by_method = collect(tdir / "default")
+        for method, runs in by_method.items():
+            for r in runs:
+                base = next((u for u in by_method.get("uniform", []) if u["seed"] == r["seed"]), None)
+                tv, imp = weight_moves(r)
+                d_spec, d_gen = (("–", "–") if base is None or method == "uniform" else
+                                 (f"{r['final_spec_loss'] - base['final_spec_loss']:+.3f}",
+                                  f"{r['final_generic_loss'] - base['final_generic_loss']:+.3f}"))
+                lines.append(f"| {tdir.name} | {method} | {r.get('steps', '?')} | {r['final_spec_loss']:.3f} | "
+                             f"{d_spec} | {r['final_generic_loss']:.3f} | {d_gen} | {tv:.3f} | "
+                             f"{'–' if imp is None else f'{imp:.3f}'} |")
+    return "\n".join(lines)
+
+
+def train_steps(experiment_dir: Path) -> str:
     steps = {json.loads(p.read_text()).get("steps") for p in experiment_dir.glob("*/default/seed*/*/summary.json")}
     return "/".join(str(s) for s in sorted(x for x in steps if x)) or "?"
 
 
 def write_inbatch_section() -> str | None:
     experiment_dir = RESULTS / "inbatch"
-    if not any(experiment_dir.glob("*/default/seed*/*/metrics.json")):
+    if not any(experiment_dir.glob("**/metrics.json")):
         return None
     section = inbatch_section(experiment_dir)
+    if (experiment_dir / "pilot").is_dir():
+        pilot = pilot_table(experiment_dir / "pilot")
+        (experiment_dir / "pilot" / "table.md").write_text(pilot + "\n")
+        section += ("\n\n#### Pilot: train.inbatch_scale (150 steps, seed 0, inbatch_eta 0.02)\n\n" + pilot)
     (experiment_dir / "RESULTS_section.md").write_text(section + "\n")
     print(section)
     return section
@@ -294,6 +318,13 @@ def main() -> None:
                              "touches neither RESULTS.md nor the other experiments' tables and plots")
     args = parser.parse_args()
     if args.only == "inbatch":
+        runs = (RESULTS / "inbatch").glob("*/*/seed*/*/metrics.json")
+        for variant_dir in sorted({p.parent.parent.parent for p in runs}):
+            by_method = collect(variant_dir)
+            (variant_dir / "table.md").write_text(table(by_method) + "\n")
+            spec_curves(variant_dir, list(by_method))
+            if (variant_dir / "seed0").exists():
+                plot_runs(variant_dir / "seed0")
         write_inbatch_section()
         return
     tables: dict[str, str] = {}
