@@ -189,15 +189,19 @@ def inbatch_table(store: ClusterStore, target_store: ClusterStore, rounds: int, 
     rows = []
     for name, run in configs.items():
         base = configs["static (4096 clusters)" if "4096" in name else "static (256 clusters)"]
+        # Medians: on a shared machine a step now and then takes several times longer; a refresh of g (every 20
+        # steps) or an exact update (every T_r) is then part of the mean, so report both.
         mean, base_mean = float(np.mean(run.times)), float(np.mean(base.times))
+        median, base_median = float(np.median(run.times)), float(np.median(base.times))
         # In units of a training step (about 3 forwards): in-batch adds one forward per scored step and the target's
         # forward + backward every T_r = 20 steps; exact DGA adds m + 1 forward + backward passes every T_r steps.
         flops = {"inbatch": (1 / 3) / run.every + 1 / 20, "exact": (run.stream.mixture.n_bases + 1) / run.every,
                  "static": 0.0}[run.kind]
         rows.append({"configuration": name, "s_per_step": mean, "overhead": mean / base_mean - 1,
+                     "median_overhead": median / base_median - 1,
                      "flop_model_overhead": flops, "steps": len(run.times)})
     rows.append({"configuration": f"(reference GPT: {n_weights} weights, batch {BATCH} x {SEQ})", "s_per_step": None,
-                 "overhead": None, "flop_model_overhead": None, "steps": None})
+                 "overhead": None, "median_overhead": None, "flop_model_overhead": None, "steps": None})
     return rows
 
 
