@@ -2,6 +2,7 @@
 match the target, and it resumes exactly."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import numpy as np
@@ -68,9 +69,12 @@ def train(stores, steps, level="bases", resume_at=(), **settings):
             model, optimizer, stream, strategy = build(stores, level, state=state, **settings)
         batch = stream.next_batch()
         hashes.append(hashlib.sha1(batch["tokens"].numpy().tobytes()).hexdigest())
+        scored = strategy.scores_step(step)
         optimizer.zero_grad()
-        sequence_losses(model, batch["tokens"]).mean().backward()
-        strategy.observe(batch)
+        with contextlib.nullcontext() if scored else strategy.tracker.paused():
+            sequence_losses(model, batch["tokens"]).mean().backward()
+        if scored:
+            strategy.observe(batch)
         optimizer.step()
         strategy.on_step(step)
         weights.append(strategy.weights.copy())
@@ -137,3 +141,10 @@ def test_bad_settings_are_clear_errors(stores):
                               ({"refresh": 0}, "refresh = 0"), ({"floor": 1.5}, "floor = 1.5")):
         with pytest.raises(ValueError, match=message):
             build(stores, **settings)
+
+
+def test_steps_that_are_not_scored_bring_no_update(stores):
+    """score_every = 3, every = 1: the weights move only after a scored step (no update on stale evidence)."""
+    _, weights, strategy = train(stores, 9, "bases", score_every=3)
+    moved = [not np.array_equal(weights[i], weights[i - 1]) for i in range(1, 9)]
+    assert moved == [False, False, True, False, False, True, False, False] and strategy.updates == 3

@@ -237,14 +237,16 @@ class InBatchDGAStrategy:
         `refresh` steps g_spe is recomputed at the new parameters."""
         record = None
         if (step + 1) % self.every == 0:
-            record = self._update(step)
+            record = self._update(step)  # None when no sequence was scored since the last update
         if (step + 1) % self.refresh == 0:
             self.refresh_target()
         return record
 
-    def _update(self, step: int) -> UpdateRecord:
+    def _update(self, step: int) -> UpdateRecord | None:
         device = next(iter(p.device for _, p in self.tracker.params), "cpu")
         self.window.merge_across_ranks(device)  # every rank then holds the same statistics and scores
+        if self.window.sequences == 0:  # no new evidence (score_every > every): the weights stay
+            return None
         self._record(step)
         self.stats.absorb(self.window)
         self.window = AlignmentStats(self.stats.n_clusters)
