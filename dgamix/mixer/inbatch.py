@@ -20,8 +20,10 @@ Usage, with gradient accumulation over A micro-batches of B sequences each:
 `loss_scale` is the weight each sequence's loss l(theta; x) had in the loss that was backpropagated (1 / (B * A)
 above; `mean_loss_scale(B, A)`): the backward's delta carries it, and d_x is divided by it (and by the GradScaler's
 scale), so d_x is the inner product for the per-sequence loss itself, e.g. its mean-over-tokens cross-entropy as
-`GPT.sequence_losses` returns; a (B,) tensor gives sequences different weights. Under DistributedDataParallel, B is the rank's own micro-batch (deltas are local;
-only parameter gradients are averaged) and g is averaged across ranks by `target_gradient`.
+`GPT.sequence_losses` returns; a (B,) tensor gives sequences different weights. Under DistributedDataParallel, B
+is the rank's own micro-batch (deltas are local; only parameter gradients are averaged) and g is averaged across
+ranks by `target_gradient`. The dot products run in fp32 whatever the autocast dtype (on CUDA, TF32 if the caller
+enables TF32 matmuls).
 
 Requirements and limits:
 - The sequence is dim 0 of every tracked module's output, and each sequence's loss depends on that sequence only
@@ -34,6 +36,8 @@ Requirements and limits:
   activations) is reported by `coverage()`; a use of a covered parameter outside its module is not detectable from
   the modules, but `gradient_dot()` checks the sum: right after one backward from zeroed gradients,
   loss_scale * sum_x d_x equals <p.grad, g> over the covered parameters.
+- A forward after a backward whose scores were not collected raises, rather than mixing two batches' terms.
+- Untested: torch.compile, FSDP (sharded flat parameters), CUDA (the code is device-agnostic; no GPU was lent).
 """
 from __future__ import annotations
 
@@ -189,7 +193,7 @@ class InBatchAlignment:
         self._refired = False
         self._results: list[torch.Tensor] = []
         self.last_layer_terms: dict[str, torch.Tensor] = {}  # the last collect's d_x split by module (diagnostics)
-        self._handles = [tap.module.register_forward_hook(functools.partial(self._forward_hook, tap))
+        self._handles = [tap.module.register_forward_hook(functools.partial(self._forward_hook, tap), with_kwargs=True)
                          for tap in self._taps]
 
     # ---- target ---------------------------------------------------------------------------------------------
@@ -257,7 +261,7 @@ class InBatchAlignment:
         finally:
             self.enabled = enabled
 
-    def _forward_hook(self, tap: _Tap, module: nn.Module, inputs: tuple, output: object) -> None:
+    def _forward_hook(self, tap: _Tap, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if not (self.enabled and self._blocks is not None and torch.is_grad_enabled()):
             return
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
@@ -267,7 +271,8 @@ class InBatchAlignment:
                                "were not collected; call tracker.collect(loss_scale=...) after each backward, or "
                                "run other differentiated forwards inside tracker.paused()")
         # The input is kept by reference, not copied: autograd saves the same tensor for the weight gradient.
-        pending = _Pending(tap, inputs[0].detach())
+        # Linear, Embedding and LayerNorm all name their one argument `input`.
+        pending = _Pending(tap, (args[0] if args else kwargs["input"]).detach())
         pending.handle = output.register_hook(functools.partial(self._backward_hook, pending))
         self._pending.append(pending)
 
