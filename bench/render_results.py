@@ -249,7 +249,7 @@ def inbatch_section(experiment_dir: Path) -> str:
     for tdir in targets:
         text, deltas = inbatch_target(collect(tdir / "default"))
         parts.append(f"\n#### {tdir.name}\n\n{text}")
-        for method in ("inbatch", "inbatch_domains"):
+        for method in [m for m in deltas if m.startswith("inbatch")]:
             d = deltas.get(method, {})
             if "spec_vs_importance" in d and "generic_vs_uniform" in d:
                 verdict.setdefault(method, {})[tdir.name] = (d["spec_vs_importance"] <= BAR_SPEC
@@ -258,7 +258,7 @@ def inbatch_section(experiment_dir: Path) -> str:
     lines = [f"\n#### The bar: specialized loss within {BAR_SPEC} of importance sampling or better on at least 2 of "
              f"the 3 targets, with a generic loss no worse than uniform + {BAR_GENERIC}\n",
              "| method | " + " | ".join(t.name for t in targets) + " | met |", "|---|" + "---|" * (len(targets) + 1)]
-    for method in ("inbatch", "inbatch_domains"):
+    for method in ("inbatch", "inbatch_domains") + tuple(m for m in verdict if m not in ("inbatch", "inbatch_domains")):
         per = verdict.get(method, {})
         cells = [(f"{'yes' if per[t.name][0] else 'no'} (Δ spec vs IS {per[t.name][1]:+.3f}, Δ generic vs uniform "
                   f"{per[t.name][2]:+.3f})") if t.name in per else "not run" for t in targets]
@@ -272,23 +272,71 @@ def inbatch_section(experiment_dir: Path) -> str:
     return "\n".join(parts + lines)
 
 
+# The pilot's runs that the main experiment's runs contain: with a constant learning rate and the same seed, a
+# 300-step run is the 150-step run up to step 150 (same draws, same evaluation batches), so its step-150
+# evaluation and weights are the 150-step run's final ones (checked where both exist: `from` column).
+PILOT_FROM_MAIN = {"uniform": "uniform", "inbatch_snr": "inbatch"}
+
+
+def run_at_step(run_dir: Path, steps: int) -> dict | None:
+    """A run's evaluation and weights after `steps` steps, from its log.csv (None when it was not evaluated then)."""
+    log = run_dir / "log.csv"
+    if not log.exists():
+        return None
+    frame = pl.read_csv(log, infer_schema_length=None).filter(pl.col("step") == steps - 1)
+    if frame.is_empty() or frame["spec_loss"][0] is None:
+        return None
+    names = [c[2:] for c in frame.columns if c.startswith("w:")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"final_spec_loss": frame["spec_loss"][0], "final_generic_loss": frame["generic_loss"][0],
+            "final_weights": [frame[f"w:{n}"][0] for n in names], "bases": names, "steps": steps,
+            "strategy": summary["strategy"], "seed": run_dir.parent.name}
+
+
 def pilot_table(pilot_dir: Path) -> str:
     """The scale pilot (experiment inbatch_pilot): per target, seed 0, each run's final losses and weight moves."""
-    lines = ["| target | method | steps | final specialized loss | Δ spec vs uniform | final generic loss | "
+    lines = ["| target | method | steps | from | final specialized loss | Δ spec vs uniform | final generic loss | "
              "Δ generic vs uniform | TV of weights from uniform | importance basis final weight |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    verdicts: list[tuple[str, str, float, dict[str, bool]]] = []
     for tdir in sorted(p for p in pilot_dir.iterdir() if (p / "default").is_dir()):
-        by_method = collect(tdir / "default")
-        for method, runs in by_method.items():
+        by_method = {m: [r | {"from": "pilot run"} for r in runs] for m, runs in collect(tdir / "default").items()}
+        if not by_method:
+            continue
+        steps = next(r["steps"] for runs in by_method.values() for r in runs)
+        for method, main_method in PILOT_FROM_MAIN.items():
+            main_run = pilot_dir.parent / tdir.name / "default" / "seed0" / main_method
+            row = run_at_step(main_run, steps)
+            if row is not None:
+                total = json.loads((main_run / "summary.json").read_text())["steps"]
+                row["from"] = f"step {steps} of the {total}-step run"
+                by_method.setdefault(method, []).append(row)
+        final = {m: runs[0] for m, runs in by_method.items()}  # the pilot run, else the main run's step
+        if {"uniform", "inbatch_snr", "inbatch_standardized"} <= set(final):
+            spec = {m: final[m]["final_spec_loss"] for m in ("inbatch_snr", "inbatch_standardized")}
+            ok = {m: final[m]["final_generic_loss"] <= final["uniform"]["final_generic_loss"] + BAR_GENERIC
+                  for m in spec}
+            verdicts.append((tdir.name, min(spec, key=spec.get), spec["inbatch_snr"] - spec["inbatch_standardized"],
+                             ok))
+        order = ["uniform", "inbatch_snr", "inbatch_standardized"]
+        for method in sorted(by_method, key=lambda m: order.index(m) if m in order else len(order)):
+            runs = by_method[method]
             for r in runs:
                 base = next((u for u in by_method.get("uniform", []) if u["seed"] == r["seed"]), None)
                 tv, imp = weight_moves(r)
                 d_spec, d_gen = (("–", "–") if base is None or method == "uniform" else
                                  (f"{r['final_spec_loss'] - base['final_spec_loss']:+.3f}",
                                   f"{r['final_generic_loss'] - base['final_generic_loss']:+.3f}"))
-                lines.append(f"| {tdir.name} | {method} | {r.get('steps', '?')} | {r['final_spec_loss']:.3f} | "
-                             f"{d_spec} | {r['final_generic_loss']:.3f} | {d_gen} | {tv:.3f} | "
+                lines.append(f"| {tdir.name} | {method} | {r.get('steps', '?')} | {r['from']} | "
+                             f"{r['final_spec_loss']:.4f} | {d_spec} | {r['final_generic_loss']:.4f} | {d_gen} | "
+                             f"{tv:.3f} | "
                              f"{'–' if imp is None else f'{imp:.3f}'} |")
+    if verdicts:
+        lines.append("")
+        for target, better, diff, ok in verdicts:
+            lines.append(f"- {target}: lower specialized loss with {better.removeprefix('inbatch_')} (snr − "
+                         f"standardized {diff:+.3f}); generic loss within uniform + {BAR_GENERIC}: "
+                         + ", ".join(f"{m.removeprefix('inbatch_')} {'yes' if v else 'no'}" for m, v in ok.items()))
     return "\n".join(lines)
 
 

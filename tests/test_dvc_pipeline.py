@@ -61,7 +61,7 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
     printed = dvc(["metrics", "show"], project).stdout.splitlines()
     assert len(printed) == 1 + 8 and max(map(len, printed)) < 200, "\n".join(printed)
     plots = json.loads(dvc(["plots", "show", "--json"], project).stdout)["data"]
-    assert {"runs/plots/spec_loss.csv", "runs/plots/generic_loss.csv", "runs/losses.png",
+    assert {"runs/plots/spec_loss.csv", "runs/plots/generic_loss.csv", "runs/plots/losses.png",
             "data/bases/plots/entropy.csv"} <= set(plots), sorted(plots)
 
     status = dvc(["status"], project).stdout

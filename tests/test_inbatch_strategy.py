@@ -148,3 +148,12 @@ def test_steps_that_are_not_scored_bring_no_update(stores):
     _, weights, strategy = train(stores, 9, "bases", score_every=3)
     moved = [not np.array_equal(weights[i], weights[i - 1]) for i in range(1, 9)]
     assert moved == [False, False, True, False, False, True, False, False] and strategy.updates == 3
+
+
+def test_settings_under_which_nothing_can_move_are_named(stores, caplog):
+    # batch 8 over 4 clusters, decay 0.9: about 20 recent sequences per cluster, so a gate of 100 is never passed
+    build(stores, "clusters", min_sequences=100)
+    assert "sees about 20.00 recent sequences under uniform weights, below min_sequences = 100" in caplog.text
+    caplog.clear()
+    build(stores, "clusters", min_sequences=8)
+    assert "recent sequences" not in caplog.text

@@ -13,6 +13,7 @@ refuses another store.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -25,6 +26,7 @@ from .dga import ESTIMATORS, check_dga_params, dga_update
 from .mixture import check_weights
 from .stream import MixtureStream, StateMismatchError, TargetSampler
 
+log = logging.getLogger(__name__)
 _TRAIN = DEFAULTS["train"]  # the one place DGA's defaults are defined (params.yaml's train section)
 
 
@@ -196,12 +198,27 @@ class InBatchDGAStrategy:
         if not 0.0 <= self.floor < 1.0:
             raise ValueError(f"floor = {self.floor!r}: expected 0 <= floor < 1 (share of a uniform weight kept)")
         k = self.stream.mixture.n_clusters
+        self._warn_if_never_scored()
         self.stats = AlignmentStats(k, self.decay)
         self.window = AlignmentStats(k)  # sequences since the last update, merged across ranks at the update
         self.weights = self.stream.weights
         self.updates, self.skipped = 0, 0
         self.records: list[dict[str, Any]] = []  # per-cluster alignment of each update window (drain_records)
         self.refresh_target()
+
+    def _warn_if_never_scored(self) -> None:
+        """Under a uniform mixture, a basis (or cluster) sees about sequences_per_update / m new sequences per update
+        and keeps 1 / (1 - decay) updates' worth: if that stays below min_sequences, nothing ever moves (e.g. 256
+        clusters, batch 16, decay 0.95: 1.25 sequences)."""
+        if self.decay >= 1.0:
+            return
+        per_update = self.stream.batch_size * self.stream.world_size * max(1, self.every // self.score_every)
+        steady = per_update / self.stream.mixture.n_bases / (1.0 - self.decay)
+        if steady < self.min_sequences:
+            log.warning("in-batch DGA: a %s sees about %.2f recent sequences under uniform weights, below "
+                        "min_sequences = %s, so most will never move; raise decay (memory 1 / (1 - decay) updates) "
+                        "or lower min_sequences", "cluster" if self.level == "clusters" else "basis", steady,
+                        self.min_sequences)
 
     def refresh_target(self) -> None:
         """g_spe at the current parameters, from a fresh target batch (one backward; .grad untouched)."""
