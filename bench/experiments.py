@@ -196,15 +196,19 @@ def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | No
                 if (out / label / "metrics.json").exists():
                     continue
                 cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides | (method_train[0] if method_train else {})
+                # The trainer writes into <output>/<strategy>: a method labelled otherwise trains in a folder of
+                # its own, so that two labels of one strategy (even side by side) never share a folder.
+                run_root = out if label == strategy else out / f"_{label}"
                 cfg.update(seed=seed, tokens=str(levels_dir(levels) / "tokens"), bases=str(tdir / "bases"),
-                           output=str(out), basis_names=coarse if basis_set == "coarse" else None,
+                           output=str(run_root), basis_names=coarse if basis_set == "coarse" else None,
                            **target_stores(tdir))
                 if steps:
                     cfg["steps"] = steps
                 started = time.perf_counter()
                 metrics = train.run({"train": cfg}, strategy)
                 if label != strategy:
-                    (out / strategy).rename(out / label)
+                    (run_root / strategy).rename(out / label)
+                    run_root.rmdir()
                 print(f"{name}/{variant}/seed{seed}/{label}: spec {metrics['final_spec_loss']:.4f} "
                       f"generic {metrics['final_generic_loss']:.4f} ({time.perf_counter() - started:.0f} s)",
                       flush=True)
