@@ -37,7 +37,7 @@ Requirements and limits:
   the modules, but `gradient_dot()` checks the sum: right after one backward from zeroed gradients,
   loss_scale * sum_x d_x equals <p.grad, g> over the covered parameters.
 - A forward after a backward whose scores were not collected raises, rather than mixing two batches' terms.
-- Untested: torch.compile, FSDP (sharded flat parameters), CUDA (the code is device-agnostic; no GPU was lent).
+- Untested: torch.compile, FSDP (sharded flat parameters), CUDA (the code is device-agnostic; no GPU was available to test it).
 """
 from __future__ import annotations
 
