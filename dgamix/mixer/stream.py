@@ -65,7 +65,8 @@ class MixtureStream(IterableDataset):
         self.aux_draws = 0
         # The stream keeps its own copy of the weights: what it draws from is exactly what it saves.
         self._weights = mixture.weights.copy()
-        self._cdf = _cdf(mixture.cluster_probs(self._weights))
+        self._probs = mixture.cluster_probs(self._weights)  # p over clusters, kept for each batch's "prob"
+        self._cdf = _cdf(self._probs)
         self.last_log: StepLog | None = None
         # Trainers prefetch: by the time step t is trained the stream may already have planned t + 1. To save the
         # state "after step t was trained" exactly, keep for each recent step the cursors before it was planned
@@ -90,7 +91,8 @@ class MixtureStream(IterableDataset):
 
     def _set_weights_exactly(self, weights: np.ndarray) -> None:
         self._weights = np.array(weights, dtype=np.float64)
-        self._cdf = _cdf(self.mixture.cluster_probs(self._weights))
+        self._probs = self.mixture.cluster_probs(self._weights)
+        self._cdf = _cdf(self._probs)
         self._weights_version += 1
 
     # ---- planning (cheap, identical on every rank and worker) -----------------------------------------------
@@ -149,7 +151,9 @@ class MixtureStream(IterableDataset):
                                 int((self.passes_completed() > 0).sum()))
         # Each sequence's probability of being drawn (p = alpha^T P at its cluster, under the weights it was planned
         # with): what importance-weighted estimates over the bases need (alignment_stats).
-        probs = self.mixture.cluster_probs(planned_with)[clusters]
+        # (computed once per weight change, not per batch: only a replayed step's older weights need their own)
+        p = self._probs if planned_with is self._weights else self.mixture.cluster_probs(planned_with)
+        probs = p[clusters]
         return {"tokens": tokens, "cluster": torch.from_numpy(clusters), "pass": torch.from_numpy(passes),
                 "prob": torch.from_numpy(probs), "step": step}
 
