@@ -91,11 +91,7 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "levels": [16, 16], "train": {},
         "methods": [("uniform", "uniform", "all"), ("importance", "importance", "all"),
                     ("inbatch", "inbatch", "all"), ("inbatch_domains", "inbatch_domains", "all"),
-                    ("dga_ema", "dga_ema", "all", {"eta": 10.0}),
-                    # Diagnostic: at batch 16 over 256 clusters and inbatch_decay 0.95 a cluster holds ~1.25
-                    # effective recent sequences (at most 6.4 in a run), under inbatch_min_sequences = 8, so the
-                    # default inbatch_domains never scores a cluster and its weights never move.
-                    ("inbatch_domains_min2", "inbatch_domains", "all", {"inbatch_min_sequences": 2})]},
+                    ("dga_ema", "dga_ema", "all", {"eta": 10.0})]},
     # The pilot that chose train.inbatch_scale for `inbatch` (150 steps, seed 0, every target): snr against
     # standardized at the default inbatch_eta, with uniform at the same length for the generic-loss bar.
     "inbatch_pilot": {  # written under results/inbatch/pilot/ (`dir`: the folder under results/, else the name)

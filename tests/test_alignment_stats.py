@@ -101,3 +101,14 @@ def test_bad_input_is_refused_and_state_round_trips():
         np.testing.assert_array_equal(getattr(again, name), getattr(stats, name))
     with pytest.raises(ValueError, match="saved for 3 clusters with decay 0.9, not 4 and 0.9"):
         AlignmentStats(4, decay=0.9).load_state_dict(stats.state_dict())
+
+
+def test_auto_decay_memory_grows_with_the_number_of_scored():
+    from dgamix.mixer.alignment_stats import auto_decay
+    assert auto_decay(16, 19, 8) == pytest.approx(0.95)  # floor: 20 updates
+    assert auto_decay(16, 256, 8) == pytest.approx(1 - 1 / 256)
+    assert auto_decay(16, 4096, 8) == pytest.approx(1 - 1 / 4096)
+    # steady state under uniform weights: B / m / (1 - decay) = 2 * min_sequences
+    assert 16 / 256 / (1 - auto_decay(16, 256, 8)) == pytest.approx(16)
+    with pytest.raises(ValueError, match="positive number of sequences per update"):
+        auto_decay(0, 4, 8)

@@ -157,3 +157,21 @@ def test_settings_under_which_nothing_can_move_are_named(stores, caplog):
     caplog.clear()
     build(stores, "clusters", min_sequences=8)
     assert "recent sequences" not in caplog.text
+
+
+def test_default_decay_keeps_twice_the_gate_for_every_cluster(stores, caplog):
+    """decay None: the memory grows with the number of scored clusters, so a gate that no fixed decay of 0.9 could
+    pass (100 sequences, batch 8, 4 clusters) is passed in steady state, with no warning."""
+    _, _, _, strategy = build(stores, "clusters", decay=None, min_sequences=100)
+    assert strategy.decay == pytest.approx(1.0 - 8 / (2 * 100 * 4))
+    assert "recent sequences" not in caplog.text
+    _, _, _, bases = build(stores, "bases", decay=None, min_sequences=2)
+    assert bases.decay == pytest.approx(0.95)  # 2 * 2 * 3 / 8 = 1.5 updates < the 20-update floor
+
+
+def test_domain_reweighting_moves_at_the_default_decay(stores):
+    """The defaults' gate (8 sequences) at the auto decay: cluster weights move within a short run, and toward the
+    target's cluster (0) rather than away from it."""
+    _, weights, strategy = train(stores, 40, "clusters", decay=None, min_sequences=8)
+    assert not np.allclose(weights[-1], weights[0])
+    assert weights[-1][0] > weights[0][0]

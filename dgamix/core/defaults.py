@@ -129,7 +129,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "inbatch_every": 1,
         "inbatch_score_every": 1,
         "inbatch_refresh": 20,
-        "inbatch_decay": 0.95,
+        "inbatch_decay": None,
         "inbatch_min_sequences": 8,
         "inbatch_scale": "snr",
         "inbatch_rank": None,

@@ -18,7 +18,9 @@ every basis is scored from every sequence that falls in its support. The varianc
 (the weights P_j/p are large where p is small): a basis the mixture rarely visits is scored with a large se.
 
 A cluster or basis with fewer than `min_sequences` (effective) recent sequences in its support gets score 0: it does
-not move on one noisy sample.
+not move on one noisy sample. Under a uniform mixture of m bases (or clusters) and B sequences per update, each holds
+about B / m / (1 - lambda) recent sequences in steady state; `auto_decay` picks lambda so that this is twice
+`min_sequences` (memory 2 * min_sequences * m / B updates, at least 20): the more clusters, the longer the memory.
 
 Scale (`scale`):
 - `raw`: the paper's a_j (its meaning changes with the model, the loss scale and the point in training);
@@ -36,6 +38,18 @@ import scipy.sparse as sp
 import torch
 
 SCALES = ("raw", "snr", "standardized")
+MIN_MEMORY = 20  # updates: the shortest memory auto_decay picks (decay 0.95)
+
+
+def auto_decay(sequences_per_update: float, n_scored: int, min_sequences: float) -> float:
+    """The decay at which each of `n_scored` bases or clusters keeps about 2 * min_sequences recent sequences under
+    a uniform mixture: memory 1 / (1 - decay) = max(MIN_MEMORY, 2 * min_sequences * n_scored / sequences_per_update)
+    updates. E.g. 16 sequences per update: 19 bases -> 0.95; 256 clusters -> 0.9961; 4,096 clusters -> 0.99976."""
+    if sequences_per_update <= 0 or n_scored < 1:
+        raise ValueError(f"auto_decay({sequences_per_update!r}, {n_scored!r}): expected a positive number of "
+                         "sequences per update and at least one basis or cluster")
+    memory = max(float(MIN_MEMORY), 2.0 * max(min_sequences, 1.0) * n_scored / sequences_per_update)
+    return 1.0 - 1.0 / memory
 
 
 class AlignmentStats:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..core.defaults import DEFAULTS
-from .alignment_stats import SCALES, AlignmentStats, scale_scores
+from .alignment_stats import SCALES, AlignmentStats, auto_decay, scale_scores
 from .dga import ESTIMATORS, check_dga_params, dga_update
 from .mixture import check_weights
 from .stream import MixtureStream, StateMismatchError, TargetSampler
@@ -176,7 +176,7 @@ class InBatchDGAStrategy:
     score_every: int = _TRAIN["inbatch_score_every"]
     refresh: int = _TRAIN["inbatch_refresh"]
     target_batch_size: int = _TRAIN["dga_batch_size"]
-    decay: float = _TRAIN["inbatch_decay"]
+    decay: float | None = _TRAIN["inbatch_decay"]  # None: alignment_stats.auto_decay for this many bases/clusters
     min_sequences: float = _TRAIN["inbatch_min_sequences"]
     scale: str = _TRAIN["inbatch_scale"]
     level: str = "bases"
@@ -198,6 +198,8 @@ class InBatchDGAStrategy:
         if not 0.0 <= self.floor < 1.0:
             raise ValueError(f"floor = {self.floor!r}: expected 0 <= floor < 1 (share of a uniform weight kept)")
         k = self.stream.mixture.n_clusters
+        if self.decay is None:
+            self.decay = auto_decay(self._sequences_per_update(), self._n_scored(), self.min_sequences)
         self._warn_if_never_scored()
         self.stats = AlignmentStats(k, self.decay)
         self.window = AlignmentStats(k)  # sequences since the last update, merged across ranks at the update
@@ -212,13 +214,21 @@ class InBatchDGAStrategy:
         clusters, batch 16, decay 0.95: 1.25 sequences)."""
         if self.decay >= 1.0:
             return
-        per_update = self.stream.batch_size * self.stream.world_size * max(1, self.every // self.score_every)
-        steady = per_update / self.stream.mixture.n_bases / (1.0 - self.decay)
+        steady = self._sequences_per_update() / self._n_scored() / (1.0 - self.decay)
         if steady < self.min_sequences:
             log.warning("in-batch DGA: a %s sees about %.2f recent sequences under uniform weights, below "
                         "min_sequences = %s, so most will never move; raise decay (memory 1 / (1 - decay) updates) "
                         "or lower min_sequences", "cluster" if self.level == "clusters" else "basis", steady,
                         self.min_sequences)
+
+    def _sequences_per_update(self) -> int:
+        return self.stream.batch_size * self.stream.world_size * max(1, self.every // self.score_every)
+
+    def _n_scored(self) -> int:
+        """What min_sequences gates: the bases, or (level clusters) the clusters some basis covers."""
+        if self.level == "bases":
+            return self.stream.mixture.n_bases
+        return int(np.count_nonzero(np.asarray(self.stream.mixture.bases.sum(axis=0)).ravel()))
 
     def refresh_target(self) -> None:
         """g_spe at the current parameters, from a fresh target batch (one backward; .grad untouched)."""

@@ -81,7 +81,7 @@ class TrainConfig:
     inbatch_every: int
     inbatch_score_every: int
     inbatch_refresh: int
-    inbatch_decay: float
+    inbatch_decay: float | None
     inbatch_min_sequences: float
     inbatch_scale: str
     inbatch_rank: int | None
@@ -127,7 +127,7 @@ def read_config(params: dict[str, Any], strategy: str) -> TrainConfig:
         inbatch_every=positive_int(cfg, "train", "inbatch_every"),
         inbatch_score_every=positive_int(cfg, "train", "inbatch_score_every"),
         inbatch_refresh=positive_int(cfg, "train", "inbatch_refresh"),
-        inbatch_decay=_fraction(cfg, "inbatch_decay"),
+        inbatch_decay=_optional_fraction(cfg, "inbatch_decay"),
         inbatch_min_sequences=float(require(cfg, "train", "inbatch_min_sequences", (int, float))),
         inbatch_scale=require(cfg, "train", "inbatch_scale", str),
         inbatch_rank=_optional_positive_int(cfg, "inbatch_rank"),
@@ -162,6 +162,11 @@ def _fraction(cfg: dict[str, Any], key: str) -> float:
     if not 0 < value <= 1:
         raise ParamError(f"train.{key} = {value}: expected 0 < {key} <= 1")
     return value
+
+
+def _optional_fraction(cfg: dict[str, Any], key: str) -> float | None:
+    # null: the strategy derives the value (inbatch_decay: alignment_stats.auto_decay).
+    return None if require(cfg, "train", key, (int, float)) is None else _fraction(cfg, key)
 
 
 def _optional_positive_int(cfg: dict[str, Any], key: str) -> int | None:
