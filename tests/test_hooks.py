@@ -11,8 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from dgamix.mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
-from dgamix.mixer.hooks import SequenceDataset, make_hf_callback, make_lightning_callback
-from dgamix.mixer.strategies import DGAStrategy
+from dgamix.mixer.hooks import SequenceDataset, make_hf_callback, make_hf_trainer_class, make_lightning_callback
+from dgamix.mixer.loader import MixtureLoader
+from dgamix.mixer.strategies import DGAStrategy, ODMStrategy
 
 from .mixer_fixtures import synthetic_store
 
@@ -40,7 +41,9 @@ def _stream_and_dga(stores, model, loss_fn):
 transformers = pytest.importorskip("transformers")
 
 
-def _hf_run(stores, out_dir, resume: str | None = None):
+def _hf_run(stores, out_dir, resume: str | None = None, workers: int | None = None):
+    """workers None: the Trainer over SequenceDataset (in-process); an int: make_hf_trainer_class with that many
+    DataLoader workers (the stream planned in the main process)."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=128, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
                                      embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: the scores need no RNG state
@@ -54,21 +57,27 @@ def _hf_run(stores, out_dir, resume: str | None = None):
     callback = make_hf_callback(stream, dga)
     args = transformers.TrainingArguments(output_dir=str(out_dir), per_device_train_batch_size=BATCH,
                                           max_steps=STEPS, save_steps=3, report_to=[], use_cpu=True,
-                                          logging_steps=100, dataloader_num_workers=0, ignore_data_skip=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=SequenceDataset(stream), callbacks=[callback])
+                                          logging_steps=100, dataloader_num_workers=workers or 0,
+                                          ignore_data_skip=True)
+    if workers is None:
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=SequenceDataset(stream),
+                                       callbacks=[callback])
+    else:
+        trainer = make_hf_trainer_class(stream)(model=model, args=args, callbacks=[callback])
     if resume:
         callback.load(resume)
     trainer.train(resume_from_checkpoint=resume)
     return seen, stream.weights, dga
 
 
-def test_hf_trainer_runs_dga_and_resumes_exactly(stores, tmp_path):
-    seen, weights, dga = _hf_run(stores, tmp_path / "straight")
+@pytest.mark.parametrize("workers", [None, 2])
+def test_hf_trainer_runs_dga_and_resumes_exactly(stores, tmp_path, workers):
+    seen, weights, dga = _hf_run(stores, tmp_path / "straight", workers=workers)
     assert len(seen) == STEPS and dga.updates == STEPS // 2
     assert not np.allclose(weights, np.full(4, 0.25))  # DGA moved the weights
     checkpoint = tmp_path / "straight/checkpoint-3"
     assert (checkpoint / "dgamix_state.pt").exists()
-    resumed_seen, resumed_weights, _ = _hf_run(stores, tmp_path / "resumed", resume=str(checkpoint))
+    resumed_seen, resumed_weights, _ = _hf_run(stores, tmp_path / "resumed", resume=str(checkpoint), workers=workers)
     assert resumed_seen == seen[3:]
     np.testing.assert_array_equal(resumed_weights, weights)
 
@@ -93,7 +102,7 @@ class _TinyLM(lightning.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def _lightning_run(stores, out_dir, accumulate: int, resume: str | None = None):
+def _lightning_run(stores, out_dir, accumulate: int, resume: str | None = None, workers: int | None = None):
     torch.manual_seed(0)
     module = _TinyLM()
     stream, dga = _stream_and_dga(stores, module.model, module.model.loss)
@@ -104,17 +113,42 @@ def _lightning_run(stores, out_dir, accumulate: int, resume: str | None = None):
                                 enable_progress_bar=False, enable_model_summary=False,
                                 accumulate_grad_batches=accumulate,
                                 callbacks=[make_lightning_callback(stream, dga), checkpoints])
-    trainer.fit(module, DataLoader(SequenceDataset(stream), batch_size=BATCH), ckpt_path=resume)
+    loader = (DataLoader(SequenceDataset(stream), batch_size=BATCH) if workers is None
+              else MixtureLoader(stream, num_workers=workers,
+                                 transform=lambda batch: {"input_ids": batch["tokens"]}).dataloader)
+    trainer.fit(module, loader, ckpt_path=resume)
     return module.seen, stream.weights, dga
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_lightning_runs_dga_and_resumes_exactly(stores, tmp_path, accumulate):
-    seen, weights, dga = _lightning_run(stores, tmp_path / "straight", accumulate)
+@pytest.mark.parametrize("accumulate,workers", [(1, None), (2, None), (2, 2)])
+def test_lightning_runs_dga_and_resumes_exactly(stores, tmp_path, accumulate, workers):
+    seen, weights, dga = _lightning_run(stores, tmp_path / "straight", accumulate, workers=workers)
     optimizer_steps = STEPS // accumulate
     assert len(seen) == STEPS and dga.updates == optimizer_steps // 2
     assert not np.allclose(weights, np.full(4, 0.25))
     resumed_seen, resumed_weights, _ = _lightning_run(stores, tmp_path / "resumed", accumulate,
-                                                      resume=str(tmp_path / "straight/step=2.ckpt"))
+                                                      resume=str(tmp_path / "straight/step=2.ckpt"),
+                                                      workers=workers)
     assert resumed_seen == seen[2 * accumulate:]
     np.testing.assert_array_equal(resumed_weights, weights)
+
+
+# ---- what the hooks refuse ------------------------------------------------------------------------------------
+def test_hooks_refuse_strategies_that_learn_from_every_batch(stores):
+    """ODM needs each batch's per-sequence losses, which callbacks never receive: it would stay uniform silently."""
+    store = ClusterStore(stores[0])
+    stream = MixtureStream(store, Mixture.identity(store.available), seq_len=SEQ, batch_size=BATCH)
+    for make in (make_hf_callback, make_lightning_callback):
+        with pytest.raises(ValueError, match="ODMStrategy learns from every training batch"):
+            make(stream, ODMStrategy(stream))
+
+
+def test_hf_trainer_refuses_a_batch_size_other_than_the_streams(stores, tmp_path):
+    store = ClusterStore(stores[0])
+    stream = MixtureStream(store, Mixture.identity(store.available), seq_len=SEQ, batch_size=BATCH)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_positions=16, n_embd=16,
+                                                                 n_layer=1, n_head=2))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH + 1,
+                                          max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="per-device batch size is 5 but the stream plans 4"):
+        make_hf_trainer_class(stream)(model=model, args=args)

@@ -1,5 +1,5 @@
-"""Trainer hooks: a Hugging Face `TrainerCallback` and a Lightning `Callback` around any strategy, and a sequence
-view of the stream.
+"""Trainer hooks: a Hugging Face `TrainerCallback` and a Lightning `Callback` around any strategy, a Hugging Face
+Trainer whose data is the stream (`make_hf_trainer_class`), and a sequence view of the stream.
 
 No monkey-patching, no global state: each callback calls `strategy.on_step()` at each optimizer-step boundary
 (after gradient accumulation, so one optimizer step is never trained under two mixtures) and saves the stream's
@@ -9,7 +9,8 @@ Both trainers prefetch a batch ahead (accelerate to detect the end of the data, 
 stream has planned further than the model has trained. The callbacks count the batches actually trained and save
 `stream.state_dict(next_step=...)`: a resumed run re-plans the prefetched steps exactly as they were planned and
 sees the same sequences and weights as a straight run. A weight update reaches the data one batch later than in
-a plain loop (the prefetched batch was planned before the update); that lag is part of the saved state.
+a plain loop (the prefetched batch was planned before the update), plus num_workers * prefetch_factor with
+DataLoader workers (`loader`); that lag is part of the saved state.
 """
 from __future__ import annotations
 
@@ -20,25 +21,51 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from .loader import MixtureLoader
 from .stream import MixtureStream
 
 STATE_FILE = "dgamix_state.pt"
 
 
+def hf_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """A stream batch as a Hugging Face causal LM's inputs: `labels` equal `input_ids` (seq_len + 1 tokens; the
+    model shifts them internally, so its n_positions must be at least seq_len + 1)."""
+    return {"input_ids": batch["tokens"], "labels": batch["tokens"]}
+
+
+def _refuse_observing(strategy: Any, trainer: str) -> None:
+    """Strategies that learn from each batch's sequences (ODM's per-sequence losses, in-batch DGA's per-sequence
+    alignments) need calls a trainer's callbacks cannot make; without them they would silently stay put."""
+    if hasattr(strategy, "observe"):
+        raise ValueError(f"{type(strategy).__name__} learns from every training batch (strategy.observe(...) after "
+                         f"each backward), which the {trainer} does not hand to callbacks: without it the weights "
+                         "would never move. Drive it from a plain training loop, or use DGAStrategy or "
+                         "StaticStrategy here.")
+
+
+def _check_batch_size(per_device: int | None, stream: MixtureStream, trainer: str) -> None:
+    if per_device is not None and per_device != stream.batch_size:
+        raise ValueError(f"the {trainer}'s per-device batch size is {per_device} but the stream plans "
+                         f"{stream.batch_size} sequences per step: set them equal, so that each trainer batch is "
+                         "exactly one planned step (the unit the stream saves and the weights apply to)")
+
+
 class SequenceDataset(IterableDataset):
-    """The stream's batches as single sequences, for trainers that batch themselves (HF Trainer, a DataLoader with
-    a batch size). Use the trainer's per-device batch size equal to the stream's, so each trainer batch is exactly
-    one planned step. `labels` equal `input_ids` (seq_len + 1 tokens): Hugging Face causal LMs shift them
-    internally."""
+    """The stream's batches as single sequences, for trainers that batch themselves (a DataLoader with a batch
+    size). Use the trainer's per-device batch size equal to the stream's, so each trainer batch is exactly one
+    planned step. `labels` equal `input_ids` (seq_len + 1 tokens): Hugging Face causal LMs shift them internally.
+
+    Under DataLoader workers each step is materialized by exactly one worker (`MixtureStream`'s split), in straight
+    order; but workers iterate copies of the stream, so weights that change during training cannot reach them (an
+    error says so): with changing weights and workers, use `loader.MixtureLoader`, which plans in the main process."""
 
     def __init__(self, stream: MixtureStream):
         super().__init__()
         self.stream = stream
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        while self.stream.max_steps is None or self.stream.step < self.stream.max_steps:
-            batch = self.stream.next_batch()
-            for tokens in batch["tokens"]:
+        for _ in self.stream._steps_of_this_worker():
+            for tokens in self.stream.next_batch()["tokens"]:
                 yield {"input_ids": tokens, "labels": tokens}
 
 
@@ -78,13 +105,42 @@ def _hf_callback_base() -> type:
     return TrainerCallback
 
 
+def make_hf_trainer_class(stream: MixtureStream, base: type | None = None) -> type:
+    """A subclass of `base` (default `transformers.Trainer`) whose training data is the stream, planned in the main
+    process and read by `args.dataloader_num_workers` workers (`loader.MixtureLoader`): weight updates reach the
+    data whatever the number of workers. No `train_dataset` is needed. The mixer's own state places the data on
+    resume, so the Trainer's skipping of already-seen batches is turned off (`ignore_data_skip`)."""
+    if base is None:
+        _hf_callback_base()  # the clear ImportError when transformers is missing
+        from transformers import Trainer as base
+
+    class MixtureTrainer(base):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            _check_batch_size(self.args.per_device_train_batch_size, stream, "Hugging Face Trainer")
+            self.args.ignore_data_skip = True
+
+        def get_train_dataloader(self) -> Any:
+            workers = self.args.dataloader_num_workers
+            extra = {"prefetch_factor": self.args.dataloader_prefetch_factor} if workers else {}
+            return MixtureLoader(stream, num_workers=workers, transform=hf_inputs,
+                                 pin_memory=self.args.dataloader_pin_memory, **extra).dataloader
+
+    return MixtureTrainer
+
+
 def make_hf_callback(stream: MixtureStream, strategy: Any) -> Any:
-    """A `transformers.TrainerCallback` driving `strategy` (StaticStrategy, DGAStrategy, ...). The Trainer's
-    per-device batch size must equal the stream's batch size."""
+    """A `transformers.TrainerCallback` driving `strategy` (StaticStrategy or DGAStrategy). The Trainer's
+    per-device batch size must equal the stream's batch size (checked when training begins)."""
+    _refuse_observing(strategy, "Hugging Face Trainer")
 
     class DGAMixCallback(_hf_callback_base()):
         def __init__(self) -> None:
             self.trained = _TrainedBatches(stream)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            _check_batch_size(args.per_device_train_batch_size, stream, "Hugging Face Trainer")
+            return control
 
         def on_substep_end(self, args, state, control, **kwargs):  # a micro-batch of gradient accumulation
             self.trained.next_step += 1
@@ -122,7 +178,8 @@ def _lightning_callback_base() -> type:
 def make_lightning_callback(stream: MixtureStream, strategy: Any) -> Any:
     """A Lightning `Callback` driving `strategy`. Its state (stream + strategy) is saved inside Lightning's own
     checkpoints and restored by `trainer.fit(..., ckpt_path=...)`; nothing else to call. Feed the model one
-    planned step per batch: `DataLoader(SequenceDataset(stream), batch_size=stream.batch_size)`."""
+    planned step per batch: `MixtureLoader(stream, num_workers=...).dataloader` (any number of workers)."""
+    _refuse_observing(strategy, "Lightning Trainer")
 
     class DGAMixLightningCallback(_lightning_callback_base()):
         def __init__(self) -> None:
@@ -135,6 +192,8 @@ def make_lightning_callback(stream: MixtureStream, strategy: Any) -> Any:
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.optimizer_steps = trainer.global_step
+            loader = trainer.train_dataloader
+            _check_batch_size(getattr(loader, "batch_size", None), stream, "Lightning DataLoader")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.trained.next_step += 1

@@ -30,6 +30,15 @@ class StateMismatchError(ValueError):
     """A saved stream state does not belong to this store, these bases, or this configuration."""
 
 
+@dataclass(frozen=True)
+class PlannedStep:
+    """This rank's slice of one step, as planned: a few numbers per sequence (what a DataLoader worker receives)."""
+    step: int
+    clusters: np.ndarray  # int64, the cluster of each sequence
+    positions: np.ndarray  # int64, where each sequence starts in its cluster's stream
+    probs: np.ndarray  # float64, each sequence's probability p(c) under the weights it was planned with
+
+
 @dataclass
 class StepLog:
     step: int
@@ -131,45 +140,64 @@ class MixtureStream(IterableDataset):
         self._snapshots.pop(self.step - SNAPSHOTS_KEPT, None)
         return self._plan(self.step, self.cursors, cdf, self.batch_size * self.world_size)
 
-    def next_batch(self) -> dict[str, Any]:
-        """Plan step `self.step` and return this rank's slice of it."""
+    def plan_step(self) -> PlannedStep:
+        """Plan step `self.step` (this rank's slice) with the weights in force and advance: the cheap, stateful half
+        of a batch, done by the process that owns the weights (`loader.StepPlanner`)."""
         clusters, positions = self._plan_next()
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        batch = self._batch(clusters[mine], positions[mine], self.step)
+        planned_with = self._snapshots[self.step][1]
+        # Each sequence's probability of being drawn (p = alpha^T P at its cluster, under the weights it was planned
+        # with): what importance-weighted estimates over the bases need (alignment_stats). Computed once per weight
+        # change, not per batch: only a replayed step's older weights need their own.
+        p = self._probs if planned_with is self._weights else self.mixture.cluster_probs(planned_with)
+        planned = PlannedStep(self.step, clusters[mine], positions[mine], p[clusters[mine]])
         self.step += 1
-        return batch
+        return planned
 
-    def _batch(self, clusters: np.ndarray, positions: np.ndarray, step: int) -> dict[str, Any]:
-        tokens = self._materialize(clusters, positions)
-        per_epoch = self.store.cluster_tokens[clusters]
-        passes = (positions + self.sequence_tokens - 1) // per_epoch + 1  # pass reached by the sequence's end
+    def read(self, planned: PlannedStep) -> dict[str, Any]:
+        """The tokens of a planned step: reads the memory-mapped store and nothing else, so any DataLoader worker can
+        do it with its copy of the stream (`loader.TokenReader`)."""
+        tokens = self._materialize(planned.clusters, planned.positions)
+        per_epoch = self.store.cluster_tokens[planned.clusters]
+        passes = (planned.positions + self.sequence_tokens - 1) // per_epoch + 1  # pass reached by the sequence's end
+        return {"tokens": tokens, "cluster": torch.from_numpy(planned.clusters), "pass": torch.from_numpy(passes),
+                "prob": torch.from_numpy(planned.probs), "step": planned.step}
+
+    def next_batch(self) -> dict[str, Any]:
+        """Plan step `self.step` and return this rank's slice of it."""
+        planned = self.plan_step()
+        batch = self.read(planned)
+        clusters, passes = planned.clusters, batch["pass"].numpy()
         unique, counts = np.unique(clusters, return_counts=True)
-        planned_with = self._snapshots[step][1] if step in self._snapshots else self._weights
-        self.last_log = StepLog(step, planned_with.copy(), clusters,
+        self.last_log = StepLog(planned.step, self._snapshots[planned.step][1].copy(), clusters,
                                 dict(zip(unique.tolist(), (counts * self.sequence_tokens).tolist())),
                                 sorted(set(clusters[passes > 1].tolist())),
                                 int((self.passes_completed() > 0).sum()))
-        # Each sequence's probability of being drawn (p = alpha^T P at its cluster, under the weights it was planned
-        # with): what importance-weighted estimates over the bases need (alignment_stats).
-        # (computed once per weight change, not per batch: only a replayed step's older weights need their own)
-        p = self._probs if planned_with is self._weights else self.mixture.cluster_probs(planned_with)
-        probs = p[clusters]
-        return {"tokens": tokens, "cluster": torch.from_numpy(clusters), "pass": torch.from_numpy(passes),
-                "prob": torch.from_numpy(probs), "step": step}
+        return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        for step in self._steps_of_this_worker():
+            yield self.next_batch()
+
+    def _steps_of_this_worker(self) -> Iterator[int]:
+        """Advance through the steps; yield those this DataLoader worker materializes (all of them in-process).
+
+        Worker w of W takes the steps start + w, start + w + W, ... counted from the step iteration starts at (not
+        from 0): the DataLoader collects batches from its workers in turn, so a stream resumed at any step still
+        comes out in straight order. The other steps are planned and skipped, to keep the cursors in step."""
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        version = int(self._weights_version)
+        start, version = self.step, int(self._weights_version)
         if info is not None:
             self._iterated_in_workers.fill_(1)
         while self.max_steps is None or self.step < self.max_steps:
             if info is not None and int(self._weights_version) != version:
                 raise RuntimeError(
                     "MixtureStream.set_weights() was called while DataLoader workers iterate copies of the stream; "
-                    "they cannot see the change. Iterate with num_workers=0 when weights change during training.")
-            if self.step % workers == worker:
-                yield self.next_batch()
+                    "they cannot see the change. Plan batches in the process that owns the weights: "
+                    "dgamix.mixer.loader.MixtureLoader(stream, num_workers=...) (any number of workers).")
+            if (self.step - start) % workers == worker:
+                yield self.step
             else:  # another worker materializes this step; keep the cursors in step with it
                 self._plan_next()
                 self.step += 1
