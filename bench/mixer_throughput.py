@@ -6,6 +6,8 @@
 Rows (same token store, same cluster probabilities, one process, torch on 1 thread):
 - dgamix MixtureStream, identity bases over 4096 clusters, weights changing every 10 steps (Dirichlet draws);
 - dgamix MixtureStream with fixed weights;
+- dgamix MixtureLoader (planned in the main process, read by 0, 2 and 4 DataLoader workers), weights changing every
+  10 steps: the path for trainers with workers (the weights reach every planned batch);
 - torch WeightedRandomSampler over the concatenation of every cluster's fixed 1025-token chunks (fixed weights:
   the sampler cannot change them mid-run), batched by a DataLoader;
 - HF datasets.interleave_datasets over one in-memory Dataset per cluster (fixed probabilities), read in batches.
@@ -66,6 +68,23 @@ def run_stream(directory: Path, steps: int, change_every: int | None) -> dict:
         if change_every and step % change_every == 0:
             stream.set_weights(rng.dirichlet(np.ones(store.n_clusters)))
         n_tokens += stream.next_batch()["tokens"].numel()
+    return {"tokens_per_s": n_tokens / (time.perf_counter() - start), "steps": steps}
+
+
+def run_loader(directory: Path, steps: int, workers: int, change_every: int = 10) -> dict:
+    from dgamix.mixer import ClusterStore, Mixture, MixtureStream
+    from dgamix.mixer.loader import MixtureLoader
+
+    store = ClusterStore(directory)
+    stream = MixtureStream(store, Mixture.identity(store.available), SEQ_LEN, BATCH, seed=0, max_steps=steps)
+    loader = MixtureLoader(stream, num_workers=workers)
+    rng = np.random.default_rng(1)
+    n_tokens = 0
+    start = time.perf_counter()  # includes starting the workers, as a trainer's first epoch does
+    for step, batch in enumerate(loader):
+        if step % change_every == 0:
+            stream.set_weights(rng.dirichlet(np.ones(store.n_clusters)))
+        n_tokens += batch["tokens"].numel()
     return {"tokens_per_s": n_tokens / (time.perf_counter() - start), "steps": steps}
 
 
@@ -146,6 +165,8 @@ def main() -> None:
     parser.add_argument("--tokens-per-cluster", type=int, default=20000)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--memory-probe", nargs=2, metavar=("STORE", "STEPS"))
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 2, 4], help="MixtureLoader rows")
+    parser.add_argument("--skip-peers", action="store_true", help="only the dgamix rows")
     args = parser.parse_args()
     import torch
 
@@ -159,8 +180,11 @@ def main() -> None:
     for name, fn in [
         ("dgamix MixtureStream, weights change every 10 steps", lambda: run_stream(small, args.steps, 10)),
         ("dgamix MixtureStream, fixed weights", lambda: run_stream(small, args.steps, None)),
-        ("torch WeightedRandomSampler + DataLoader (fixed)", lambda: run_weighted_sampler(small, args.steps)),
-        ("HF datasets.interleave_datasets (fixed)", lambda: run_interleave(small, args.steps)),
+        *[(f"dgamix MixtureLoader, {w} workers, weights change every 10 steps",
+           lambda w=w: run_loader(small, args.steps, w)) for w in args.workers],
+        *([] if args.skip_peers else [
+            ("torch WeightedRandomSampler + DataLoader (fixed)", lambda: run_weighted_sampler(small, args.steps)),
+            ("HF datasets.interleave_datasets (fixed)", lambda: run_interleave(small, args.steps))]),
     ]:
         try:
             result = fn()

@@ -35,6 +35,7 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["cluster"]["levels"] = [4, 4]
     params["tokenize"]["vocab_size"] = 1024
+    params["train"]["strategies"] = params["train"]["strategies"] + ["inbatch"]  # README's alignment.parquet example
     params["train"].update(steps=4, seq_len=16, batch_size=4, n_layer=1, n_embd=32, n_head=2, eval_every=2,
                            eval_batches=1, every=2, dga_batch_size=2)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
@@ -59,10 +60,32 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
     assert store["documents"] + store["heldout_documents"] == corpus["kept"] and store["dtype"] == "uint16"
     # Readable: the plain table has one row per metrics file and few columns (the details are in summary files).
     printed = dvc(["metrics", "show"], project).stdout.splitlines()
-    assert len(printed) == 1 + 8 and max(map(len, printed)) < 200, "\n".join(printed)
+    assert len(printed) == 1 + 9 and max(map(len, printed)) < 200, "\n".join(printed)
     plots = json.loads(dvc(["plots", "show", "--json"], project).stdout)["data"]
     assert {"runs/plots/spec_loss.csv", "runs/plots/generic_loss.csv", "runs/plots/losses.png",
             "data/bases/plots/entropy.csv"} <= set(plots), sorted(plots)
 
     status = dvc(["status"], project).stdout
     assert "up to date" in status.lower() or status.strip() == "", status
+
+    # The README as a user meets it: every Python block runs as written on this project's outputs.
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 5, "README's Python examples were not found"
+    for i, code in enumerate(blocks):
+        run = subprocess.run([sys.executable, "-c", code], cwd=project, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert run.returncode == 0, f"README Python block {i + 1}:\n{code}\n{run.stderr[-3000:]}"
+
+
+def readme_python_blocks() -> list[str]:
+    """The fenced ```python blocks of README.md, in order."""
+    blocks, current = [], None
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if current is None and line.strip() == "```python":
+            current = []
+        elif current is not None and line.strip() == "```":
+            blocks.append("\n".join(current))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
