@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from dgamix.mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
 from dgamix.mixer.hooks import SequenceDataset, make_hf_callback, make_hf_trainer_class, make_lightning_callback
 from dgamix.mixer.loader import MixtureLoader
-from dgamix.mixer.strategies import DGAStrategy, ODMStrategy
+from dgamix.mixer.strategies import DGAStrategy, ODMStrategy, StaticStrategy
 
 from .mixer_fixtures import synthetic_store
 
@@ -152,3 +152,20 @@ def test_hf_trainer_refuses_a_batch_size_other_than_the_streams(stores, tmp_path
                                           max_steps=1, report_to=[], use_cpu=True)
     with pytest.raises(ValueError, match="per-device batch size is 5 but the stream plans 4"):
         make_hf_trainer_class(stream)(model=model, args=args)
+
+
+def test_hf_trainer_refuses_sequence_dataset_under_workers_before_training(stores, tmp_path):
+    """Workers iterate copies of the stream: the first checkpoint used to fail after the Trainer had written its
+    folder, leaving a checkpoint without the mixer's state. Now training does not start."""
+    store = ClusterStore(stores[0])
+    stream = MixtureStream(store, Mixture.identity(store.available), seq_len=SEQ, batch_size=BATCH, max_steps=50)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_positions=16, n_embd=16,
+                                                                 n_layer=1, n_head=2))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=4,
+                                          save_steps=2, report_to=[], use_cpu=True, dataloader_num_workers=2,
+                                          ignore_data_skip=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=SequenceDataset(stream),
+                                   callbacks=[make_hf_callback(stream, StaticStrategy(stream))])
+    with pytest.raises(ValueError, match="use make_hf_trainer_class"):
+        trainer.train()
+    assert not list(tmp_path.glob("checkpoint-*"))

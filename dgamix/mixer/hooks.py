@@ -138,8 +138,16 @@ def make_hf_callback(stream: MixtureStream, strategy: Any) -> Any:
         def __init__(self) -> None:
             self.trained = _TrainedBatches(stream)
 
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
             _check_batch_size(args.per_device_train_batch_size, stream, "Hugging Face Trainer")
+            dataset = getattr(train_dataloader, "dataset", None)
+            dataset = getattr(dataset, "dataset", dataset)  # accelerate's IterableDatasetShard under DDP
+            if args.dataloader_num_workers and isinstance(dataset, SequenceDataset):
+                # Refuse now, not at the first checkpoint (the workers' copies hold the stream's position).
+                raise ValueError(f"dataloader_num_workers = {args.dataloader_num_workers} over SequenceDataset: the "
+                                 "workers iterate copies of the stream, which can neither take weight changes nor be "
+                                 "saved; use make_hf_trainer_class(stream) (the stream planned in the main process, "
+                                 "read by any number of workers)")
             return control
 
         def on_substep_end(self, args, state, control, **kwargs):  # a micro-batch of gradient accumulation

@@ -230,7 +230,8 @@ class MixtureStream(IterableDataset):
         if int(self._iterated_in_workers) and get_worker_info() is None:
             raise RuntimeError(
                 "this MixtureStream was iterated by DataLoader workers, so the trainer's copy holds no position: "
-                "save the loader's state instead (torchdata's StatefulDataLoader.state_dict()).")
+                "plan in this process with dgamix.mixer.loader.MixtureLoader(stream, num_workers=...) and save "
+                "its state_dict() (or save torchdata's StatefulDataLoader.state_dict() of the loader over the stream)")
         next_step = self.step if next_step is None else int(next_step)
         cursors, replay = self.cursors.copy(), list(self._replay)
         if next_step != self.step:
