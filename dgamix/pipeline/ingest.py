@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 REJECTS_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
 UNKNOWN_SOURCE = "unknown"
 PROGRESS_EVERY = 1000
-# Digests a deduplication partition holds at most (about 45 bytes each while it sorts them: ~190 MB). The number of
+# Digests a deduplication partition holds at most (about 42 bytes each while it sorts them: ~180 MB). The number of
 # partitions follows from the corpus size, so a partition task's memory does not grow with the corpus.
 PARTITION_DOCS = 1 << 22
 
