@@ -5,13 +5,14 @@ import gzip
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
 
 from dgamix.formats import docs
-from dgamix.pipeline import ingest
+from dgamix.pipeline import dedup, ingest
 from dgamix.core.params import InputError, ParamError
 from dgamix.pipeline.readers import Record, Reject, iter_records
 
@@ -230,3 +231,183 @@ def test_stage_data_takes_file_urls_and_refuses_object_stores(tmp_path):
     with pytest.raises(ParamError, match=r"ingest.output = 's3://bucket/docs': expected a path or file:// URL on a "
                                          r"filesystem every worker mounts; s3:// works for the inputs"):
         run_ingest(tmp_path, ["x.jsonl"], output="s3://bucket/docs")
+
+
+# ---- deduplication at scale: 16-byte digests, partitioned by prefix (pipeline/dedup.py) --------------------
+def planted_corpus(tmp_path: Path) -> list[str]:
+    """Seven files with duplicates within a file, between neighbours, between far files, in three files at once, a
+    file of nothing but earlier documents (it keeps none: no shard) and an empty file; one bad record."""
+    text = [f"planted document {i} " + "word " * (i % 7) for i in range(400)]
+    files = {
+        "f0.jsonl": text[0:120] + [text[5], text[5]],
+        "f1.jsonl.zst": text[100:220] + [text[7]],
+        "f2.jsonl.gz": [text[3], text[150], text[10]],  # nothing new
+        "f3.jsonl": [],
+        "f4.jsonl": text[200:330] + [text[0], text[219], text[329]],
+        "f5.jsonl": text[330:400] + [text[7], text[399], text[120]],
+        "f6.jsonl": [text[1], text[250], text[398], "a document of its own"],
+    }
+    names = []
+    for name, texts in files.items():
+        payload = jsonl_bytes([{"text": t, "meta": {"source": name[:2]}} for t in texts])
+        write(tmp_path / name, payload + (b'{"text": 5}\n' if name == "f4.jsonl" else b""))
+        names.append(name)
+    return names
+
+
+def first_copies(tmp_path: Path, names: list[str]) -> tuple[list[dict], list[list[str]]]:
+    """What ingest must do, spelled out: per file, its counts and the texts whose first copy (in input order) it
+    holds."""
+    seen, counts, kept = set(), [], []
+    for name in names:
+        mine, read, rejected = [], 0, 0
+        for item in iter_records(str(tmp_path / name), "text", "meta.source"):
+            read += 1
+            if isinstance(item, Reject):
+                rejected += 1
+            elif item.text not in seen:
+                seen.add(item.text)
+                mine.append(item.text)
+        counts.append({"file": name, "read": read, "kept": len(mine), "rejected": rejected,
+                       "duplicates": read - len(mine) - rejected})
+        kept.append(mine)
+    return counts, kept
+
+
+def shard_bytes(directory: Path) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(directory.glob("part-*.parquet"))]
+
+
+@pytest.mark.parametrize("partition_docs", [None, 1, 5, 64, 10**9])
+def test_partitioned_dedup_keeps_the_first_copy_in_input_order(tmp_path, partition_docs):
+    """Any number of partitions (1 digest each .. one for all) gives the shards and counts that the first copy in
+    input order gives, byte for byte; a file that keeps nothing writes no shard and the numbering closes up."""
+    names = planted_corpus(tmp_path)
+    with chdir(tmp_path):
+        if partition_docs is None:  # the stage as users run it
+            report = ingest.run({"ingest": {"inputs": names, "output": "docs", "rejects": "rejects.parquet",
+                                            "report": "report.json", "metrics": "metrics.json"}})
+        else:
+            step = ingest.StageFile("text", "meta.source", False)
+            report = ingest.ingest_files(names, step, ingest.Engine("ingest"), tmp_path / "docs",
+                                         partition_docs=partition_docs).details()
+    counts, kept = first_copies(tmp_path, names)
+    assert report["per_file"] == counts
+    assert report["read"] == report["kept"] + report["rejected"] + report["duplicates"]
+    assert (report["kept"], report["rejected"], report["shards"]) == (401, 1, 5)
+    expected = tmp_path / "expected"
+    expected.mkdir()
+    for i, texts in enumerate(t for t in kept if t):
+        name = next(n for n, k in zip(names, kept) if k is texts)
+        docs.write_shard(docs.docs_table([ingest.content_hash(t) for t in texts], texts, [name[:2]] * len(texts)),
+                         expected / docs.shard_name(i))
+    assert shard_bytes(tmp_path / "docs") == shard_bytes(expected)
+    assert sorted(p.name for p in (tmp_path / "docs").iterdir()) == [docs.shard_name(i) for i in range(5)]
+
+
+def test_workers_send_no_per_document_data_to_the_driver(tmp_path):
+    """The per-file result is counts and rejects: the digests stay on disk for the partitions, never in the driver."""
+    import pickle
+
+    small, large = (write(tmp_path / f"{n}.jsonl", jsonl_bytes([{"text": f"doc {i}"} for i in range(n)]))
+                    for n in (10, 5000))
+    step = ingest.StageFile("text", None, False)
+    sizes = []
+    for path in (small, large):
+        result = step((path.name, str(path), str(tmp_path / f"{path.stem}.parquet"),
+                       str(tmp_path / f"{path.stem}.digests.npy")))
+        assert set(result) == {"read", "duplicates", "rejects", "unique"}
+        sizes.append(len(pickle.dumps(result)))
+    assert sizes[1] - sizes[0] < 8  # larger counts, nothing else: not 500 times the documents
+    table = np.load(tmp_path / "5000.digests.npy")
+    assert table.shape == (3, 5000) and table.dtype == np.uint64  # 16-byte digest + its row: 24 bytes a document
+
+
+def test_digest_halves_sort_as_the_digest_bytes_do():
+    rng = np.random.default_rng(0)
+    raw = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(500)] + [b"\xff" * 16, b"\x00" * 16]
+    halves = dedup.digest_array(raw)
+    order = np.lexsort((halves[1], halves[0]))
+    assert [raw[i] for i in order] == sorted(raw)
+    assert (halves[0][-2], halves[1][-1]) == (2**64 - 1, 0)
+    with pytest.raises(ValueError, match="16-byte digests"):
+        dedup.digest_array([b"short"])
+
+
+def test_partition_bits_bound_the_digests_a_partition():
+    assert dedup.partition_bits(0, 4) == 0 and dedup.partition_bits(4, 4) == 0 and dedup.partition_bits(5, 4) == 1
+    assert dedup.partition_bits(10**9, 1 << 22) == 8  # a billion documents: 256 partitions of ~3.9 M
+    assert dedup.partition_bits(10**15, 1) == dedup.MAX_PARTITION_BITS
+    with pytest.raises(ValueError, match="partition_docs = 0"):
+        dedup.partition_bits(10, 0)
+
+
+def planted_digests(tmp_path: Path, files: int, per_file: int) -> list[list[bytes]]:
+    """Random digests per file, every tenth one repeating a digest of some earlier file (or of its own file's
+    first rows, which the worker would have dropped: not planted within a file)."""
+    rng = np.random.default_rng(1)
+    out: list[list[bytes]] = []
+    for f in range(files):
+        mine = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(per_file)]
+        if f:
+            for k in range(0, per_file, 10):
+                g = int(rng.integers(0, f))
+                mine[k] = out[g][int(rng.integers(0, per_file))]
+        mine = list(dict.fromkeys(mine))  # within-file unique, as a worker writes them
+        dedup.write_digests(mine, dedup.digests_path(tmp_path, f))
+        out.append(mine)
+    return out
+
+
+@pytest.mark.parametrize("bits", [0, 1, 3, 8])
+def test_partitions_drop_exactly_the_later_copies(tmp_path, bits):
+    per_file = planted_digests(tmp_path, files=6, per_file=300)
+    holders = np.arange(6)
+    task = dedup.DedupPartition(tmp_path, holders, bits)
+    dropped = np.zeros(6, dtype=np.int64)
+    for p in range(1 << bits):
+        part = task(p)
+        dropped[part["files"]] += part["dropped"]
+    seen: set[bytes] = set()
+    for f, digests in enumerate(per_file):
+        expected = [row for row, d in enumerate(digests) if d in seen]
+        seen.update(digests)
+        assert dedup.dropped_rows(tmp_path, f, int(dropped[f])).tolist() == expected
+    assert dropped[0] == 0 and dropped.sum() > 100
+    with pytest.raises(RuntimeError, match="partitions reported"):
+        dedup.dropped_rows(tmp_path, 1, int(dropped[1]) + 1)
+
+
+def test_a_partition_holds_tens_of_bytes_per_digest(tmp_path):
+    """Memory of one partition task (tracemalloc counts numpy's buffers; the files are memory-mapped): about 45
+    bytes per digest, against ~150 for a Python set of hex ids."""
+    import tracemalloc
+
+    rng = np.random.default_rng(2)
+    n, files = 200_000, 4
+    for f in range(files):
+        raw = rng.integers(0, 256, (n // files, 16), dtype=np.uint8)
+        dedup.write_digests([bytes(r) for r in raw], dedup.digests_path(tmp_path, f))
+    task = dedup.DedupPartition(tmp_path, np.arange(files), 0)
+    tracemalloc.start()
+    try:
+        part = task(0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert part["digests"] == n
+    assert peak / n < 48, f"{peak / n:.1f} bytes per digest"
+
+
+def test_a_retried_commit_after_success_is_a_no_op(tmp_path):
+    write(tmp_path / "a.jsonl", jsonl_bytes(GOOD))
+    staging = tmp_path / "staged"
+    staging.mkdir()
+    ingest.StageFile("text", "meta.source", False)(("a.jsonl", str(tmp_path / "a.jsonl"),
+                                                     str(staging / "000000.parquet"),
+                                                     str(dedup.digests_path(staging, 0))))
+    task = (str(staging), 0, 3, 0, str(tmp_path / "part-00000.parquet"))
+    assert ingest.CommitShard()(task) == 3
+    first = (tmp_path / "part-00000.parquet").read_bytes()
+    assert ingest.CommitShard()(task) == 3  # what a Ray retry of a task killed after committing does
+    assert (tmp_path / "part-00000.parquet").read_bytes() == first

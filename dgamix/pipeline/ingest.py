@@ -1,9 +1,11 @@
 """Stage 1, ingest: RedPajama-layout files -> normalized Parquet shards (doc_id, text, source, n_chars).
 
 `ingest_file` is the pure per-file step (one input file -> its valid, within-file-unique documents and its
-rejects); `StageFile` runs it on either engine (engine.py) and stages the documents. Exact duplicates across files
-are dropped by the driver in input order, so the result does not depend on where or in which order files were
-processed. Counts always add up: read = kept + rejected + duplicates.
+rejects); `StageFile` runs it on either engine (engine.py), stages the documents and writes their digests. Exact
+duplicates across files are then dropped in input order by partitions of the digest space (dedup.py, also on the
+engine), and `CommitShard` moves each staged shard, less its dropped rows, into place. The result does not depend
+on where or in which order files were processed, and the driver holds nothing per document (per file: counts and
+rejects). Counts always add up: read = kept + rejected + duplicates.
 """
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.atomic import atomic_path, write_json, write_parquet
 from ..core.params import InputError, ParamError, local_path, require, section
 from ..formats import docs
+from . import dedup
 from .engine import Engine
 from .readers import Record, Reject, is_supported, iter_records
 
@@ -30,16 +34,25 @@ log = logging.getLogger(__name__)
 REJECTS_SCHEMA = pa.schema([("file", pa.string()), ("line", pa.int64()), ("reason", pa.string())])
 UNKNOWN_SOURCE = "unknown"
 PROGRESS_EVERY = 1000
+# Digests a deduplication partition holds at most (about 42 bytes each while it sorts them: ~180 MB). The number of
+# partitions follows from the corpus size, so a partition task's memory does not grow with the corpus.
+PARTITION_DOCS = 1 << 22
+
+
+def content_digest(text: str) -> bytes:
+    """The document's identity as 16 bytes: 128-bit BLAKE2b of its UTF-8 text."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=dedup.DIGEST_BYTES).digest()
 
 
 def content_hash(text: str) -> str:
     """The document's identity: 128-bit BLAKE2b of its UTF-8 text (stable across runs, file order and machines)."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+    return content_digest(text).hex()
 
 
 @dataclass
 class FileResult:
     file: str
+    digests: list[bytes] = field(default_factory=list)  # 16 bytes each; doc_ids are their hex
     doc_ids: list[str] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
@@ -54,7 +67,7 @@ def ingest_file(
 ) -> FileResult:
     """Read one input file; keep valid documents that are not duplicates of an earlier one in the same file."""
     result = FileResult(file=url)
-    seen: set[str] = set()
+    seen: set[bytes] = set()  # one file's digests: this worker holds the file's texts anyway
     for item in iter_records(url, text_field, source_field):
         result.read += 1
         if on_progress and result.read % PROGRESS_EVERY == 0:
@@ -65,12 +78,13 @@ def ingest_file(
             result.rejects.append(item)
             continue
         assert isinstance(item, Record)
-        doc_id = content_hash(item.text)
-        if doc_id in seen:
+        digest = content_digest(item.text)
+        if digest in seen:
             result.duplicates += 1
             continue
-        seen.add(doc_id)
-        result.doc_ids.append(doc_id)
+        seen.add(digest)
+        result.digests.append(digest)
+        result.doc_ids.append(digest.hex())
         result.texts.append(item.text)
         result.sources.append(item.source if item.source is not None else UNKNOWN_SOURCE)
     if on_progress:
@@ -79,41 +93,51 @@ def ingest_file(
 
 
 class StageFile:
-    """The per-file step of either engine: one input file -> a staged shard of its within-file-unique documents.
+    """The per-file step of either engine: one input file -> a staged shard of its within-file-unique documents and
+    their sorted digests (dedup.write_digests), which the partitions read to drop duplicates across files.
 
-    Returns what the driver needs to drop duplicates across files in input order: the counts, the rejects and the
-    doc ids (not the texts, which stay in the staged file).
+    Returns only the counts and the rejects: nothing per document goes back to the driver.
     """
 
     def __init__(self, text_field: str, source_field: str | None, strict: bool):
         self.text_field, self.source_field, self.strict = text_field, source_field, strict
         self.on_progress: Callable[[int], None] | None = None  # set by the local engine for a finer progress bar
 
-    def __call__(self, task: tuple[str, str, str]) -> dict[str, Any]:
-        name, url, staged = task  # name: how reports call the file; url: where this worker reads it
+    def __call__(self, task: tuple[str, str, str, str]) -> dict[str, Any]:
+        # name: how reports call the file; url: where this worker reads it; staged / digests: what it writes
+        name, url, staged, digests = task
         result = ingest_file(url, self.text_field, self.source_field, self.strict, self.on_progress)
         result.rejects = [Reject(name, r.line, r.reason) for r in result.rejects]
         if result.doc_ids:
             docs.write_shard(docs.docs_table(result.doc_ids, result.texts, result.sources), staged)
+            dedup.write_digests(result.digests, digests)
         return {"read": result.read, "duplicates": result.duplicates, "rejects": result.rejects,
-                "doc_ids": result.doc_ids}
+                "unique": len(result.doc_ids)}
 
 
-def commit_staged(staged: Path, doc_ids: list[str], seen: set[str], shard_path: Path) -> int:
-    """Drop documents kept from earlier files (updating `seen`), move what is left into place; return its rows."""
-    keep = [doc_id not in seen for doc_id in doc_ids]
-    seen.update(doc_id for doc_id, k in zip(doc_ids, keep) if k)
-    kept = sum(keep)
-    if kept == len(doc_ids):
-        if kept:
+class CommitShard:
+    """The last per-file step: a staged shard, less the rows earlier files hold, moved into its final place."""
+
+    def __call__(self, task: tuple[str, int, int, int, str]) -> int:
+        staging, file_index, unique, dropped, shard_path = task
+        staged = Path(staging) / f"{file_index:06d}.parquet"
+        if not staged.exists():  # a retried task (Ray) whose first attempt got as far as committing
+            return unique - dropped
+        rows = dedup.dropped_rows(staging, file_index, dropped)
+        kept = unique - dropped
+        if dropped == 0:
             os.replace(staged, shard_path)
+        else:
+            if kept:
+                keep = np.ones(unique, dtype=bool)
+                keep[rows] = False
+                # One chunk, as a table built from lists is: row groups (and so the bytes) then match a direct
+                # write.
+                table = pq.read_table(staged).filter(pa.array(keep)).combine_chunks()
+                docs.write_shard(table, shard_path)
+            staged.unlink()
+        dedup.remove_drops(staging, file_index)
         return kept
-    if kept:
-        # One chunk, as a table built from lists is: row groups (and so the bytes) then match a direct write.
-        table = pq.read_table(staged).filter(pa.array(keep)).combine_chunks()
-        docs.write_shard(table, shard_path)
-    staged.unlink()
-    return kept
 
 
 def expand_inputs(patterns: Iterable[str], param: str = "ingest.inputs") -> list[str]:
@@ -155,7 +179,7 @@ class IngestReport:
 
     def add(self, url: str, result: dict[str, Any], kept: int) -> None:
         counts = {"read": result["read"], "kept": kept, "rejected": len(result["rejects"]),
-                  "duplicates": result["duplicates"] + len(result["doc_ids"]) - kept}
+                  "duplicates": result["duplicates"] + result["unique"] - kept}
         self.per_file.append({"file": url, **counts})
         self.totals.update(counts)
         self.reasons.update(_reason_kind(r.reason) for r in result["rejects"])
@@ -173,20 +197,40 @@ class IngestReport:
                 "rejected_by_reason": dict(sorted(self.reasons.items())), "per_file": self.per_file}
 
 
-def ingest_files(files: list[str], step: StageFile, engine: Engine, out_dir: Path) -> IngestReport:
-    """Run `step` on every file and commit the shards into `out_dir` in input order (the first copy of a document
-    wins). Results are committed as they arrive, so the driver holds the set of kept doc ids, not every file's
-    list at once."""
-    staging = out_dir / "staged"
-    staging.mkdir(parents=True)
+def ingest_files(files: list[str], step: StageFile, engine: Engine, out_dir: Path,
+                 partition_docs: int | None = None) -> IngestReport:
+    """Run `step` on every file, drop duplicates across files by digest partitions (at most `partition_docs`
+    digests each, default PARTITION_DOCS) and commit the shards into `out_dir` in input order (the first copy of a
+    document wins). All three passes run on the engine; the driver holds per-file counts and the rejects only."""
     # Absolute paths: a Ray worker's working directory is not ours.
-    tasks = [(url, _readable_anywhere(url), str((staging / f"{i:06d}.parquet").resolve()))
+    staging = (out_dir / "staged").resolve()
+    staging.mkdir(parents=True)
+    tasks = [(url, _readable_anywhere(url), str(staging / f"{i:06d}.parquet"), str(dedup.digests_path(staging, i)))
              for i, url in enumerate(files)]
-    results = engine.imap(step, tasks, f"ingest ({len(files)} files)", unit="doc")
-    report, seen = IngestReport(files=len(files)), set()
-    for (url, _, staged), result in zip(tasks, results):
-        kept = commit_staged(Path(staged), result["doc_ids"], seen, out_dir / docs.shard_name(report.shards))
-        report.add(url, result, kept)
+    results = list(engine.imap(step, tasks, f"ingest ({len(files)} files)", unit="doc"))
+    unique = np.array([r["unique"] for r in results], dtype=np.int64)
+
+    holders = np.flatnonzero(unique)
+    bits = dedup.partition_bits(int(unique.sum()), partition_docs or PARTITION_DOCS)
+    dropped = np.zeros(len(files), dtype=np.int64)
+    partitions = engine.imap(dedup.DedupPartition(staging, holders, bits), range(1 << bits),
+                             f"ingest: deduplicate ({1 << bits} partitions)")
+    for part in partitions:
+        np.add.at(dropped, part["files"], part["dropped"])
+    for f in holders.tolist():
+        dedup.digests_path(staging, f).unlink()
+
+    kept = unique - dropped
+    shard_index = np.cumsum(kept > 0) - 1  # shards are numbered in input order, over files that keep documents
+    commits = [(str(staging), f, int(unique[f]), int(dropped[f]), str((out_dir / docs.shard_name(
+        int(shard_index[f]))).resolve())) for f in holders.tolist()]
+    committed = dict(zip(holders.tolist(), engine.imap(CommitShard(), commits, f"ingest: commit ({len(commits)} "
+                                                                                  "files)")))
+    report = IngestReport(files=len(files))
+    for f, (url, result) in enumerate(zip(files, results)):
+        report.add(url, result, committed.get(f, 0))
+    if (staging / "drops").exists():
+        (staging / "drops").rmdir()
     staging.rmdir()
     return report
 
