@@ -51,6 +51,7 @@ import torch
 import torch.nn as nn
 
 from .dga import mean_gradient
+from .distributed import all_reduce_mean_  # noqa: F401  (also part of this module's interface)
 from .inbatch_math import embedding_dots, layer_norm_dots, linear_dots, low_rank_factors, low_rank_linear_dots
 
 # Low rank applies by default to Linear weights of at least this many entries: on the reference GPT the output
@@ -78,16 +79,6 @@ def _check_loss_scale(loss_scale: float | torch.Tensor) -> None:
 
 
 # ---- the target gradient ---------------------------------------------------------------------------------------
-def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
-    """In place: the mean of `tensor` over the ranks of torch.distributed (a no-op without it). SUM then divide,
-    not ReduceOp.AVG, which not every backend implements; the collective runs on the tensor's own device (NCCL
-    needs CUDA tensors, gloo takes either)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        tensor.div_(torch.distributed.get_world_size())
-    return tensor
-
-
 def target_gradient(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
                     target_batches: Iterable[object]) -> torch.Tensor:
     """g: the gradient of the mean of loss_fn over the target micro-batches, flat fp32 in `params` order, by
