@@ -274,6 +274,25 @@ def _sharded_rank_main(rank: int, world_size: int, port: int, directory: str, ta
             result["error"] = None
         except ValueError as error:
             result["error"] = str(error)
+    else:  # what cannot work on sharded parameters says so
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from dgamix.mixer.inbatch import InBatchAlignment
+
+        model = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4)), mesh=init_device_mesh("cpu", (world_size,)))
+        errors = []
+        for make in (lambda: InBatchAlignment(model),
+                     lambda: DGAStrategy(make_stream(directory, rank=rank, world_size=world_size),
+                                         TargetSampler(ClusterStore(target_dir), 16),
+                                         lambda t: model(t[:, :4].float()).sum(), list(model.parameters()),
+                                         estimator="finite_difference", batch_size=2).alignment_scores()):
+            try:
+                make()
+                errors.append(None)
+            except ValueError as error:
+                errors.append(str(error))
+        result["errors"] = errors
     gathered = [None] * world_size
     dist.all_gather_object(gathered, result)
     if rank == 0:
@@ -316,3 +335,12 @@ def test_sharded_alignment_draw_gives_the_one_process_scores_on_two_gloo_ranks(t
     for result in (rank0, rank1):
         assert result["error"] is not None and "batch_size = 1" in result["error"] \
             and "world size 2" in result["error"], result["error"]
+
+
+def test_exact_scores_on_fully_sharded_parameters_equal_the_unsharded_scores(tmp_path):
+    """FSDP2 (fully_shard) on two gloo ranks: every parameter a DTensor holding half its rows. The exact scores
+    from the local shards, summed across ranks, are one unsharded process's, for even and uneven shares."""
+    for result in _check_sharded_against_one_process(tmp_path, [("exact", 4, 2), ("exact", 3, 5)], fsdp=True):
+        inbatch, finite_difference = result["errors"]
+        assert inbatch is not None and "FSDP-sharded" in inbatch, inbatch
+        assert finite_difference is not None and "estimator='exact'" in finite_difference, finite_difference
