@@ -104,7 +104,10 @@ def _dga_rank_main(rank: int, world_size: int, port: int, directory: str, target
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.5)
     stream = make_stream(directory, rank=rank, world_size=world_size)
 
+    aligned = []  # the sequences this rank's alignment differentiated
+
     def loss_fn(tokens):  # the alignment differentiates the bare module, not the DDP wrapper
+        aligned.extend(row.numpy().tobytes() for row in tokens)
         return torch.nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 64), tokens[:, 1:].reshape(-1))
 
     dga = DGAStrategy(stream, TargetSampler(ClusterStore(target_dir), 16), loss_fn, list(model.parameters()),
@@ -119,7 +122,7 @@ def _dga_rank_main(rank: int, world_size: int, port: int, directory: str, target
         dga.on_step(step)
         history.append(stream.weights.tolist())
     gathered = [None] * world_size
-    dist.all_gather_object(gathered, {"history": history, "batches": batches})
+    dist.all_gather_object(gathered, {"history": history, "batches": batches, "aligned": aligned})
     if rank == 0:
         with open(out, "wb") as fh:
             pickle.dump(gathered, fh)
@@ -137,6 +140,8 @@ def test_dga_weights_are_identical_on_two_gloo_ranks(tmp_path):
     assert rank0["history"] == rank1["history"]  # bit-identical weights on both ranks
     assert rank0["history"][0] != rank0["history"][-1]  # and DGA did move them
     assert not set(rank0["batches"]) & set(rank1["batches"])  # while each rank trained on its own slice
+    # and aligned on its own slice of the alignment batches: identical weights need the ranks' scores reduced
+    assert rank0["aligned"] and not set(rank0["aligned"]) & set(rank1["aligned"])
 
 
 def _inbatch_rank_main(rank: int, world_size: int, port: int, directory: str, target_dir: str, out: str) -> None:
@@ -199,3 +204,143 @@ def test_in_batch_dga_scores_every_ranks_sequences_and_gives_identical_weights(t
     expected = sum(16 * decay ** k for k in range(1, 4))
     assert rank0["sequences"] == rank1["sequences"] == pytest.approx(expected)
     assert rank0["local"] == rank1["local"] == 24
+
+
+# ---- the alignment draw sharded across ranks ---------------------------------------------------------------------
+# (estimator, sequences per basis, target sequences): 4 and 2 split evenly over two ranks; 3 and 5 do not, so the
+# ranks' shares differ (2 + 1, 3 + 2) and are weighted by their size.
+SHARDED_CONFIGS = [("exact", 4, 2), ("exact", 3, 5), ("finite_difference", 3, 4), ("forward", 4, 3)]
+
+
+def _alignment_runs(rank: int, world_size: int, directory: str, target_dir: str, configs: list,
+                    fsdp: bool = False) -> list[dict]:
+    """For each config, two DGA alignment draws on a fresh model (seed 0): the scores, the sequences this process
+    differentiated, and the auxiliary sampler's state afterwards. world_size 1: one process, no process group."""
+    import torch
+
+    from dgamix.mixer import TargetSampler
+    from dgamix.mixer.strategies import DGAStrategy
+
+    runs = []
+    for estimator, batch_size, target_batch_size in configs:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(64, 8), torch.nn.Linear(8, 64))
+        if fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (world_size,))
+            for layer in model:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+        stream = make_stream(directory, rank=rank, world_size=world_size)
+        target = TargetSampler(ClusterStore(target_dir), 16)
+        seen: list[bytes] = []
+
+        def loss_fn(tokens):
+            try:
+                seen.extend(row.numpy().tobytes() for row in tokens)
+            except RuntimeError:  # inside torch.func.jvp (forward estimator) the batch is a storage-less wrapper
+                pass
+            return torch.nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 64),
+                                                     tokens[:, 1:].reshape(-1))
+
+        dga = DGAStrategy(stream, target, loss_fn, list(model.parameters()), estimator=estimator,
+                          batch_size=batch_size, target_batch_size=target_batch_size, micro_batches=2, module=model)
+        scores = [dga.alignment_scores().tolist() for _ in range(2)]
+        state = stream.state_dict()
+        runs.append({"scores": scores, "seen": seen, "aux_cursors": state["aux_cursors"].tolist(),
+                     "aux_draws": state["aux_draws"], "target": target.state_dict()["position"]})
+    return runs
+
+
+def _sharded_rank_main(rank: int, world_size: int, port: int, directory: str, target_dir: str, out: str,
+                       configs: list, fsdp: bool) -> None:
+    import pickle
+
+    import torch
+
+    from dgamix.mixer import TargetSampler
+    from dgamix.mixer.strategies import DGAStrategy
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    result = {"runs": _alignment_runs(rank, world_size, directory, target_dir, configs, fsdp=fsdp)}
+    if not fsdp:  # fewer sequences than ranks: refused, naming the settings
+        model = torch.nn.Linear(4, 4)
+        try:
+            DGAStrategy(make_stream(directory, rank=rank, world_size=world_size),
+                        TargetSampler(ClusterStore(target_dir), 16), lambda t: model.weight.sum(),
+                        list(model.parameters()), batch_size=1, target_batch_size=4)
+            result["error"] = None
+        except ValueError as error:
+            result["error"] = str(error)
+    else:  # what cannot work on sharded parameters says so
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        from dgamix.mixer.inbatch import InBatchAlignment
+
+        model = fully_shard(torch.nn.Sequential(torch.nn.Linear(4, 4)), mesh=init_device_mesh("cpu", (world_size,)))
+        errors = []
+        for make in (lambda: InBatchAlignment(model),
+                     lambda: DGAStrategy(make_stream(directory, rank=rank, world_size=world_size),
+                                         TargetSampler(ClusterStore(target_dir), 16),
+                                         lambda t: model(t[:, :4].float()).sum(), list(model.parameters()),
+                                         estimator="finite_difference", batch_size=2).alignment_scores()):
+            try:
+                make()
+                errors.append(None)
+            except ValueError as error:
+                errors.append(str(error))
+        result["errors"] = errors
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        with open(out, "wb") as fh:
+            pickle.dump(gathered, fh)
+    dist.destroy_process_group()
+
+
+def _check_sharded_against_one_process(tmp_path, configs: list, fsdp: bool) -> list[dict]:
+    import pickle
+
+    directory = synthetic_store(tmp_path / "tokens", DOCS)
+    target_dir = synthetic_store(tmp_path / "target", [12], seed=5)
+    out = tmp_path / "sharded.pkl"
+    mp.spawn(_sharded_rank_main, args=(2, free_port(), str(directory), str(target_dir), str(out), configs, fsdp),
+             nprocs=2, join=True)
+    rank0, rank1 = pickle.loads(out.read_bytes())
+    single = _alignment_runs(0, 1, str(directory), str(target_dir), configs)
+    for config, one, r0, r1 in zip(configs, single, rank0["runs"], rank1["runs"]):
+        # The ranks differentiated different sequences, together exactly the one process's...
+        assert not set(r0["seen"]) & set(r1["seen"]), config
+        assert sorted(r0["seen"] + r1["seen"]) == sorted(one["seen"]), config
+        # ...and reached identical scores, the one process's up to float rounding (the ranks' partial scores are
+        # summed: without the reduction each rank would hold its own slice's scores).
+        assert r0["scores"] == r1["scores"], config
+        # (finite differences divide the fp32 loss's rounding, which differs between a slice's mean and the whole
+        # batch's, by 2 eps: their rounding is ~1e-4 relative)
+        rtol = 2e-3 if config[0] == "finite_difference" else 1e-5
+        np.testing.assert_allclose(r0["scores"], one["scores"], rtol=rtol, atol=1e-9, err_msg=str(config))
+        assert np.ptp(one["scores"][0]) > 0, config
+        # Every rank planned the whole draw: the auxiliary and target positions, hence the checkpoint, are the one
+        # process's on every rank.
+        for key in ("aux_cursors", "aux_draws", "target"):
+            assert r0[key] == r1[key] == one[key], (config, key)
+    return [rank0, rank1]
+
+
+def test_sharded_alignment_draw_gives_the_one_process_scores_on_two_gloo_ranks(tmp_path):
+    rank0, rank1 = _check_sharded_against_one_process(tmp_path, SHARDED_CONFIGS, fsdp=False)
+    for result in (rank0, rank1):
+        assert result["error"] is not None and "batch_size = 1" in result["error"] \
+            and "world size 2" in result["error"], result["error"]
+
+
+def test_exact_scores_on_fully_sharded_parameters_equal_the_unsharded_scores(tmp_path):
+    """FSDP2 (fully_shard) on two gloo ranks: every parameter a DTensor holding half its rows. The exact scores
+    from the local shards, summed across ranks, are one unsharded process's, for even and uneven shares."""
+    for result in _check_sharded_against_one_process(tmp_path, [("exact", 4, 2), ("exact", 3, 5)], fsdp=True):
+        inbatch, finite_difference = result["errors"]
+        assert inbatch is not None and "FSDP-sharded" in inbatch, inbatch
+        assert finite_difference is not None and "estimator='exact'" in finite_difference, finite_difference

@@ -12,6 +12,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from .distributed import all_reduce_sum_, is_distributed, rank_and_world_size
+
 
 def check_dga_params(eta: float, beta: float, every: int) -> None:
     if not (isinstance(eta, (int, float)) and eta > 0 and np.isfinite(eta)):
@@ -45,21 +47,65 @@ def dga_update(weights: np.ndarray, scores: np.ndarray, eta: float, beta: float 
     return blended / blended.sum(), False
 
 
-def _flat_grad(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+def _dtensor_type() -> type | None:
+    """torch's DTensor class (FSDP2's sharded parameters), wherever this torch version keeps it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
+
+
+def sharded_parameters(params: Sequence[torch.nn.Parameter]) -> bool:
+    """Whether the parameters are sharded DTensors (torch.distributed.fsdp.fully_shard, FSDP2)."""
+    dtensor = _dtensor_type()
+    return dtensor is not None and any(isinstance(p, dtensor) for p in params)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor; a plain tensor as is."""
+    dtensor = _dtensor_type()
+    return tensor.to_local() if dtensor is not None and isinstance(tensor, dtensor) else tensor
+
+
+def _grads_by_backward(loss: torch.Tensor, params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor | None]:
+    """The local gradient shards of FSDP2-sharded parameters. torch.autograd.grad cannot reach them (FSDP computes
+    with unsharded copies and reduce-scatters into the shards' .grad in its backward hooks; autograd.grad returns
+    None for every shard), so this runs loss.backward() and reads .grad, restoring each .grad as it was: the
+    training gradients are untouched. FSDP averages the ranks' gradients in that reduce-scatter."""
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        loss.backward()
+        return [None if p.grad is None else _local(p.grad) for p in params]
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
+
+
+def _flat_grad(loss: torch.Tensor, params: Sequence[torch.nn.Parameter], sharded: bool = False) -> torch.Tensor:
     if not loss.requires_grad:
         raise ValueError("the loss does not require grad: the alignment needs a differentiable loss of the model's "
                          "parameters (is the model in torch.no_grad() or are all parameters frozen?)")
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+    grads = _grads_by_backward(loss, params) if sharded else torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(_local(p))).reshape(-1).float()
                       for g, p in zip(grads, params)])
 
 
 def mean_gradient(loss_fn: Callable[[object], torch.Tensor], micro_batches: Iterable[object],
-                  params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
-    """Gradient of the mean loss over micro-batches, flattened in fp32 (one buffer, accumulated in place)."""
+                  params: Sequence[torch.nn.Parameter], loss_multiplier: float = 1.0) -> torch.Tensor:
+    """Gradient of the mean loss over micro-batches, flattened in fp32 (one buffer, accumulated in place), of
+    `loss_multiplier` times the loss. On FSDP2-sharded parameters: this rank's shards of the gradient, averaged
+    across ranks by FSDP's own reduce-scatter."""
+    sharded = sharded_parameters(params)
     total, count = None, 0
     for batch in micro_batches:
-        g = _flat_grad(loss_fn(batch), params)
+        loss = loss_fn(batch)
+        g = _flat_grad(loss * loss_multiplier if loss_multiplier != 1.0 else loss, params, sharded)
         total = g if total is None else total.add_(g)
         count += 1
     if total is None:
@@ -67,41 +113,77 @@ def mean_gradient(loss_fn: Callable[[object], torch.Tensor], micro_batches: Iter
     return total.div_(count)
 
 
+def _share(value: float | None, name: str) -> float:
+    """This rank's share of a batch drawn across ranks; default 1 / world size (equal slices)."""
+    world = rank_and_world_size()[1]
+    if value is None:
+        return 1.0 / world
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} = {value!r}: expected this rank's share of the batch, 0 < share <= 1 (its number "
+                         "of sequences over the batch's total across ranks)")
+    return float(value)
+
+
 def exact_alignment(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
                     basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object],
+                    basis_share: float | None = None, target_share: float | None = None,
                     **_: object) -> np.ndarray:
     """a_j = <grad L(x_j), grad L(y)>: the target gradient is held once; each basis gradient is reduced to its dot
     product as soon as it exists, so memory grows by one gradient buffer, not by the number of bases.
 
-    Under torch.distributed every rank passes its own micro-batches. The target gradient is averaged across ranks
-    once; since <mean_r g_r, t> = mean_r <g_r, t>, the basis gradients never travel: only the m scores are
-    averaged, so every rank ends with identical scores for the price of one gradient all-reduce.
+    Under torch.distributed each rank passes its own slice of every batch (DGAStrategy shards the alignment draw):
+    `basis_share` and `target_share` are the fractions of each basis's and of the target's sequences this rank
+    holds (default 1 / world size, equal slices). The gradient of a batch is the share-weighted sum of the ranks'
+    slice gradients, so the target gradient is reduced once (SUM of share * local) and, since
+    <sum_r s_r g_r, t> = sum_r s_r <g_r, t>, the basis gradients never travel: only the m partial scores are
+    summed. Every rank ends with identical scores, those of one process over the union of the slices.
+    On FSDP2-sharded parameters (fully_shard) FSDP's backward already averages the ranks' gradients into each
+    rank's shard: the scores are the dot products of the local shards, summed across ranks.
     """
     params = [p for p in params if p.requires_grad]
-    target = _target_gradient(loss_fn, params, target_batches)
-    scores = np.empty(len(basis_batches), dtype=np.float64)
+    basis_share = _share(basis_share, "basis_share")
+    sharded = sharded_parameters(params)
+    target = _target_gradient(loss_fn, params, target_batches, target_share)
+    world = rank_and_world_size()[1]
+    # On the gradient's device: NCCL cannot reduce CPU tensors; one transfer at the end instead of one per basis.
+    partial = torch.zeros(len(basis_batches), dtype=torch.float64, device=target.device)
     for j, batches in enumerate(basis_batches):
-        g = mean_gradient(loss_fn, batches, params)
-        scores[j] = float(torch.dot(g, target))
+        if sharded:  # FSDP averages over ranks with equal weights: scaling by share * world makes it share-weighted
+            g = mean_gradient(loss_fn, batches, params, loss_multiplier=basis_share * world)
+            partial[j] = torch.dot(g, target)
+        else:
+            g = mean_gradient(loss_fn, batches, params)
+            partial[j] = basis_share * torch.dot(g, target).double()
         del g
-    return _average_across_ranks(scores)
+    return all_reduce_sum_(partial).cpu().numpy()
 
 
 def _target_gradient(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
-                     target_batches: Sequence[object]) -> torch.Tensor:
-    """The specialized gradient g (fp32, flat), averaged across ranks under torch.distributed."""
+                     target_batches: Sequence[object], share: float | None = None) -> torch.Tensor:
+    """The specialized gradient g (fp32, flat) over every rank's slice of the target batch: the share-weighted sum
+    of the ranks' gradients, reduced on the gradient's own device. On FSDP2-sharded parameters, this rank's shard
+    of g (FSDP's backward does the reduction)."""
+    share = _share(share, "target_share")
+    if sharded_parameters(params):
+        return mean_gradient(loss_fn, target_batches, params, loss_multiplier=share * rank_and_world_size()[1])
     target = mean_gradient(loss_fn, target_batches, params)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(target, op=torch.distributed.ReduceOp.AVG)
+    if is_distributed():
+        all_reduce_sum_(target.mul_(share))
     return target
 
 
-def _average_across_ranks(scores: np.ndarray) -> np.ndarray:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        reduced = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float64))
-        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.AVG)
-        return reduced.numpy()
-    return scores
+def _refuse_sharded(params: Sequence[torch.nn.Parameter], estimator: str) -> None:
+    if sharded_parameters(params):
+        raise ValueError(f"the {estimator} estimator does not support FSDP-sharded (DTensor) parameters: it moves or "
+                         "swaps whole parameters; use estimator='exact' under fully_shard")
+
+
+def _sum_across_ranks(values: np.ndarray, device: torch.device) -> np.ndarray:
+    """The sum over ranks of per-rank partial scores, reduced on `device` (the gradient's: NCCL has no CPU path)."""
+    if not is_distributed():
+        return values
+    reduced = torch.as_tensor(np.ascontiguousarray(values, dtype=np.float64)).to(device)
+    return all_reduce_sum_(reduced).cpu().numpy()
 
 
 def per_basis_means(value_fn: Callable[[torch.Tensor], torch.Tensor], basis_batches: Sequence[Sequence[torch.Tensor]],
@@ -119,17 +201,22 @@ def per_basis_means(value_fn: Callable[[torch.Tensor], torch.Tensor], basis_batc
 def finite_difference_alignment(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
                                 basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object],
                                 sequence_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                                chunk: int = 256, step_norm: float = 1e-2, **_: object) -> np.ndarray:
+                                chunk: int = 256, step_norm: float = 1e-2, basis_share: float | None = None,
+                                target_share: float | None = None, **_: object) -> np.ndarray:
     """a_j estimated as the central difference of l(.; x_j) along g = grad L(y):
     (l(theta + eps g) - l(theta - eps g)) / (2 eps), with eps = step_norm / ||g||. One backward pass (the target)
     and two no-grad forward passes over the bases' sequences instead of one backward per basis. With
     `sequence_loss_fn` (tokens -> per-sequence losses) all bases are batched together, `chunk` sequences per forward.
     Parameters are restored bit for bit.
 
-    Under torch.distributed the target gradient is averaged first and the scores after, as for the exact scores.
+    Under torch.distributed each rank passes its slices (`basis_share`, `target_share` as for the exact scores):
+    the target gradient is reduced first, so every rank steps along the same g, and the share-weighted partial
+    scores after.
     """
     params = [p for p in params if p.requires_grad]
-    target = _target_gradient(loss_fn, params, target_batches)
+    _refuse_sharded(params, "finite-difference")
+    basis_share = _share(basis_share, "basis_share")
+    target = _target_gradient(loss_fn, params, target_batches, target_share)
     norm = float(target.norm())
     if norm == 0.0 or not np.isfinite(norm):
         return np.zeros(len(basis_batches)) if norm == 0.0 else np.full(len(basis_batches), np.nan)
@@ -155,7 +242,7 @@ def finite_difference_alignment(loss_fn: Callable[[object], torch.Tensor], param
         finally:
             for p, original in zip(params, saved):
                 p.copy_(original)
-    return _average_across_ranks((plus - minus) / (2 * eps))
+    return _sum_across_ranks(basis_share * (plus - minus) / (2 * eps), target.device)
 
 
 class _LossOf(torch.nn.Module):
@@ -173,18 +260,21 @@ def forward_mode_alignment(loss_fn: Callable[[object], torch.Tensor], params: Se
                            basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object],
                            module: torch.nn.Module | None = None,
                            sequence_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                           chunk: int = 256, **_: object) -> np.ndarray:
+                           chunk: int = 256, basis_share: float | None = None,
+                           target_share: float | None = None, **_: object) -> np.ndarray:
     """a_j as the directional derivative of l(.; x_j) along g = grad L(y) by forward-mode AD (torch.func.jvp):
     exact up to float rounding, one forward-mode pass per batch instead of a backward. `module` is the model the
     loss closures call (its parameters are swapped functionally, never modified). Attention runs on the math SDPA
-    kernel here, the only one with forward-mode derivatives."""
+    kernel here, the only one with forward-mode derivatives. Under torch.distributed: as the finite differences."""
     if module is None:
         raise ValueError("the forward-mode estimator needs the model: pass module=<the nn.Module the loss calls>")
     from torch.func import functional_call, jvp
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     params = [p for p in params if p.requires_grad]
-    target = _target_gradient(loss_fn, params, target_batches)
+    _refuse_sharded(params, "forward-mode")
+    basis_share = _share(basis_share, "basis_share")
+    target = _target_gradient(loss_fn, params, target_batches, target_share)
     names = {id(p): name for name, p in module.named_parameters()}
     missing = [i for i, p in enumerate(params) if id(p) not in names]
     if missing:
@@ -203,7 +293,7 @@ def forward_mode_alignment(loss_fn: Callable[[object], torch.Tensor], params: Se
             scores = per_basis_means(directional, basis_batches, chunk)
         else:
             scores = np.array([np.mean([float(directional(b)) for b in batches]) for batches in basis_batches])
-    return _average_across_ranks(scores)
+    return _sum_across_ranks(basis_share * scores, target.device)
 
 
 ESTIMATORS: dict[str, Callable[..., np.ndarray]] = {

@@ -37,7 +37,8 @@ Requirements and limits:
   the modules, but `gradient_dot()` checks the sum: right after one backward from zeroed gradients,
   loss_scale * sum_x d_x equals <p.grad, g> over the covered parameters.
 - A forward after a backward whose scores were not collected raises, rather than mixing two batches' terms.
-- Untested: torch.compile, FSDP (sharded flat parameters), CUDA (the code is device-agnostic; no GPU was available to test it).
+- FSDP-sharded parameters (fully_shard) are refused. Untested: torch.compile, CUDA (the code is device-agnostic; no GPU
+  was available to test it).
 """
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ from typing import Callable, Iterable, Iterator, Literal, Mapping, Sequence
 import torch
 import torch.nn as nn
 
-from .dga import mean_gradient
+from .dga import mean_gradient, sharded_parameters
+from .distributed import all_reduce_mean_  # noqa: F401  (also part of this module's interface)
 from .inbatch_math import embedding_dots, layer_norm_dots, linear_dots, low_rank_factors, low_rank_linear_dots
 
 # Low rank applies by default to Linear weights of at least this many entries: on the reference GPT the output
@@ -78,16 +80,6 @@ def _check_loss_scale(loss_scale: float | torch.Tensor) -> None:
 
 
 # ---- the target gradient ---------------------------------------------------------------------------------------
-def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
-    """In place: the mean of `tensor` over the ranks of torch.distributed (a no-op without it). SUM then divide,
-    not ReduceOp.AVG, which not every backend implements; the collective runs on the tensor's own device (NCCL
-    needs CUDA tensors, gloo takes either)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-        tensor.div_(torch.distributed.get_world_size())
-    return tensor
-
-
 def target_gradient(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
                     target_batches: Iterable[object]) -> torch.Tensor:
     """g: the gradient of the mean of loss_fn over the target micro-batches, flat fp32 in `params` order, by
@@ -160,6 +152,11 @@ class InBatchAlignment:
         # Trainable parameters in model.parameters() order, a tied parameter once: the layout of a flat g.
         self.params: list[tuple[str, nn.Parameter]] = [(n, p) for n, p in model.named_parameters()
                                                        if p.requires_grad]
+        if sharded_parameters([p for _, p in self.params]):
+            raise ValueError("in-batch alignment does not support FSDP-sharded (DTensor) parameters (fully_shard): "
+                             "each sequence's score needs every layer's whole block of g, which FSDP keeps "
+                             "sharded; expected unsharded parameters (DDP or one process), or use DGAStrategy "
+                             "with estimator='exact', which supports fully_shard")
         trainable = {id(p) for _, p in self.params}
         self._taps: list[_Tap] = []
         # nn.MultiheadAttention applies F.linear to out_proj's weight without calling out_proj: hooks on modules

@@ -23,6 +23,7 @@ import torch
 from ..core.defaults import DEFAULTS
 from .alignment_stats import SCALES, AlignmentStats, auto_decay, scale_scores
 from .dga import ESTIMATORS, check_dga_params, dga_update
+from .distributed import rank_and_world_size, shard_bounds
 from .mixture import check_weights
 from .stream import MixtureStream, StateMismatchError, TargetSampler
 
@@ -104,6 +105,7 @@ class DGAStrategy:
         available = np.asarray(self.stream.mixture.bases.sum(axis=1)).ravel() > 0
         if not available.all():
             raise ValueError("a basis has no available tokens")
+        self._check_shardable(rank_and_world_size()[1])  # early, where the process group already exists
         self.updates = 0
         self.skipped = 0
 
@@ -112,13 +114,35 @@ class DGAStrategy:
         return self.stream.weights
 
     def alignment_scores(self) -> np.ndarray:
-        """Scores at the current parameters, on fresh batches from each basis and the specialized set."""
+        """Scores at the current parameters, on fresh batches from each basis and the specialized set.
+
+        Under torch.distributed the draw is sharded: every rank plans each whole batch (the auxiliary cursors and
+        the target position advance identically everywhere, so the state stays rank-independent and exactly
+        resumable) and computes only its contiguous share of the sequences (`shard_bounds`; when the batch size is
+        not a multiple of the world size the shares differ by one and are weighted by their size). The estimator
+        combines the ranks' partial results into the scores of one process over the whole batches."""
+        rank, world = rank_and_world_size()
+        self._check_shardable(world)
         n = self.stream.mixture.n_bases
         micro = lambda draw: [draw() for _ in range(self.micro_batches)]  # noqa: E731
-        target = micro(lambda: self.target.sample(self.target_batch_size))
-        bases = [micro(lambda j=j: self.stream.sample_basis(j, self.batch_size)["tokens"]) for j in range(n)]
+        target = micro(lambda: self.target.sample(self.target_batch_size, rank, world))
+        bases = [micro(lambda j=j: self.stream.sample_basis(j, self.batch_size, rank, world)["tokens"])
+                 for j in range(n)]
+        def share(size: int) -> float:  # this rank's fraction of a batch of `size` sequences
+            start, stop = shard_bounds(size, rank, world)
+            return (stop - start) / size
+
         return ESTIMATORS[self.estimator](self.loss_fn, self.params, bases, target, module=self.module,
-                                          sequence_loss_fn=self.sequence_loss_fn)
+                                          sequence_loss_fn=self.sequence_loss_fn,
+                                          basis_share=share(self.batch_size), target_share=share(self.target_batch_size))
+
+    def _check_shardable(self, world_size: int) -> None:
+        """Every rank needs at least one sequence of each batch: a rank with none would have no loss to
+        differentiate, and under FSDP it would skip the collectives of the others' forwards and backwards."""
+        if min(self.batch_size, self.target_batch_size) < world_size:
+            raise ValueError(f"batch_size = {self.batch_size}, target_batch_size = {self.target_batch_size} with "
+                             f"world size {world_size}: the alignment batches are split across ranks, so expected "
+                             f"both >= the world size ({world_size}), e.g. a multiple of it")
 
     def on_step(self, step: int) -> UpdateRecord | None:
         """Call after optimizer.step() of step `step` (0-based); updates the weights every `every` steps and returns

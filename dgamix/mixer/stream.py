@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from .distributed import shard_bounds
 from .mixture import Mixture, check_weights
 from .store import ClusterStore
 
@@ -203,13 +204,17 @@ class MixtureStream(IterableDataset):
                 self.step += 1
 
     # ---- fresh batches for alignment (their own sampler state: the training stream is untouched) ----------
-    def sample_basis(self, basis: int, n: int) -> dict[str, Any]:
-        """n fresh sequences from basis `basis` alone (the same on every rank)."""
+    def sample_basis(self, basis: int, n: int, rank: int = 0, world_size: int = 1) -> dict[str, Any]:
+        """n fresh sequences from basis `basis` alone. With `world_size` > 1, the whole draw of n is planned (the
+        auxiliary cursors advance the same on every rank, as for n) and only rank's contiguous share of it is read
+        (`shard_bounds`: sizes differ by at most one); the shares of all ranks, in rank order, are the n sequences."""
         if not 0 <= basis < self.mixture.n_bases:
             raise ValueError(f"basis = {basis}: expected 0 <= basis < {self.mixture.n_bases}")
         row = self.mixture.bases.getrow(basis).toarray().ravel()
         clusters, positions = self._plan(self.aux_draws, self.aux_cursors, _cdf(row), n, salt=1 + basis)
         self.aux_draws += 1
+        start, stop = shard_bounds(n, rank, world_size)
+        clusters, positions = clusters[start:stop], positions[start:stop]
         # stream=1: the auxiliary sampler walks its own document orders, not the ones training is about to read.
         return {"tokens": self._materialize(clusters, positions, stream=1), "cluster": torch.from_numpy(clusters)}
 
@@ -277,11 +282,14 @@ class TargetSampler:
             raise ValueError(f"seq_len = {seq_len!r}: expected a positive integer")
         self.store, self.seq_len, self.position = store, seq_len, 0
 
-    def sample(self, n: int) -> torch.Tensor:
-        out = np.empty((n, self.seq_len + 1), dtype=self.store.dtype)
-        for i in range(n):
-            self.store.read(0, self.position, self.seq_len + 1, out[i])
-            self.position += self.seq_len + 1
+    def sample(self, n: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """The next n sequences; with `world_size` > 1 only rank's contiguous share of them (`shard_bounds`), while
+        the position advances past all n on every rank."""
+        start, stop = shard_bounds(n, rank, world_size)
+        out = np.empty((stop - start, self.seq_len + 1), dtype=self.store.dtype)
+        for i in range(stop - start):
+            self.store.read(0, self.position + (start + i) * (self.seq_len + 1), self.seq_len + 1, out[i])
+        self.position += n * (self.seq_len + 1)
         return torch.from_numpy(out.astype(np.int64))
 
     def state_dict(self) -> dict[str, Any]:
