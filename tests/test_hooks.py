@@ -41,12 +41,12 @@ def _stream_and_dga(stores, model, loss_fn):
 transformers = pytest.importorskip("transformers")
 
 
-def _hf_run(stores, out_dir, resume: str | None = None, workers: int | None = None):
+def _hf_run(stores, out_dir, resume: str | None = None, workers: int | None = None, dropout: float = 0.0):
     """workers None: the Trainer over SequenceDataset (in-process); an int: make_hf_trainer_class with that many
     DataLoader workers (the stream planned in the main process)."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=128, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout: the scores need no RNG state
+    config = transformers.GPT2Config(vocab_size=128, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                     resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
     model = transformers.GPT2LMHeadModel(config)
     seen: list[str] = []
     model.register_forward_pre_hook(  # the training batches only (alignment batches have 2 sequences)
@@ -70,14 +70,17 @@ def _hf_run(stores, out_dir, resume: str | None = None, workers: int | None = No
     return seen, stream.weights, dga
 
 
-@pytest.mark.parametrize("workers", [None, 2])
-def test_hf_trainer_runs_dga_and_resumes_exactly(stores, tmp_path, workers):
-    seen, weights, dga = _hf_run(stores, tmp_path / "straight", workers=workers)
+@pytest.mark.parametrize("workers,dropout", [(None, 0.0), (2, 0.0), (None, 0.1)])
+def test_hf_trainer_runs_dga_and_resumes_exactly(stores, tmp_path, workers, dropout):
+    """With dropout too: the alignment batches run under their own RNG, so the Trainer's restored RNG state is all
+    an exact resume needs."""
+    seen, weights, dga = _hf_run(stores, tmp_path / "straight", workers=workers, dropout=dropout)
     assert len(seen) == STEPS and dga.updates == STEPS // 2
     assert not np.allclose(weights, np.full(4, 0.25))  # DGA moved the weights
     checkpoint = tmp_path / "straight/checkpoint-3"
     assert (checkpoint / "dgamix_state.pt").exists()
-    resumed_seen, resumed_weights, _ = _hf_run(stores, tmp_path / "resumed", resume=str(checkpoint), workers=workers)
+    resumed_seen, resumed_weights, _ = _hf_run(stores, tmp_path / "resumed", resume=str(checkpoint), workers=workers,
+                                               dropout=dropout)
     assert resumed_seen == seen[3:]
     np.testing.assert_array_equal(resumed_weights, weights)
 
@@ -169,3 +172,15 @@ def test_hf_trainer_refuses_sequence_dataset_under_workers_before_training(store
     with pytest.raises(ValueError, match="use make_hf_trainer_class"):
         trainer.train()
     assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_alignment_leaves_the_training_rng_where_it_was(stores):
+    """DGA's alignment forwards run dropout on a fork of the RNG: training draws the same masks with DGA on or off."""
+    from dgamix.trainer.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=128, block_size=SEQ, n_layer=1, n_head=2, n_embd=16, dropout=0.1)).train()
+    stream, dga = _stream_and_dga(stores, model, model.loss)
+    before = torch.random.get_rng_state()
+    assert dga.on_step(1) is not None  # an update step: alignment batches went through the dropout model
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -14,6 +14,8 @@ DataLoader workers (`loader`); that lag is part of the saved state.
 """
 from __future__ import annotations
 
+import contextlib
+import random
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -105,6 +107,30 @@ def _hf_callback_base() -> type:
     return TrainerCallback
 
 
+def _restore_hf_rng(checkpoint: Path, args: Any) -> None:
+    """Restore the RNG state the Trainer saved with `checkpoint` (its own rng_state file). The Trainer restores it
+    only when it skips the trained batches itself, which the mixer's resume turns off (`ignore_data_skip`): without
+    this, dropout would draw other masks after a resume."""
+    path = checkpoint / (f"rng_state_{args.process_index}.pth" if args.world_size > 1 else "rng_state.pth")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the Trainer's RNG state is missing from the checkpoint, so a resumed run "
+                                "would draw other dropout masks than the straight run")
+    try:
+        from transformers.trainer_pt_utils import safe_globals  # numpy's RNG state under weights_only loading
+    except ImportError:
+        safe_globals = contextlib.nullcontext
+    with safe_globals():
+        state = torch.load(path, weights_only=True)
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.random.set_rng_state(state["cpu"])
+    if torch.cuda.is_available() and "cuda" in state:
+        if args.world_size > 1:
+            torch.cuda.set_rng_state(state["cuda"])
+        else:
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def make_hf_trainer_class(stream: MixtureStream, base: type | None = None) -> type:
     """A subclass of `base` (default `transformers.Trainer`) whose training data is the stream, planned in the main
     process and read by `args.dataloader_num_workers` workers (`loader.MixtureLoader`): weight updates reach the
@@ -137,6 +163,13 @@ def make_hf_callback(stream: MixtureStream, strategy: Any) -> Any:
     class DGAMixCallback(_hf_callback_base()):
         def __init__(self) -> None:
             self.trained = _TrainedBatches(stream)
+            self.rng_from: Path | None = None  # the checkpoint whose RNG state the next step starts from
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if self.rng_from is not None:
+                _restore_hf_rng(self.rng_from, args)
+                self.rng_from = None
+            return control
 
         def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
             _check_batch_size(args.per_device_train_batch_size, stream, "Hugging Face Trainer")
@@ -166,8 +199,10 @@ def make_hf_callback(stream: MixtureStream, strategy: Any) -> Any:
             return control
 
         def load(self, checkpoint: str | Path) -> None:
-            """Call before `trainer.train(resume_from_checkpoint=checkpoint)`."""
+            """Call before `trainer.train(resume_from_checkpoint=checkpoint)`. Also restores, at the first step, the
+            RNG state the Trainer saved there (it skips that when `ignore_data_skip` is set)."""
             self.trained.load(torch.load(Path(checkpoint) / STATE_FILE, weights_only=True), strategy)
+            self.rng_from = Path(checkpoint)
 
     return DGAMixCallback()
 

@@ -13,9 +13,10 @@ refuses another store.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import numpy as np
 import torch
@@ -60,6 +61,14 @@ class StaticStrategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.weights = check_weights(state["weights"], len(self.weights))
         self.stream.set_weights(self.weights)
+
+
+def own_rng(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager:
+    """Run alignment forwards (dropout in training mode) on a fork of the RNG: they leave the training's random
+    stream where it was, so a trainer that restores its RNG state on resume (the Hugging Face Trainer, Lightning)
+    resumes exactly, and training draws the same dropout masks with DGA on or off."""
+    devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
 
 
 @dataclass
@@ -149,7 +158,8 @@ class DGAStrategy:
         the update's record (the caller logs it), else None."""
         if (step + 1) % self.every:
             return None
-        scores = self.alignment_scores()
+        with own_rng(self.params):
+            scores = self.alignment_scores()
         new, skipped = dga_update(self.weights, scores, self.eta, self.beta)
         self.updates += 1
         self.skipped += int(skipped)
@@ -256,7 +266,9 @@ class InBatchDGAStrategy:
 
     def refresh_target(self) -> None:
         """g_spe at the current parameters, from a fresh target batch (one backward; .grad untouched)."""
-        self._target_gradient = self.tracker.refresh_target(self.loss_fn, [self.target.sample(self.target_batch_size)])
+        with own_rng(p for _, p in self.tracker.params):
+            self._target_gradient = self.tracker.refresh_target(self.loss_fn,
+                                                                [self.target.sample(self.target_batch_size)])
 
     def scores_step(self, step: int) -> bool:
         """Whether step `step`'s sequences are scored: every `score_every`-th step (fewer scored steps cost less and
