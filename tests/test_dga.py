@@ -350,9 +350,11 @@ def test_strategy_state_loads_with_torch_load_defaults(tmp_path, kind):
         if kind == "odm":
             strategy.observe(np.array([0, 1, 1]), np.array([2.0, 0.5, 0.25]))
         strategy.on_step(step)
-    torch.save(strategy.state_dict(), tmp_path / "strategy.pt")
+    torch.save({"stream": strategy.stream.state_dict(), "strategy": strategy.state_dict()}, tmp_path / "state.pt")
     resumed = make()
-    resumed.load_state_dict(torch.load(tmp_path / "strategy.pt"))  # torch's defaults
+    state = torch.load(tmp_path / "state.pt")  # torch's defaults
+    resumed.stream.load_state_dict(state["stream"])  # as a checkpoint is loaded: the stream, then the strategy
+    resumed.load_state_dict(state["strategy"])
     assert resumed.stream.weights.tobytes() == strategy.stream.weights.tobytes()
     if kind == "dga":
         saved = (strategy.updates, strategy.target.position)

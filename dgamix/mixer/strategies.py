@@ -391,6 +391,3 @@ class ODMStrategy:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rewards = array(state["rewards"], np.float64)
         self.steps = int(state["steps"])
-        # The policy these give, as on_step() set it (the same bits): like the other strategies, loading the
-        # strategy alone restores the weights the stream draws from.
-        self.stream.set_weights(exp3_probabilities(self.rewards, self.steps + 1)[0])
