@@ -17,8 +17,8 @@ STAGES = {
     "embed": "embed every document with a sentence-transformers model",
     "cluster": "fit hierarchical spherical k-means on a sample of the embeddings",
     "assign": "assign every document to its fine cluster and group documents by cluster",
-    "stats": "cluster statistics, clustering metrics and plots",
     "tokenize": "tokenize every cluster into a memory-mapped token store",
+    "stats": "cluster statistics (documents, tokens, sources, keywords), clustering metrics and plots",
     "bases": "basis distributions over the clusters (importance, reference, natural, uniform, coarse)",
 }
 MODULES = {"tokenize": "tokens"}  # `tokenize` would shadow the standard library module

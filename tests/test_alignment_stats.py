@@ -2,9 +2,12 @@
 fixed seeds), decay, the minimum-sample rule, the scales, and state round trips."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 from dgamix.mixer.alignment_stats import AlignmentStats, scale_scores
 
@@ -95,10 +98,15 @@ def test_bad_input_is_refused_and_state_round_trips():
     with pytest.raises(ValueError, match="NaN or inf"):
         stats.add(np.array([0]), np.array([np.nan]), np.array([0.5]))
     stats.add(np.array([0, 2]), np.array([1.0, -1.0]), np.array([0.5, 0.25]))
-    again = AlignmentStats(3, decay=0.9)
-    again.load_state_dict(stats.state_dict())
-    for name in AlignmentStats.FIELDS:
-        np.testing.assert_array_equal(getattr(again, name), getattr(stats, name))
+    for state in (stats.state_dict(), {**stats.state_dict(), "total": torch.from_numpy(stats.total)}):
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        buffer.seek(0)
+        again = AlignmentStats(3, decay=0.9)
+        again.load_state_dict(torch.load(buffer))  # torch's defaults (weights_only): plain values and tensors
+        for name in AlignmentStats.FIELDS:
+            assert getattr(again, name).tobytes() == getattr(stats, name).tobytes()
+        assert again.sequences == stats.sequences
     with pytest.raises(ValueError, match="saved for 3 clusters with decay 0.9, not 4 and 0.9"):
         AlignmentStats(4, decay=0.9).load_state_dict(stats.state_dict())
 

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from dgamix.formats import domains
-from dgamix.pipeline import assign, cluster, stats
-from dgamix.core.params import ParamError
+from dgamix.formats import domains, token_store
+from dgamix.pipeline import assign, cluster, stats, tokens
+from dgamix.core.params import InputError, ParamError
 from sklearn.metrics import normalized_mutual_info_score
 
 from dgamix.pipeline.stats import class_tfidf_keywords, contingency_scores
@@ -73,11 +73,20 @@ def test_assign_rejects_mismatched_centroids(clustered):
 
 def test_stats_table_and_metrics(clustered):
     work, params = clustered
+    with pytest.raises(FileNotFoundError, match=r"tokenize.output: data/tokens holds no store.json"):
+        stats.run(params)  # stats runs after tokenize: without the token store it says so before any work
+    params["tokenize"]["vocab_size"] = 1024
+    tokens.run(params)
     metrics = stats.run(params)
     table = pl.read_parquet(work / "data/stats/clusters.parquet")
     assert table.height == 16
-    assert {"cluster", "parent_l0", "docs", "chars", "dominant_source", "purity", "source_shares",
+    assert {"cluster", "parent_l0", "docs", "chars", "tokens", "dominant_source", "purity", "source_shares",
             "mean_distance", "keywords"} <= set(table.columns)
+    # tokens: each cluster's training tokens, summing to the store's token count (held-out documents apart)
+    store = token_store.read(work / "data/tokens")
+    assert table["tokens"].to_list() == store.cluster_tokens.tolist()
+    assert table["tokens"].sum() == store.meta["tokens"] > 0 and store.meta["heldout_tokens"] > 0
+    assert ((table["tokens"] > 0) == (table["docs"] > 0)).all()
     nonempty = table.filter(pl.col("docs") > 0)
     assert (nonempty["keywords"].list.len() > 0).all()
     shares = nonempty["source_shares"].list.eval(pl.element().struct.field("share")).list.sum()
@@ -94,6 +103,28 @@ def test_stats_table_and_metrics(clustered):
         "clusters": 16, "nmi_fine": round(metrics["nmi_fine"], 4)}
     for plot in ("cluster_sizes.csv", "cluster_sizes.png", "source_by_coarse.png"):
         assert (work / "data/stats/plots" / plot).stat().st_size > 0
+
+
+def test_tokens_column_is_the_stores_training_tokens_and_a_stale_store_is_refused(tmp_path):
+    from .mixer_fixtures import synthetic_store
+
+    train_docs = [3, 0, 5]
+    directory = synthetic_store(tmp_path / "tokens", train_docs)
+    meta = token_store.read_meta(directory)
+    token_store.write_meta({**meta, "heldout_documents": 2, "heldout_tokens": 40}, directory)
+    store = token_store.read(directory)
+    manifest = pl.DataFrame({"cluster": [0, 1, 2], "docs": [4, 0, 6], "chars": [10, 0, 20]})  # 2 held out
+    by_source = pl.DataFrame({"cluster": [0, 2], "source": ["a", "b"], "docs": [4, 6], "distance_sum": [1.0, 2.0]})
+    counted = stats.training_tokens(store, manifest)
+    table, _ = stats.cluster_table(manifest, by_source, [["x"], [], ["y"]], counted)
+    offsets = np.load(directory / "doc_offsets.npy")
+    per_cluster = [int(offsets[3] - offsets[0]), 0, int(offsets[8] - offsets[3])]  # documents 0-2 and 3-7
+    assert table["tokens"].to_list() == per_cluster and table["tokens"].sum() == meta["tokens"]
+    assert table["tokens"].dtype == pl.Int64
+    for stale in (manifest.head(2), manifest.with_columns(pl.Series("docs", [4, 0, 7])),
+                  manifest.with_columns(pl.Series("docs", [2, 2, 6]))):
+        with pytest.raises(InputError, match="was not tokenized from these domains .* re-run tokenize"):
+            stats.training_tokens(store, stale)
 
 
 def test_source_heatmap_order_does_not_depend_on_row_order():

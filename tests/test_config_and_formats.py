@@ -117,7 +117,7 @@ def test_token_store_version_is_checked(tmp_path):
         token_store.read(tmp_path)
     from dgamix.mixer import ClusterStore
 
-    with pytest.raises(FormatError):
+    with pytest.raises(FormatError, match="token store format version 99"):
         ClusterStore(tmp_path)
 
 

@@ -331,3 +331,33 @@ def test_odm_moves_weight_to_the_domain_with_the_highest_loss(tmp_path):
     assert stream.weights[2] > 2 * stream.weights[:2].max()  # 0.60 vs 0.20 after 200 steps
     with pytest.raises(ValueError, match="ODM needs disjoint domains"):
         ODMStrategy(MixtureStream(store, Mixture(np.array([[0.5, 0.5, 0.0], [0.0, 0.5, 0.5]])), 8, 2))
+
+
+@pytest.mark.parametrize("kind", ["static", "dga", "odm"])
+def test_strategy_state_loads_with_torch_load_defaults(tmp_path, kind):
+    """torch >= 2.6's default torch.load (weights_only) refuses numpy arrays and scalars: a strategy's state is plain
+    even when its settings came in as numpy scalars (here DGA's batch sizes), and restores the weights bit for bit."""
+    from dgamix.mixer.strategies import ODMStrategy, StaticStrategy
+
+    def make():
+        dga = _small_dga(tmp_path, eta=0.5, beta=0.5, every=2, batch_size=np.int64(2), micro_batches=np.int64(1))
+        if kind == "static":
+            return StaticStrategy(dga.stream, weights=np.array([1.0, 1.0, 1.0]) / 3)
+        return ODMStrategy(dga.stream) if kind == "odm" else dga
+
+    strategy = make()
+    for step in range(4):
+        if kind == "odm":
+            strategy.observe(np.array([0, 1, 1]), np.array([2.0, 0.5, 0.25]))
+        strategy.on_step(step)
+    torch.save({"stream": strategy.stream.state_dict(), "strategy": strategy.state_dict()}, tmp_path / "state.pt")
+    resumed = make()
+    state = torch.load(tmp_path / "state.pt")  # torch's defaults
+    resumed.stream.load_state_dict(state["stream"])  # as a checkpoint is loaded: the stream, then the strategy
+    resumed.load_state_dict(state["strategy"])
+    assert resumed.stream.weights.tobytes() == strategy.stream.weights.tobytes()
+    if kind == "dga":
+        saved = (strategy.updates, strategy.target.position)
+        assert (resumed.updates, resumed.target.position) == saved == (2, 2 * 2 * 9)  # 2 updates x 2 seqs x 9 tokens
+    if kind == "odm":
+        assert resumed.rewards.tobytes() == strategy.rewards.tobytes() and resumed.steps == 4

@@ -58,6 +58,7 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
         assert json.loads((project / "runs" / strategy / "summary.json").read_text())["steps"] == 4
     store = json.loads((project / "data/tokens/store.json").read_text())
     assert store["documents"] + store["heldout_documents"] == corpus["kept"] and store["dtype"] == "uint16"
+    assert table["tokens"].sum() == store["tokens"]  # stats ran after tokenize: training tokens per cluster
     # Readable: the plain table has one row per metrics file and few columns (the details are in summary files).
     printed = dvc(["metrics", "show"], project).stdout.splitlines()
     assert len(printed) == 1 + 9 and max(map(len, printed)) < 200, "\n".join(printed)

@@ -160,8 +160,8 @@ def test_an_output_shared_by_the_batch_is_refused():
 def test_misuse_is_refused_with_clear_errors(setup):
     model, batch, _, g, _ = setup
     with InBatchAlignment(model) as tracker:
+        model.loss(batch).backward()  # outside the raises block: only collect() may raise the error checked
         with pytest.raises(RuntimeError, match="nothing to collect"):  # no target yet: nothing recorded
-            model.loss(batch).backward()
             tracker.collect(loss_scale=1 / BATCH)
         tracker.set_target(g)
         model.loss(batch).backward()
@@ -175,8 +175,8 @@ def test_misuse_is_refused_with_clear_errors(setup):
         assert tracker.collect(loss_scale=1 / BATCH).shape == (BATCH,)  # the terms survive a refused collect
         with pytest.raises(ValueError, match="expected a flat tensor"):
             tracker.set_target(g[:-1])
-        with pytest.raises(ValueError, match=r"expected 5"):
-            model.loss(batch).backward()
+        model.loss(batch).backward()
+        with pytest.raises(ValueError, match=r"disagree on the number of sequences.*, expected 5"):
             tracker.collect(loss_scale=1 / BATCH, n_sequences=5)
     model.zero_grad(set_to_none=True)
 
@@ -325,6 +325,7 @@ def test_low_rank_scores_follow_exact_and_equal_it_at_full_rank():
     with InBatchAlignment(model, rank=10 ** 6, low_rank_min_params=0) as tracker:
         tracker.refresh_target(model.loss, target)
         full = _scores(model, tracker, batch)
+        assert set(tracker.low_rank_layers) == set(layers)  # not vacuous: every Linear was factorized
         assert all(v["captured"] == pytest.approx(1.0) for v in tracker.low_rank_layers.values())
     torch.testing.assert_close(full, exact, rtol=1e-4, atol=1e-4 * exact.abs().max().item())
     model.zero_grad(set_to_none=True)

@@ -64,8 +64,11 @@ def train(stores, steps, level="bases", resume_at=(), **settings):
     hashes, weights = [], []
     for step in range(steps):
         if step in resume_at:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "stream": stream.state_dict(), "strategy": strategy.state_dict()}
+            # Through a file read back with torch.load's defaults (weights_only since torch 2.6), as a user would.
+            checkpoint = stores[0].parent / "checkpoint.pt"
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "stream": stream.state_dict(), "strategy": strategy.state_dict()}, checkpoint)
+            state = torch.load(checkpoint)
             model, optimizer, stream, strategy = build(stores, level, state=state, **settings)
         batch = stream.next_batch()
         hashes.append(hashlib.sha1(batch["tokens"].numpy().tobytes()).hexdigest())

@@ -6,6 +6,7 @@ import hashlib
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from scipy.stats import chisquare
 from torch.utils.data import DataLoader
 
@@ -233,7 +234,7 @@ def test_stream_draws_from_its_own_weights_not_a_shared_mixture(store):
     stream = MixtureStream(store, mixture, seq_len=8, batch_size=4)
     mixture.set_weights([0.0, 1.0])  # a change behind the stream's back changes neither its draws nor its state
     np.testing.assert_array_equal(stream.weights, [0.5, 0.5])
-    assert stream.state_dict()["weights"].tolist() == [0.5, 0.5]
+    assert stream.state_dict()["weights"] == [0.5, 0.5]
 
 
 def test_saved_weights_are_restored_bit_for_bit(store):
@@ -243,6 +244,45 @@ def test_saved_weights_are_restored_bit_for_bit(store):
     other = MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=4)
     other.load_state_dict(state)
     assert other.weights.tobytes() == stream.weights.tobytes()
+
+
+def _only_plain_or_tensors(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _only_plain_or_tensors(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_only_plain_or_tensors(v) for v in value)
+    return type(value) in (int, float, str, bool, type(None)) or isinstance(value, torch.Tensor)
+
+
+def _as_tensors(state: dict) -> dict:
+    """The state as a checkpoint that stored its vectors as tensors (float64 weights, int64 positions)."""
+    return {**state, "weights": torch.tensor(state["weights"], dtype=torch.float64),
+            "cursors": torch.tensor(state["cursors"], dtype=torch.int64),
+            "aux_cursors": torch.tensor(state["aux_cursors"], dtype=torch.int64),
+            "replay": [torch.tensor(w, dtype=torch.float64) for w in state["replay"]]}
+
+
+@pytest.mark.parametrize("form", ["plain", "tensors"])
+def test_state_loads_with_torch_load_defaults_and_resumes_exactly(store, tmp_path, form):
+    """torch >= 2.6 loads with weights_only=True by default, which refuses numpy arrays and scalars: the state is
+    plain Python, and a resume from the file (two steps prefetched, a numpy seed) is the straight run."""
+    weights = [1 / 3, 2 / 3]  # no short binary form: a lossy round trip would show
+    changes = {5: weights, 12: [0.2, 0.8]}
+    make = lambda: MixtureStream(store, two_bases(store.available), seq_len=16, batch_size=4,  # noqa: E731
+                                 seed=np.int64(7))
+    straight = run_steps(make(), 20, changes)
+    first = make()
+    run_steps(first, 10, changes)
+    first.sample_basis(1, 3)
+    state = first.state_dict(next_step=8)  # steps 8 and 9 planned (a prefetching loader), not trained
+    assert _only_plain_or_tensors(state), state
+    torch.save(state if form == "plain" else _as_tensors(state), tmp_path / "stream.pt")
+    loaded = torch.load(tmp_path / "stream.pt")  # torch's defaults
+    second = make()
+    second.load_state_dict(loaded)
+    assert second.step == 8 and second.weights.tobytes() == np.array(weights).tobytes()
+    assert run_steps(second, 20, changes) == straight[8:]
+    assert digest(second.sample_basis(0, 4)) == digest(first.sample_basis(0, 4))  # the auxiliary sampler too
 
 
 def test_state_dict_of_a_stream_iterated_by_workers_is_refused(store):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import polars as pl
@@ -129,7 +130,14 @@ def test_empty_target_and_missing_text_field_are_errors(workspace, tmp_path):
     params["targets"]["sets"]["spec"] = [str(other)]
     with pytest.raises(InputError, match="rejected 2.*no record has the text field 'text'"):
         run_stage(params, "spec", "ingest", ingest)
-    params["targets"]["sets"]["spec"] = "not a list"
+    # One path as a plain string is accepted (a list of one); what is not a list of paths is refused, on its own.
+    params["targets"]["sets"]["spec"] = str(other)
+    assert stage_params(params, "spec", "ingest")["ingest"]["inputs"] == [str(other)]
+    for bad in (42, [], ["x", 3]):
+        params["targets"]["sets"]["spec"] = bad
+        with pytest.raises(ParamError, match=rf"targets.sets.spec = {re.escape(repr(bad))}: expected a non-empty list"):
+            stage_params(params, "spec", "ingest")
+    params["targets"]["sets"]["spec"] = [str(other)]
     params["targets"]["sets"]["bad name"] = ["x"]
     with pytest.raises(ParamError, match="set name 'bad name' must be a plain folder name"):
         stage_params(params, "spec", "ingest")

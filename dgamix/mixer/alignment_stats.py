@@ -37,6 +37,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from .state import array, plain
+
 SCALES = ("raw", "snr", "standardized")
 MIN_MEMORY = 20  # updates: the shortest memory auto_decay picks (decay 0.95)
 
@@ -143,15 +145,16 @@ class AlignmentStats:
 
     # ---- state --------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"n_clusters": self.n_clusters, "decay": self.decay, "sequences": self.sequences,
-                **{name: getattr(self, name).tolist() for name in self.FIELDS}}
+        # Plain Python (torch.load's default, weights_only, refuses numpy); float64 values round-trip exactly.
+        return plain({"n_clusters": self.n_clusters, "decay": self.decay, "sequences": self.sequences,
+                      **{name: getattr(self, name) for name in self.FIELDS}})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["n_clusters"]) != self.n_clusters or float(state["decay"]) != self.decay:
             raise ValueError(f"alignment statistics saved for {state['n_clusters']} clusters with decay "
                              f"{state['decay']}, not {self.n_clusters} and {self.decay}")
         for name in self.FIELDS:
-            setattr(self, name, np.asarray(state[name], dtype=np.float64).copy())
+            setattr(self, name, array(state[name], np.float64))  # a list, a tensor or an array
         self.sequences = float(state["sequences"])
 
 

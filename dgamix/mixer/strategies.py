@@ -26,6 +26,7 @@ from .alignment_stats import SCALES, AlignmentStats, auto_decay, scale_scores
 from .dga import ESTIMATORS, check_dga_params, dga_update
 from .distributed import rank_and_world_size, shard_bounds
 from .mixture import check_weights
+from .state import array, plain
 from .stream import MixtureStream, StateMismatchError, TargetSampler
 
 log = logging.getLogger(__name__)
@@ -56,10 +57,10 @@ class StaticStrategy:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights.tolist()}
+        return plain({"weights": self.weights})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.weights = check_weights(state["weights"], len(self.weights))
+        self.weights = check_weights(array(state["weights"], np.float64), len(self.weights))
         self.stream.set_weights(self.weights)
 
 
@@ -168,14 +169,15 @@ class DGAStrategy:
         return UpdateRecord(step, self.weights.tolist(), scores.tolist(), skipped)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights.tolist(), "updates": self.updates, "skipped": self.skipped,
-                "target": self.target.state_dict(), **{name: getattr(self, name) for name in self.SETTINGS}}
+        # plain(): settings given as numpy scalars are saved as Python ones, which torch.load's default reads.
+        return plain({"weights": self.weights, "updates": self.updates, "skipped": self.skipped,
+                      "target": self.target.state_dict(), **{name: getattr(self, name) for name in self.SETTINGS}})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the weights, counters and target position; refused when the state was saved under other
         settings (a resumed run would not be the run that was saved)."""
         _check_settings(self, state, "DGA")
-        self.stream.set_weights(state["weights"])
+        self.stream.set_weights(array(state["weights"], np.float64))
         self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
         self.target.load_state_dict(state["target"])
 
@@ -337,16 +339,16 @@ class InBatchDGAStrategy:
         return records
 
     def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights.tolist(), "updates": self.updates, "skipped": self.skipped,
-                "stats": self.stats.state_dict(), "window": self.window.state_dict(),
-                # g_spe as last refreshed: a run resumed between two refreshes scores with the same g.
-                "target_gradient": self._target_gradient.detach().cpu(),
-                "target": self.target.state_dict(), **{name: getattr(self, name) for name in self.SETTINGS}}
+        return plain({"weights": self.weights, "updates": self.updates, "skipped": self.skipped,
+                      "stats": self.stats.state_dict(), "window": self.window.state_dict(),
+                      # g_spe as last refreshed: a run resumed between two refreshes scores with the same g.
+                      "target_gradient": self._target_gradient.detach().cpu(),
+                      "target": self.target.state_dict(), **{name: getattr(self, name) for name in self.SETTINGS}})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore weights, statistics, g_spe and the target's position: the resumed run continues exactly."""
         _check_settings(self, state, "in-batch DGA")
-        self.weights = np.asarray(state["weights"], dtype=np.float64)
+        self.weights = array(state["weights"], np.float64)
         self.stream.set_weights(self.weights)
         self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
         self.stats.load_state_dict(state["stats"])
@@ -420,8 +422,8 @@ class ODMStrategy:
         self.stream.set_weights(exp3_probabilities(self.rewards, self.steps + 1)[0])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rewards": self.rewards.tolist(), "steps": self.steps}
+        return plain({"rewards": self.rewards, "steps": self.steps})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rewards = np.asarray(state["rewards"], dtype=np.float64)
+        self.rewards = array(state["rewards"], np.float64)
         self.steps = int(state["steps"])

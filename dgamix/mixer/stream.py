@@ -21,6 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from .distributed import shard_bounds
 from .mixture import Mixture, check_weights
+from .state import array, plain
 from .store import ClusterStore
 
 STATE_VERSION = 2
@@ -247,9 +248,11 @@ class MixtureStream(IterableDataset):
                                  f"next_step <= {self.step}")
             cursors = self._snapshots[next_step][0].copy()
             replay = [self._snapshots[s][1].copy() for s in range(next_step, self.step)] + replay
-        return {"version": STATE_VERSION, "fingerprint": self.fingerprint(), "step": next_step,
-                "cursors": cursors, "aux_cursors": self.aux_cursors.copy(), "aux_draws": self.aux_draws,
-                "weights": self.weights.copy(), "replay": replay}
+        # Plain Python (lists of ints and floats), so that torch.load's default (weights_only) reads it; the float64
+        # weights round-trip exactly as Python floats.
+        return plain({"version": STATE_VERSION, "fingerprint": self.fingerprint(), "step": next_step,
+                      "cursors": cursors, "aux_cursors": self.aux_cursors, "aux_draws": self.aux_draws,
+                      "weights": self._weights, "replay": replay})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -260,14 +263,15 @@ class MixtureStream(IterableDataset):
             raise StateMismatchError(
                 "the saved stream state belongs to other data or settings; refusing to resume on a different stream: "
                 + "; ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items()))
-        weights = np.asarray(state["weights"], dtype=np.float64)
+        # Lists (what state_dict() writes), tensors or numpy arrays (older checkpoints) alike.
+        weights = array(state["weights"], np.float64)
         check_weights(weights, self.mixture.n_bases)  # validated, but restored bit for bit (no renormalization)
         self._set_weights_exactly(weights)
         self.step = int(state["step"])
-        self.cursors = np.array(state["cursors"], dtype=np.int64)
-        self.aux_cursors = np.array(state["aux_cursors"], dtype=np.int64)
+        self.cursors = array(state["cursors"], np.int64)
+        self.aux_cursors = array(state["aux_cursors"], np.int64)
         self.aux_draws = int(state["aux_draws"])
-        self._replay = [np.asarray(w, dtype=np.float64) for w in state.get("replay", [])]
+        self._replay = [array(w, np.float64) for w in state.get("replay", [])]
         self._snapshots = {}
 
 
@@ -293,7 +297,7 @@ class TargetSampler:
         return torch.from_numpy(out.astype(np.int64))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self.position, "store": self.store.fingerprint, "seq_len": self.seq_len}
+        return plain({"position": self.position, "store": self.store.fingerprint, "seq_len": self.seq_len})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["store"] != self.store.fingerprint or state.get("seq_len") != self.seq_len:

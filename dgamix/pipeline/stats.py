@@ -1,6 +1,9 @@
-"""Stage 5, stats: a polars-friendly table of cluster statistics, clustering metrics, and plots for `dvc plots`.
+"""Stage 6, stats: a polars-friendly table of cluster statistics, clustering metrics, and plots for `dvc plots`.
 
-Outputs (stats.output): `clusters.parquet` (one row per fine cluster), `sources.parquet` (cluster x source
+Reads the domains (stats.domains) and the corpus's token store (tokenize.output, so it runs after tokenize):
+users first ask how many tokens each cluster has.
+Outputs (stats.output): `clusters.parquet` (one row per fine cluster: `tokens` counts the cluster's tokens in the
+token store, i.e. training tokens only, the held-out documents excluded), `sources.parquet` (cluster x source
 counts and shares), `summary.json` (cluster sizes, purity and NMI at both levels, mean distance),
 `plots/cluster_sizes.csv` + `.png`, `plots/source_by_coarse.png`; the DVC metrics (clusters, NMI of the fine
 clustering against the source label) go to stats.metrics.
@@ -20,8 +23,8 @@ from sklearn.feature_extraction.text import CountVectorizer
 from tqdm.auto import tqdm
 
 from ..core.atomic import atomic_path, write_json
-from ..core.params import local_path, non_negative_int, positive_int, section
-from ..formats import domains
+from ..core.params import InputError, local_path, non_negative_int, positive_int, section
+from ..formats import domains, token_store
 from .sampling import sample_texts
 
 log = logging.getLogger(__name__)
@@ -109,10 +112,26 @@ def aggregate_shards(shards: list[Path], vectorizer: CountVectorizer, n_clusters
     return by_source, term_counts
 
 
-def cluster_table(manifest: pl.DataFrame, by_source: pl.DataFrame, keywords: list[list[str]]
+def training_tokens(store: token_store.TokenStoreFiles, manifest: pl.DataFrame, param: str = "tokenize.output"
+                    ) -> np.ndarray:
+    """Tokens per fine cluster in the training store (held-out documents live in its heldout/ store and are not
+    counted), checked against the domains it must have been tokenized from: a stale store is an error, not a
+    silently wrong column."""
+    tokens = store.cluster_tokens.astype(np.int64)
+    docs = manifest["docs"].to_numpy()
+    train_docs = np.diff(store.cluster_offsets)
+    heldout = int(store.meta.get("heldout_documents", 0))
+    if len(tokens) != manifest.height or (train_docs > docs).any() or int(train_docs.sum()) + heldout != docs.sum():
+        raise InputError(f"{param}: the token store ({len(tokens)} clusters, {int(train_docs.sum())} + {heldout} "
+                         f"held-out documents) was not tokenized from these domains ({manifest.height} clusters, "
+                         f"{int(docs.sum())} documents): re-run tokenize")
+    return tokens
+
+
+def cluster_table(manifest: pl.DataFrame, by_source: pl.DataFrame, keywords: list[list[str]], tokens: np.ndarray
                   ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Pure: one row per fine cluster (sizes, dominant source, source shares, mean distance, keywords), and the
-    (cluster, source) table of counts and shares."""
+    """Pure: one row per fine cluster (sizes, training tokens, dominant source, source shares, mean distance,
+    keywords), and the (cluster, source) table of counts and shares. `tokens[c]` is fine cluster c's count."""
     parents = [c for c in manifest.columns if c.startswith("parent_l")]
     per_source = (
         by_source.select("cluster", "source", "docs")
@@ -127,6 +146,7 @@ def cluster_table(manifest: pl.DataFrame, by_source: pl.DataFrame, keywords: lis
         (pl.col("distance_sum").sum() / pl.col("docs").sum()).alias("mean_distance"))
     table = (
         manifest.select("cluster", *parents, "docs", "chars")
+        .with_columns(pl.Series("tokens", np.asarray(tokens, dtype=np.int64)[manifest["cluster"].to_numpy()]))
         .join(dominant, on="cluster", how="left").join(shares, on="cluster", how="left")
         .join(distance, on="cluster", how="left")
         .with_columns(pl.Series("keywords", keywords, dtype=pl.List(pl.String)))
@@ -189,13 +209,16 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     cfg = section(params, "stats")
     domains_dir = local_path(cfg, "stats", "domains")
     manifest = pl.from_arrow(domains.read_manifest(domains_dir, param="stats.domains"))
+    # The corpus's store (the one tokenize wrote), read before any work so a missing or stale one fails fast.
+    store_dir = local_path(params.get("tokenize") or {}, "tokenize", "output")
+    tokens = training_tokens(token_store.read(store_dir, "tokenize.output"), manifest)
     shards = domains.list_shards(domains_dir)
     vectorizer = fit_vocabulary(shards, positive_int(cfg, "stats", "keyword_sample_docs"),
                                 non_negative_int(cfg, "stats", "seed"), positive_int(cfg, "stats", "keyword_terms"))
     by_source, term_counts = aggregate_shards(shards, vectorizer, manifest.height)
     keywords = class_tfidf_keywords(term_counts, vectorizer.get_feature_names_out(),
                                     positive_int(cfg, "stats", "keywords"))
-    table, per_source = cluster_table(manifest, by_source, keywords)
+    table, per_source = cluster_table(manifest, by_source, keywords, tokens)
     summary = clustering_summary(manifest, table, per_source, by_source)
     with atomic_path(local_path(cfg, "stats", "output")) as tmp:
         write_outputs(tmp, table, per_source, manifest, summary)

@@ -1,4 +1,4 @@
-"""Stage 6, tokenize: every cluster's documents -> one memory-mappable token store with a per-cluster index.
+"""Stage 5, tokenize: every cluster's documents -> one memory-mappable token store with a per-cluster index.
 
 (The module is `tokens`, so as not to shadow the standard library's `tokenize`.)
 
