@@ -90,6 +90,7 @@ class MixtureStream(IterableDataset):
         self._weights_version = torch.zeros(1, dtype=torch.int64).share_memory_()
         # Set by DataLoader workers: the trainer's copy of the stream then holds no position worth saving.
         self._iterated_in_workers = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._worker_origin: int | None = None  # set in a DataLoader worker: the step its round-robin counts from
 
     # ---- weights -------------------------------------------------------------------------------------------
     @property
@@ -184,14 +185,19 @@ class MixtureStream(IterableDataset):
     def _steps_of_this_worker(self) -> Iterator[int]:
         """Advance through the steps; yield those this DataLoader worker materializes (all of them in-process).
 
-        Worker w of W takes the steps start + w, start + w + W, ... counted from the step iteration starts at (not
-        from 0): the DataLoader collects batches from its workers in turn, so a stream resumed at any step still
-        comes out in straight order. The other steps are planned and skipped, to keep the cursors in step."""
+        Worker w of W takes the steps origin + w, origin + w + W, ..., where origin is the step the workers started
+        from (not 0): the DataLoader collects batches from its workers in turn, so a stream resumed at any step
+        still comes out in straight order. The origin is part of a worker's saved state, so a StatefulDataLoader
+        that restores each worker's state keeps every worker's phase. The other steps are planned and skipped, to
+        keep the cursors in step."""
         info = get_worker_info()
         workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
-        start, version = self.step, int(self._weights_version)
+        version = int(self._weights_version)
         if info is not None:
             self._iterated_in_workers.fill_(1)
+            if self._worker_origin is None:
+                self._worker_origin = self.step
+        start = self.step if info is None else self._worker_origin
         while self.max_steps is None or self.step < self.max_steps:
             if info is not None and int(self._weights_version) != version:
                 raise RuntimeError(
@@ -252,7 +258,7 @@ class MixtureStream(IterableDataset):
         # weights round-trip exactly as Python floats.
         return plain({"version": STATE_VERSION, "fingerprint": self.fingerprint(), "step": next_step,
                       "cursors": cursors, "aux_cursors": self.aux_cursors, "aux_draws": self.aux_draws,
-                      "weights": self._weights, "replay": replay})
+                      "weights": self._weights, "replay": replay, "worker_origin": self._worker_origin})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -273,6 +279,8 @@ class MixtureStream(IterableDataset):
         self.aux_draws = int(state["aux_draws"])
         self._replay = [array(w, np.float64) for w in state.get("replay", [])]
         self._snapshots = {}
+        # A worker's own state (StatefulDataLoader restores each worker's) keeps its phase; a trainer's starts anew.
+        self._worker_origin = state.get("worker_origin")
 
 
 class TargetSampler:
