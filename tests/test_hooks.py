@@ -184,3 +184,28 @@ def test_alignment_leaves_the_training_rng_where_it_was(stores):
     before = torch.random.get_rng_state()
     assert dga.on_step(1) is not None  # an update step: alignment batches went through the dropout model
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_hf_trainer_class_refuses_training_by_epochs(stores, tmp_path):
+    """The stream has no epochs; a schedule derived from its remaining length would change with every resume."""
+    store = ClusterStore(stores[0])
+    stream = MixtureStream(store, Mixture.identity(store.available), seq_len=SEQ, batch_size=BATCH, max_steps=10)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_positions=16, n_embd=16,
+                                                                 n_layer=1, n_head=2))
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=BATCH,
+                                          report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="set max_steps > 0"):
+        make_hf_trainer_class(stream)(model=model, args=args)
+
+
+def test_lightning_refuses_sequence_dataset_under_workers_before_training(stores, tmp_path):
+    torch.manual_seed(0)
+    module = _TinyLM()
+    stream, dga = _stream_and_dga(stores, module.model, module.model.loss)
+    stream.max_steps = 50
+    trainer = lightning.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, enable_checkpointing=False,
+                                callbacks=[make_lightning_callback(stream, dga)])
+    with pytest.raises(ValueError, match="pass MixtureLoader"):
+        trainer.fit(module, DataLoader(SequenceDataset(stream), batch_size=BATCH, num_workers=2))
+    assert module.seen == []

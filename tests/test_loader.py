@@ -108,3 +108,20 @@ def test_weight_change_under_iterating_workers_names_the_remedy(store_dir):
         for i, _ in enumerate(loader):
             if i == 1:
                 stream.set_weights([0.1, 0.2, 0.3, 0.4])
+
+
+def test_spawned_workers_read_the_store_by_reference(store_dir):
+    """Under spawn (macOS's default; forkserver is Linux's from Python 3.14) the workers unpickle the reader: the
+    store travels as its path (not a copy of every token) and the collate function must be picklable."""
+    import pickle
+
+    store = ClusterStore(store_dir)
+    assert len(pickle.dumps(store)) < 2_000 < store.tokens.nbytes
+    expected = [_rows(b["tokens"]) for b in MixtureLoader(_stream(store_dir, max_steps=4))]
+    loader = MixtureLoader(_stream(store_dir, max_steps=4), num_workers=2, multiprocessing_context="spawn",
+                           transform=_token_rows)
+    assert list(loader) == expected
+
+
+def _token_rows(batch):  # module level: a spawned worker imports it by name
+    return _rows(batch["tokens"])

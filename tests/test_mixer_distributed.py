@@ -249,7 +249,7 @@ def _alignment_runs(rank: int, world_size: int, directory: str, target_dir: str,
                           batch_size=batch_size, target_batch_size=target_batch_size, micro_batches=2, module=model)
         scores = [dga.alignment_scores().tolist() for _ in range(2)]
         state = stream.state_dict()
-        runs.append({"scores": scores, "seen": seen, "aux_cursors": state["aux_cursors"].tolist(),
+        runs.append({"scores": scores, "seen": seen, "aux_cursors": list(state["aux_cursors"]),
                      "aux_draws": state["aux_draws"], "target": target.state_dict()["position"]})
     return runs
 

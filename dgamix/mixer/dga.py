@@ -60,9 +60,18 @@ def _dtensor_type() -> type | None:
 
 
 def sharded_parameters(params: Sequence[torch.nn.Parameter]) -> bool:
-    """Whether the parameters are sharded DTensors (torch.distributed.fsdp.fully_shard, FSDP2)."""
+    """Whether the parameters are sharded DTensors (torch.distributed.fsdp.fully_shard, FSDP2). Only a 1-D mesh over
+    every rank is supported: on a 2-D (replicate, shard) mesh each shard lives on several ranks, and summing the
+    local dot products over all ranks would count it that many times."""
     dtensor = _dtensor_type()
-    return dtensor is not None and any(isinstance(p, dtensor) for p in params)
+    sharded = [p for p in params if dtensor is not None and isinstance(p, dtensor)]
+    for p in sharded:
+        mesh = p.device_mesh
+        if mesh.ndim != 1 or mesh.size() != torch.distributed.get_world_size():
+            raise ValueError(f"a parameter is sharded over a device mesh of shape {tuple(mesh.shape)} with "
+                             f"{torch.distributed.get_world_size()} ranks: DGA supports FSDP2 over one 1-D mesh of "
+                             "every rank (fully_shard without replication), where each shard lives on one rank")
+    return bool(sharded)
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

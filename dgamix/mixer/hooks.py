@@ -5,8 +5,9 @@ No monkey-patching, no global state: each callback calls `strategy.on_step()` at
 (after gradient accumulation, so one optimizer step is never trained under two mixtures) and saves the stream's
 and the strategy's state with the trainer's own checkpoints.
 
-Both trainers prefetch a batch ahead (accelerate to detect the end of the data, Lightning's data fetcher), so the
-stream has planned further than the model has trained. The callbacks count the batches actually trained and save
+Both trainers fetch batches before training on them (the Hugging Face Trainer a whole optimizer step's micro-batches,
+accelerate's wrapper one more; Lightning's data fetcher one ahead), so the stream has planned further than the
+model has trained. The callbacks count the batches actually trained and save
 `stream.state_dict(next_step=...)`: a resumed run re-plans the prefetched steps exactly as they were planned and
 sees the same sequences and weights as a straight run. A weight update reaches the data one batch later than in
 a plain loop (the prefetched batch was planned before the update), plus num_workers * prefetch_factor with
@@ -14,7 +15,6 @@ DataLoader workers (`loader`); that lag is part of the saved state.
 """
 from __future__ import annotations
 
-import contextlib
 import random
 from pathlib import Path
 from typing import Any, Iterator
@@ -71,18 +71,6 @@ class SequenceDataset(IterableDataset):
                 yield {"input_ids": tokens, "labels": tokens}
 
 
-def _tensors(value: Any) -> Any:
-    """numpy arrays -> torch tensors, recursively: checkpoints then load with torch.load(weights_only=True), which
-    Lightning uses and which never runs code from the file."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value.copy())
-    if isinstance(value, dict):
-        return {k: _tensors(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_tensors(v) for v in value]
-    return value
-
-
 class _TrainedBatches:
     """Counts the stream steps actually trained on (one per micro-batch), starting where the stream starts."""
 
@@ -90,8 +78,8 @@ class _TrainedBatches:
         self.stream, self.next_step = stream, stream.step
 
     def state(self, strategy: Any) -> dict[str, Any]:
-        return _tensors({"stream": self.stream.state_dict(next_step=self.next_step),
-                         "strategy": strategy.state_dict()})
+        # Plain Python (the states' own form): torch.load(weights_only=True), which Lightning uses, reads it.
+        return {"stream": self.stream.state_dict(next_step=self.next_step), "strategy": strategy.state_dict()}
 
     def load(self, state: dict[str, Any], strategy: Any) -> None:
         self.stream.load_state_dict(state["stream"])
@@ -108,19 +96,21 @@ def _hf_callback_base() -> type:
 
 
 def _restore_hf_rng(checkpoint: Path, args: Any) -> None:
-    """Restore the RNG state the Trainer saved with `checkpoint` (its own rng_state file). The Trainer restores it
-    only when it skips the trained batches itself, which the mixer's resume turns off (`ignore_data_skip`): without
-    this, dropout would draw other masks after a resume."""
+    """Restore the RNG state the Trainer saved with `checkpoint` (its own rng_state file) just before the first
+    resumed step. With `ignore_data_skip` in the middle of an epoch the Trainer does not restore it, and creating
+    the DataLoader's iterator draws from torch's RNG in any case: without this, dropout would draw other masks than
+    the straight run."""
     path = checkpoint / (f"rng_state_{args.process_index}.pth" if args.world_size > 1 else "rng_state.pth")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the Trainer's RNG state is missing from the checkpoint, so a resumed run "
                                 "would draw other dropout masks than the straight run")
     try:
         from transformers.trainer_pt_utils import safe_globals  # numpy's RNG state under weights_only loading
-    except ImportError:
-        safe_globals = contextlib.nullcontext
-    with safe_globals():
-        state = torch.load(path, weights_only=True)
+    except ImportError:  # older transformers: the file is the Trainer's own, written in the user's run
+        state = torch.load(path, weights_only=False)
+    else:
+        with safe_globals():
+            state = torch.load(path, weights_only=True)
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.random.set_rng_state(state["cpu"])
@@ -144,6 +134,10 @@ def make_hf_trainer_class(stream: MixtureStream, base: type | None = None) -> ty
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             _check_batch_size(self.args.per_device_train_batch_size, stream, "Hugging Face Trainer")
+            if self.args.max_steps is None or self.args.max_steps <= 0:
+                raise ValueError(f"TrainingArguments.max_steps = {self.args.max_steps}: the stream has no epochs "
+                                 "(its length changes with every resume), so the Trainer must count optimizer "
+                                 "steps: set max_steps > 0")
             self.args.ignore_data_skip = True
 
         def get_train_dataloader(self) -> Any:
@@ -237,6 +231,10 @@ def make_lightning_callback(stream: MixtureStream, strategy: Any) -> Any:
             self.optimizer_steps = trainer.global_step
             loader = trainer.train_dataloader
             _check_batch_size(getattr(loader, "batch_size", None), stream, "Lightning DataLoader")
+            if getattr(loader, "num_workers", 0) and isinstance(getattr(loader, "dataset", None), SequenceDataset):
+                raise ValueError(f"a DataLoader with num_workers = {loader.num_workers} over SequenceDataset: the "
+                                 "workers iterate copies of the stream, which can neither take weight changes nor be "
+                                 "saved; pass MixtureLoader(stream, num_workers=...).dataloader instead")
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.trained.next_step += 1

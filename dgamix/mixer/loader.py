@@ -9,8 +9,9 @@ splits them across processes:
 - `TokenReader`, a map-style dataset with no state of its own, reads a planned step in a worker.
 - `MixtureLoader` puts them in a `torch.utils.data.DataLoader` and owns the one state to save.
 
-Prefetching: with W workers and prefetch factor F the DataLoader plans up to W * F steps ahead of the step being
-trained (1 in-process), so a weight change reaches training that many steps after it is made. The lag is part of
+Prefetching: with W workers and prefetch factor F the DataLoader plans W * F steps ahead of the batch handed out
+(none in-process), so a weight change made after batch t is handed out reaches step t + 1 in-process and step
+t + W * F + 1 with workers. The lag is part of
 the saved state: `MixtureLoader.state_dict()` records the first step not yet handed to the trainer and the weights
 the steps planned after it were planned with, and a resumed run re-plans them exactly (`MixtureStream.state_dict`).
 """
@@ -33,10 +34,9 @@ class StepPlanner(Sampler):
         while self.stream.max_steps is None or self.stream.step < self.stream.max_steps:
             yield [self.stream.plan_step()]
 
-    def __len__(self) -> int:
-        if self.stream.max_steps is None:
-            raise TypeError("an endless stream has no length (set stream.max_steps for one)")
-        return max(0, self.stream.max_steps - self.stream.step)
+    # No __len__, on purpose: the remaining steps change with every resume, and trainers that see a length derive
+    # epochs and schedules from it (the Hugging Face Trainer would stretch its schedule over "epochs" of the
+    # remainder). Trainers count optimizer steps instead (max_steps).
 
 
 class TokenReader(Dataset):
@@ -49,8 +49,15 @@ class TokenReader(Dataset):
         return self.stream.read(planned)
 
 
-def _the_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return items[0]  # each "batch" of the planner is one planned step, already a batch
+class _OneStep:
+    """The collate function: each "batch" of the planner is one planned step, already a batch (a class, not a
+    lambda, so that workers started by spawn or forkserver can unpickle it)."""
+
+    def __init__(self, transform: Callable[[dict[str, Any]], Any] | None):
+        self.transform = transform
+
+    def __call__(self, items: list[dict[str, Any]]) -> Any:
+        return items[0] if self.transform is None else self.transform(items[0])
 
 
 class MixtureLoader:
@@ -71,9 +78,8 @@ class MixtureLoader:
                              f"{dataloader_kwargs.get('prefetch_factor') or 2} plans {ahead} steps ahead; the stream "
                              f"can save a position at most {SNAPSHOTS_KEPT} steps behind its planning")
         self.stream, self.transform = stream, transform
-        collate = _the_batch if transform is None else (lambda items: transform(items[0]))
         self.dataloader = DataLoader(TokenReader(stream), batch_sampler=StepPlanner(stream), num_workers=num_workers,
-                                     collate_fn=collate, **dataloader_kwargs)
+                                     collate_fn=_OneStep(transform), **dataloader_kwargs)
         self.next_step = stream.step  # the first step not yet handed out
 
     def __iter__(self) -> Iterator[Any]:
@@ -83,11 +89,6 @@ class MixtureLoader:
         for batch in self.dataloader:
             self.next_step += 1
             yield batch
-
-    def __len__(self) -> int:
-        if self.stream.max_steps is None:
-            raise TypeError("an endless stream has no length (set stream.max_steps for one)")
-        return max(0, self.stream.max_steps - self.next_step)
 
     def state_dict(self) -> dict[str, Any]:
         """The stream's state after the last step handed out (the steps planned beyond it are re-planned on

@@ -37,6 +37,18 @@ class ClusterStore:
         self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_size = cache_clusters
 
+    def __getstate__(self) -> dict[str, object]:
+        # Pickled by reference to its files, never by value: a DataLoader worker started by spawn or forkserver
+        # re-opens the memory maps instead of receiving a copy of every token.
+        return {"directory": self.directory, "token_cap": self.token_cap, "seed": self.seed,
+                "cache_clusters": self._cache_size, "fingerprint": self.fingerprint}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__init__(state["directory"], state["token_cap"], state["seed"], state["cache_clusters"])
+        if self.fingerprint != state["fingerprint"]:
+            raise RuntimeError(f"the token store at {self.directory} changed while a copy of it was being sent to a "
+                               f"worker: {state['fingerprint']} became {self.fingerprint}")
+
     @property
     def n_clusters(self) -> int:
         return len(self.cluster_offsets) - 1
