@@ -4,8 +4,8 @@
 Strategies: uniform (over the bases), natural, importance (static weight 1 on the importance basis), dga (no EMA),
 dga_ema, inbatch (DGA over the bases scored from the training step's own sequences), inbatch_domains (the same over
 every fine cluster: domain reweighting), doge (the DoGE baseline: learning-rate-scaled alignment normalized by the
-mean gradient norm, clipped, no EMA), and odm (the EXP3 bandit of Online Data Mixing over disjoint domains: the coarse bases when the bases
-stage built them, else one domain per cluster). Outputs in runs/NAME/:
+mean gradient norm, clipped, no EMA), and odm (the EXP3 bandit of Online Data Mixing over disjoint domains: the
+coarse bases when the bases stage built them, else one domain per cluster). Outputs in runs/NAME/:
 - metrics.json: the final and best losses (what `dvc metrics show` tabulates), the bases and the final weights;
 - summary.json: how the run went (steps, seconds, parameters, skipped updates, clusters repeated, eval sets);
 - log.csv: per step: train loss, evaluation losses when measured, weights `w:`, alignment scores `a:`, tokens
