@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             stage.add_argument("--target", metavar="SET", help="run the stage on the specialized set SET of "
                                "targets.sets (spec, eval), the corpus's way: its encoder, tree and tokenizer")
     train = sub.add_parser("train", help="reference training run of the small GPT under one strategy")
-    train.add_argument("--strategy", required=True, help="uniform, natural, importance, dga or dga_ema")
+    train.add_argument("--strategy", required=True,
+                       help="uniform, natural, importance, dga, dga_ema, inbatch, inbatch_domains, odm or doge")
     plot = sub.add_parser("plot", help="loss curves (CSV for dvc plots, PNG) and weight trajectories of the runs")
     plot.add_argument("runs", nargs="?", default=None,
                       help="folder of runs (default: the runs of train.strategies in train.output)")

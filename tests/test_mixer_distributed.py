@@ -215,14 +215,14 @@ SHARDED_CONFIGS = [("exact", 4, 2), ("exact", 3, 5), ("finite_difference", 3, 4)
 def _alignment_runs(rank: int, world_size: int, directory: str, target_dir: str, configs: list,
                     fsdp: bool = False) -> list[dict]:
     """For each config, two DGA alignment draws on a fresh model (seed 0): the scores, the sequences this process
-    differentiated, and the auxiliary sampler's state afterwards. world_size 1: one process, no process group."""
+    differentiated, and the auxiliary sampler's state afterwards; for the exact estimator also one DoGE draw on
+    another fresh model and stream: its scores and gradient norms. world_size 1: one process, no process group."""
     import torch
 
     from dgamix.mixer import TargetSampler
-    from dgamix.mixer.strategies import DGAStrategy
+    from dgamix.mixer.strategies import DGAStrategy, DoGEStrategy
 
-    runs = []
-    for estimator, batch_size, target_batch_size in configs:
+    def fresh_model():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Embedding(64, 8), torch.nn.Linear(8, 64))
         if fsdp:
@@ -233,6 +233,11 @@ def _alignment_runs(rank: int, world_size: int, directory: str, target_dir: str,
             for layer in model:
                 fully_shard(layer, mesh=mesh)
             fully_shard(model, mesh=mesh)
+        return model
+
+    runs = []
+    for estimator, batch_size, target_batch_size in configs:
+        model = fresh_model()
         stream = make_stream(directory, rank=rank, world_size=world_size)
         target = TargetSampler(ClusterStore(target_dir), 16)
         seen: list[bytes] = []
@@ -251,6 +256,16 @@ def _alignment_runs(rank: int, world_size: int, directory: str, target_dir: str,
         state = stream.state_dict()
         runs.append({"scores": scores, "seen": seen, "aux_cursors": list(state["aux_cursors"]),
                      "aux_draws": state["aux_draws"], "target": target.state_dict()["position"]})
+        if estimator == "exact":
+            doge_model = fresh_model()
+            doge = DoGEStrategy(make_stream(directory, rank=rank, world_size=world_size),
+                                TargetSampler(ClusterStore(target_dir), 16),
+                                lambda t: torch.nn.functional.cross_entropy(
+                                    doge_model(t[:, :-1]).reshape(-1, 64), t[:, 1:].reshape(-1)),
+                                list(doge_model.parameters()), lr_fn=lambda: 1e-3, batch_size=batch_size,
+                                target_batch_size=target_batch_size, micro_batches=2)
+            a, norms, target_norm = doge.alignment()
+            runs[-1]["doge"] = [*a.tolist(), *norms.tolist(), target_norm]
     return runs
 
 
@@ -327,6 +342,9 @@ def _check_sharded_against_one_process(tmp_path, configs: list, fsdp: bool) -> l
         # process's on every rank.
         for key in ("aux_cursors", "aux_draws", "target"):
             assert r0[key] == r1[key] == one[key], (config, key)
+        if "doge" in one:  # DoGE's scores and gradient norms: the whole batches', as one process computes them
+            assert r0["doge"] == r1["doge"], config
+            np.testing.assert_allclose(r0["doge"], one["doge"], rtol=1e-5, atol=1e-9, err_msg=str(config))
     return [rank0, rank1]
 
 

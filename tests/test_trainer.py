@@ -171,6 +171,41 @@ def test_in_batch_strategies_score_every_step_and_record_the_clusters(trainer_pa
     assert Path(f"runs/plots/alignment_{strategy}.png") in written
 
 
+def test_doge_trains_reads_the_learning_rate_and_resumes(trainer_params, monkeypatch):
+    """`dgamix train --strategy doge`: scores at steps 3 and 6 within DoGE's bounds in units of train.lr, weights
+    that move, and a run killed after its step-4 checkpoint that resumes to the straight run's bytes."""
+    params = copy.deepcopy(trainer_params)
+    params["train"].update(checkpoint_every=2, output="straight", doge_clip_min=-5.0)
+    run(params, "doge")
+    frame = pl.read_csv(Path("straight/doge/log.csv"), infer_schema_length=None)
+    scores = frame.select([c for c in frame.columns if c.startswith("a:")]).drop_nulls()
+    assert scores.height == 2 and frame["skipped"].drop_nulls().to_list() == [False, False]
+    lr = params["train"]["lr"]
+    assert all(-5 * lr <= v <= 5 * lr for row in scores.rows() for v in row) and any(v != 0 for v in scores.row(0))
+    weights = [c for c in frame.columns if c.startswith("w:")]
+    assert frame.row(0)[5:5 + len(weights)] != frame.row(5)[5:5 + len(weights)]  # DoGE moved the weights
+
+    params["train"]["output"] = "resumed"
+    save = train.save_checkpoint
+
+    def save_then_die(path, objects, next_step, history):
+        save(path, objects, next_step, history)
+        if next_step == 4:
+            raise Killed
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(params, "doge")
+    monkeypatch.undo()
+    other = copy.deepcopy(params)
+    other["train"]["doge_mu"] = 0.01
+    with pytest.raises(ParamError, match="doge_mu|mu: saved 0.05, now 0.01"):
+        run(other, "doge")
+    run(params, "doge")
+    for name in ("log.csv", "clusters.parquet", "metrics.json"):
+        assert (Path("resumed/doge") / name).read_bytes() == (Path("straight/doge") / name).read_bytes(), name
+
+
 def test_missing_eval_store_names_its_parameter(trainer_params):
     trainer_params["train"]["target_eval"] = "data/targets/nowhere"
     with pytest.raises(ParamError, match=r"train.target_eval = 'data/targets/nowhere'.*dgamix tokenize --target eval"):
@@ -186,7 +221,9 @@ def test_parameters_default_from_core_and_are_checked():
            ({"beta": True}, "train.beta"), ({"estimator": "adjoint"}, "train.estimator"),
            ({"every": 2.5}, "train.every"), ({"token_cap": 0}, "train.token_cap"),
            ({"dga_target_batch_size": 0}, "train.dga_target_batch_size"), ({"n_embd": 30}, "train.n_embd"),
-           ({"basis_names": [1]}, "train.basis_names"), ({"lr": "fast"}, "train.lr"), ({"seed": -1}, "train.seed")]
+           ({"basis_names": [1]}, "train.basis_names"), ({"lr": "fast"}, "train.lr"), ({"seed": -1}, "train.seed"),
+           ({"doge_mu": 0}, "train.doge_mu"), ({"doge_clip_min": 6.0}, "train.doge_clip_min"),
+           ({"doge_clip_max": float("inf")}, "train.doge_clip_max"), ({"doge_grad_clip": -1}, "train.doge_grad_clip")]
     for override, named in bad:
         with pytest.raises(ParamError, match=named.replace(".", r"\.")):
             read_config({"train": override}, "uniform")

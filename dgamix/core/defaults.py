@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-STRATEGIES = ["uniform", "natural", "importance", "dga", "dga_ema", "inbatch", "inbatch_domains", "odm"]
+STRATEGIES = ["uniform", "natural", "importance", "dga", "dga_ema", "inbatch", "inbatch_domains", "odm", "doge"]
 BASIS_FAMILIES = ["importance", "reference", "natural", "uniform", "coarse"]
 
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -134,6 +134,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "inbatch_scale": "snr",
         "inbatch_rank": None,
         "weight_floor": 0.001,
+        "doge_mu": 0.05,
+        "doge_clip_min": 0.0,
+        "doge_clip_max": 5.0,
+        "doge_grad_clip": 1.0,
         "seed": 0,
         "tokens": "data/tokens",
         "bases": "data/bases",

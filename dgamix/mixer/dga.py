@@ -149,6 +149,29 @@ def exact_alignment(loss_fn: Callable[[object], torch.Tensor], params: Sequence[
     On FSDP2-sharded parameters (fully_shard) FSDP's backward already averages the ranks' gradients into each
     rank's shard: the scores are the dot products of the local shards, summed across ranks.
     """
+    return _exact(loss_fn, params, basis_batches, target_batches, basis_share, target_share, with_norms=False)[0]
+
+
+def exact_alignment_with_norms(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
+                               basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object],
+                               basis_share: float | None = None, target_share: float | None = None,
+                               ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(a, ||grad L(x_j)|| per basis, ||grad L(y)||): the exact scores (bit for bit those of `exact_alignment`)
+    and the gradient norms DoGE normalizes and clips with, from the same gradients (no extra backward).
+
+    The norms are those of the whole batches' gradients. Under FSDP2 the squared norms of the local shards are
+    summed across ranks with the scores (cheap). Under DDP (unsharded parameters) each rank holds only its slice's
+    basis gradient, and the norm of a sum is no sum of norms: each basis gradient is all-reduced (share-weighted)
+    for its norm, one model-sized reduction per basis, which the scores alone never need."""
+    scores, basis_norms, target_norm = _exact(loss_fn, params, basis_batches, target_batches, basis_share,
+                                              target_share, with_norms=True)
+    return scores, basis_norms, float(target_norm)
+
+
+def _exact(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
+           basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object],
+           basis_share: float | None, target_share: float | None,
+           with_norms: bool) -> tuple[np.ndarray, np.ndarray | None, float | None]:
     params = [p for p in params if p.requires_grad]
     basis_share = _share(basis_share, "basis_share")
     sharded = sharded_parameters(params)
@@ -156,15 +179,29 @@ def exact_alignment(loss_fn: Callable[[object], torch.Tensor], params: Sequence[
     world = rank_and_world_size()[1]
     # On the gradient's device: NCCL cannot reduce CPU tensors; one transfer at the end instead of one per basis.
     partial = torch.zeros(len(basis_batches), dtype=torch.float64, device=target.device)
+    # Squared norms: per-rank partial sums under FSDP2 (reduced with the scores), else already whole-batch values.
+    squares = torch.zeros(len(basis_batches), dtype=torch.float64, device=target.device)
     for j, batches in enumerate(basis_batches):
         if sharded:  # FSDP averages over ranks with equal weights: scaling by share * world makes it share-weighted
             g = mean_gradient(loss_fn, batches, params, loss_multiplier=basis_share * world)
             partial[j] = torch.dot(g, target)
+            if with_norms:
+                squares[j] = torch.dot(g, g)
         else:
             g = mean_gradient(loss_fn, batches, params)
             partial[j] = basis_share * torch.dot(g, target).double()
+            if with_norms:
+                whole = all_reduce_sum_(g.mul_(basis_share)) if is_distributed() else g
+                squares[j] = torch.dot(whole, whole).double()
         del g
-    return all_reduce_sum_(partial).cpu().numpy()
+    scores = all_reduce_sum_(partial).cpu().numpy()
+    if not with_norms:
+        return scores, None, None
+    target_square = torch.dot(target, target).double().reshape(1)
+    if sharded:  # both are sums over the ranks' shards
+        all_reduce_sum_(squares)
+        all_reduce_sum_(target_square)
+    return scores, squares.sqrt().cpu().numpy(), float(target_square.sqrt())
 
 
 def _target_gradient(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],

@@ -5,7 +5,9 @@
 - `DGAStrategy`: Dynamic Gradient Alignment every `every` (T_r) steps, domain or distribution reweighting
   depending on the stream's bases, with the EMA variant when beta < 1;
 - `InBatchDGAStrategy`: DGA scored from the training step itself (every training sequence's alignment with the
-  specialized gradient, `inbatch` + `alignment_stats`), no extra backward per basis, updating as often as every step.
+  specialized gradient, `inbatch` + `alignment_stats`), no extra backward per basis, updating as often as every step;
+- `DoGEStrategy`: the DoGE baseline (learning-rate-scaled alignment normalized by the mean gradient norm, clipped,
+  no EMA) on DGA's alignment draw.
 A strategy's `state_dict()` holds its weights, EMA state, counters and its target sampler's position; the stream's
 own state (training and auxiliary sampler positions) goes beside it in the checkpoint. DGA's state also records the
 settings that shape its updates, and loading it under other settings is refused (StateMismatchError), as the stream
@@ -23,7 +25,8 @@ import torch
 
 from ..core.defaults import DEFAULTS
 from .alignment_stats import SCALES, AlignmentStats, auto_decay, scale_scores
-from .dga import ESTIMATORS, check_dga_params, dga_update
+from .dga import ESTIMATORS, check_dga_params, dga_update, exact_alignment_with_norms
+from .doge import check_doge_params, doge_update
 from .distributed import rank_and_world_size, shard_bounds
 from .mixture import check_weights
 from .state import array, plain
@@ -70,6 +73,33 @@ def own_rng(params: Iterable[torch.Tensor]) -> contextlib.AbstractContextManager
     resumes exactly, and training draws the same dropout masks with DGA on or off."""
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
     return torch.random.fork_rng(devices=devices)
+
+
+def draw_alignment_batches(stream: MixtureStream, target: TargetSampler, batch_size: int, target_batch_size: int,
+                           micro_batches: int) -> tuple[list[list[torch.Tensor]], list[torch.Tensor], dict[str, float]]:
+    """This rank's slices of one alignment draw: `micro_batches` target batches (drawn first), then as many batches
+    of each basis, and {basis_share, target_share}, this rank's fraction of each batch's sequences (the
+    estimators' share-weighting). The draw order is part of every recorded run: DGA and DoGE share it."""
+    rank, world = rank_and_world_size()
+    micro = lambda draw: [draw() for _ in range(micro_batches)]  # noqa: E731
+    target_batches = micro(lambda: target.sample(target_batch_size, rank, world))
+    bases = [micro(lambda j=j: stream.sample_basis(j, batch_size, rank, world)["tokens"])
+             for j in range(stream.mixture.n_bases)]
+
+    def share(size: int) -> float:  # this rank's fraction of a batch of `size` sequences
+        start, stop = shard_bounds(size, rank, world)
+        return (stop - start) / size
+
+    return bases, target_batches, {"basis_share": share(batch_size), "target_share": share(target_batch_size)}
+
+
+def _check_shardable(batch_size: int, target_batch_size: int, world_size: int) -> None:
+    """Every rank needs at least one sequence of each batch: a rank with none would have no loss to differentiate,
+    and under FSDP it would skip the collectives of the others' forwards and backwards."""
+    if min(batch_size, target_batch_size) < world_size:
+        raise ValueError(f"batch_size = {batch_size}, target_batch_size = {target_batch_size} with "
+                         f"world size {world_size}: the alignment batches are split across ranks, so expected "
+                         f"both >= the world size ({world_size}), e.g. a multiple of it")
 
 
 @dataclass
@@ -131,28 +161,14 @@ class DGAStrategy:
         resumable) and computes only its contiguous share of the sequences (`shard_bounds`; when the batch size is
         not a multiple of the world size the shares differ by one and are weighted by their size). The estimator
         combines the ranks' partial results into the scores of one process over the whole batches."""
-        rank, world = rank_and_world_size()
-        self._check_shardable(world)
-        n = self.stream.mixture.n_bases
-        micro = lambda draw: [draw() for _ in range(self.micro_batches)]  # noqa: E731
-        target = micro(lambda: self.target.sample(self.target_batch_size, rank, world))
-        bases = [micro(lambda j=j: self.stream.sample_basis(j, self.batch_size, rank, world)["tokens"])
-                 for j in range(n)]
-        def share(size: int) -> float:  # this rank's fraction of a batch of `size` sequences
-            start, stop = shard_bounds(size, rank, world)
-            return (stop - start) / size
-
+        self._check_shardable(rank_and_world_size()[1])
+        bases, target, shares = draw_alignment_batches(self.stream, self.target, self.batch_size,
+                                                       self.target_batch_size, self.micro_batches)
         return ESTIMATORS[self.estimator](self.loss_fn, self.params, bases, target, module=self.module,
-                                          sequence_loss_fn=self.sequence_loss_fn,
-                                          basis_share=share(self.batch_size), target_share=share(self.target_batch_size))
+                                          sequence_loss_fn=self.sequence_loss_fn, **shares)
 
     def _check_shardable(self, world_size: int) -> None:
-        """Every rank needs at least one sequence of each batch: a rank with none would have no loss to
-        differentiate, and under FSDP it would skip the collectives of the others' forwards and backwards."""
-        if min(self.batch_size, self.target_batch_size) < world_size:
-            raise ValueError(f"batch_size = {self.batch_size}, target_batch_size = {self.target_batch_size} with "
-                             f"world size {world_size}: the alignment batches are split across ranks, so expected "
-                             f"both >= the world size ({world_size}), e.g. a multiple of it")
+        _check_shardable(self.batch_size, self.target_batch_size, world_size)
 
     def on_step(self, step: int) -> UpdateRecord | None:
         """Call after optimizer.step() of step `step` (0-based); updates the weights every `every` steps and returns
@@ -179,6 +195,120 @@ class DGAStrategy:
         _check_settings(self, state, "DGA")
         self.stream.set_weights(array(state["weights"], np.float64))
         self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
+        self.target.load_state_dict(state["target"])
+
+
+@dataclass
+class DoGEStrategy:
+    """DoGE (Fan et al. 2024, "DoGE: Domain Reweighting with Generalization Estimation"), the baseline DGA is built
+    on, in its out-of-domain form with the specialized set as the target domain. Every `every` steps, at the
+    current parameters, on fresh alignment batches (the same draw as DGA's):
+
+        s_j   = clip(lr_t * <g_j, g_spe> / (mean_i ||g_i|| + 1e-6), lr_t * clip_min, lr_t * clip_max)
+        alpha = normalize(alpha * exp(s / mu))                                       no EMA
+
+    with g_j and g_spe each first clipped to norm `grad_clip` (0: not clipped) and lr_t = `lr_fn()`, the current
+    learning rate (e.g. `lambda: optimizer.param_groups[0]["lr"]`). `dgamix.mixer.doge` has the rule, its source
+    and its defaults (mu = 0.05, clip_min = 0, clip_max = 5, grad_clip = 1.0: the paper's out-of-domain configs).
+    `UpdateRecord.scores` are the s_j that moved the weights.
+
+    Deviations from the reference implementation, each on purpose:
+    - scores come from fresh batches of `batch_size` sequences per basis every `every` steps (DGA's draw, sharded
+      across ranks), not from splitting each training batch by domain at every step;
+    - the model trains on batches sampled from the mixture alpha, not on the alpha-weighted sum of the per-domain
+      gradients of a batch (the same expected gradient);
+    - the bases may be distributions over clusters (distribution reweighting), not only disjoint domains;
+    - gradient clipping is applied through the norms (exactly the clipped dot products and norms), and only to
+      the scoring gradients: the trainer's own gradients are not clipped here;
+    - the reference's average of the weights over updates (what it hands to the final model) is kept as
+      `average_weights`, but the stream samples with the current weights, as the reference's proxy run does;
+    - non-finite scores skip the update (DGA's behaviour; the reference would write NaN weights);
+    - only the out-of-domain rule: the universal setting (target = all domains, self-alignment removed) is not
+      implemented.
+    Only the exact estimator is supported: the normalization needs the gradient norms.
+    """
+
+    stream: MixtureStream
+    target: TargetSampler
+    loss_fn: Callable[[torch.Tensor], torch.Tensor]
+    params: list[torch.nn.Parameter]
+    lr_fn: Callable[[], float]
+    mu: float = _TRAIN["doge_mu"]
+    clip_min: float = _TRAIN["doge_clip_min"]
+    clip_max: float = _TRAIN["doge_clip_max"]
+    grad_clip: float = _TRAIN["doge_grad_clip"]
+    every: int = _TRAIN["every"]
+    batch_size: int = _TRAIN["dga_batch_size"]
+    micro_batches: int = 1
+    target_batch_size: int | None = _TRAIN["dga_target_batch_size"]
+
+    # Saved and checked on load, as DGA's: each changes the weights a run reaches or the sequences it draws. The
+    # learning rate is not among them: its schedule is the optimizer's (and scheduler's) state.
+    SETTINGS: ClassVar[tuple[str, ...]] = ("mu", "clip_min", "clip_max", "grad_clip", "every", "batch_size",
+                                           "micro_batches", "target_batch_size")
+
+    def __post_init__(self) -> None:
+        check_doge_params(self.mu, self.clip_min, self.clip_max, self.grad_clip, self.every)
+        if not callable(self.lr_fn):
+            raise ValueError("lr_fn: expected a callable returning the current learning rate, e.g. "
+                             "lambda: optimizer.param_groups[0]['lr']")
+        if self.target_batch_size is None:
+            self.target_batch_size = self.batch_size
+        if min(self.batch_size, self.micro_batches, self.target_batch_size) < 1:
+            raise ValueError(f"batch_size = {self.batch_size}, micro_batches = {self.micro_batches}, "
+                             f"target_batch_size = {self.target_batch_size}: expected >= 1")
+        if not (np.asarray(self.stream.mixture.bases.sum(axis=1)).ravel() > 0).all():
+            raise ValueError("a basis has no available tokens")
+        _check_shardable(self.batch_size, self.target_batch_size, rank_and_world_size()[1])
+        self.updates = 0
+        self.skipped = 0
+        self.weights_sum = np.zeros(self.stream.mixture.n_bases)  # over the updates: average_weights
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.stream.weights
+
+    @property
+    def average_weights(self) -> np.ndarray:
+        """The mean of the weights after each update (the reference's output for the final run); the current
+        weights before the first."""
+        done = self.updates - self.skipped
+        return self.weights_sum / done if done else self.weights.copy()
+
+    def alignment(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """(a_j = <g_j, g_spe>, ||g_j||, ||g_spe||) at the current parameters, on fresh alignment batches."""
+        _check_shardable(self.batch_size, self.target_batch_size, rank_and_world_size()[1])
+        bases, target, shares = draw_alignment_batches(self.stream, self.target, self.batch_size,
+                                                       self.target_batch_size, self.micro_batches)
+        return exact_alignment_with_norms(self.loss_fn, self.params, bases, target, **shares)
+
+    def on_step(self, step: int) -> UpdateRecord | None:
+        """Call after optimizer.step() of step `step` (0-based), before the learning-rate scheduler steps (lr_fn
+        then reads the rate that step used, as the reference does); updates every `every` steps."""
+        if (step + 1) % self.every:
+            return None
+        with own_rng(self.params):
+            alignments, norms, target_norm = self.alignment()
+        new, scores, skipped = doge_update(self.weights, alignments, norms, target_norm, float(self.lr_fn()),
+                                           self.mu, self.clip_min, self.clip_max, self.grad_clip)
+        self.updates += 1
+        self.skipped += int(skipped)
+        if not skipped:
+            self.stream.set_weights(new)
+            self.weights_sum += self.weights
+        return UpdateRecord(step, self.weights.tolist(), scores.tolist(), skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        return plain({"weights": self.weights, "updates": self.updates, "skipped": self.skipped,
+                      "weights_sum": self.weights_sum, "target": self.target.state_dict(),
+                      **{name: getattr(self, name) for name in self.SETTINGS}})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the weights, counters, average and target position; refused under other settings."""
+        _check_settings(self, state, "DoGE")
+        self.stream.set_weights(array(state["weights"], np.float64))
+        self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
+        self.weights_sum = array(state["weights_sum"], np.float64)
         self.target.load_state_dict(state["target"])
 
 

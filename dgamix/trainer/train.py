@@ -3,8 +3,9 @@
 `dgamix train --strategy NAME` (what dvc.yaml's foreach calls) reads the `train` section of params.yaml.
 Strategies: uniform (over the bases), natural, importance (static weight 1 on the importance basis), dga (no EMA),
 dga_ema, inbatch (DGA over the bases scored from the training step's own sequences), inbatch_domains (the same over
-every fine cluster: domain reweighting), and odm (the EXP3 bandit of Online Data Mixing over disjoint domains: the coarse bases when the bases
-stage built them, else one domain per cluster). Outputs in runs/NAME/:
+every fine cluster: domain reweighting), doge (the DoGE baseline: learning-rate-scaled alignment normalized by the
+mean gradient norm, clipped, no EMA), and odm (the EXP3 bandit of Online Data Mixing over disjoint domains: the
+coarse bases when the bases stage built them, else one domain per cluster). Outputs in runs/NAME/:
 - metrics.json: the final and best losses (what `dvc metrics show` tabulates), the bases and the final weights;
 - summary.json: how the run went (steps, seconds, parameters, skipped updates, clusters repeated, eval sets);
 - log.csv: per step: train loss, evaluation losses when measured, weights `w:`, alignment scores `a:`, tokens
@@ -42,12 +43,12 @@ from ..mixer import ClusterStore, Mixture, MixtureStream, StateMismatchError, Ta
 from ..mixer.dga import ESTIMATORS
 from ..mixer.alignment_stats import SCALES
 from ..mixer.inbatch import InBatchAlignment
-from ..mixer.strategies import DGAStrategy, InBatchDGAStrategy, ODMStrategy, StaticStrategy
+from ..mixer.strategies import DGAStrategy, DoGEStrategy, InBatchDGAStrategy, ODMStrategy, StaticStrategy
 from .model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 
-Strategy = StaticStrategy | DGAStrategy | InBatchDGAStrategy | ODMStrategy
+Strategy = StaticStrategy | DGAStrategy | InBatchDGAStrategy | ODMStrategy | DoGEStrategy
 Drawn = list[tuple[int, dict[int, int]]]  # per step: tokens drawn per cluster
 METRIC_DECIMALS = 6  # `dvc metrics show` prints what the file holds: six decimals of a loss are plenty
 TARGET_HINT = "run the target stages first (`dvc repro`, or `dgamix tokenize --target {name}`)"
@@ -86,6 +87,10 @@ class TrainConfig:
     inbatch_scale: str
     inbatch_rank: int | None
     weight_floor: float
+    doge_mu: float
+    doge_clip_min: float
+    doge_clip_max: float
+    doge_grad_clip: float
     seed: int
     tokens: Path
     bases: Path
@@ -132,6 +137,10 @@ def read_config(params: dict[str, Any], strategy: str) -> TrainConfig:
         inbatch_scale=require(cfg, "train", "inbatch_scale", str),
         inbatch_rank=_optional_positive_int(cfg, "inbatch_rank"),
         weight_floor=float(require(cfg, "train", "weight_floor", (int, float))),
+        doge_mu=_positive_float(cfg, "doge_mu"),
+        doge_clip_min=_finite_float(cfg, "doge_clip_min"),
+        doge_clip_max=_finite_float(cfg, "doge_clip_max"),
+        doge_grad_clip=_finite_float(cfg, "doge_grad_clip"),
         seed=non_negative_int(cfg, "train", "seed"),
         tokens=local_path(cfg, "train", "tokens"),
         bases=local_path(cfg, "train", "bases"),
@@ -145,6 +154,11 @@ def read_config(params: dict[str, Any], strategy: str) -> TrainConfig:
         raise ParamError(f"train.inbatch_scale = '{config.inbatch_scale}': expected one of {list(SCALES)}")
     if not 0 <= config.weight_floor < 1:
         raise ParamError(f"train.weight_floor = {config.weight_floor}: expected 0 <= floor < 1")
+    if config.doge_clip_min > config.doge_clip_max:
+        raise ParamError(f"train.doge_clip_min = {config.doge_clip_min} > train.doge_clip_max = "
+                         f"{config.doge_clip_max}: expected min <= max")
+    if config.doge_grad_clip < 0:
+        raise ParamError(f"train.doge_grad_clip = {config.doge_grad_clip}: expected >= 0 (0: no clipping)")
     if config.n_embd % config.n_head:  # attention splits the embedding evenly over the heads
         raise ParamError(f"train.n_embd = {config.n_embd}: expected a multiple of train.n_head = {config.n_head}")
     return config
@@ -154,6 +168,13 @@ def _positive_float(cfg: dict[str, Any], key: str) -> float:
     value = float(require(cfg, "train", key, (int, float)))
     if not (value > 0 and math.isfinite(value)):
         raise ParamError(f"train.{key} = {value}: expected a positive number")
+    return value
+
+
+def _finite_float(cfg: dict[str, Any], key: str) -> float:
+    value = float(require(cfg, "train", key, (int, float)))
+    if not math.isfinite(value):
+        raise ParamError(f"train.{key} = {value}: expected a finite number")
     return value
 
 
@@ -234,7 +255,7 @@ def build_run(config: TrainConfig) -> RunObjects:
     model = GPT(GPTConfig(vocab_size=store.vocab_size, block_size=config.seq_len, n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    strategy = build_strategy(config, stream, target, model, device)
+    strategy = build_strategy(config, stream, target, model, device, optimizer)
     return RunObjects(model, optimizer, mixture, stream, strategy, device, autocast)
 
 
@@ -245,7 +266,8 @@ def domain_mixture(mixture: Mixture, store: ClusterStore) -> Mixture:
 
 
 def build_strategy(config: TrainConfig, stream: MixtureStream, target: TargetSampler, model: GPT,
-                   device: str) -> Strategy:
+                   device: str, optimizer: torch.optim.Optimizer | None = None) -> Strategy:
+    """`optimizer`: whose learning rate DoGE reads at each update (the doge strategy needs it)."""
     name = config.strategy
     if name == "odm":
         return ODMStrategy(stream)
@@ -263,6 +285,18 @@ def build_strategy(config: TrainConfig, stream: MixtureStream, target: TargetSam
                                       decay=config.inbatch_decay, min_sequences=config.inbatch_min_sequences,
                                       scale=config.inbatch_scale, floor=config.weight_floor,
                                       level="clusters" if name == "inbatch_domains" else "bases")
+        except ValueError as err:
+            raise ParamError(f"train: {err}") from err
+    if name == "doge":
+        if optimizer is None:
+            raise ValueError("the doge strategy reads the learning rate: pass build_strategy the optimizer")
+        try:
+            # Read at each update, so a learning-rate schedule reaches DoGE as it does the reference's.
+            return DoGEStrategy(stream, target, loss_fn, [p for p in model.parameters() if p.requires_grad],
+                                lr_fn=lambda: optimizer.param_groups[0]["lr"], mu=config.doge_mu,
+                                clip_min=config.doge_clip_min, clip_max=config.doge_clip_max,
+                                grad_clip=config.doge_grad_clip, every=config.every,
+                                batch_size=config.dga_batch_size, target_batch_size=config.dga_target_batch_size)
         except ValueError as err:
             raise ParamError(f"train: {err}") from err
     # dga or dga_ema (read_config admits no other name)
