@@ -192,3 +192,20 @@ def test_parameters_default_from_core_and_are_checked():
             read_config({"train": override}, "uniform")
     with pytest.raises(ParamError, match="train.strategy = 'nope'"):
         read_config({"train": {}}, "nope")
+
+
+def test_fixed_eval_seed_gives_every_seed_the_same_eval_batches(trainer_params):
+    def batches(seed: int, eval_seed: int | None) -> list:
+        params = copy.deepcopy(trainer_params)
+        params["train"].update(seed=seed, eval_seed=eval_seed, eval_batches=2)
+        evals = train.load_eval_sets(read_config(params, "uniform"))
+        return [t.tolist() for t in evals.spec + evals.generic]
+
+    # an int: the same batches whatever the training seed (the seed-to-seed spread is training's alone)
+    assert batches(0, 7) == batches(3, 7) != batches(0, 8)
+    # null: seed + 1, as the recorded runs drew them
+    assert batches(0, None) == batches(5, 1) and batches(4, None) == batches(0, 5) != batches(0, None)
+    trainer_params["train"].update(eval_seed=7)
+    assert run(trainer_params, "uniform")["eval_seed"] == 7
+    with pytest.raises(ParamError, match=r"train\.eval_seed"):
+        read_config({"train": {"eval_seed": -1}}, "uniform")

@@ -135,6 +135,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "inbatch_rank": None,
         "weight_floor": 0.001,
         "seed": 0,
+        "eval_seed": None,
         "tokens": "data/tokens",
         "bases": "data/bases",
         "target": "data/targets/spec/tokens",

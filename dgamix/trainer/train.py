@@ -87,6 +87,7 @@ class TrainConfig:
     inbatch_rank: int | None
     weight_floor: float
     seed: int
+    eval_seed: int | None
     tokens: Path
     bases: Path
     target: Path
@@ -133,6 +134,7 @@ def read_config(params: dict[str, Any], strategy: str) -> TrainConfig:
         inbatch_rank=_optional_positive_int(cfg, "inbatch_rank"),
         weight_floor=float(require(cfg, "train", "weight_floor", (int, float))),
         seed=non_negative_int(cfg, "train", "seed"),
+        eval_seed=_optional_non_negative_int(cfg, "eval_seed"),
         tokens=local_path(cfg, "train", "tokens"),
         bases=local_path(cfg, "train", "bases"),
         target=local_path(cfg, "train", "target"),
@@ -172,6 +174,10 @@ def _optional_fraction(cfg: dict[str, Any], key: str) -> float | None:
 def _optional_positive_int(cfg: dict[str, Any], key: str) -> int | None:
     # null is a value of its own here ("no cap", "same as dga_batch_size"), and it is the default.
     return None if require(cfg, "train", key, int) is None else positive_int(cfg, "train", key)
+
+
+def _optional_non_negative_int(cfg: dict[str, Any], key: str) -> int | None:
+    return None if require(cfg, "train", key, int) is None else non_negative_int(cfg, "train", key)
 
 
 def _basis_names(cfg: dict[str, Any]) -> list[str] | None:
@@ -284,15 +290,21 @@ class EvalSets:
     generic: list[torch.Tensor]
 
 
+def eval_seed(config: TrainConfig) -> int:
+    """The seed of the evaluation draws. null: seed + 1, as in every recorded run (another offset would draw other
+    evaluation batches, and losses would no longer compare with the recorded ones, bench/results). An int: the same
+    batches for every seed and strategy, so the spread over seeds measures training, not which batches were drawn."""
+    return config.seed + 1 if config.eval_seed is None else config.eval_seed
+
+
 def load_eval_sets(config: TrainConfig) -> EvalSets:
-    # seed + 1, as in every recorded run: another offset would draw other evaluation batches, and losses would no
-    # longer compare with the recorded ones (bench/results).
+    seed = eval_seed(config)
     spec = TargetSampler(open_store(config.target_eval, "train.target_eval", TARGET_HINT.format(name="eval"),
-                                    config.seed + 1), config.seq_len)
+                                    seed), config.seq_len)
     spec_batches = [spec.sample(config.batch_size) for _ in range(config.eval_batches)]
     generic = TargetSampler(open_store(config.tokens / token_store.HELDOUT, "train.tokens (its heldout/ store)",
                                        "run the tokenize stage with tokenize.holdout_fraction > 0",
-                                       config.seed + 1), config.seq_len)
+                                       seed), config.seq_len)
     generic_batches = [generic.sample(config.batch_size) for _ in range(config.eval_batches)]
     return EvalSets(spec_batches, generic_batches)
 
@@ -426,6 +438,7 @@ def run_summary(config: TrainConfig, rows: list[dict[str, Any]], objects: RunObj
             "parameters": objects.model.num_params(),
             "skipped_updates": sum(1 for r in rows if r.get("skipped")),
             "clusters_repeated": int((objects.stream.passes_completed() > 0).sum()),
+            "eval_seed": eval_seed(config),
             "spec_eval": f"held-out specialized set {config.target_eval} (train.target_eval)",
             "generic_eval": f"held-out generic documents {config.tokens / token_store.HELDOUT} "
                             "(tokenize.holdout_fraction)"}
