@@ -229,3 +229,97 @@ def test_parameters_default_from_core_and_are_checked():
             read_config({"train": override}, "uniform")
     with pytest.raises(ParamError, match="train.strategy = 'nope'"):
         read_config({"train": {}}, "nope")
+
+
+def test_fixed_eval_seed_gives_every_seed_the_same_eval_batches(trainer_params):
+    def batches(seed: int, eval_seed: int | None) -> list:
+        params = copy.deepcopy(trainer_params)
+        params["train"].update(seed=seed, eval_seed=eval_seed, eval_batches=2)
+        evals = train.load_eval_sets(read_config(params, "uniform"))
+        return [t.tolist() for t in evals.spec + evals.generic]
+
+    # an int: the same batches whatever the training seed (the seed-to-seed spread is training's alone)
+    assert batches(0, 7) == batches(3, 7) != batches(0, 8)
+    # null: seed + 1, as the recorded runs drew them
+    assert batches(0, None) == batches(5, 1) and batches(4, None) == batches(0, 5) != batches(0, None)
+    trainer_params["train"].update(eval_seed=7)
+    assert run(trainer_params, "uniform")["eval_seed"] == 7
+    with pytest.raises(ParamError, match=r"train\.eval_seed"):
+        read_config({"train": {"eval_seed": -1}}, "uniform")
+
+
+def test_bf16_autocast_only_where_the_hardware_has_it():
+    import torch
+
+    dtype = train.autocast_dtype
+    # auto: bf16 exactly where supported; null: as every recorded run (bf16 on CUDA, fp32 on the CPU)
+    assert dtype("auto", "cpu", True) is torch.bfloat16 and dtype("auto", "cpu", False) is None
+    assert dtype(None, "cpu", True) is None and dtype(None, "cuda", True) is torch.bfloat16
+    assert dtype("fp32", "cuda", True) is None and dtype("bf16", "cpu", False) is torch.bfloat16
+    assert train.cpu_supports_bf16({"avx512f", "avx512_bf16"}) and train.cpu_supports_bf16({"amx_bf16"})
+    assert not train.cpu_supports_bf16({"avx512f", "avx512bw", "avx2"}) and not train.cpu_supports_bf16(set())
+    if not torch.cuda.is_available():  # this machine: auto follows its own flags, null stays fp32
+        flags = train.cpu_flags()
+        expected = torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16", "bf16"} else None
+        assert train.resolve_device("auto") == ("cpu", expected)
+        assert train.resolve_device() == ("cpu", None) == train.resolve_device("fp32")
+    with pytest.raises(ParamError, match=r"train\.precision"):
+        read_config({"train": {"precision": "fp16"}}, "uniform")
+    with pytest.raises(ParamError, match=r"train\.adamw_impl"):
+        read_config({"train": {"adamw_impl": "apex"}}, "uniform")
+
+
+def train_losses(strategy: str) -> list[float]:
+    return pl.read_csv(Path("runs") / strategy / "log.csv", infer_schema_length=None)["train_loss"].to_list()
+
+
+def test_speed_options_change_the_losses_by_rounding_only(trainer_params):
+    import torch
+
+    params = copy.deepcopy(trainer_params)
+    baseline = run(params, "uniform")
+    reference = (Path("runs/uniform/log.csv").read_bytes(), train_losses("uniform"))
+    assert (baseline["precision"], baseline["compiled"]) == ("fp32", False)
+    # fp32 spelled out, threads as they are: the very same run, byte for byte
+    before = torch.get_num_threads()
+    params["train"].update(precision="fp32", threads=before, output="explicit")
+    run(params, "uniform")
+    assert Path("explicit/uniform/log.csv").read_bytes() == reference[0]
+    # one thread, then the process's setting back
+    params["train"].update(threads=1, output="one_thread")
+    assert run(params, "uniform")["threads"] == 1 and torch.get_num_threads() == before
+    assert pl.read_csv("one_thread/uniform/log.csv")["train_loss"].to_list() == pytest.approx(reference[1], rel=1e-5)
+    # fused AdamW: the same update up to float rounding
+    params["train"].update(threads=None, adamw_impl="fused", output="fused")
+    run(params, "uniform")
+    assert pl.read_csv("fused/uniform/log.csv")["train_loss"].to_list() == pytest.approx(reference[1], rel=1e-5)
+    # auto: bf16 only where the CPU computes in bf16, and then within bf16 rounding (8 bits of mantissa)
+    params["train"].update(adamw_impl=None, precision="auto", output="auto")
+    summary = run(params, "uniform")
+    auto = pl.read_csv("auto/uniform/log.csv")["train_loss"].to_list()
+    if train.cpu_supports_bf16() and not torch.cuda.is_available():
+        assert summary["precision"] == "bfloat16" and auto != reference[1]
+        assert auto == pytest.approx(reference[1], abs=0.05)
+    else:
+        assert summary["precision"] == "fp32" and auto == reference[1]
+
+
+def test_compiled_training_forward_gives_the_eager_losses(trainer_params, caplog):
+    import torch
+
+    params = copy.deepcopy(trainer_params)
+    eager = run(params, "dga_ema")
+    losses = train_losses("dga_ema")
+    params["train"].update(compile=True, output="compiled")
+    with caplog.at_level("WARNING", logger="dgamix.trainer.train"):
+        compiled = run(params, "dga_ema")
+    if not compiled["compiled"]:
+        pytest.skip(f"torch.compile does not run on this platform: {caplog.text.strip()}")
+    assert not eager["compiled"]
+    got = pl.read_csv("compiled/dga_ema/log.csv")["train_loss"].to_list()
+    assert got == pytest.approx(losses, rel=1e-4)  # fused kernels: another summation order, same values
+    # the in-batch strategies' hooks are not traced: compile is refused with a warning, the run trains eagerly
+    params["train"].update(output="inbatch")
+    with caplog.at_level("WARNING", logger="dgamix.trainer.train"):
+        assert not run(params, "inbatch")["compiled"]
+    assert "train.compile ignored for inbatch" in caplog.text

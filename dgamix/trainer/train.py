@@ -28,7 +28,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -51,6 +51,11 @@ log = logging.getLogger(__name__)
 Strategy = StaticStrategy | DGAStrategy | InBatchDGAStrategy | ODMStrategy | DoGEStrategy
 Drawn = list[tuple[int, dict[int, int]]]  # per step: tokens drawn per cluster
 METRIC_DECIMALS = 6  # `dvc metrics show` prints what the file holds: six decimals of a loss are plenty
+PRECISIONS = ("fp32", "bf16", "auto")  # and null: as before (bf16 autocast on CUDA, fp32 on the CPU)
+ADAMW_IMPLS = ("foreach", "fused")  # and null: torch's default (the per-parameter loop on the CPU)
+# Strategies whose training forward carries the in-batch tracker's module and tensor hooks: torch.compile would
+# trace them into the graph (or break it at every hook), which the tracker was never validated against.
+NOT_COMPILED = ("inbatch", "inbatch_domains")
 TARGET_HINT = "run the target stages first (`dvc repro`, or `dgamix tokenize --target {name}`)"
 
 
@@ -92,6 +97,11 @@ class TrainConfig:
     doge_clip_max: float
     doge_grad_clip: float
     seed: int
+    eval_seed: int | None
+    precision: str | None
+    compile: bool
+    threads: int | None
+    adamw_impl: str | None
     tokens: Path
     bases: Path
     target: Path
@@ -142,6 +152,11 @@ def read_config(params: dict[str, Any], strategy: str) -> TrainConfig:
         doge_clip_max=_finite_float(cfg, "doge_clip_max"),
         doge_grad_clip=_finite_float(cfg, "doge_grad_clip"),
         seed=non_negative_int(cfg, "train", "seed"),
+        eval_seed=_optional_non_negative_int(cfg, "eval_seed"),
+        precision=require(cfg, "train", "precision", str),
+        compile=require(cfg, "train", "compile", bool),
+        threads=_optional_positive_int(cfg, "threads"),
+        adamw_impl=require(cfg, "train", "adamw_impl", str),
         tokens=local_path(cfg, "train", "tokens"),
         bases=local_path(cfg, "train", "bases"),
         target=local_path(cfg, "train", "target"),
@@ -150,6 +165,10 @@ def read_config(params: dict[str, Any], strategy: str) -> TrainConfig:
     )
     if config.estimator not in ESTIMATORS:
         raise ParamError(f"train.estimator = '{config.estimator}': expected one of {sorted(ESTIMATORS)}")
+    if config.precision is not None and config.precision not in PRECISIONS:
+        raise ParamError(f"train.precision = '{config.precision}': expected null or one of {list(PRECISIONS)}")
+    if config.adamw_impl is not None and config.adamw_impl not in ADAMW_IMPLS:
+        raise ParamError(f"train.adamw_impl = '{config.adamw_impl}': expected null or one of {list(ADAMW_IMPLS)}")
     if config.inbatch_scale not in SCALES:
         raise ParamError(f"train.inbatch_scale = '{config.inbatch_scale}': expected one of {list(SCALES)}")
     if not 0 <= config.weight_floor < 1:
@@ -195,6 +214,10 @@ def _optional_positive_int(cfg: dict[str, Any], key: str) -> int | None:
     return None if require(cfg, "train", key, int) is None else positive_int(cfg, "train", key)
 
 
+def _optional_non_negative_int(cfg: dict[str, Any], key: str) -> int | None:
+    return None if require(cfg, "train", key, int) is None else non_negative_int(cfg, "train", key)
+
+
 def _basis_names(cfg: dict[str, Any]) -> list[str] | None:
     names = require(cfg, "train", "basis_names", list)
     if names is not None and not all(isinstance(n, str) for n in names):
@@ -214,6 +237,9 @@ class RunObjects:
     strategy: Strategy
     device: str
     autocast: torch.dtype | None
+    # The training step's forward: model.sequence_losses, or its torch.compile'd form (train.compile). Evaluation
+    # and the strategies call the model itself, so compiling changes nothing they compute.
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -225,10 +251,118 @@ class History:
     alignment: list[dict[str, Any]] = field(default_factory=list)  # in-batch strategies: per-cluster records
 
 
-def resolve_device() -> tuple[str, torch.dtype | None]:
-    if torch.cuda.is_available():
-        return "cuda", torch.bfloat16
-    return "cpu", None
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as Linux reports them (x86 `flags`, ARM `Features`); empty where it does not."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
+
+
+def cpu_supports_bf16(flags: set[str] | None = None) -> bool:
+    """bf16 arithmetic in hardware: x86 AVX512-BF16 or AMX-BF16, ARM BF16. Without it autocast still runs, but
+    converts around fp32 kernels: slower than fp32, so `precision: auto` stays in fp32 there.
+    (torch.backends.cpu.get_cpu_capability() says AVX512 whether or not the BF16 extension is there.)"""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def autocast_dtype(precision: str | None, device: str, bf16_supported: bool) -> torch.dtype | None:
+    """Pure: the autocast dtype of a run (None: fp32, no autocast). null keeps what every recorded run did (bf16 on
+    CUDA, fp32 on the CPU); `auto` takes bf16 wherever the hardware has it; `fp32` and `bf16` are what they say."""
+    if precision is None:
+        return torch.bfloat16 if device == "cuda" else None
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if bf16_supported else None  # auto
+
+
+def resolve_device(precision: str | None = None) -> tuple[str, torch.dtype | None]:
+    """The device and the autocast dtype (None: fp32) of a run with `train.precision` = precision."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    supported = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_supports_bf16()
+    if precision == "bf16" and not supported:
+        log.warning("train.precision = bf16 on a %s without bf16 arithmetic: emulated, slower than fp32", device)
+    return device, autocast_dtype(precision, device, supported)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads for the run (null: torch's default, OMP_NUM_THREADS or the machine's cores),
+    restored afterwards: the setting is process-wide, and a caller training several runs must not inherit it."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, impl: str | None) -> torch.optim.Optimizer:
+    """AdamW without weight decay. impl null: torch's default (on the CPU a Python loop over the parameters);
+    `foreach`: one multi-tensor kernel per operation; `fused`: one fused kernel (CPU and CUDA). Same update up to
+    rounding; the choice is saved in the optimizer's state, so a resumed run keeps it."""
+    kwargs = {"foreach": True} if impl == "foreach" else {"fused": True} if impl == "fused" else {}
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, **kwargs)
+
+
+class CompiledForward:
+    """torch.compile'd per-sequence losses that fall back to the eager function when the first call fails: compile
+    errors (no C++ compiler for inductor, an unsupported Python) only show when the compiled function first runs.
+    A genuine error in the model raises again from the eager call."""
+
+    def __init__(self, eager: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.eager, self.compiled = eager, torch.compile(eager)
+        self.checked, self.failed = False, None
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.checked:
+            return self.compiled(tokens) if self.failed is None else self.eager(tokens)
+        try:
+            out = self.compiled(tokens)
+        except Exception as err:  # noqa: BLE001  (any backend failure means: run eagerly)
+            self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            log.warning("train.compile: torch.compile failed here (%s); training eagerly", self.failed)
+            out = self.eager(tokens)
+        self.checked = True
+        return out
+
+
+_COMPILE_PROBE: list[str | None] = []
+
+
+def compile_unavailable() -> str | None:
+    """Why torch.compile cannot run on this platform, or None when it can (a tiny function compiled and run once per
+    process; costs the compiler's start-up, tens of seconds): for tests and benchmarks that need to know ahead."""
+    if not _COMPILE_PROBE:
+        probe = CompiledForward(lambda x: torch.nn.functional.gelu(x) * 2)
+        probe(torch.ones(4))
+        _COMPILE_PROBE.append(probe.failed)
+    return _COMPILE_PROBE[0]
+
+
+def training_forward(model: GPT, compile_: bool, strategy: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The training step's per-sequence losses: the model's own method, or (train.compile) its torch.compile'd form,
+    which fuses the model and the cross-entropy into fewer kernels (compiled at the first step: tens of seconds on a
+    CPU). Not for the in-batch strategies (NOT_COMPILED), nor where torch.compile cannot run: those train eagerly,
+    with a warning."""
+    if not compile_:
+        return model.sequence_losses
+    if strategy in NOT_COMPILED:
+        log.warning("train.compile ignored for %s: its alignment hooks are not validated under torch.compile",
+                    strategy)
+        return model.sequence_losses
+    return CompiledForward(model.sequence_losses)
 
 
 def open_store(directory: Path, param: str, stage_hint: str, seed: int) -> ClusterStore:
@@ -242,7 +376,7 @@ def build_run(config: TrainConfig) -> RunObjects:
     """Model, optimizer, stream and strategy. The order of construction fixes every random draw (the torch seed is
     consumed by the model's initialization), so it must not change: runs reproduce earlier runs byte for byte."""
     torch.manual_seed(config.seed)
-    device, autocast = resolve_device()
+    device, autocast = resolve_device(config.precision)
     store = ClusterStore(config.tokens, token_cap=config.token_cap, seed=config.seed)
     mixture = Mixture.from_bases_dir(config.bases, config.basis_names)
     if config.strategy == "odm":
@@ -254,9 +388,10 @@ def build_run(config: TrainConfig) -> RunObjects:
                            config.seq_len)
     model = GPT(GPTConfig(vocab_size=store.vocab_size, block_size=config.seq_len, n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd)).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    optimizer = make_optimizer(model, config.lr, config.adamw_impl)
     strategy = build_strategy(config, stream, target, model, device, optimizer)
-    return RunObjects(model, optimizer, mixture, stream, strategy, device, autocast)
+    forward = training_forward(model, config.compile, config.strategy)
+    return RunObjects(model, optimizer, mixture, stream, strategy, device, autocast, forward)
 
 
 def domain_mixture(mixture: Mixture, store: ClusterStore) -> Mixture:
@@ -318,15 +453,21 @@ class EvalSets:
     generic: list[torch.Tensor]
 
 
+def eval_seed(config: TrainConfig) -> int:
+    """The seed of the evaluation draws. null: seed + 1, as in every recorded run (another offset would draw other
+    evaluation batches, and losses would no longer compare with the recorded ones, bench/results). An int: the same
+    batches for every seed and strategy, so the spread over seeds measures training, not which batches were drawn."""
+    return config.seed + 1 if config.eval_seed is None else config.eval_seed
+
+
 def load_eval_sets(config: TrainConfig) -> EvalSets:
-    # seed + 1, as in every recorded run: another offset would draw other evaluation batches, and losses would no
-    # longer compare with the recorded ones (bench/results).
+    seed = eval_seed(config)
     spec = TargetSampler(open_store(config.target_eval, "train.target_eval", TARGET_HINT.format(name="eval"),
-                                    config.seed + 1), config.seq_len)
+                                    seed), config.seq_len)
     spec_batches = [spec.sample(config.batch_size) for _ in range(config.eval_batches)]
     generic = TargetSampler(open_store(config.tokens / token_store.HELDOUT, "train.tokens (its heldout/ store)",
                                        "run the tokenize stage with tokenize.holdout_fraction > 0",
-                                       config.seed + 1), config.seq_len)
+                                       seed), config.seq_len)
     generic_batches = [generic.sample(config.batch_size) for _ in range(config.eval_batches)]
     return EvalSets(spec_batches, generic_batches)
 
@@ -365,11 +506,8 @@ def train_step(objects: RunObjects, step: int) -> tuple[dict[str, Any], dict[int
     in_batch = isinstance(objects.strategy, InBatchDGAStrategy)
     scored = in_batch and objects.strategy.scores_step(step)
     with contextlib.nullcontext() if scored or not in_batch else objects.strategy.tracker.paused():
-        with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
-            losses = model.sequence_losses(tokens)
-            loss = losses.mean()
-        objects.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        losses, loss = forward_backward(objects.forward or model.sequence_losses, objects.optimizer, tokens, device,
+                                        autocast)
     if scored:  # each sequence's alignment, from this backward
         objects.strategy.observe(batch)
     objects.optimizer.step()
@@ -385,6 +523,19 @@ def train_step(objects: RunObjects, step: int) -> tuple[dict[str, Any], dict[int
     if update is not None:
         row.update(scores=np.round(update.scores, 8).tolist(), skipped=update.skipped)
     return row, drawn_with.tokens_per_cluster
+
+
+def forward_backward(forward: Callable[[torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+                     tokens: torch.Tensor, device: str,
+                     autocast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training step's forward and backward (the optimizer's step is the caller's): per-sequence losses and
+    their mean, gradients in .grad. One function for the trainer and bench/train_speed.py, which times it."""
+    with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+        losses = forward(tokens)
+        loss = losses.mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return losses, loss
 
 
 @torch.no_grad()
@@ -431,7 +582,8 @@ def run(params: dict[str, Any], strategy_name: str) -> dict[str, Any]:
         log.info("train %s: resumed at step %d", strategy_name, start_step)
 
     started = time.perf_counter()
-    train_loop(config, objects, evals, start_step, history, checkpoint)
+    with torch_threads(config.threads):
+        train_loop(config, objects, evals, start_step, history, checkpoint)
     seconds = time.perf_counter() - started
 
     metrics = run_metrics(history.rows, objects.mixture.names, objects.stream.weights)
@@ -460,6 +612,10 @@ def run_summary(config: TrainConfig, rows: list[dict[str, Any]], objects: RunObj
             "parameters": objects.model.num_params(),
             "skipped_updates": sum(1 for r in rows if r.get("skipped")),
             "clusters_repeated": int((objects.stream.passes_completed() > 0).sum()),
+            "eval_seed": eval_seed(config),
+            "precision": "fp32" if objects.autocast is None else str(objects.autocast).removeprefix("torch."),
+            "compiled": isinstance(objects.forward, CompiledForward) and objects.forward.failed is None,
+            "threads": torch.get_num_threads() if config.threads is None else config.threads,
             "spec_eval": f"held-out specialized set {config.target_eval} (train.target_eval)",
             "generic_eval": f"held-out generic documents {config.tokens / token_store.HELDOUT} "
                             "(tokenize.holdout_fraction)"}
