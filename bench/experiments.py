@@ -23,6 +23,7 @@ import io
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,17 +103,45 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
 }
 
 
-def levels_dir(levels: list[int]) -> Path:
-    return WORK / "exp" / "x".join(map(str, levels))
+# The clustering whose tokenizer every other clustering reuses: the BPE is trained on a sample of the assigned
+# shards, which are ordered by cluster, so a tokenizer per clustering would make losses incomparable across levels.
+TOKENIZER_LEVELS = [16, 16]
 
 
-def target_dir(levels: list[int], target: str, spec_docs: int | None) -> Path:
-    return levels_dir(levels) / (target if spec_docs is None else f"{target}-{spec_docs}")
+@dataclass(frozen=True)
+class Layout:
+    """Where the experiments read the corpus (generic/part-*, targets/NAME/{spec,eval}.jsonl.zst) and write their
+    scratch and their results. The defaults are this script's; bench/gpu_suite.py passes its own (another corpus
+    copy, another scratch folder, one tokenizer per clustering since it runs a single clustering)."""
+
+    corpus: Path = CORPUS
+    work: Path = WORK
+    results: Path = RESULTS
+    tokenizer_levels: tuple[int, ...] | None = tuple(TOKENIZER_LEVELS)  # None: each clustering trains its own
+
+    @property
+    def generic(self) -> Path:
+        """The ingested and embedded generic corpus (bench/prepare_corpus.py)."""
+        return self.work / "generic"
+
+    def target_set(self, target: str, name: str) -> Path:
+        return self.corpus / "targets" / target / f"{name}.jsonl.zst"
 
 
-def spec_prefix(target: str, n: int, out: Path) -> Path:
+DEFAULT_LAYOUT = Layout()
+
+
+def levels_dir(levels: list[int], layout: Layout = DEFAULT_LAYOUT) -> Path:
+    return layout.work / "exp" / "x".join(map(str, levels))
+
+
+def target_dir(levels: list[int], target: str, spec_docs: int | None, layout: Layout = DEFAULT_LAYOUT) -> Path:
+    return levels_dir(levels, layout) / (target if spec_docs is None else f"{target}-{spec_docs}")
+
+
+def spec_prefix(target: str, n: int, out: Path, layout: Layout = DEFAULT_LAYOUT) -> Path:
     """The first n records of the target's spec set (spec is in random order: a prefix is a random subset)."""
-    with open(CORPUS / "targets" / target / "spec.jsonl.zst", "rb") as fh:
+    with open(layout.target_set(target, "spec"), "rb") as fh:
         text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(fh), encoding="utf-8", newline="\n")
         kept = [line for _, line in zip(range(n), text)]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,24 +149,27 @@ def spec_prefix(target: str, n: int, out: Path) -> Path:
     return out
 
 
-# The clustering whose tokenizer every other clustering reuses: the BPE is trained on a sample of the assigned
-# shards, which are ordered by cluster, so a tokenizer per clustering would make losses incomparable across levels.
-TOKENIZER_LEVELS = [16, 16]
+def shares_tokenizer(levels: list[int], layout: Layout) -> bool:
+    """Whether this clustering reuses the tokenizer of layout.tokenizer_levels (rather than training its own)."""
+    return layout.tokenizer_levels is not None and list(levels) != list(layout.tokenizer_levels)
 
 
-def pipeline_params(levels: list[int], target: str, spec_docs: int | None) -> dict[str, Any]:
-    base, tdir = levels_dir(levels), target_dir(levels, target, spec_docs)
-    shared_tokenizer = ({} if levels == TOKENIZER_LEVELS
-                        else {"tokenizer": str(levels_dir(TOKENIZER_LEVELS) / "tokens" / "tokenizer.json")})
-    spec = (spec_prefix(target, spec_docs, tdir / "spec.jsonl.zst") if spec_docs
-            else CORPUS / "targets" / target / "spec.jsonl.zst")
+def pipeline_params(levels: list[int], target: str, spec_docs: int | None,
+                    layout: Layout = DEFAULT_LAYOUT) -> dict[str, Any]:
+    base, tdir = levels_dir(levels, layout), target_dir(levels, target, spec_docs, layout)
+    generic = layout.generic
+    shared_tokenizer = ({"tokenizer": str(levels_dir(list(layout.tokenizer_levels), layout) / "tokens"
+                                          / "tokenizer.json")}
+                        if shares_tokenizer(levels, layout) else {})
+    spec = (spec_prefix(target, spec_docs, tdir / "spec.jsonl.zst", layout) if spec_docs
+            else layout.target_set(target, "spec"))
     return {
-        "embed": {"output": str(GENERIC / "embeddings")},
-        "targets": {"sets": {"spec": [str(spec)], "eval": [str(CORPUS / "targets" / target / "eval.jsonl.zst")]},
+        "embed": {"output": str(generic / "embeddings")},
+        "targets": {"sets": {"spec": [str(spec)], "eval": [str(layout.target_set(target, "eval"))]},
                     "output": str(tdir / "targets"), "metrics": str(tdir / "targets")},
-        "cluster": {"embeddings": str(GENERIC / "embeddings"), "docs": str(GENERIC / "docs"),
+        "cluster": {"embeddings": str(generic / "embeddings"), "docs": str(generic / "docs"),
                     "output": str(base / "clusters"), "levels": levels, "seed": 0},
-        "assign": {"docs": str(GENERIC / "docs"), "embeddings": str(GENERIC / "embeddings"),
+        "assign": {"docs": str(generic / "docs"), "embeddings": str(generic / "embeddings"),
                    "clusters": str(base / "clusters"), "output": str(base / "domains")},
         "tokenize": {"domains": str(base / "domains"), "output": str(base / "tokens"), "vocab_size": 8192,
                      "holdout_fraction": 0.02, "seed": 0, **shared_tokenizer},
@@ -148,11 +180,13 @@ def pipeline_params(levels: list[int], target: str, spec_docs: int | None) -> di
     }
 
 
-def prepare(levels: list[int], target: str, spec_docs: int | None) -> None:
-    if levels != TOKENIZER_LEVELS and not (levels_dir(TOKENIZER_LEVELS) / "tokens").exists():
-        prepare(TOKENIZER_LEVELS, target, None)
-    params = pipeline_params(levels, target, spec_docs)
-    base = levels_dir(levels)
+def prepare(levels: list[int], target: str, spec_docs: int | None, layout: Layout = DEFAULT_LAYOUT) -> None:
+    if shares_tokenizer(levels, layout):
+        shared = list(layout.tokenizer_levels)
+        if not (levels_dir(shared, layout) / "tokens").exists():
+            prepare(shared, target, None, layout)
+    params = pipeline_params(levels, target, spec_docs, layout)
+    base = levels_dir(levels, layout)
     for stage, done in ((cluster, base / "clusters"), (assign, base / "domains"), (tokens, base / "tokens")):
         if not done.exists():  # shared by every target at this granularity
             stage.run(params)
@@ -173,33 +207,55 @@ def variant_settings(spec: dict[str, Any], variant: str) -> tuple[list[int], dic
     return overrides.pop("levels", spec["levels"]), overrides
 
 
+def seed_dir(name: str, target: str, spec_docs: int | None, variant: str, seed: int,
+             layout: Layout = DEFAULT_LAYOUT, spec: dict[str, Any] | None = None) -> Path:
+    """results/<experiment dir>/<target>/<variant>/seed<k>: where a seed's runs write their folders."""
+    spec = EXPERIMENTS[name] if spec is None else spec
+    return (layout.results / spec.get("dir", name) / (target if spec_docs is None else f"{target}-{spec_docs}")
+            / variant / f"seed{seed}")
+
+
+def method_config(spec: dict[str, Any], variant: str, method: tuple, seed: int, target: str,
+                  spec_docs: int | None, output: Path, layout: Layout = DEFAULT_LAYOUT,
+                  steps: int | None = None) -> dict[str, Any]:
+    """The `train` section of one run: TRAIN, then the experiment's, the variant's and the method's own settings,
+    then the run's data (the prepared clustering and target) and its output folder."""
+    label, strategy, basis_set, *method_train = method
+    levels, overrides = variant_settings(spec, variant)
+    tdir = target_dir(levels, target, spec_docs, layout)
+    names = __import__("json").loads((tdir / "bases" / "names.json").read_text())
+    coarse = [n for n in names if n.startswith("coarse:")]
+    cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides | (method_train[0] if method_train else {})
+    cfg.update(seed=seed, tokens=str(levels_dir(levels, layout) / "tokens"), bases=str(tdir / "bases"),
+               output=str(output), basis_names=coarse if basis_set == "coarse" else None, **target_stores(tdir))
+    if steps:
+        cfg["steps"] = steps
+    return cfg
+
+
 def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | None, variants: list[str] | None,
-                   steps: int | None, methods: list[str] | None = None) -> None:
-    spec = EXPERIMENTS[name]
+                   steps: int | None, methods: list[str] | None = None, layout: Layout = DEFAULT_LAYOUT,
+                   spec: dict[str, Any] | None = None) -> None:
+    """Train every (variant, seed, method) of an experiment whose metrics.json is not there yet. `spec`: an
+    experiment defined by the caller (as in EXPERIMENTS), stored under results/<spec's dir or name>."""
+    spec = EXPERIMENTS[name] if spec is None else spec
     for variant in variants or list(spec.get("variants", {"default": {}})):
-        levels, overrides = variant_settings(spec, variant)
-        tdir = target_dir(levels, target, spec_docs)
+        levels, _ = variant_settings(spec, variant)
+        tdir = target_dir(levels, target, spec_docs, layout)
         if not (tdir / "bases").exists():
-            prepare(levels, target, spec_docs)
-        names = __import__("json").loads((tdir / "bases" / "names.json").read_text())
-        coarse = [n for n in names if n.startswith("coarse:")]
+            prepare(levels, target, spec_docs, layout)
         for seed in seeds:
-            for label, strategy, basis_set, *method_train in spec["methods"]:
+            for method in spec["methods"]:
+                label, strategy = method[0], method[1]
                 if methods and label not in methods:
                     continue
-                out = (RESULTS / spec.get("dir", name) / (target if spec_docs is None else f"{target}-{spec_docs}")
-                       / variant / f"seed{seed}")
+                out = seed_dir(name, target, spec_docs, variant, seed, layout, spec)
                 if (out / label / "metrics.json").exists():
                     continue
-                cfg = copy.deepcopy(TRAIN) | spec["train"] | overrides | (method_train[0] if method_train else {})
                 # The trainer writes into <output>/<strategy>: a method labelled otherwise trains in a folder of
                 # its own, so that two labels of one strategy (even side by side) never share a folder.
                 run_root = out if label == strategy else out / f"_{label}"
-                cfg.update(seed=seed, tokens=str(levels_dir(levels) / "tokens"), bases=str(tdir / "bases"),
-                           output=str(run_root), basis_names=coarse if basis_set == "coarse" else None,
-                           **target_stores(tdir))
-                if steps:
-                    cfg["steps"] = steps
+                cfg = method_config(spec, variant, method, seed, target, spec_docs, run_root, layout, steps)
                 started = time.perf_counter()
                 metrics = train.run({"train": cfg}, strategy)
                 if label != strategy:

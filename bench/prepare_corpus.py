@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,13 +28,16 @@ WORKDIR = WORK / "generic"
 BACKENDS = ["openvino", "openvino-int8", "torch"]
 
 
-def params(backend: str = "openvino") -> dict:
+def params(backend: str = "openvino", corpus: Path = CORPUS, workdir: Path = WORKDIR,
+           embed: dict | None = None) -> dict:
+    """The ingest and embed sections for a corpus folder (generic/part-*) into workdir/{docs,embeddings}; `embed`:
+    extra embed settings (bench/gpu_suite.py: device and batch size)."""
     return {
-        "ingest": {"inputs": [str(CORPUS / "generic" / "part-*")], "source_field": "meta.domain",
-                   "output": str(WORKDIR / "docs"), "rejects": str(WORKDIR / "rejects.parquet"),
-                   "metrics": str(WORKDIR / "ingest.json")},
-        "embed": {"docs": str(WORKDIR / "docs"), "output": str(WORKDIR / "embeddings"), "max_tokens": 128,
-                  "backend": backend},
+        "ingest": {"inputs": [str(corpus / "generic" / "part-*")], "source_field": "meta.domain",
+                   "output": str(workdir / "docs"), "rejects": str(workdir / "rejects.parquet"),
+                   "metrics": str(workdir / "ingest.json")},
+        "embed": {"docs": str(workdir / "docs"), "output": str(workdir / "embeddings"), "max_tokens": 128,
+                  "backend": backend, **(embed or {})},
     }
 
 

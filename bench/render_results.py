@@ -163,6 +163,12 @@ def granularity_plot(target_dir: Path) -> Path:
     return path
 
 
+def shown(path: Path) -> str:
+    """A results folder as plots name it: relative to results/, or its last three parts when it lies elsewhere
+    (bench/gpu_suite.py --results DIR)."""
+    return str(path.relative_to(RESULTS)) if path.is_relative_to(RESULTS) else "/".join(path.parts[-3:])
+
+
 def spec_curves(variant_dir: Path, methods: list[str]) -> Path:
     import matplotlib
 
@@ -182,7 +188,7 @@ def spec_curves(variant_dir: Path, methods: list[str]) -> Path:
             ax.fill_between(steps, curves.min(axis=0), curves.max(axis=0), alpha=0.15)
     ax.set_xlabel("step")
     ax.set_ylabel("specialized eval loss")
-    ax.set_title(f"{variant_dir.relative_to(RESULTS)}: mean over seeds (band: min-max)")
+    ax.set_title(f"{shown(variant_dir)}: mean over seeds (band: min-max)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = variant_dir / "spec_curves.png"
