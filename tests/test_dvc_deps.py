@@ -56,3 +56,47 @@ def test_stage_deps_list_all_the_code_it_runs(stage):
 
 def test_every_stage_of_dvc_yaml_is_checked():
     assert set(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]) == set(STAGE_MODULES)
+
+
+def test_no_dvc_output_is_tracked_by_git():
+    """DVC refuses to write a cached output that git tracks ("already tracked by SCM"): `dvc repro` on a fresh clone
+    would stop at that stage. Every cached output in dvc.lock, and everything under it, stays out of git (outputs
+    declared `cache: false`, the small metrics and summaries, are meant to be committed)."""
+    import fnmatch
+    import re
+    import subprocess
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def resolve(template: str) -> str:  # ${stage.key} from params.yaml; ${item} / ${key} of a foreach: any name
+        def value(match: re.Match) -> str:
+            node: object = params
+            for part in match.group(1).split("."):
+                if not isinstance(node, dict) or part not in node:
+                    return "*"
+                node = node[part]
+            return str(node)
+        return re.sub(r"\$\{([^}]+)\}", value, template)
+
+    uncached = []
+
+    def collect(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, dict) and value.get("cache") is False:
+                    uncached.append(resolve(key))
+                collect(value)
+        elif isinstance(node, list):
+            for item in node:
+                collect(item)
+
+    collect(yaml.safe_load((ROOT / "dvc.yaml").read_text()))
+    lock = yaml.safe_load((ROOT / "dvc.lock").read_text())
+    outs = {out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
+    cached = sorted(o for o in outs if not any(fnmatch.fnmatch(o, pattern) for pattern in uncached))
+    assert cached, "dvc.lock lists no cached outputs"
+    tracked = subprocess.run(["git", "ls-files", "--", *cached], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert tracked == [], f"cached DVC outputs tracked by git (git rm --cached them): {tracked}"
