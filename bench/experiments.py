@@ -131,6 +131,13 @@ class Layout:
 DEFAULT_LAYOUT = Layout()
 
 
+def portable_summary(path: Path) -> None:
+    """The trainer names its evaluation stores by path; a committed summary names them relative to the repository
+    (the same runs read the same files on any checkout)."""
+    if path.exists():
+        path.write_text(path.read_text().replace(str(ROOT) + "/", ""))
+
+
 def levels_dir(levels: list[int], layout: Layout = DEFAULT_LAYOUT) -> Path:
     return layout.work / "exp" / "x".join(map(str, levels))
 
@@ -261,6 +268,7 @@ def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | No
                 if label != strategy:
                     (run_root / strategy).rename(out / label)
                     run_root.rmdir()
+                portable_summary(out / label / "summary.json")
                 print(f"{name}/{variant}/seed{seed}/{label}: spec {metrics['final_spec_loss']:.4f} "
                       f"generic {metrics['final_generic_loss']:.4f} ({time.perf_counter() - started:.0f} s)",
                       flush=True)
