@@ -90,7 +90,9 @@ class Runner:
                                    n_head=size["n_head"], n_embd=size["n_embd"]))
         self.optimizer = train.make_optimizer(self.model, LR, option.adamw_impl)
         self.forward: Callable = train.training_forward(self.model, option.compile, "uniform")
-        self.device, self.autocast = train.resolve_device(option.precision)
+        # The CPU, even where CUDA exists: this benchmark measures the CPU options (bench/gpu_suite.py the GPU).
+        self.device = "cpu"
+        self.autocast = train.autocast_dtype(option.precision, "cpu", train.cpu_supports_bf16())
         self.times: list[float] = []
         self.losses: list[float] = []
 

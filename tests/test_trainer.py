@@ -201,6 +201,10 @@ def test_doge_trains_reads_the_learning_rate_and_resumes(trainer_params, monkeyp
     other["train"]["doge_mu"] = 0.01
     with pytest.raises(ParamError, match="doge_mu|mu: saved 0.05, now 0.01"):
         run(other, "doge")
+    other = copy.deepcopy(params)
+    other["train"]["adamw_impl"] = "foreach"  # torch's optimizer loading would silently keep the saved choice
+    with pytest.raises(ParamError, match="adamw_impl: saved None, now 'foreach'"):
+        run(other, "doge")
     run(params, "doge")
     for name in ("log.csv", "clusters.parquet", "metrics.json"):
         assert (Path("resumed/doge") / name).read_bytes() == (Path("straight/doge") / name).read_bytes(), name

@@ -240,6 +240,9 @@ class RunObjects:
     # The training step's forward: model.sequence_losses, or its torch.compile'd form (train.compile). Evaluation
     # and the strategies call the model itself, so compiling changes nothing they compute.
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # The run's own settings that change what it computes beyond the strategy's (checked on resume: a resumed run
+    # under other ones would mix two setups in one log, and torch's optimizer loading would overwrite adamw_impl).
+    settings: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -287,7 +290,8 @@ def autocast_dtype(precision: str | None, device: str, bf16_supported: bool) -> 
 def resolve_device(precision: str | None = None) -> tuple[str, torch.dtype | None]:
     """The device and the autocast dtype (None: fp32) of a run with `train.precision` = precision."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    supported = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_supports_bf16()
+    # CUDA: bf16 arithmetic from compute capability 8 (Ampere) on; is_bf16_supported() also counts emulation.
+    supported = torch.cuda.get_device_capability()[0] >= 8 if device == "cuda" else cpu_supports_bf16()
     if precision == "bf16" and not supported:
         log.warning("train.precision = bf16 on a %s without bf16 arithmetic: emulated, slower than fp32", device)
     return device, autocast_dtype(precision, device, supported)
@@ -322,8 +326,13 @@ class CompiledForward:
     A genuine error in the model raises again from the eager call."""
 
     def __init__(self, eager: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.eager, self.compiled = eager, torch.compile(eager)
-        self.checked, self.failed = False, None
+        self.eager, self.checked, self.failed = eager, False, None
+        try:  # some Pythons (free-threaded builds, versions newer than the torch) refuse at torch.compile itself
+            self.compiled = torch.compile(eager)
+        except Exception as err:  # noqa: BLE001
+            self.compiled, self.checked = eager, True
+            self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            log.warning("train.compile: torch.compile is unavailable here (%s); training eagerly", self.failed)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.checked:
@@ -391,7 +400,9 @@ def build_run(config: TrainConfig) -> RunObjects:
     optimizer = make_optimizer(model, config.lr, config.adamw_impl)
     strategy = build_strategy(config, stream, target, model, device, optimizer)
     forward = training_forward(model, config.compile, config.strategy)
-    return RunObjects(model, optimizer, mixture, stream, strategy, device, autocast, forward)
+    settings = {"autocast": str(autocast), "compile": config.compile, "adamw_impl": config.adamw_impl,
+                "eval_seed": config.eval_seed}
+    return RunObjects(model, optimizer, mixture, stream, strategy, device, autocast, forward, settings)
 
 
 def domain_mixture(mixture: Mixture, store: ClusterStore) -> Mixture:
@@ -478,13 +489,18 @@ def save_checkpoint(path: Path, objects: RunObjects, next_step: int, history: Hi
         torch.save({"model": objects.model.state_dict(), "optimizer": objects.optimizer.state_dict(),
                     "stream": objects.stream.state_dict(), "strategy": objects.strategy.state_dict(),
                     "step": next_step, "rows": history.rows, "drawn": history.drawn,
-                    "alignment": history.alignment}, tmp)
+                    "alignment": history.alignment, "settings": objects.settings}, tmp)
 
 
 def restore_checkpoint(path: Path, objects: RunObjects) -> tuple[int, History]:
     """Restore the run objects in place; returns the first step still to train and the history so far (the rows and
     the draws of the steps before the checkpoint belong in the outputs as much as the ones after it)."""
     state = torch.load(path, weights_only=False)
+    saved = state.get("settings", objects.settings)  # checkpoints from before settings were saved: not checked
+    differing = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in objects.settings.items() if saved.get(k) != v]
+    if differing:
+        raise ParamError(f"{path} was saved under other train settings ({'; '.join(differing)}); resume with the "
+                         "same ones, or delete it to train from scratch")
     try:
         objects.model.load_state_dict(state["model"])
         objects.optimizer.load_state_dict(state["optimizer"])
