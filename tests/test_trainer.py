@@ -116,6 +116,21 @@ class Killed(Exception):
     """Stands for the process dying right after a checkpoint was written."""
 
 
+def kill_after_checkpoint(monkeypatch, params, strategy: str, at_step: int) -> None:
+    """Run until the checkpoint before step `at_step` is written, then die there (as a killed job would)."""
+    save = train.save_checkpoint
+
+    def save_then_die(path, objects, next_step, history):
+        save(path, objects, next_step, history)
+        if next_step == at_step:
+            raise Killed
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        run(params, strategy)
+    monkeypatch.undo()
+
+
 @pytest.mark.parametrize("strategy", ["dga_ema", "odm", "inbatch"])
 def test_resumed_run_matches_a_straight_run(trainer_params, monkeypatch, strategy):
     params = copy.deepcopy(trainer_params)
@@ -123,19 +138,9 @@ def test_resumed_run_matches_a_straight_run(trainer_params, monkeypatch, strateg
     run(params, strategy)
 
     params["train"]["output"] = "resumed"
-    save = train.save_checkpoint
-
-    def save_then_die(path, objects, next_step, history):
-        save(path, objects, next_step, history)
-        if next_step == 4:
-            raise Killed
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        run(params, strategy)
+    kill_after_checkpoint(monkeypatch, params, strategy, at_step=4)
     resumed = Path("resumed") / strategy
     assert (resumed / "checkpoint.pt").exists() and not (resumed / "log.csv").exists()
-    monkeypatch.undo()
     other = copy.deepcopy(params)
     other["train"]["batch_size"] = 2
     with pytest.raises(ParamError, match="checkpoint.pt was saved by a run with other data or train parameters"):
@@ -186,17 +191,7 @@ def test_doge_trains_reads_the_learning_rate_and_resumes(trainer_params, monkeyp
     assert frame.row(0)[5:5 + len(weights)] != frame.row(5)[5:5 + len(weights)]  # DoGE moved the weights
 
     params["train"]["output"] = "resumed"
-    save = train.save_checkpoint
-
-    def save_then_die(path, objects, next_step, history):
-        save(path, objects, next_step, history)
-        if next_step == 4:
-            raise Killed
-
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
-    with pytest.raises(Killed):
-        run(params, "doge")
-    monkeypatch.undo()
+    kill_after_checkpoint(monkeypatch, params, "doge", at_step=4)
     other = copy.deepcopy(params)
     other["train"]["doge_mu"] = 0.01
     with pytest.raises(ParamError, match="doge_mu|mu: saved 0.05, now 0.01"):
