@@ -45,6 +45,13 @@ TRAIN = {"steps": 300, "seq_len": 64, "batch_size": 16, "lr": 3e-3, "n_layer": 2
          "eta": 0.3, "beta": 0.1, "every": 20, "dga_batch_size": 8, "dga_target_batch_size": 16,
          "estimator": "exact"}
 
+# The long runs (issue 15): every speed option on (BENCHMARKS.md; one thread per run, two runs side by side on two
+# cores give more tokens per second than one run on both), a fixed evaluation seed
+# shared by every seed and method, and twice the evaluation batches of the 300-step runs.
+LONG_STEPS = 1000
+LONG_SPEED = {"threads": 1, "precision": "auto", "compile": True, "adamw_impl": "fused", "eval_seed": 1000,
+              "eval_batches": 16}
+
 # Each experiment: its clustering, the train settings shared by its methods, and its methods as
 # (name in the results, trainer strategy, basis set). Basis sets: "coarse" = domain reweighting over the coarse
 # clusters; "all" = distribution reweighting over importance, natural, uniform and the coarse clusters.
@@ -93,6 +100,23 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
         "methods": [("uniform", "uniform", "all"), ("importance", "importance", "all"),
                     ("inbatch", "inbatch", "all"), ("inbatch_domains", "inbatch_domains", "all"),
                     ("dga_ema", "dga_ema", "all", {"eta": 10.0})]},
+    # Issue 15's long runs: the headline comparisons at a length where the generic loss falls well below the 300-step
+    # runs' ~7, 3 seeds each, every method on the same fixed evaluation batches (eval_seed), with the trainer's speed
+    # options on (LONG_SPEED: bf16 autocast where the CPU has it, so compare these runs only with each other). DoGE
+    # and the DGA variants reweight the same bases: the coarse clusters when tokens are limited (domain reweighting),
+    # all the bases otherwise. Evaluated every 100 steps: the 300-step comparison is read from the same runs' logs.
+    "long_token_limited": {
+        "dir": "long/token_limited", "levels": [16, 16],
+        "train": {"token_cap": 4000, "steps": LONG_STEPS, "eval_every": 100, **LONG_SPEED},
+        "methods": [("uniform", "uniform", "coarse"), ("importance", "importance", "all"),
+                    ("doge", "doge", "coarse"), ("dga_ema", "dga_ema", "coarse", {"eta": 10.0}),
+                    ("inbatch", "inbatch", "coarse")]},
+    "long_distribution": {
+        "dir": "long/distribution", "levels": [16, 16],
+        "train": {"steps": LONG_STEPS, "eval_every": 100, **LONG_SPEED},
+        "methods": [("uniform", "uniform", "all"), ("importance", "importance", "all"),
+                    ("doge", "doge", "all"), ("dga_ema", "dga_ema", "all", {"eta": 10.0}),
+                    ("inbatch", "inbatch", "all")]},
     # The pilot that chose train.inbatch_scale for `inbatch` (150 steps, seed 0, every target): snr against
     # standardized at the default inbatch_eta, with uniform at the same length for the generic-loss bar.
     "inbatch_pilot": {  # written under results/inbatch/pilot/ (`dir`: the folder under results/, else the name)

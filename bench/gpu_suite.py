@@ -16,8 +16,9 @@ assign, tokenize (8,192-token BPE), the target's stages and the bases; then the 
 there when the estimate does not fit --budget-minutes (--force runs anyway).
 
 Outputs: results/gpu_suite/<target>/default/seed<k>/<method>/{metrics.json,summary.json,log.csv,...} (as
-bench/experiments.py writes them), the table (default/table.md, bench/render_results.py's) and curves
-(default/spec_curves.png), and the GPU figures (<target>/figures.{json,md}: embedding documents/s, k-means seconds,
+bench/experiments.py writes them), the table (default/table.md, bench/render_results.py's comparison: paired Δ
+against importance and uniform at the end and halfway, how far each method's weights moved), its plain statements
+(default/statements.md) and curves (default/spec_curves.png, default/generic_loss_curves.png), and the GPU figures (<target>/figures.{json,md}: embedding documents/s, k-means seconds,
 training tokens/s per method, each method's time over uniform's: the overhead of exact and in-batch DGA). --toy
 writes under its scratch folder (bench/work/gpu_suite_toy/results) unless --results says otherwise.
 Re-running resumes: stages whose outputs exist and runs whose metrics.json exists are skipped.
@@ -315,17 +316,20 @@ def figures_markdown(figures: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render(variant_dir: Path) -> str:
-    """bench/render_results.py's table (mean ± std over seeds, paired Δ vs uniform) and spec curves."""
+def render(variant_dir: Path, steps: int, eval_every: int) -> str:
+    """bench/render_results.py's comparison (the long runs' table: paired Δ vs importance and uniform, at the end and
+    halfway, how far the weights moved) into table.md, its plain statements into statements.md, and the curves."""
     import render_results
 
-    collected = render_results.collect(variant_dir)
-    order = [m[0] for m in METHODS]  # the suite's order, not the folders' alphabetical one
-    by_method = {m: collected[m] for m in sorted(collected, key=lambda m: order.index(m) if m in order else 99)}
-    table = render_results.table(by_method)
+    halfway = max(eval_every, steps // 2 // eval_every * eval_every)  # an evaluated step
+    by_method = render_results.collect_curves(variant_dir, [m[0] for m in METHODS], halfway)
+    table = render_results.comparison_table(by_method, halfway)
+    statements = render_results.long_statements(by_method, halfway)
     (variant_dir / "table.md").write_text(table + "\n")
+    (variant_dir / "statements.md").write_text("".join(f"- {s}\n" for s in statements))
     render_results.spec_curves(variant_dir, list(by_method))
-    return table
+    render_results.loss_curves(variant_dir, list(by_method), "generic_loss")
+    return table + "\n\n" + "\n".join(f"- {s}" for s in statements)
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     experiments.run_experiment(NAME, target, args.seeds, None, None, steps, [m[0] for m in methods], layout, spec)
 
     variant_dir = experiments.seed_dir(NAME, target, None, "default", 0, layout, spec).parent
-    table = render(variant_dir)
+    table = render(variant_dir, steps, spec["train"]["eval_every"])
     figures = {"date": date.today().isoformat(), "mode": "toy" if args.toy else "GPU", "device": device,
                "machine": machine(), "levels": spec["levels"], "steps": steps, "seeds": args.seeds,
                "train": spec["train"], "budget_minutes": args.budget_minutes, "stages": stages,

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/render_results.py
     .venv/bin/python bench/render_results.py --only inbatch   # just results/inbatch/RESULTS_section.md
+    .venv/bin/python bench/render_results.py --only long      # just the long runs' section (results/long)
 
 Reads results/<experiment>/<target>/<variant>/seed<k>/<method>/{metrics.json,log.csv} (bench/experiments.py),
 writes results/<experiment>/<target>/<variant>/table.md (mean ± std over seeds, per method), the plots of seed 0
@@ -10,7 +11,10 @@ writes results/<experiment>/<target>/<variant>/table.md (mean ± std over seeds,
 `<!-- end -->`) with those tables. The in-batch DGA experiment (`inbatch`) gets its own section, per target, with
 paired differences against importance sampling and uniform, how far the weights moved, and whether the bar is
 met; it is written to results/inbatch/RESULTS_section.md (and into RESULTS.md between
-`<!-- section:inbatch -->` and `<!-- end -->` when RESULTS.md has those markers).
+`<!-- section:inbatch -->` and `<!-- end -->` when RESULTS.md has those markers). The long runs (results/long/
+<experiment>/<target>/default, bench/experiments.py's long_*) get a section of their own the same way
+(`<!-- section:long -->`): per experiment and target, the losses at the end and at step 300, how far the
+specialized loss rose from its best, how far the weights moved, and plain statements generated from those numbers.
 """
 from __future__ import annotations
 
@@ -170,6 +174,13 @@ def shown(path: Path) -> str:
 
 
 def spec_curves(variant_dir: Path, methods: list[str]) -> Path:
+    """The mean specialized-loss curves over seeds (spec_curves.png)."""
+    return loss_curves(variant_dir, methods, "spec_loss", "spec_curves.png")
+
+
+def loss_curves(variant_dir: Path, methods: list[str], column: str, name: str | None = None) -> Path:
+    """One evaluation column of log.csv (spec_loss or generic_loss), mean over seeds per method, band min-max;
+    written to variant_dir/`name` (default <column>_curves.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,19 +190,20 @@ def spec_curves(variant_dir: Path, methods: list[str]) -> Path:
     for method in methods:
         curves = []
         for log in sorted(variant_dir.glob(f"seed*/{method}/log.csv")):
-            frame = pl.read_csv(log, infer_schema_length=None).filter(pl.col("spec_loss").is_not_null())
-            curves.append(frame["spec_loss"].to_numpy())
+            frame = pl.read_csv(log, infer_schema_length=None).filter(pl.col(column).is_not_null())
+            curves.append(frame[column].to_numpy())
             steps = frame["step"].to_numpy() + 1
         curves = np.array(curves)
         ax.plot(steps, curves.mean(axis=0), marker="o", label=f"{method} ({len(curves)} seeds)")
         if len(curves) > 1:
             ax.fill_between(steps, curves.min(axis=0), curves.max(axis=0), alpha=0.15)
     ax.set_xlabel("step")
-    ax.set_ylabel("specialized eval loss")
+    ax.set_ylabel({"spec_loss": "specialized eval loss", "generic_loss": "generic eval loss (held out)"}.get(column,
+                                                                                                        column))
     ax.set_title(f"{shown(variant_dir)}: mean over seeds (band: min-max)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = variant_dir / "spec_curves.png"
+    path = variant_dir / (name or f"{column}_curves.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -365,12 +377,193 @@ def write_inbatch_section() -> str | None:
     return section
 
 
+# ---- the long runs (issue 15) -------------------------------------------------------------------------------------
+LONG_METHODS = ["uniform", "importance", "doge", "dga_ema", "inbatch"]
+ONLINE = ("doge", "dga_ema", "inbatch", "inbatch_domains", "dga", "odm")  # the methods whose weights move
+EARLY_STEP = 300  # the length of the earlier runs: the comparison at this step is read from the long runs' logs
+OVERFIT = 0.05  # a final specialized loss this far above the run's best counts as a rise (overfitting)
+TRAIN_TAIL = 100  # the training loss at the end: the mean of the last steps' (one batch each, noisy)
+
+
+def with_curve(run: dict, run_dir: Path, early: int = EARLY_STEP) -> dict:
+    """A run's metrics plus what its log.csv says: the losses at step `early` (None when not evaluated then),
+    and the best specialized evaluation and its step."""
+    log = pl.read_csv(run_dir / "log.csv", infer_schema_length=None)
+    frame = log.filter(pl.col("spec_loss").is_not_null())
+    at = frame.filter(pl.col("step") == early - 1)
+    best = frame.sort("spec_loss").head(1)
+    # The final specialized loss is the last evaluation: it can sit above the best only by that much (the clamp
+    # removes the rounding between metrics.json and log.csv).
+    return run | {"early_spec": at["spec_loss"][0] if len(at) else None,
+                  "early_generic": at["generic_loss"][0] if len(at) else None,
+                  "best_spec": float(best["spec_loss"][0]), "best_step": int(best["step"][0]) + 1,
+                  "rise": max(0.0, run["final_spec_loss"] - float(best["spec_loss"][0])),
+                  "train_tail": float(log["train_loss"].tail(TRAIN_TAIL).mean())}
+
+
+def collect_curves(variant_dir: Path, order: list[str] = LONG_METHODS,
+                   early: int = EARLY_STEP) -> dict[str, list[dict]]:
+    """collect(), each run completed by with_curve, the methods in `order` first."""
+    by_method = {m: [with_curve(r, variant_dir / r["seed"] / m, early) for r in runs]
+                 for m, runs in collect(variant_dir).items()}
+    return {m: by_method[m] for m in sorted(by_method, key=lambda m: order.index(m) if m in order else len(order))}
+
+
+def paired_diffs(runs: list[dict], baseline: list[dict], key: str) -> list[float]:
+    base = {m["seed"]: m[key] for m in baseline if m.get(key) is not None}
+    return [m[key] - base[m["seed"]] for m in runs if m["seed"] in base and m.get(key) is not None]
+
+
+def fmt_diffs(diffs: list[float]) -> str:
+    if not diffs:
+        return "–"
+    return f"{np.mean(diffs):+.3f}" + (f" ± {np.std(diffs, ddof=1):.3f}" if len(diffs) > 1 else "")
+
+
+def comparison_table(by_method: dict[str, list[dict]], early: int = EARLY_STEP) -> str:
+    """Losses at the end and at step `early`, paired against importance (specialized) and uniform (generic), how
+    far the specialized loss rose from its best (overfitting), and how far each method's weights moved."""
+    imp, uni = by_method.get("importance", []), by_method.get("uniform", [])
+    lines = ["| method | seeds | final specialized loss | Δ spec vs importance | Δ spec vs importance at step "
+             f"{early} | final − best specialized (step of best) | training loss, last {TRAIN_TAIL} steps | final generic loss | Δ generic vs uniform | "
+             f"Δ generic vs uniform at step {early} | TV of weights from initial | importance basis final weight | "
+             "clusters repeated | seconds per run |", "|---|" * 1 + "---|" * 13]
+    best = min(np.mean([m["final_spec_loss"] for m in runs]) for runs in by_method.values())
+    for method, runs in by_method.items():
+        spec = mean_std([r["final_spec_loss"] for r in runs])
+        if np.isclose(np.mean([r["final_spec_loss"] for r in runs]), best):
+            spec = f"**{spec}**"
+        moves = [weight_moves(r) for r in runs]
+        static = runs[0].get("strategy") in STATIC  # its weights are not a mixture over the bases that moves
+        imp_w = mean_std([m[1] for m in moves]) if moves[0][1] is not None and not static else "–"
+        rise = mean_std([r["rise"] for r in runs])
+        steps = "/".join(str(r["best_step"]) for r in runs)
+        cells = [fmt_diffs(paired_diffs(runs, imp, "final_spec_loss")) if method != "importance" else "–",
+                 fmt_diffs(paired_diffs(runs, imp, "early_spec")) if method != "importance" else "–",
+                 fmt_diffs(paired_diffs(runs, uni, "final_generic_loss")) if method != "uniform" else "–",
+                 fmt_diffs(paired_diffs(runs, uni, "early_generic")) if method != "uniform" else "–"]
+        repeated = runs[0].get("clusters_repeated")
+        lines.append(f"| {method} | {len(runs)} | {spec} | {cells[0]} | {cells[1]} | {rise} ({steps}) | "
+                     f"{mean_std([r['train_tail'] for r in runs])} | {mean_std([r['final_generic_loss'] for r in runs])} | {cells[2]} | {cells[3]} | "
+                     f"{mean_std([m[0] for m in moves])} | {imp_w} | "
+                     f"{'–' if repeated is None else counts([r['clusters_repeated'] for r in runs])} | "
+                     f"{np.mean([r['seconds'] for r in runs]):.0f} |")
+    return "\n".join(lines)
+
+
+def counts(values: list[int]) -> str:
+    return f"{np.mean(values):.0f}" + (f" ± {np.std(values, ddof=1):.0f}" if len(values) > 1 else "")
+
+
+def verdict(diffs: list[float]) -> str:
+    """How a paired difference (method − reference, lower is better) reads: every seed lower, every seed higher,
+    or mixed (within the seed-to-seed spread)."""
+    if not diffs:
+        return "not run"
+    lower = sum(d < 0 for d in diffs)
+    if lower == len(diffs):
+        return f"lower in all {len(diffs)} seeds"
+    if lower == 0:
+        return f"higher in all {len(diffs)} seeds"
+    return f"lower in {lower} of {len(diffs)} seeds (mixed: within the seed-to-seed spread)"
+
+
+def long_statements(by_method: dict[str, list[dict]], early: int = EARLY_STEP) -> list[str]:
+    """The plain statements item 6 asks for, from the numbers: the best online method against importance sampling
+    (and its generic cost), whether importance sampling's specialized loss rises (overfits) and the best online
+    method's not, how the comparison changes between step `early` and the end, and how far the weights moved."""
+    imp, uni = by_method.get("importance"), by_method.get("uniform")
+    online = [m for m in by_method if m in ONLINE]
+    if not imp or not uni or not online:
+        return ["(incomplete: needs importance, uniform and at least one online method)"]
+    best = min(online, key=lambda m: np.mean([r["final_spec_loss"] for r in by_method[m]]))
+    d_spec = paired_diffs(by_method[best], imp, "final_spec_loss")
+    d_gen = paired_diffs(by_method[best], uni, "final_generic_loss")
+    d_gen_imp = paired_diffs(by_method[best], imp, "final_generic_loss")
+    out = [f"**Best online method on the specialized loss: `{best}`.** Against importance sampling: Δ spec "
+           f"{fmt_diffs(d_spec)}, {verdict(d_spec)}. Its generic cost: Δ generic {fmt_diffs(d_gen)} against uniform "
+           f"({verdict(d_gen)}), {fmt_diffs(d_gen_imp)} against importance sampling."]
+    said = []
+    for m in ("importance", best):
+        values = [r["rise"] for r in by_method[m]]
+        n = sum(v > OVERFIT for v in values)
+        said.append(f"`{m}` ends {np.mean(values):.3f} above its best specialized loss on average (by more than "
+                    f"{OVERFIT} in {n} of {len(values)} seeds); its training loss ends at "
+                    f"{np.mean([r['train_tail'] for r in by_method[m]]):.2f}")
+    said.append(f"uniform's training loss ends at {np.mean([r['train_tail'] for r in uni]):.2f} (a training loss "
+                "far below the evaluation losses is a model memorising repeated data)")
+    repeated = [r.get("clusters_repeated") for r in imp if r.get("clusters_repeated") is not None]
+    out.append("**Overfitting:** " + "; ".join(said) + "."
+               + (f" Importance sampling repeated {np.mean(repeated):.0f} clusters on average." if repeated else ""))
+    d_early = paired_diffs(by_method[best], imp, "early_spec")
+    if d_early:
+        out.append(f"**Run length:** `{best}` − importance on the specialized loss was {fmt_diffs(d_early)} at step "
+                   f"{early} and is {fmt_diffs(d_spec)} at the end; uniform − importance went from "
+                   f"{fmt_diffs(paired_diffs(uni, imp, 'early_spec'))} to "
+                   f"{fmt_diffs(paired_diffs(uni, imp, 'final_spec_loss'))}.")
+    moved = []
+    for m in online:
+        tv = [weight_moves(r)[0] for r in by_method[m]]
+        imp_w = [weight_moves(r)[1] for r in by_method[m]]
+        moved.append(f"`{m}` TV {np.mean(tv):.2f}" + ("" if imp_w[0] is None else
+                                                         f" (importance basis {np.mean(imp_w):.2f})")
+                     + (" — barely moves" if np.mean(tv) < 0.05 else ""))
+    out.append("**Weights moved** (total variation from the initial weights, mean over seeds): " + ", ".join(moved)
+               + ".")
+    return out
+
+
+def long_section(long_dir: Path) -> str:
+    """The long runs' section: per experiment and target, the comparison table, the curves and the statements."""
+    parts = []
+    for experiment_dir in sorted(p for p in long_dir.iterdir() if p.is_dir()):
+        for target_dir in sorted(p for p in experiment_dir.iterdir() if (p / "default").is_dir()):
+            variant_dir = target_dir / "default"
+            by_method = collect_curves(variant_dir)
+            if not by_method:
+                continue
+            table_md = comparison_table(by_method)
+            (variant_dir / "table.md").write_text(table_md + "\n")
+            spec_curves(variant_dir, list(by_method))
+            loss_curves(variant_dir, list(by_method), "generic_loss")
+            if (variant_dir / "seed0").exists():
+                plot_runs(variant_dir / "seed0")
+            steps = "/".join(sorted({str(r["steps"]) for runs in by_method.values() for r in runs}))
+            parts.append(f"\n### {experiment_dir.name}, {target_dir.name} ({steps} steps)\n\n{table_md}\n\n"
+                         + "\n".join(f"- {s}" for s in long_statements(by_method))
+                         + f"\n\n![specialized loss]({shown(variant_dir)}/spec_curves.png) "
+                         f"![generic loss]({shown(variant_dir)}/generic_loss_curves.png)")
+    return "\n".join(parts).lstrip("\n")
+
+
+def write_long_section() -> str | None:
+    long_dir = RESULTS / "long"
+    if not any(long_dir.glob("**/metrics.json")):
+        return None
+    section = long_section(long_dir)
+    (long_dir / "RESULTS_section.md").write_text(section + "\n")
+    print(section)
+    return section
+
+
+def splice(text: str, name: str, section: str) -> str:
+    """RESULTS.md with `section` between `<!-- section:NAME -->` and the next `<!-- end -->`."""
+    return re.sub(rf"(<!-- section:{re.escape(name)} -->\n).*?(<!-- end -->)",
+                  lambda m: m.group(1) + section + "\n" + m.group(2), text, flags=re.S)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["inbatch"], default=None,
-                        help="render only this experiment's section (results/inbatch/RESULTS_section.md); "
-                             "touches neither RESULTS.md nor the other experiments' tables and plots")
+    parser.add_argument("--only", choices=["inbatch", "long"], default=None,
+                        help="inbatch: render only results/inbatch/RESULTS_section.md (RESULTS.md untouched); long: "
+                             "only the long runs' section (results/long/RESULTS_section.md, spliced into RESULTS.md "
+                             "between <!-- section:long --> and <!-- end -->); no other experiment's tables or plots")
     args = parser.parse_args()
+    if args.only == "long":
+        section = write_long_section()
+        if section is not None and REPORT.exists():
+            REPORT.write_text(splice(REPORT.read_text(), "long", section))
+        return
     if args.only == "inbatch":
         runs = (RESULTS / "inbatch").glob("*/*/seed*/*/metrics.json")
         for variant_dir in sorted({p.parent.parent.parent for p in runs}):
@@ -415,12 +608,12 @@ def main() -> None:
                         f"{r['recorded_final_generic_loss']!r} | {r['rerun_final_generic_loss']!r} | "
                         f"{'yes' if r['identical'] else 'NO'} |")
         tables["reproduced"] = "\n".join(rows)
-    section = write_inbatch_section()
+    sections = {"inbatch": write_inbatch_section(), "long": write_long_section()}
     if REPORT.exists():
         text = REPORT.read_text()
-        if section is not None:
-            text = re.sub(r"(<!-- section:inbatch -->\n).*?(<!-- end -->)",
-                          lambda m: m.group(1) + section + "\n" + m.group(2), text, flags=re.S)
+        for name, section in sections.items():
+            if section is not None:
+                text = splice(text, name, section)
         for key, rendered in tables.items():
             text = re.sub(rf"(<!-- table:{re.escape(key)} -->\n).*?(<!-- end -->)",
                           lambda m: m.group(1) + rendered + "\n" + m.group(2), text, flags=re.S)
