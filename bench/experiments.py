@@ -49,7 +49,7 @@ TRAIN = {"steps": 300, "seq_len": 64, "batch_size": 16, "lr": 3e-3, "n_layer": 2
 # cores give more tokens per second than one run on both), a fixed evaluation seed
 # shared by every seed and method, and twice the evaluation batches of the 300-step runs.
 LONG_STEPS = 1000
-LONG_SPEED = {"threads": 1, "precision": "auto", "compile": True, "adamw_impl": "fused", "eval_seed": 1000,
+LONG_SETTINGS = {"threads": 1, "precision": "auto", "compile": True, "adamw_impl": "fused", "eval_seed": 1000,
               "eval_batches": 16}
 
 # Each experiment: its clustering, the train settings shared by its methods, and its methods as
@@ -102,18 +102,18 @@ EXPERIMENTS: dict[str, dict[str, Any]] = {
                     ("dga_ema", "dga_ema", "all", {"eta": 10.0})]},
     # Issue 15's long runs: the headline comparisons at a length where the generic loss falls well below the 300-step
     # runs' ~7, 3 seeds each, every method on the same fixed evaluation batches (eval_seed), with the trainer's speed
-    # options on (LONG_SPEED: bf16 autocast where the CPU has it, so compare these runs only with each other). DoGE
+    # options on (LONG_SETTINGS: bf16 autocast where the CPU has it, so compare these runs only with each other). DoGE
     # and the DGA variants reweight the same bases: the coarse clusters when tokens are limited (domain reweighting),
     # all the bases otherwise. Evaluated every 100 steps: the 300-step comparison is read from the same runs' logs.
     "long_token_limited": {
         "dir": "long/token_limited", "levels": [16, 16],
-        "train": {"token_cap": 4000, "steps": LONG_STEPS, "eval_every": 100, **LONG_SPEED},
+        "train": {"token_cap": 4000, "steps": LONG_STEPS, "eval_every": 100, **LONG_SETTINGS},
         "methods": [("uniform", "uniform", "coarse"), ("importance", "importance", "all"),
                     ("doge", "doge", "coarse"), ("dga_ema", "dga_ema", "coarse", {"eta": 10.0}),
                     ("inbatch", "inbatch", "coarse")]},
     "long_distribution": {
         "dir": "long/distribution", "levels": [16, 16],
-        "train": {"steps": LONG_STEPS, "eval_every": 100, **LONG_SPEED},
+        "train": {"steps": LONG_STEPS, "eval_every": 100, **LONG_SETTINGS},
         "methods": [("uniform", "uniform", "all"), ("importance", "importance", "all"),
                     ("doge", "doge", "all"), ("dga_ema", "dga_ema", "all", {"eta": 10.0}),
                     ("inbatch", "inbatch", "all")]},

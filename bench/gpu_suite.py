@@ -18,9 +18,10 @@ there when the estimate does not fit --budget-minutes (--force runs anyway).
 Outputs: results/gpu_suite/<target>/default/seed<k>/<method>/{metrics.json,summary.json,log.csv,...} (as
 bench/experiments.py writes them), the table (default/table.md, bench/render_results.py's comparison: paired Δ
 against importance and uniform at the end and halfway, how far each method's weights moved), its plain statements
-(default/statements.md) and curves (default/spec_curves.png, default/generic_loss_curves.png), and the GPU figures (<target>/figures.{json,md}: embedding documents/s, k-means seconds,
-training tokens/s per method, each method's time over uniform's: the overhead of exact and in-batch DGA). --toy
-writes under its scratch folder (bench/work/gpu_suite_toy/results) unless --results says otherwise.
+(default/statements.md) and curves (default/spec_curves.png, default/generic_loss_curves.png), and the GPU
+figures (<target>/figures.{json,md}: embedding documents/s, k-means seconds, training tokens/s per method, each
+method's time over uniform's: the overhead of exact and in-batch DGA). --toy writes under its scratch folder
+(bench/work/gpu_suite_toy/results) unless --results says otherwise.
 Re-running resumes: stages whose outputs exist and runs whose metrics.json exists are skipped.
 """
 from __future__ import annotations
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     experiments.run_experiment(NAME, target, args.seeds, None, None, steps, [m[0] for m in methods], layout, spec)
 
     variant_dir = experiments.seed_dir(NAME, target, None, "default", 0, layout, spec).parent
-    table = render(variant_dir, steps, spec["train"]["eval_every"])
+    report = render(variant_dir, steps, spec["train"]["eval_every"])
     figures = {"date": date.today().isoformat(), "mode": "toy" if args.toy else "GPU", "device": device,
                "machine": machine(), "levels": spec["levels"], "steps": steps, "seeds": args.seeds,
                "train": spec["train"], "budget_minutes": args.budget_minutes, "stages": stages,
@@ -431,8 +432,8 @@ def main(argv: list[str] | None = None) -> int:
                "total_s": round(time.perf_counter() - started, 1)}
     (variant_dir.parent / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     (variant_dir.parent / "figures.md").write_text(figures_markdown(figures) + "\n")
-    print(table, "\n\n" + figures_markdown(figures), flush=True)
-    print(f"\nwrote {variant_dir}/table.md and {variant_dir.parent}/figures.{{json,md}}", flush=True)
+    print(report, "\n\n" + figures_markdown(figures), flush=True)
+    print(f"\nwrote {variant_dir}/{{table,statements}}.md and {variant_dir.parent}/figures.{{json,md}}", flush=True)
     return 0
 
 

@@ -263,21 +263,21 @@ def inbatch_section(experiment_dir: Path) -> str:
              "is a lower loss). TV: total-variation distance of the final mixture weights from the initial (uniform) "
              "weights over the method's bases (0 for static methods); the importance basis's final weight for the "
              "methods over the bases (inbatch_domains reweights the 256 fine clusters directly)."]
-    verdict: dict[str, dict[str, tuple[bool, float, float]]] = {}
+    bar: dict[str, dict[str, tuple[bool, float, float]]] = {}
     for tdir in targets:
         text, deltas = inbatch_target(collect(tdir / "default"))
         parts.append(f"\n#### {tdir.name}\n\n{text}")
         for method in [m for m in deltas if m.startswith("inbatch")]:
             d = deltas.get(method, {})
             if "spec_vs_importance" in d and "generic_vs_uniform" in d:
-                verdict.setdefault(method, {})[tdir.name] = (d["spec_vs_importance"] <= BAR_SPEC
-                                                             and d["generic_vs_uniform"] <= BAR_GENERIC,
-                                                             d["spec_vs_importance"], d["generic_vs_uniform"])
+                bar.setdefault(method, {})[tdir.name] = (d["spec_vs_importance"] <= BAR_SPEC
+                                                         and d["generic_vs_uniform"] <= BAR_GENERIC,
+                                                         d["spec_vs_importance"], d["generic_vs_uniform"])
     lines = [f"\n#### The bar: specialized loss within {BAR_SPEC} of importance sampling or better on at least 2 of "
              f"the 3 targets, with a generic loss no worse than uniform + {BAR_GENERIC}\n",
              "| method | " + " | ".join(t.name for t in targets) + " | met |", "|---|" + "---|" * (len(targets) + 1)]
-    for method in ("inbatch", "inbatch_domains") + tuple(m for m in verdict if m not in ("inbatch", "inbatch_domains")):
-        per = verdict.get(method, {})
+    for method in ("inbatch", "inbatch_domains") + tuple(m for m in bar if m not in ("inbatch", "inbatch_domains")):
+        per = bar.get(method, {})
         cells = [(f"{'yes' if per[t.name][0] else 'no'} (Δ spec vs IS {per[t.name][1]:+.3f}, Δ generic vs uniform "
                   f"{per[t.name][2]:+.3f})") if t.name in per else "not run" for t in targets]
         passed = sum(1 for v in per.values() if v[0])
@@ -378,30 +378,31 @@ def write_inbatch_section() -> str | None:
 
 
 # ---- the long runs (issue 15) -------------------------------------------------------------------------------------
-LONG_METHODS = ["uniform", "importance", "doge", "dga_ema", "inbatch"]
+LONG_METHODS = ("uniform", "importance", "doge", "dga_ema", "inbatch")
 ONLINE = ("doge", "dga_ema", "inbatch", "inbatch_domains", "dga", "odm")  # the methods whose weights move
 EARLY_STEP = 300  # the length of the earlier runs: the comparison at this step is read from the long runs' logs
-OVERFIT = 0.05  # a final specialized loss this far above the run's best counts as a rise (overfitting)
+LAST_EVALS = 3  # the end of a run: the mean of its last evaluations (one evaluation swings by ~0.1)
+RISE = 0.1  # the end this far above the run's best evaluation counts as a rise of the specialized loss
 TRAIN_TAIL = 100  # the training loss at the end: the mean of the last steps' (one batch each, noisy)
+SAME = 5e-7  # paired differences smaller than this are ties (the metrics files keep 6 decimals)
 
 
 def with_curve(run: dict, run_dir: Path, early: int = EARLY_STEP) -> dict:
-    """A run's metrics plus what its log.csv says: the losses at step `early` (None when not evaluated then),
-    and the best specialized evaluation and its step."""
+    """A run's metrics plus what its log.csv says: the losses at step `early` (None when not evaluated then), the
+    best specialized evaluation and its step, how far the end (the mean of the last LAST_EVALS evaluations) sits
+    above that best, and the training loss over the last TRAIN_TAIL steps (or all of them in a shorter run)."""
     log = pl.read_csv(run_dir / "log.csv", infer_schema_length=None)
     frame = log.filter(pl.col("spec_loss").is_not_null())
     at = frame.filter(pl.col("step") == early - 1)
     best = frame.sort("spec_loss").head(1)
-    # The final specialized loss is the last evaluation: it can sit above the best only by that much (the clamp
-    # removes the rounding between metrics.json and log.csv).
     return run | {"early_spec": at["spec_loss"][0] if len(at) else None,
                   "early_generic": at["generic_loss"][0] if len(at) else None,
                   "best_spec": float(best["spec_loss"][0]), "best_step": int(best["step"][0]) + 1,
-                  "rise": max(0.0, run["final_spec_loss"] - float(best["spec_loss"][0])),
+                  "rise": float(frame["spec_loss"].tail(LAST_EVALS).mean()) - float(best["spec_loss"][0]),
                   "train_tail": float(log["train_loss"].tail(TRAIN_TAIL).mean())}
 
 
-def collect_curves(variant_dir: Path, order: list[str] = LONG_METHODS,
+def collect_curves(variant_dir: Path, order: tuple[str, ...] = LONG_METHODS,
                    early: int = EARLY_STEP) -> dict[str, list[dict]]:
     """collect(), each run completed by with_curve, the methods in `order` first."""
     by_method = {m: [with_curve(r, variant_dir / r["seed"] / m, early) for r in runs]
@@ -410,24 +411,34 @@ def collect_curves(variant_dir: Path, order: list[str] = LONG_METHODS,
 
 
 def paired_diffs(runs: list[dict], baseline: list[dict], key: str) -> list[float]:
+    """method − baseline on `key`, seed by seed, over the seeds both have a value for."""
     base = {m["seed"]: m[key] for m in baseline if m.get(key) is not None}
     return [m[key] - base[m["seed"]] for m in runs if m["seed"] in base and m.get(key) is not None]
 
 
-def fmt_diffs(diffs: list[float]) -> str:
+def fmt_diffs(diffs: list[float], seeds: int | None = None) -> str:
+    """Mean ± std of paired differences; '(n pairs)' when fewer than the method's `seeds` were paired."""
     if not diffs:
         return "–"
-    return f"{np.mean(diffs):+.3f}" + (f" ± {np.std(diffs, ddof=1):.3f}" if len(diffs) > 1 else "")
+    text = f"{np.mean(diffs):+.3f}" + (f" ± {np.std(diffs, ddof=1):.3f}" if len(diffs) > 1 else "")
+    return text + (f" ({len(diffs)} of {seeds} seeds paired)" if seeds is not None and len(diffs) < seeds else "")
+
+
+def counts(values: list[int]) -> str:
+    """Mean ± std of integer counts, in whole numbers."""
+    return f"{np.mean(values):.0f}" + (f" ± {np.std(values, ddof=1):.0f}" if len(values) > 1 else "")
 
 
 def comparison_table(by_method: dict[str, list[dict]], early: int = EARLY_STEP) -> str:
     """Losses at the end and at step `early`, paired against importance (specialized) and uniform (generic), how
-    far the specialized loss rose from its best (overfitting), and how far each method's weights moved."""
+    far the specialized loss rose from its best, the training loss at the end, and how far the weights moved."""
     imp, uni = by_method.get("importance", []), by_method.get("uniform", [])
-    lines = ["| method | seeds | final specialized loss | Δ spec vs importance | Δ spec vs importance at step "
-             f"{early} | final − best specialized (step of best) | training loss, last {TRAIN_TAIL} steps | final generic loss | Δ generic vs uniform | "
-             f"Δ generic vs uniform at step {early} | TV of weights from initial | importance basis final weight | "
-             "clusters repeated | seconds per run |", "|---|" * 1 + "---|" * 13]
+    header = ["method", "seeds", "final specialized loss", "Δ spec vs importance",
+              f"Δ spec vs importance at step {early}", f"end (last {LAST_EVALS} evals) − best specialized (step "
+              "of best)", f"training loss, last {TRAIN_TAIL} steps", "final generic loss", "Δ generic vs uniform",
+              f"Δ generic vs uniform at step {early}", "TV of weights from initial",
+              "importance basis final weight", "clusters read to the end", "seconds per run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     best = min(np.mean([m["final_spec_loss"] for m in runs]) for runs in by_method.values())
     for method, runs in by_method.items():
         spec = mean_std([r["final_spec_loss"] for r in runs])
@@ -436,65 +447,70 @@ def comparison_table(by_method: dict[str, list[dict]], early: int = EARLY_STEP) 
         moves = [weight_moves(r) for r in runs]
         static = runs[0].get("strategy") in STATIC  # its weights are not a mixture over the bases that moves
         imp_w = mean_std([m[1] for m in moves]) if moves[0][1] is not None and not static else "–"
-        rise = mean_std([r["rise"] for r in runs])
-        steps = "/".join(str(r["best_step"]) for r in runs)
-        cells = [fmt_diffs(paired_diffs(runs, imp, "final_spec_loss")) if method != "importance" else "–",
-                 fmt_diffs(paired_diffs(runs, imp, "early_spec")) if method != "importance" else "–",
-                 fmt_diffs(paired_diffs(runs, uni, "final_generic_loss")) if method != "uniform" else "–",
-                 fmt_diffs(paired_diffs(runs, uni, "early_generic")) if method != "uniform" else "–"]
-        repeated = runs[0].get("clusters_repeated")
-        lines.append(f"| {method} | {len(runs)} | {spec} | {cells[0]} | {cells[1]} | {rise} ({steps}) | "
-                     f"{mean_std([r['train_tail'] for r in runs])} | {mean_std([r['final_generic_loss'] for r in runs])} | {cells[2]} | {cells[3]} | "
-                     f"{mean_std([m[0] for m in moves])} | {imp_w} | "
-                     f"{'–' if repeated is None else counts([r['clusters_repeated'] for r in runs])} | "
-                     f"{np.mean([r['seconds'] for r in runs]):.0f} |")
+        n = len(runs)
+        repeated = [r["clusters_repeated"] for r in runs if r.get("clusters_repeated") is not None]
+        cells = [method, str(n), spec,
+                 fmt_diffs(paired_diffs(runs, imp, "final_spec_loss"), n) if method != "importance" else "–",
+                 fmt_diffs(paired_diffs(runs, imp, "early_spec"), n) if method != "importance" else "–",
+                 f"{mean_std([r['rise'] for r in runs])} ({'/'.join(str(r['best_step']) for r in runs)})",
+                 mean_std([r["train_tail"] for r in runs]), mean_std([r["final_generic_loss"] for r in runs]),
+                 fmt_diffs(paired_diffs(runs, uni, "final_generic_loss"), n) if method != "uniform" else "–",
+                 fmt_diffs(paired_diffs(runs, uni, "early_generic"), n) if method != "uniform" else "–",
+                 mean_std([m[0] for m in moves]), imp_w, counts(repeated) if repeated else "–",
+                 f"{np.mean([r['seconds'] for r in runs]):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def counts(values: list[int]) -> str:
-    return f"{np.mean(values):.0f}" + (f" ± {np.std(values, ddof=1):.0f}" if len(values) > 1 else "")
-
-
-def verdict(diffs: list[float]) -> str:
-    """How a paired difference (method − reference, lower is better) reads: every seed lower, every seed higher,
-    or mixed (within the seed-to-seed spread)."""
+def sign_count(diffs: list[float]) -> str:
+    """How a paired difference (method − reference, lower is better) reads seed by seed."""
     if not diffs:
         return "not run"
-    lower = sum(d < 0 for d in diffs)
+    lower, higher = sum(d < -SAME for d in diffs), sum(d > SAME for d in diffs)
     if lower == len(diffs):
-        return f"lower in all {len(diffs)} seeds"
-    if lower == 0:
-        return f"higher in all {len(diffs)} seeds"
-    return f"lower in {lower} of {len(diffs)} seeds (mixed: within the seed-to-seed spread)"
+        return f"lower in all {len(diffs)} seeds" if len(diffs) > 1 else "lower in the one seed paired"
+    if higher == len(diffs):
+        return f"higher in all {len(diffs)} seeds" if len(diffs) > 1 else "higher in the one seed paired"
+    tied = len(diffs) - lower - higher
+    if tied == len(diffs):
+        return f"equal in all {len(diffs)} seeds" if len(diffs) > 1 else "equal in the one seed paired"
+    return f"mixed: lower in {lower}, higher in {higher}" + (f", equal in {tied}" if tied else "") + \
+        f" of {len(diffs)} seeds"
+
+
+def mean_of(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def long_statements(by_method: dict[str, list[dict]], early: int = EARLY_STEP) -> list[str]:
-    """The plain statements item 6 asks for, from the numbers: the best online method against importance sampling
-    (and its generic cost), whether importance sampling's specialized loss rises (overfits) and the best online
-    method's not, how the comparison changes between step `early` and the end, and how far the weights moved."""
+    """Plain statements from the numbers: the run length and the loss reached, the best online method against
+    importance sampling (and its generic cost), whether the specialized loss rises from its best and how low the
+    training loss falls (memorisation when data repeat), how the comparison changes between step `early` and the
+    end, and how far each online method's weights moved."""
     imp, uni = by_method.get("importance"), by_method.get("uniform")
     online = [m for m in by_method if m in ONLINE]
     if not imp or not uni or not online:
         return ["(incomplete: needs importance, uniform and at least one online method)"]
+    early_generic = mean_of(uni, "early_generic")
+    out = [f"**Length:** {'/'.join(sorted({str(r['steps']) for r in uni}))} steps; uniform's held-out generic "
+           f"loss is " + (f"{early_generic:.2f} at step {early} and " if early_generic is not None else "")
+           + f"{mean_of(uni, 'final_generic_loss'):.2f} at the end."]
     best = min(online, key=lambda m: np.mean([r["final_spec_loss"] for r in by_method[m]]))
     d_spec = paired_diffs(by_method[best], imp, "final_spec_loss")
     d_gen = paired_diffs(by_method[best], uni, "final_generic_loss")
-    d_gen_imp = paired_diffs(by_method[best], imp, "final_generic_loss")
-    out = [f"**Best online method on the specialized loss: `{best}`.** Against importance sampling: Δ spec "
-           f"{fmt_diffs(d_spec)}, {verdict(d_spec)}. Its generic cost: Δ generic {fmt_diffs(d_gen)} against uniform "
-           f"({verdict(d_gen)}), {fmt_diffs(d_gen_imp)} against importance sampling."]
+    out.append(f"**Best online method on the specialized loss: `{best}`.** Against importance sampling: Δ spec "
+               f"{fmt_diffs(d_spec)}, {sign_count(d_spec)}. Its generic cost: Δ generic {fmt_diffs(d_gen)} against "
+               f"uniform ({sign_count(d_gen)}), {fmt_diffs(paired_diffs(by_method[best], imp, 'final_generic_loss'))}"
+               " against importance sampling.")
     said = []
-    for m in ("importance", best):
-        values = [r["rise"] for r in by_method[m]]
-        n = sum(v > OVERFIT for v in values)
-        said.append(f"`{m}` ends {np.mean(values):.3f} above its best specialized loss on average (by more than "
-                    f"{OVERFIT} in {n} of {len(values)} seeds); its training loss ends at "
-                    f"{np.mean([r['train_tail'] for r in by_method[m]]):.2f}")
-    said.append(f"uniform's training loss ends at {np.mean([r['train_tail'] for r in uni]):.2f} (a training loss "
-                "far below the evaluation losses is a model memorising repeated data)")
-    repeated = [r.get("clusters_repeated") for r in imp if r.get("clusters_repeated") is not None]
-    out.append("**Overfitting:** " + "; ".join(said) + "."
-               + (f" Importance sampling repeated {np.mean(repeated):.0f} clusters on average." if repeated else ""))
+    for m in ("importance", best, "uniform"):
+        rises = [r["rise"] for r in by_method[m]]
+        said.append(f"`{m}` ends {np.mean(rises):.3f} above its best specialized evaluation (by more than {RISE} in "
+                    f"{sum(v > RISE for v in rises)} of {len(rises)} seeds), training loss "
+                    f"{mean_of(by_method[m], 'train_tail'):.2f} over its last {TRAIN_TAIL} steps")
+    out.append("**Rise from the best, and the training loss:** " + "; ".join(said) + ". A training loss far below "
+               "the evaluation losses, where the data repeat, is a model memorising its training data.")
     d_early = paired_diffs(by_method[best], imp, "early_spec")
     if d_early:
         out.append(f"**Run length:** `{best}` − importance on the specialized loss was {fmt_diffs(d_early)} at step "
@@ -503,18 +519,27 @@ def long_statements(by_method: dict[str, list[dict]], early: int = EARLY_STEP) -
                    f"{fmt_diffs(paired_diffs(uni, imp, 'final_spec_loss'))}.")
     moved = []
     for m in online:
-        tv = [weight_moves(r)[0] for r in by_method[m]]
-        imp_w = [weight_moves(r)[1] for r in by_method[m]]
-        moved.append(f"`{m}` TV {np.mean(tv):.2f}" + ("" if imp_w[0] is None else
-                                                         f" (importance basis {np.mean(imp_w):.2f})")
-                     + (" — barely moves" if np.mean(tv) < 0.05 else ""))
+        tv, imp_w = mean_of([{"v": weight_moves(r)[0]} for r in by_method[m]], "v"), weight_moves(by_method[m][0])[1]
+        moved.append(f"`{m}` TV {tv:.2f}" + ("" if imp_w is None else f" (importance basis "
+                                                f"{np.mean([weight_moves(r)[1] for r in by_method[m]]):.2f})")
+                     + (" — barely moves" if tv < 0.05 else ""))
     out.append("**Weights moved** (total variation from the initial weights, mean over seeds): " + ", ".join(moved)
                + ".")
     return out
 
 
+def long_markdown(name: str, by_method: dict[str, list[dict]], plots: str) -> str:
+    """One experiment and target of the long runs: heading, table, statements and the curves (under `plots`,
+    relative to RESULTS.md)."""
+    steps = "/".join(sorted({str(r["steps"]) for runs in by_method.values() for r in runs}))
+    return (f"### {name} ({steps} steps)\n\n{comparison_table(by_method)}\n\n"
+            + "\n".join(f"- {s}" for s in long_statements(by_method))
+            + f"\n\n![specialized loss]({plots}/spec_curves.png) ![generic loss]({plots}/generic_loss_curves.png)")
+
+
 def long_section(long_dir: Path) -> str:
-    """The long runs' section: per experiment and target, the comparison table, the curves and the statements."""
+    """The long runs' section: per experiment and target, the table and statements (written to the variant's
+    table.md), the mean curves and seed 0's plots."""
     parts = []
     for experiment_dir in sorted(p for p in long_dir.iterdir() if p.is_dir()):
         for target_dir in sorted(p for p in experiment_dir.iterdir() if (p / "default").is_dir()):
@@ -522,21 +547,19 @@ def long_section(long_dir: Path) -> str:
             by_method = collect_curves(variant_dir)
             if not by_method:
                 continue
-            table_md = comparison_table(by_method)
-            (variant_dir / "table.md").write_text(table_md + "\n")
+            (variant_dir / "table.md").write_text(comparison_table(by_method) + "\n")
             spec_curves(variant_dir, list(by_method))
             loss_curves(variant_dir, list(by_method), "generic_loss")
             if (variant_dir / "seed0").exists():
                 plot_runs(variant_dir / "seed0")
-            steps = "/".join(sorted({str(r["steps"]) for runs in by_method.values() for r in runs}))
-            parts.append(f"\n### {experiment_dir.name}, {target_dir.name} ({steps} steps)\n\n{table_md}\n\n"
-                         + "\n".join(f"- {s}" for s in long_statements(by_method))
-                         + f"\n\n![specialized loss]({shown(variant_dir)}/spec_curves.png) "
-                         f"![generic loss]({shown(variant_dir)}/generic_loss_curves.png)")
-    return "\n".join(parts).lstrip("\n")
+            plots = (str(variant_dir.relative_to(ROOT)) if variant_dir.is_relative_to(ROOT)
+                     else shown(variant_dir))
+            parts.append(long_markdown(f"{experiment_dir.name}, {target_dir.name}", by_method, plots))
+    return "\n\n".join(parts)
 
 
 def write_long_section() -> str | None:
+    """Render results/long into results/long/RESULTS_section.md; None when there are no long runs."""
     long_dir = RESULTS / "long"
     if not any(long_dir.glob("**/metrics.json")):
         return None

@@ -25,7 +25,7 @@ def write_run(run_dir: Path, strategy: str, spec: list[float], generic: list[flo
     rows = ["step,train_loss,spec_loss,generic_loss," + ",".join(f"w:{b}" for b in bases)]
     for i, (s, g) in enumerate(zip(spec, generic)):
         rows.append(f"{i * 100 + 98},7.0,,," + ",".join(str(w) for w in weights))
-        rows.append(f"{i * 100 + 99},7.0,{s},{g}," + ",".join(str(w) for w in weights))
+        rows.append(f"{i * 100 + 99},5.0,{s},{g}," + ",".join(str(w) for w in weights))
     (run_dir / "log.csv").write_text("\n".join(rows) + "\n")
     (run_dir / "metrics.json").write_text(json.dumps({
         "bases": bases, "final_spec_loss": spec[-1], "final_generic_loss": generic[-1], "final_weights": weights}))
@@ -34,21 +34,23 @@ def write_run(run_dir: Path, strategy: str, spec: list[float], generic: list[flo
         "strategy": strategy}))
 
 
-def make_results(variant_dir: Path, dga_final: float) -> None:
+def make_results(variant_dir: Path, dga_final: float, seeds: int = 3) -> None:
+    """500-step runs evaluated every 100 steps: importance is best at step 300 and then rises; dga_ema keeps
+    improving to `dga_final`."""
     bases = ["importance", "uniform", "coarse:0", "coarse:1"]
-    for seed in range(3):
+    for seed in range(seeds):
         d = variant_dir / f"seed{seed}"
-        noise = 0.01 * seed
-        write_run(d / "uniform", "uniform", [7.0, 6.8, 6.6 + noise], [7.0, 6.5, 6.2 + noise], [0.25] * 4, bases)
-        # importance sampling: best at step 300, then rises by 0.2 (its clusters repeat)
-        write_run(d / "importance", "importance", [6.9, 6.5, 6.3 + noise, 6.4, 6.5 + noise],
-                  [7.2, 7.0, 6.9, 6.9, 6.9 + noise], [0.25] * 4, bases, repeated=40)
-        write_run(d / "dga_ema", "dga_ema", [6.9, 6.6, 6.4, 6.35, dga_final + noise],
-                  [7.0, 6.6, 6.4, 6.35, 6.3 + noise], [0.55, 0.15, 0.15, 0.15], bases)
+        n = 0.01 * seed
+        write_run(d / "uniform", "uniform", [7.0, 6.8, 6.7, 6.6, 6.6 + n], [7.0, 6.5, 6.3, 6.25, 6.2 + n],
+                  [0.25] * 4, bases, repeated=110)
+        write_run(d / "importance", "importance", [6.9, 6.5, 6.3 + n, 6.5, 6.6 + n], [7.2, 7.0, 6.9, 6.9, 6.9 + n],
+                  [0.25] * 4, bases, repeated=40)
+        write_run(d / "dga_ema", "dga_ema", [6.9, 6.6, 6.4, 6.35, dga_final + n], [7.0, 6.6, 6.4, 6.35, 6.3 + n],
+                  [0.55, 0.15, 0.15, 0.15], bases)
 
 
-def test_statements_follow_the_numbers(tmp_path, render):
-    variant_dir = tmp_path / "long" / "token_limited" / "medical" / "default"
+def test_table_and_statements_follow_the_numbers(tmp_path, render):
+    variant_dir = tmp_path / "default"
     make_results(variant_dir, dga_final=6.3)
     by_method = render.collect_curves(variant_dir)
     assert list(by_method) == ["uniform", "importance", "dga_ema"]  # the long runs' order, not alphabetical
@@ -56,24 +58,61 @@ def test_statements_follow_the_numbers(tmp_path, render):
     table = render.comparison_table(by_method).splitlines()
     assert len(table) == 2 + 3 and all(row.count("|") == table[0].count("|") for row in table)
     dga_row = next(r for r in table if r.startswith("| dga_ema |"))
-    assert "| −0.200" not in dga_row and "| -0.200 ± 0.000 |" in dga_row  # Δ spec vs importance at the end
-    assert "| +0.090 ± 0.010 |" in dga_row  # ... and at step 300 (6.4 against 6.3, 6.31, 6.32)
+    assert "| -0.300 ± 0.000 | +0.090 ± 0.010 |" in dga_row  # Δ spec vs importance: at the end, at step 300
+    assert "| 0.043 ± 0.007 (500/500/500) |" in dga_row  # mean of the last 3 evaluations − the best
+    assert "| 0.300 ± 0.000 | 0.550 ± 0.000 |" in dga_row  # TV of (0.55, 0.15, 0.15, 0.15); importance weight
     imp_row = next(r for r in table if r.startswith("| importance |"))
-    assert "| 0.200 ± 0.000 (300/300/300) |" in imp_row and "| 40 ± 0 |" in imp_row  # the rise; clusters repeated
-    assert "0.300 ± 0.000" in dga_row  # TV of (0.55, 0.15, 0.15, 0.15) from uniform over 4 bases
+    assert "| 0.163 ± 0.003 (300/300/300) | 6.000 ± 0.000 |" in imp_row  # the rise; training loss (5s and 7s)
+    assert "| 40 ± 0 |" in imp_row and "| – | – |" in imp_row  # clusters read to the end; no Δ against itself
+    uni_row = next(r for r in table if r.startswith("| uniform |"))
+    assert "| 0.000 ± 0.000 | – |" in uni_row  # a static method: TV 0, no importance weight
 
     statements = "\n".join(render.long_statements(by_method))
-    assert "Best online method on the specialized loss: `dga_ema`" in statements
-    assert "lower in all 3 seeds" in statements
-    assert "`importance` ends 0.200 above its best specialized loss on average (by more than 0.05 in 3 of 3" \
+    assert "**Length:** 500 steps; uniform's held-out generic loss is 6.30 at step 300 and 6.21 at the end" \
         in statements
-    assert "`dga_ema` ends 0.000 above its best" in statements and "in 0 of 3 seeds" in statements
-    assert "was +0.090 ± 0.010 at step 300 and is -0.200 ± 0.000 at the end" in statements
+    assert "Best online method on the specialized loss: `dga_ema`.** Against importance sampling: Δ spec " \
+        "-0.300 ± 0.000, lower in all 3 seeds" in statements
+    assert "`importance` ends 0.163 above its best specialized evaluation (by more than 0.1 in 3 of 3 seeds)" \
+        in statements
+    assert "`dga_ema` ends 0.043 above its best specialized evaluation (by more than 0.1 in 0 of 3 seeds)" \
+        in statements
+    assert "was +0.090 ± 0.010 at step 300 and is -0.300 ± 0.000 at the end" in statements
+    assert "uniform − importance went from +0.390 ± 0.010 to +0.000 ± 0.000" in statements
     assert "`dga_ema` TV 0.30 (importance basis 0.55)" in statements and "barely moves" not in statements
 
 
 def test_statements_say_when_the_online_method_loses(tmp_path, render):
-    variant_dir = tmp_path / "default"
-    make_results(variant_dir, dga_final=6.8)  # above importance's 6.5 in every seed
-    statements = "\n".join(render.long_statements(render.collect_curves(variant_dir)))
-    assert "Δ spec +0.300 ± 0.000, higher in all 3 seeds" in statements
+    make_results(tmp_path / "default", dga_final=6.8)  # above importance's 6.6 in every seed
+    statements = "\n".join(render.long_statements(render.collect_curves(tmp_path / "default")))
+    assert "Δ spec +0.200 ± 0.000, higher in all 3 seeds" in statements
+
+
+def test_a_step_that_was_not_evaluated_and_missing_seeds(tmp_path, render):
+    make_results(tmp_path / "default", dga_final=6.3)
+    (tmp_path / "default" / "seed2" / "importance" / "metrics.json").unlink()  # a run that did not finish
+    by_method = render.collect_curves(tmp_path / "default", early=250)  # no evaluation at step 250
+    table = render.comparison_table(by_method, early=250)
+    assert "| -0.300 ± 0.000 (2 of 3 seeds paired) | – |" in table  # dga_ema against the 2 importance seeds
+    statements = "\n".join(render.long_statements(by_method, early=250))
+    assert "generic loss is 6.21 at the end" in statements and "nan" not in statements
+    assert "Run length" not in statements
+
+
+def test_sign_count_reads_ties(render):
+    assert render.sign_count([0.0, 1e-9, -1e-9]) == "equal in all 3 seeds"
+    assert render.sign_count([-0.1, 0.0, 0.2]) == "mixed: lower in 1, higher in 1, equal in 1 of 3 seeds"
+    assert render.sign_count([-0.1]) == "lower in the one seed paired"
+
+
+def test_long_section_writes_tables_plots_and_links(tmp_path, render):
+    make_results(tmp_path / "long" / "token_limited" / "medical" / "default", dga_final=6.3)
+    section = render.long_section(tmp_path / "long")
+    variant_dir = tmp_path / "long" / "token_limited" / "medical" / "default"
+    assert section.startswith("### token_limited, medical (300/500 steps)") is False  # every run has 500 steps
+    assert section.startswith("### token_limited, medical (500 steps)")
+    assert (variant_dir / "table.md").read_text().startswith("| method | seeds |")
+    for png in ("spec_curves.png", "generic_loss_curves.png"):
+        assert (variant_dir / png).stat().st_size > 0
+        assert f"](token_limited/medical/default/{png})" in section  # outside the repository: shown()'s path
+    markdown = render.long_markdown("x", render.collect_curves(variant_dir), "results/long/x/default")
+    assert "![specialized loss](results/long/x/default/spec_curves.png)" in markdown  # relative to RESULTS.md
