@@ -45,12 +45,12 @@ TRAIN = {"steps": 300, "seq_len": 64, "batch_size": 16, "lr": 3e-3, "n_layer": 2
          "eta": 0.3, "beta": 0.1, "every": 20, "dga_batch_size": 8, "dga_target_batch_size": 16,
          "estimator": "exact"}
 
-# The long runs (issue 15): every speed option on (BENCHMARKS.md; one thread per run, two runs side by side on two
-# cores give more tokens per second than one run on both), a fixed evaluation seed
-# shared by every seed and method, and twice the evaluation batches of the 300-step runs.
+# The long runs (issue 15): every speed option on (BENCHMARKS.md) with one thread per run, so that two runs go side
+# by side on two cores (the scalar work between the kernels does not parallelise); a fixed evaluation seed shared
+# by every seed and method, and twice the evaluation batches of the 300-step runs.
 LONG_STEPS = 1000
 LONG_SETTINGS = {"threads": 1, "precision": "auto", "compile": True, "adamw_impl": "fused", "eval_seed": 1000,
-              "eval_batches": 16}
+                 "eval_batches": 16}
 
 # Each experiment: its clustering, the train settings shared by its methods, and its methods as
 # (name in the results, trainer strategy, basis set). Basis sets: "coarse" = domain reweighting over the coarse

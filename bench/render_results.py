@@ -389,8 +389,10 @@ SAME = 5e-7  # paired differences smaller than this are ties (the metrics files 
 
 def with_curve(run: dict, run_dir: Path, early: int = EARLY_STEP) -> dict:
     """A run's metrics plus what its log.csv says: the losses at step `early` (None when not evaluated then), the
-    best specialized evaluation and its step, how far the end (the mean of the last LAST_EVALS evaluations) sits
-    above that best, and the training loss over the last TRAIN_TAIL steps (or all of them in a shorter run)."""
+    best specialized evaluation and its step, the rise (the mean of the last LAST_EVALS evaluations minus the best
+    evaluation before them: positive when the specialized loss went back up, negative while it still falls; None
+    when the run has too few evaluations) and the training loss over the last TRAIN_TAIL steps (or all of them in a
+    shorter run)."""
     log = pl.read_csv(run_dir / "log.csv", infer_schema_length=None)
     frame = log.filter(pl.col("spec_loss").is_not_null())
     at = frame.filter(pl.col("step") == early - 1)
@@ -398,7 +400,9 @@ def with_curve(run: dict, run_dir: Path, early: int = EARLY_STEP) -> dict:
     return run | {"early_spec": at["spec_loss"][0] if len(at) else None,
                   "early_generic": at["generic_loss"][0] if len(at) else None,
                   "best_spec": float(best["spec_loss"][0]), "best_step": int(best["step"][0]) + 1,
-                  "rise": float(frame["spec_loss"].tail(LAST_EVALS).mean()) - float(best["spec_loss"][0]),
+                  "rise": (float(frame["spec_loss"].tail(LAST_EVALS).mean())
+                           - float(frame["spec_loss"].head(len(frame) - LAST_EVALS).min())
+                           if len(frame) > LAST_EVALS else None),
                   "train_tail": float(log["train_loss"].tail(TRAIN_TAIL).mean())}
 
 
@@ -424,6 +428,12 @@ def fmt_diffs(diffs: list[float], seeds: int | None = None) -> str:
     return text + (f" ({len(diffs)} of {seeds} seeds paired)" if seeds is not None and len(diffs) < seeds else "")
 
 
+def rise_cell(rises: list[float | None]) -> str:
+    values = [r for r in rises if r is not None]
+    return f"{np.mean(values):+.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "") \
+        if values else "–"
+
+
 def counts(values: list[int]) -> str:
     """Mean ± std of integer counts, in whole numbers."""
     return f"{np.mean(values):.0f}" + (f" ± {np.std(values, ddof=1):.0f}" if len(values) > 1 else "")
@@ -434,8 +444,8 @@ def comparison_table(by_method: dict[str, list[dict]], early: int = EARLY_STEP) 
     far the specialized loss rose from its best, the training loss at the end, and how far the weights moved."""
     imp, uni = by_method.get("importance", []), by_method.get("uniform", [])
     header = ["method", "seeds", "final specialized loss", "Δ spec vs importance",
-              f"Δ spec vs importance at step {early}", f"end (last {LAST_EVALS} evals) − best specialized (step "
-              "of best)", f"training loss, last {TRAIN_TAIL} steps", "final generic loss", "Δ generic vs uniform",
+              f"Δ spec vs importance at step {early}", f"specialized: last {LAST_EVALS} evals − best before them "
+              "(step of the best)", f"training loss, last {TRAIN_TAIL} steps", "final generic loss", "Δ generic vs uniform",
               f"Δ generic vs uniform at step {early}", "TV of weights from initial",
               "importance basis final weight", "clusters read to the end", "seconds per run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -452,7 +462,7 @@ def comparison_table(by_method: dict[str, list[dict]], early: int = EARLY_STEP) 
         cells = [method, str(n), spec,
                  fmt_diffs(paired_diffs(runs, imp, "final_spec_loss"), n) if method != "importance" else "–",
                  fmt_diffs(paired_diffs(runs, imp, "early_spec"), n) if method != "importance" else "–",
-                 f"{mean_std([r['rise'] for r in runs])} ({'/'.join(str(r['best_step']) for r in runs)})",
+                 f"{rise_cell([r['rise'] for r in runs])} ({'/'.join(str(r['best_step']) for r in runs)})",
                  mean_std([r["train_tail"] for r in runs]), mean_std([r["final_generic_loss"] for r in runs]),
                  fmt_diffs(paired_diffs(runs, uni, "final_generic_loss"), n) if method != "uniform" else "–",
                  fmt_diffs(paired_diffs(runs, uni, "early_generic"), n) if method != "uniform" else "–",
@@ -505,18 +515,25 @@ def long_statements(by_method: dict[str, list[dict]], early: int = EARLY_STEP) -
                " against importance sampling.")
     said = []
     for m in ("importance", best, "uniform"):
-        rises = [r["rise"] for r in by_method[m]]
-        said.append(f"`{m}` ends {np.mean(rises):.3f} above its best specialized evaluation (by more than {RISE} in "
-                    f"{sum(v > RISE for v in rises)} of {len(rises)} seeds), training loss "
-                    f"{mean_of(by_method[m], 'train_tail'):.2f} over its last {TRAIN_TAIL} steps")
-    out.append("**Rise from the best, and the training loss:** " + "; ".join(said) + ". A training loss far below "
-               "the evaluation losses, where the data repeat, is a model memorising its training data.")
+        rises = [r["rise"] for r in by_method[m] if r["rise"] is not None]
+        if rises:
+            said.append(f"`{m}` {np.mean(rises):+.3f} (rose by more than {RISE} in {sum(v > RISE for v in rises)} "
+                        f"of {len(rises)} seeds), training loss {mean_of(by_method[m], 'train_tail'):.2f} over its "
+                        f"last {TRAIN_TAIL} steps")
+    if said:
+        out.append(f"**Does the specialized loss go back up?** The mean of the last {LAST_EVALS} evaluations minus "
+                   "the best one before them (negative: still falling): " + "; ".join(said) + ". A training loss "
+                   "far below the evaluation losses, where the data repeat, is a model memorising its training data.")
     d_early = paired_diffs(by_method[best], imp, "early_spec")
     if d_early:
         out.append(f"**Run length:** `{best}` − importance on the specialized loss was {fmt_diffs(d_early)} at step "
                    f"{early} and is {fmt_diffs(d_spec)} at the end; uniform − importance went from "
                    f"{fmt_diffs(paired_diffs(uni, imp, 'early_spec'))} to "
-                   f"{fmt_diffs(paired_diffs(uni, imp, 'final_spec_loss'))}.")
+                   f"{fmt_diffs(paired_diffs(uni, imp, 'final_spec_loss'))}. From step {early} to the end the "
+                   "specialized loss changed by " + ", ".join(
+                       f"{np.mean([r['final_spec_loss'] - r['early_spec'] for r in by_method[m]]):+.3f} (`{m}`)"
+                       for m in ("importance", best, "uniform")
+                       if all(r["early_spec"] is not None for r in by_method[m])) + ".")
     moved = []
     for m in online:
         tv, imp_w = mean_of([{"v": weight_moves(r)[0]} for r in by_method[m]], "v"), weight_moves(by_method[m][0])[1]
