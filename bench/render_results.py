@@ -54,11 +54,7 @@ def collect(variant_dir: Path) -> dict[str, list[dict]]:
 def paired(runs: list[dict], baseline: list[dict], key: str) -> str:
     """Mean ± std over seeds of (method - baseline) within each seed. The seed also draws the evaluation batches,
     so within-seed differences remove that source of variance."""
-    base = {m["seed"]: m[key] for m in baseline}
-    diffs = [m[key] - base[m["seed"]] for m in runs if m["seed"] in base]
-    if not diffs or runs is baseline:
-        return "–"
-    return f"{np.mean(diffs):+.3f}" + (f" ± {np.std(diffs, ddof=1):.3f}" if len(diffs) > 1 else "")
+    return "–" if runs is baseline else fmt_diffs(paired_diffs(runs, baseline, key))
 
 
 def table(by_method: dict[str, list[dict]]) -> str:
