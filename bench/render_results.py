@@ -505,8 +505,10 @@ def long_statements(by_method: dict[str, list[dict]], early: int = EARLY_STEP) -
     best = min(online, key=lambda m: np.mean([r["final_spec_loss"] for r in by_method[m]]))
     d_spec = paired_diffs(by_method[best], imp, "final_spec_loss")
     d_gen = paired_diffs(by_method[best], uni, "final_generic_loss")
+    d_spec_uni = paired_diffs(by_method[best], uni, "final_spec_loss")
     out.append(f"**Best online method on the specialized loss: `{best}`.** Against importance sampling: Δ spec "
-               f"{fmt_diffs(d_spec)}, {sign_count(d_spec)}. Its generic cost: Δ generic {fmt_diffs(d_gen)} against "
+               f"{fmt_diffs(d_spec)}, {sign_count(d_spec)}; against uniform: {fmt_diffs(d_spec_uni)}, "
+               f"{sign_count(d_spec_uni)}. Its generic cost: Δ generic {fmt_diffs(d_gen)} against "
                f"uniform ({sign_count(d_gen)}), {fmt_diffs(paired_diffs(by_method[best], imp, 'final_generic_loss'))}"
                " against importance sampling.")
     said = []

@@ -71,7 +71,7 @@ def test_table_and_statements_follow_the_numbers(tmp_path, render):
     assert "**Length:** 500 steps; uniform's held-out generic loss is 6.30 at step 300 and 6.21 at the end" \
         in statements
     assert "Best online method on the specialized loss: `dga_ema`.** Against importance sampling: Δ spec " \
-        "-0.300 ± 0.000, lower in all 3 seeds" in statements
+        "-0.300 ± 0.000, lower in all 3 seeds; against uniform: -0.300 ± 0.000, lower in all 3 seeds" in statements
     assert "`importance` +0.193 (rose by more than 0.1 in 3 of 3 seeds)" in statements
     assert "`dga_ema` -0.230 (rose by more than 0.1 in 0 of 3 seeds)" in statements
     assert "was +0.050 ± 0.000 at step 300 and is -0.300 ± 0.000 at the end" in statements
