@@ -45,7 +45,7 @@ def test_gpu_suite_toy_runs_every_method_and_seed(tmp_path):
     table = (out / "default" / "table.md").read_text().splitlines()
     assert len(table) == 2 + len(METHODS) and all(f"| {m} | 3 |" in "\n".join(table) for m in METHODS)
     assert "TV of weights from initial" in table[0] and "Δ spec vs importance at step 6" in table[0]  # halfway
-    assert "Best online method on the specialized loss" in (out / "default" / "statements.md").read_text()
+    assert "Best DGA variant on the specialized loss" in (out / "default" / "statements.md").read_text()
     assert (out / "default" / "spec_curves.png").exists() and (out / "default" / "generic_loss_curves.png").exists()
     figures = json.loads((out / "figures.json").read_text())
     assert figures["stages"]["ingest"]["documents"] == 300 and figures["stages"]["embed"]["docs_per_s"] > 0

@@ -45,6 +45,8 @@ def make_results(variant_dir: Path, dga_final: float, seeds: int = 3) -> None:
                   [0.25] * 4, bases, repeated=110)
         write_run(d / "importance", "importance", [6.9, 6.3 + n, 6.4, 6.5, 6.6 + n], [7.2, 7.0, 6.9, 6.9, 6.9 + n],
                   [0.25] * 4, bases, repeated=40)
+        write_run(d / "doge", "doge", [6.9, 6.6, 6.5, 6.5, 6.5 + n], [7.0, 6.6, 6.4, 6.3, 6.25 + n],
+                  [0.26, 0.24, 0.25, 0.25], bases)
         write_run(d / "dga_ema", "dga_ema", [6.9, 6.6, 6.45, 6.35, dga_final + n], [7.0, 6.6, 6.4, 6.35, 6.3 + n],
                   [0.55, 0.15, 0.15, 0.15], bases)
 
@@ -53,10 +55,10 @@ def test_table_and_statements_follow_the_numbers(tmp_path, render):
     variant_dir = tmp_path / "default"
     make_results(variant_dir, dga_final=6.3)
     by_method = render.collect_curves(variant_dir)
-    assert list(by_method) == ["uniform", "importance", "dga_ema"]  # the long runs' order, not alphabetical
+    assert list(by_method) == ["uniform", "importance", "doge", "dga_ema"]  # the long runs' order
 
     table = render.comparison_table(by_method).splitlines()
-    assert len(table) == 2 + 3 and all(row.count("|") == table[0].count("|") for row in table)
+    assert len(table) == 2 + 4 and all(row.count("|") == table[0].count("|") for row in table)
     dga_row = next(r for r in table if r.startswith("| dga_ema |"))
     assert "| -0.300 ± 0.000 | +0.050 ± 0.000 |" in dga_row  # Δ spec vs importance: at the end, at step 300
     assert "| -0.230 ± 0.003 (500/500/500) |" in dga_row  # the last 3 evaluations − the best before them
@@ -70,14 +72,18 @@ def test_table_and_statements_follow_the_numbers(tmp_path, render):
     statements = "\n".join(render.long_statements(by_method))
     assert "**Length:** 500 steps; uniform's held-out generic loss is 6.30 at step 300 and 6.21 at the end" \
         in statements
-    assert "Best online method on the specialized loss: `dga_ema`.** Against importance sampling: Δ spec " \
+    assert "Best DGA variant on the specialized loss: `dga_ema`.** Against importance sampling: Δ spec " \
         "-0.300 ± 0.000, lower in all 3 seeds; against uniform: -0.300 ± 0.000, lower in all 3 seeds" in statements
+    assert "**DoGE** (`doge`) against importance sampling: Δ spec -0.100 ± 0.000, lower in all 3 seeds; " \
+        "`dga_ema` − `doge`: -0.200 ± 0.000, lower in all 3 seeds; DoGE's generic loss against uniform: " \
+        "+0.050 ± 0.000" in statements
     assert "`importance` +0.193 (rose by more than 0.1 in 3 of 3 seeds)" in statements
     assert "`dga_ema` -0.230 (rose by more than 0.1 in 0 of 3 seeds)" in statements
     assert "was +0.050 ± 0.000 at step 300 and is -0.300 ± 0.000 at the end" in statements
     assert "uniform − importance went from +0.300 ± 0.000 to +0.000 ± 0.000" in statements
     assert "changed by +0.210 (`importance`), -0.140 (`dga_ema`), -0.090 (`uniform`)" in statements
-    assert "`dga_ema` TV 0.30 (importance basis 0.55)" in statements and "barely moves" not in statements
+    assert "`doge` TV 0.01 (importance basis 0.26) — barely moves, `dga_ema` TV 0.30 (importance basis 0.55)." \
+        in statements
 
 
 def test_statements_say_when_the_online_method_loses(tmp_path, render):
