@@ -323,7 +323,7 @@ def render(variant_dir: Path, steps: int, eval_every: int) -> str:
     import render_results
 
     halfway = max(eval_every, steps // 2 // eval_every * eval_every)  # an evaluated step
-    by_method = render_results.collect_curves(variant_dir, [m[0] for m in METHODS], halfway)
+    by_method = render_results.collect_curves(variant_dir, tuple(m[0] for m in METHODS), halfway)
     table = render_results.comparison_table(by_method, halfway)
     statements = render_results.long_statements(by_method, halfway)
     (variant_dir / "table.md").write_text(table + "\n")

@@ -441,8 +441,8 @@ def comparison_table(by_method: dict[str, list[dict]], early: int = EARLY_STEP) 
     far the specialized loss rose from its best, the training loss at the end, and how far the weights moved."""
     imp, uni = by_method.get("importance", []), by_method.get("uniform", [])
     header = ["method", "seeds", "final specialized loss", "Δ spec vs importance",
-              f"Δ spec vs importance at step {early}", f"specialized: last {LAST_EVALS} evals − best before them "
-              "(step of the best)", f"training loss, last {TRAIN_TAIL} steps", "final generic loss", "Δ generic vs uniform",
+              f"Δ spec vs importance at step {early}",
+              f"specialized: last {LAST_EVALS} evals − best before them (step of the overall best)", f"training loss, last {TRAIN_TAIL} steps", "final generic loss", "Δ generic vs uniform",
               f"Δ generic vs uniform at step {early}", "TV of weights from initial",
               "importance basis final weight", "clusters read to the end", "seconds per run"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -500,7 +500,7 @@ def long_statements(by_method: dict[str, list[dict]], early: int = EARLY_STEP) -
     if not imp or not uni or not online:
         return ["(incomplete: needs importance, uniform and at least one online method)"]
     early_generic = mean_of(uni, "early_generic")
-    out = [f"**Length:** {'/'.join(sorted({str(r['steps']) for r in uni}))} steps; uniform's held-out generic "
+    out = [f"**Length:** {'/'.join(str(n) for n in sorted({r['steps'] for r in uni}))} steps; uniform's held-out generic "
            f"loss is " + (f"{early_generic:.2f} at step {early} and " if early_generic is not None else "")
            + f"{mean_of(uni, 'final_generic_loss'):.2f} at the end."]
     candidates = [m for m in online if m in DGA_VARIANTS] or online
@@ -543,9 +543,10 @@ def long_statements(by_method: dict[str, list[dict]], early: int = EARLY_STEP) -
                        if all(r["early_spec"] is not None for r in by_method[m])) + ".")
     moved = []
     for m in online:
-        tv, imp_w = mean_of([{"v": weight_moves(r)[0]} for r in by_method[m]], "v"), weight_moves(by_method[m][0])[1]
-        moved.append(f"`{m}` TV {tv:.2f}" + ("" if imp_w is None else f" (importance basis "
-                                                f"{np.mean([weight_moves(r)[1] for r in by_method[m]]):.2f})")
+        moves = [weight_moves(r) for r in by_method[m]]
+        tv = float(np.mean([tv for tv, _ in moves]))
+        moved.append(f"`{m}` TV {tv:.2f}" + ("" if moves[0][1] is None else
+                                             f" (importance basis {np.mean([w for _, w in moves]):.2f})")
                      + (" — barely moves" if tv < 0.05 else ""))
     out.append("**Weights moved** (total variation from the initial weights, mean over seeds): " + ", ".join(moved)
                + ".")
@@ -555,7 +556,7 @@ def long_statements(by_method: dict[str, list[dict]], early: int = EARLY_STEP) -
 def long_markdown(name: str, by_method: dict[str, list[dict]], plots: str) -> str:
     """One experiment and target of the long runs: heading, table, statements and the curves (under `plots`,
     relative to RESULTS.md)."""
-    steps = "/".join(sorted({str(r["steps"]) for runs in by_method.values() for r in runs}))
+    steps = "/".join(str(n) for n in sorted({r["steps"] for runs in by_method.values() for r in runs}))
     return (f"### {name} ({steps} steps)\n\n{comparison_table(by_method)}\n\n"
             + "\n".join(f"- {s}" for s in long_statements(by_method))
             + f"\n\n![specialized loss]({plots}/spec_curves.png) ![generic loss]({plots}/generic_loss_curves.png)")
