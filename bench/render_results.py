@@ -425,12 +425,6 @@ def fmt_diffs(diffs: list[float], seeds: int | None = None) -> str:
     return text + (f" ({len(diffs)} of {seeds} seeds paired)" if seeds is not None and len(diffs) < seeds else "")
 
 
-def rise_cell(rises: list[float | None]) -> str:
-    values = [r for r in rises if r is not None]
-    return f"{np.mean(values):+.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "") \
-        if values else "–"
-
-
 def counts(values: list[int]) -> str:
     """Mean ± std of integer counts, in whole numbers."""
     return f"{np.mean(values):.0f}" + (f" ± {np.std(values, ddof=1):.0f}" if len(values) > 1 else "")
@@ -459,7 +453,7 @@ def comparison_table(by_method: dict[str, list[dict]], early: int = EARLY_STEP) 
         cells = [method, str(n), spec,
                  fmt_diffs(paired_diffs(runs, imp, "final_spec_loss"), n) if method != "importance" else "–",
                  fmt_diffs(paired_diffs(runs, imp, "early_spec"), n) if method != "importance" else "–",
-                 f"{rise_cell([r['rise'] for r in runs])} ({'/'.join(str(r['best_step']) for r in runs)})",
+                 f"{fmt_diffs([r['rise'] for r in runs if r['rise'] is not None])} ({'/'.join(str(r['best_step']) for r in runs)})",
                  mean_std([r["train_tail"] for r in runs]), mean_std([r["final_generic_loss"] for r in runs]),
                  fmt_diffs(paired_diffs(runs, uni, "final_generic_loss"), n) if method != "uniform" else "–",
                  fmt_diffs(paired_diffs(runs, uni, "early_generic"), n) if method != "uniform" else "–",

@@ -24,6 +24,17 @@ def read_jsonl_zst(path: Path) -> list[dict]:
     return [json.loads(line) for line in raw.split(b"\n") if line.strip()]
 
 
+def brute_force_gradient(model, loss_fn, micro: list) -> "torch.Tensor":
+    """The flattened gradient of the mean loss over the micro-batches, by plain backward passes: the reference the
+    exact-alignment tests compare with."""
+    import torch  # here, not at the top: most tests never need it
+
+    model.zero_grad()
+    for b in micro:
+        (loss_fn(b) / len(micro)).backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+
+
 def write_jsonl_zst(records: list[dict], path: Path) -> None:
     payload = b"".join(json.dumps(r).encode() + b"\n" for r in records)
     path.write_bytes(zstandard.ZstdCompressor().compress(payload))

@@ -7,6 +7,8 @@ import torch
 
 from dgamix.mixer.dga import check_dga_params, dga_update, exact_alignment, exponentiated_update
 
+from .conftest import brute_force_gradient
+
 
 def test_update_matches_a_hand_computed_example():
     weights = np.array([0.5, 0.25, 0.25])
@@ -55,10 +57,7 @@ def test_exact_alignment_equals_brute_force_gradient_dot_products():
     loss_fn = lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1])  # noqa: E731
 
     def brute(micro):
-        model.zero_grad()
-        for b in micro:
-            (loss_fn(b) / len(micro)).backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+        return brute_force_gradient(model, loss_fn, micro)
 
     expected = [float(brute(b) @ brute(target)) for b in batches]
     model.zero_grad()

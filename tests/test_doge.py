@@ -9,6 +9,8 @@ import torch
 from dgamix.mixer.dga import exact_alignment, exact_alignment_with_norms
 from dgamix.mixer.doge import check_doge_params, doge_scores, doge_update
 
+from .conftest import brute_force_gradient
+
 
 def test_update_matches_a_hand_computed_example():
     """a = (2, -1, 0.5), ||g|| = (1, 2, 3) (mean 2), lr = 0.1, no gradient clipping:
@@ -90,10 +92,7 @@ def test_exact_alignment_with_norms_matches_brute_force_and_leaves_the_scores_un
     loss_fn = lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1])  # noqa: E731
 
     def brute(micro):
-        model.zero_grad()
-        for b in micro:
-            (loss_fn(b) / len(micro)).backward()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+        return brute_force_gradient(model, loss_fn, micro)
 
     params = list(model.parameters())
     scores, norms, target_norm = exact_alignment_with_norms(loss_fn, params, batches, target)
