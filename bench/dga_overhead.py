@@ -63,9 +63,10 @@ def time_run(store, target_store, m, every, estimator, steps, align=BATCH, retur
     if estimator == "static":
         strategy = StaticStrategy(stream)
     else:
-        strategy = DGAStrategy(stream, TargetSampler(target_store, SEQ), model.loss, list(model.parameters()),
-                               eta=0.3, beta=0.1, every=every, batch_size=align, estimator=estimator, module=model,
-                               sequence_loss_fn=model.sequence_losses, target_batch_size=BATCH)
+        strategy = DGAStrategy(stream, target=TargetSampler(target_store, SEQ), loss_fn=model.loss,
+                               params=list(model.parameters()), eta=0.3, beta=0.1, every=every, batch_size=align,
+                               estimator=estimator, module=model, sequence_loss_fn=model.sequence_losses,
+                               target_batch_size=BATCH)
     # The training part and the strategy's part of each step are timed separately within one run, so their ratio
     # does not depend on how fast the (noisy, shared) machine happens to be during this run.
     training = mixing = 0.0
@@ -141,28 +142,27 @@ class Run:
         if kind == "static":
             self.strategy = StaticStrategy(self.stream)
         elif kind == "exact":
-            self.strategy = DGAStrategy(self.stream, target, self.model.loss, list(self.model.parameters()), eta=0.3,
-                                        beta=0.1, every=every, batch_size=BATCH, target_batch_size=BATCH)
+            self.strategy = DGAStrategy(self.stream, target=target, loss_fn=self.model.loss,
+                                        params=list(self.model.parameters()), eta=0.3, beta=0.1, every=every,
+                                        batch_size=BATCH, target_batch_size=BATCH)
         else:
-            self.strategy = InBatchDGAStrategy(self.stream, target, InBatchAlignment(self.model), self.model.loss,
-                                               every=every, score_every=every, target_batch_size=BATCH,
-                                               level="clusters")
+            self.strategy = InBatchDGAStrategy(self.stream, target=target, tracker=InBatchAlignment(self.model),
+                                               loss_fn=self.model.loss, every=every, score_every=every,
+                                               target_batch_size=BATCH, level="clusters")
         self.step, self.times = 0, []
 
     def run(self, steps: int) -> None:
-        from dgamix.mixer.strategies import InBatchDGAStrategy
+        from dgamix.mixer.strategies import Evidence
 
-        in_batch = isinstance(self.strategy, InBatchDGAStrategy)
         for _ in range(steps):
             start = time.perf_counter()
             batch = self.stream.next_batch()
-            scored = in_batch and self.strategy.scores_step(self.step)
-            with torch.enable_grad() if scored or not in_batch else self.strategy.tracker.paused():
+            # in-batch DGA scores every `every`-th step (its hooks paused on the others); a no-op for the others
+            with self.strategy.training_step(self.step):
                 loss = self.model.loss(batch["tokens"])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            if scored:
-                self.strategy.observe(batch)
+            self.strategy.observe(Evidence(batch))  # ignored on unscored steps and by the other strategies
             self.optimizer.step()
             self.strategy.on_step(self.step)
             self.times.append(time.perf_counter() - start)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from dgamix.formats import token_store
 from dgamix.mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
 from dgamix.mixer.inbatch import InBatchAlignment
-from dgamix.mixer.strategies import DGAStrategy, InBatchDGAStrategy
+from dgamix.mixer.strategies import DGAStrategy, Evidence, InBatchDGAStrategy
 
 VOCAB, SEQ_LEN = 64, 16
 
@@ -70,9 +70,9 @@ class Setup:
     def dga_scores(self, estimator: str) -> tuple[np.ndarray, list[float], list[float]]:
         """Scores of one update, and the weights before and after it."""
         model, stream = self.model(), self.stream()
-        dga = DGAStrategy(stream, TargetSampler(ClusterStore(self.target), SEQ_LEN),
-                          lambda t: self.losses(model, t).mean(), list(model.parameters()), estimator=estimator,
-                          eta=5.0, every=1, batch_size=4, module=model,
+        dga = DGAStrategy(stream, target=TargetSampler(ClusterStore(self.target), SEQ_LEN),
+                          loss_fn=lambda t: self.losses(model, t).mean(), params=list(model.parameters()),
+                          estimator=estimator, eta=5.0, every=1, batch_size=4, module=model,
                           sequence_loss_fn=lambda t: self.losses(model, t))
         before = stream.weights.tolist()
         record = dga.on_step(0)
@@ -81,15 +81,15 @@ class Setup:
     def inbatch_weights(self) -> tuple[list[float], list[float], int]:
         model, stream = self.model(), self.stream()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        dga = InBatchDGAStrategy(stream, TargetSampler(ClusterStore(self.target), SEQ_LEN), InBatchAlignment(model),
-                                 lambda t: self.losses(model, t).mean(), eta=0.5, every=2, refresh=2,
-                                 min_sequences=1, target_batch_size=4)
+        dga = InBatchDGAStrategy(stream, target=TargetSampler(ClusterStore(self.target), SEQ_LEN),
+                                 tracker=InBatchAlignment(model), loss_fn=lambda t: self.losses(model, t).mean(),
+                                 eta=0.5, every=2, refresh=2, min_sequences=1, target_batch_size=4)
         before = stream.weights.tolist()
         for step in range(4):
             batch = stream.next_batch()
             optimizer.zero_grad()
             self.losses(model, batch["tokens"]).mean().backward()
-            dga.observe(batch)
+            dga.observe(Evidence(batch))
             optimizer.step()
             dga.on_step(step)
         return before, stream.weights.tolist(), dga.updates

@@ -1,6 +1,6 @@
 """Fidelity of the low-rank in-batch scores, per cluster, over many training states, on real text.
 
-    .venv/bin/python bench/experiments.py prepare --target medical_abstracts    # once: the 16x16 development store
+    .venv/bin/python experiments/experiments.py prepare --target medical_abstracts   # once: the 16x16 development store
     .venv/bin/python bench/inbatch_fidelity.py [--target medical_abstracts] [--steps 300] [--every 25] [--batches 48]
     # writes bench/results/inbatch_fidelity.json
 
@@ -50,7 +50,7 @@ def score_state(model: GPT, trackers: dict[str, InBatchAlignment], stream: Mixtu
     scores = {name: [] for name in trackers}
     clusters = []
     for _ in range(batches):
-        batch = stream.read(stream.plan_step())
+        batch = stream.next_batch()
         model.zero_grad(set_to_none=True)
         model.loss(batch["tokens"]).backward()
         for name, tracker in trackers.items():
@@ -87,7 +87,7 @@ def main() -> None:
     base = WORK / "exp" / "16x16"
     store = ClusterStore(base / "tokens")
     if not (base / args.target / "targets" / "spec" / "tokens").exists():
-        raise SystemExit(f"{base / args.target}: run bench/experiments.py prepare --target {args.target} first")
+        raise SystemExit(f"{base / args.target}: run experiments/experiments.py prepare --target {args.target} first")
     mixture = Mixture.identity(store.available)
     train_stream = MixtureStream(store, mixture, SEQ, BATCH, seed=0)
     probe_stream = MixtureStream(store, mixture, SEQ, BATCH, seed=1)  # fresh sequences, not the trained ones

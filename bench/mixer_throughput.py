@@ -72,8 +72,7 @@ def run_stream(directory: Path, steps: int, change_every: int | None) -> dict:
 
 
 def run_loader(directory: Path, steps: int, workers: int, change_every: int = 10) -> dict:
-    from dgamix.mixer import ClusterStore, Mixture, MixtureStream
-    from dgamix.mixer.loader import MixtureLoader
+    from dgamix.mixer import ClusterStore, Mixture, MixtureLoader, MixtureStream
 
     store = ClusterStore(directory)
     stream = MixtureStream(store, Mixture.identity(store.available), SEQ_LEN, BATCH, seed=0, max_steps=steps)

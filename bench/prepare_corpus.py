@@ -31,7 +31,7 @@ BACKENDS = ["openvino", "openvino-int8", "torch"]
 def params(backend: str = "openvino", corpus: Path = CORPUS, workdir: Path = WORKDIR,
            embed: dict | None = None) -> dict:
     """The ingest and embed sections for a corpus folder (generic/part-*) into workdir/{docs,embeddings}; `embed`:
-    extra embed settings (bench/gpu_suite.py: device and batch size)."""
+    extra embed settings (experiments/gpu_suite.py: device and batch size)."""
     return {
         "ingest": {"inputs": [str(corpus / "generic" / "part-*")], "source_field": "meta.domain",
                    "output": str(workdir / "docs"), "rejects": str(workdir / "rejects.parquet"),

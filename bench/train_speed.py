@@ -7,7 +7,7 @@
 What is timed is the trainer's own step: `train.forward_backward` (autocast, forward through the training forward
 that `train.training_forward` builds, compiled or not, backward) and the optimizer's step (`train.make_optimizer`),
 on the CPU. Not timed: the mixer stream's draw (bench/mixer_throughput.py) and evaluation. Sizes: `small` is
-bench/experiments.py's TRAIN (2 layers, 4 heads, 128 wide, batch 16 x 64 tokens), `large` 4 layers, 4 heads,
+experiments/experiments.py's TRAIN (2 layers, 4 heads, 128 wide, batch 16 x 64 tokens), `large` 4 layers, 4 heads,
 256 wide, batch 16 x 256 tokens; vocabulary 8192 (tokenize's default).
 
 Configurations: the fp32 baseline (1 thread, torch's default AdamW, eager), each option alone (+threads: --threads,
@@ -39,7 +39,7 @@ from dgamix.trainer.model import GPT, GPTConfig
 VOCAB = 8192
 SIZES = {"small": {"n_layer": 2, "n_head": 4, "n_embd": 128, "seq_len": 64, "batch_size": 16},
          "large": {"n_layer": 4, "n_head": 4, "n_embd": 256, "seq_len": 256, "batch_size": 16}}
-LR = 3e-3  # bench/experiments.py's TRAIN
+LR = 3e-3  # experiments/experiments.py's TRAIN
 
 
 @dataclass
@@ -90,7 +90,7 @@ class Runner:
                                    n_head=size["n_head"], n_embd=size["n_embd"]))
         self.optimizer = train.make_optimizer(self.model, LR, option.adamw_impl)
         self.forward: Callable = train.training_forward(self.model, option.compile, "uniform")
-        # The CPU, even where CUDA exists: this benchmark measures the CPU options (bench/gpu_suite.py the GPU).
+        # The CPU, even where CUDA exists: this benchmark measures the CPU options (experiments/gpu_suite.py the GPU).
         self.device = "cpu"
         self.autocast = train.autocast_dtype(option.precision, "cpu", train.cpu_supports_bf16())
         self.times: list[float] = []

@@ -9,8 +9,8 @@ import logging
 import os
 import sys
 
-from .core.params import InputError, ParamError, load_params
-from .pipeline.engine import StageFailed
+from .core.errors import InputError, ParamError, StageFailed
+from .core.params import load_params
 
 STAGES = {
     "ingest": "read RedPajama-layout files into normalized Parquet shards",
@@ -23,6 +23,9 @@ STAGES = {
 }
 MODULES = {"tokenize": "tokens"}  # `tokenize` would shadow the standard library module
 TARGET_STAGES = ("ingest", "embed", "assign", "tokenize")
+# `pip install dgamix` installs the mixer only; a command that needs one of these packages names its extra.
+EXTRAS = {"ray": "ray", "openvino": "openvino", "nncf": "openvino"}
+DEFAULT_EXTRA = "pipeline"  # the offline stages and the plots
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,13 +69,26 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_stage(params, args.target, args.stage, stage)
             else:
                 result = stage.run(params)
-    except (ParamError, InputError, FileNotFoundError, StageFailed) as err:
+    except (ParamError, InputError, FileNotFoundError, StageFailed, ModuleNotFoundError) as err:
+        message = missing_extra(err) if isinstance(err, ModuleNotFoundError) else str(err)
+        if message is None:
+            raise  # a module of dgamix itself is missing: a broken install or a bug, keep the traceback
         target = f" --target {args.target}" if getattr(args, "target", None) else ""
-        print(f"dgamix {args.stage}{target}: error: {err}", file=sys.stderr)
+        print(f"dgamix {args.stage}{target}: error: {message}", file=sys.stderr)
         return 2
     summary = {k: v for k, v in result.items() if k != "per_file"}
     print(json.dumps(summary, indent=None, default=str))
     return 0
+
+
+def missing_extra(err: ModuleNotFoundError) -> str | None:
+    """The install hint for a third-party package a command needs and this installation lacks, or None when the
+    missing module is part of dgamix (or unnamed)."""
+    top = (err.name or "").split(".")[0]
+    if not top or top == "dgamix":
+        return None
+    extra = EXTRAS.get(top, DEFAULT_EXTRA)
+    return f"this command needs '{top}', which `pip install dgamix` leaves out: pip install 'dgamix[{extra}]'"
 
 
 if __name__ == "__main__":

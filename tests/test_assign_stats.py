@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from dgamix.formats import domains, token_store
 from dgamix.pipeline import assign, cluster, stats, tokens
-from dgamix.core.params import InputError, ParamError
+from dgamix.core.errors import InputError, ParamError
 from sklearn.metrics import normalized_mutual_info_score
 
 from dgamix.pipeline.stats import class_tfidf_keywords, contingency_scores

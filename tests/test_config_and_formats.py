@@ -152,3 +152,18 @@ def test_bases_clusters_and_embeddings_versions_are_checked(tmp_path):
     embeddings.sidecar_for(npy).write_text(json.dumps({**sidecar, "format_version": 3}))
     with pytest.raises(FormatError, match="is embeddings format version 3"):
         embeddings.load(emb, tmp_path)
+
+
+def test_every_error_type_is_defined_once_in_core_errors():
+    """dgamix.core.errors defines each error type; no other module defines a class of the same name, and the
+    modules that raise them hand out those very classes."""
+    from dgamix.core import errors, params
+    from dgamix.pipeline import engine
+
+    defined = {node.name: str(path.relative_to(ROOT)) for path in sorted((ROOT / "dgamix").rglob("*.py"))
+               for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(node, ast.ClassDef)
+               and node.name in errors.__all__ and path != ROOT / "dgamix" / "core" / "errors.py"}
+    assert defined == {}, f"error types defined outside dgamix/core/errors.py: {defined}"
+    assert (params.ParamError, params.InputError, FormatError, engine.StageFailed) == (
+        errors.ParamError, errors.InputError, errors.FormatError, errors.StageFailed)
+    assert issubclass(errors.FormatError, errors.InputError) and issubclass(errors.StateMismatchError, ValueError)

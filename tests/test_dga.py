@@ -126,7 +126,8 @@ def _dga_run(directory, target_dir, steps, resume_at=(), seed=0):
         target = TargetSampler(ClusterStore(target_dir), seq_len=8)
         loss_fn = lambda t: torch.nn.functional.cross_entropy(  # noqa: E731
             model(t[:, :-1]).reshape(-1, 128), t[:, 1:].reshape(-1))
-        dga = DGAStrategy(stream, target, loss_fn, list(model.parameters()), eta=0.5, beta=0.5, every=3, batch_size=2)
+        dga = DGAStrategy(stream, target=target, loss_fn=loss_fn, params=list(model.parameters()), eta=0.5, beta=0.5,
+                          every=3, batch_size=2)
         if state:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -164,7 +165,7 @@ def test_dga_resume_gives_the_same_weights_and_data(tmp_path):
 
 
 def test_dga_strategy_defaults_are_the_train_defaults():
-    """DGAStrategy's defaults are params.yaml's train section (dgamix.core.defaults), not numbers of its own."""
+    """DGA's defaults (the mixer's own) agree with params.yaml's train section (dgamix.core.defaults)."""
     import dataclasses
 
     from dgamix.core.defaults import DEFAULTS
@@ -193,8 +194,8 @@ def _small_dga(tmp_path, **settings):
     stream = MixtureStream(store, Mixture.identity(store.available), seq_len=8, batch_size=4, seed=0)
     loss_fn = lambda t: torch.nn.functional.cross_entropy(  # noqa: E731
         model(t[:, :-1]).reshape(-1, 128), t[:, 1:].reshape(-1))
-    return DGAStrategy(stream, TargetSampler(ClusterStore(target), seq_len=8), loss_fn, list(model.parameters()),
-                       **{"module": model, **settings})
+    return DGAStrategy(stream, target=TargetSampler(ClusterStore(target), seq_len=8), loss_fn=loss_fn,
+                       params=list(model.parameters()), **{"module": model, **settings})
 
 
 def test_dga_state_records_its_settings_and_round_trips_through_a_checkpoint(tmp_path):
@@ -208,10 +209,12 @@ def test_dga_state_records_its_settings_and_round_trips_through_a_checkpoint(tmp
     state = dga.state_dict()
     assert {k: state[k] for k in dga.SETTINGS} == {"eta": 0.5, "beta": 0.5, "every": 2, "estimator": "exact",
                                                    "batch_size": 2, "micro_batches": 1, "target_batch_size": 2}
-    torch.save(state, tmp_path / "state.pt")  # as the trainer hooks save it
+    assert "weights" not in state  # the stream owns the weights and saves them
+    torch.save({"stream": dga.stream.state_dict(), "strategy": state}, tmp_path / "state.pt")  # as the hooks do
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)
     resumed = _small_dga(tmp_path, eta=0.5, beta=0.5, every=2, batch_size=2)
-    resumed.load_state_dict(loaded)
+    resumed.stream.load_state_dict(loaded["stream"])
+    resumed.load_state_dict(loaded["strategy"])
     np.testing.assert_array_equal(resumed.weights, dga.weights)
     assert (resumed.updates, resumed.target.position) == (2, dga.target.position)
 
@@ -314,7 +317,7 @@ def test_exp3_policy_explores_and_favours_high_reward_domains():
 
 def test_odm_moves_weight_to_the_domain_with_the_highest_loss(tmp_path):
     from dgamix.mixer import ClusterStore, Mixture, MixtureStream
-    from dgamix.mixer.strategies import ODMStrategy
+    from dgamix.mixer.strategies import Evidence, ODMStrategy
 
     from .mixer_fixtures import synthetic_store
 
@@ -323,7 +326,7 @@ def test_odm_moves_weight_to_the_domain_with_the_highest_loss(tmp_path):
     odm = ODMStrategy(stream)
     for step in range(200):
         clusters = stream.next_batch()["cluster"].numpy()
-        odm.observe(clusters, np.where(clusters == 2, 3.0, 1.0))  # domain 2 is the hardest
+        odm.observe(Evidence({"cluster": clusters}, np.where(clusters == 2, 3.0, 1.0)))  # domain 2: the hardest
         odm.on_step(step)
     assert stream.weights[2] > 2 * stream.weights[:2].max()  # 0.60 vs 0.20 after 200 steps
     with pytest.raises(ValueError, match="ODM needs disjoint domains"):
@@ -334,7 +337,7 @@ def test_odm_moves_weight_to_the_domain_with_the_highest_loss(tmp_path):
 def test_strategy_state_loads_with_torch_load_defaults(tmp_path, kind):
     """torch >= 2.6's default torch.load (weights_only) refuses numpy arrays and scalars: a strategy's state is plain
     even when its settings came in as numpy scalars (here DGA's batch sizes), and restores the weights bit for bit."""
-    from dgamix.mixer.strategies import ODMStrategy, StaticStrategy
+    from dgamix.mixer.strategies import Evidence, ODMStrategy, StaticStrategy
 
     def make():
         dga = _small_dga(tmp_path, eta=0.5, beta=0.5, every=2, batch_size=np.int64(2), micro_batches=np.int64(1))
@@ -345,7 +348,7 @@ def test_strategy_state_loads_with_torch_load_defaults(tmp_path, kind):
     strategy = make()
     for step in range(4):
         if kind == "odm":
-            strategy.observe(np.array([0, 1, 1]), np.array([2.0, 0.5, 0.25]))
+            strategy.observe(Evidence({"cluster": np.array([0, 1, 1])}, np.array([2.0, 0.5, 0.25])))
         strategy.on_step(step)
     torch.save({"stream": strategy.stream.state_dict(), "strategy": strategy.state_dict()}, tmp_path / "state.pt")
     resumed = make()

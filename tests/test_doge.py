@@ -142,8 +142,8 @@ def _small_doge(tmp_path, lr=0.01, **settings):
     loss_fn = lambda t: torch.nn.functional.cross_entropy(  # noqa: E731
         model(t[:, :-1] % 128).reshape(-1, 128), t[:, 1:].reshape(-1) % 128)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    strategy = DoGEStrategy(stream, TargetSampler(ClusterStore(target), seq_len=8), loss_fn,
-                            list(model.parameters()), lr_fn=lambda: optimizer.param_groups[0]["lr"],
+    strategy = DoGEStrategy(stream, target=TargetSampler(ClusterStore(target), seq_len=8), loss_fn=loss_fn,
+                            params=list(model.parameters()), lr_fn=lambda: optimizer.param_groups[0]["lr"],
                             **{"every": 2, "batch_size": 2, **settings})
     return strategy, model, optimizer
 

@@ -14,7 +14,7 @@ import pytest
 
 from dgamix.formats import embeddings
 from dgamix.pipeline import cluster, embed
-from dgamix.core.params import InputError, ParamError
+from dgamix.core.errors import InputError, ParamError
 
 from .conftest import load_params
 

@@ -10,8 +10,8 @@ import pytest
 import ray
 
 from dgamix.pipeline import assign, cluster, embed, ingest, tokens
-from dgamix.pipeline.engine import FAULT_DIR_ENV, FAULT_ENV, StageFailed
-from dgamix.core.params import InputError, ParamError
+from dgamix.pipeline.engine import FAULT_DIR_ENV, FAULT_ENV
+from dgamix.core.errors import InputError, ParamError, StageFailed
 
 from .conftest import load_params, write_jsonl_zst
 

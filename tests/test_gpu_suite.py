@@ -1,4 +1,5 @@
-"""bench/gpu_suite.py --toy end to end on the embedded sample: every stage, 3 seeds x 6 methods, table and figures."""
+"""experiments/gpu_suite.py --toy end to end on the embedded sample: every stage, 3 seeds x 6 methods, table and
+figures."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ METHODS = ["uniform", "importance", "doge", "dga_ema", "inbatch", "inbatch_domai
 def suite(tmp_path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    return subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--toy", "--corpus",
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_suite.py"), "--toy", "--corpus",
                            str(ROOT / "data" / "sample"), "--work", str(tmp_path / "work"), "--results",
                            str(tmp_path / "results"), *extra], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
@@ -68,8 +69,9 @@ def test_gpu_suite_refuses_cuda_without_a_gpu(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("the refusal is for machines without CUDA")
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_suite.py"), "--corpus", str(ROOT / "data/sample"),
-                          "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results")],
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "gpu_suite.py"), "--corpus",
+                          str(ROOT / "data/sample"), "--work", str(tmp_path / "work"), "--results",
+                          str(tmp_path / "results")],
                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode != 0 and "no CUDA device" in run.stderr

@@ -2,7 +2,6 @@
 match the target, and it resumes exactly."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 
 from dgamix.mixer import ClusterStore, Mixture, MixtureStream, StateMismatchError, TargetSampler
 from dgamix.mixer.inbatch import InBatchAlignment
-from dgamix.mixer.strategies import InBatchDGAStrategy
+from dgamix.mixer.strategies import Evidence, InBatchDGAStrategy
 
 from .mixer_fixtures import synthetic_store
 
@@ -50,7 +49,7 @@ def build(stores, level="bases", seed=0, state=None, **settings):
     target = TargetSampler(ClusterStore(target_dir), seq_len=8)
     loss_fn = lambda t: sequence_losses(model, t).mean()  # noqa: E731
     options = {"eta": 0.2, "every": 1, "refresh": 4, "decay": 0.9, "min_sequences": 2, "level": level} | settings
-    strategy = InBatchDGAStrategy(stream, target, InBatchAlignment(model), loss_fn, **options)
+    strategy = InBatchDGAStrategy(stream, target=target, tracker=InBatchAlignment(model), loss_fn=loss_fn, **options)
     if state:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -72,12 +71,10 @@ def train(stores, steps, level="bases", resume_at=(), **settings):
             model, optimizer, stream, strategy = build(stores, level, state=state, **settings)
         batch = stream.next_batch()
         hashes.append(hashlib.sha1(batch["tokens"].numpy().tobytes()).hexdigest())
-        scored = strategy.scores_step(step)
         optimizer.zero_grad()
-        with contextlib.nullcontext() if scored else strategy.tracker.paused():
+        with strategy.training_step(step):  # unscored steps run with the hooks paused, and observe ignores them
             sequence_losses(model, batch["tokens"]).mean().backward()
-        if scored:
-            strategy.observe(batch)
+        strategy.observe(Evidence(batch))
         optimizer.step()
         strategy.on_step(step)
         weights.append(strategy.weights.copy())
@@ -111,7 +108,7 @@ def test_basis_scores_estimate_the_papers_alignment(stores):
         batch = stream.next_batch()
         model.zero_grad()
         sequence_losses(model, batch["tokens"]).mean().backward()
-        strategy.observe(batch)
+        strategy.observe(Evidence(batch))
     strategy.stats.absorb(strategy.window)
     estimate, se, _ = strategy.stats.basis_estimates(stream.mixture.bases)
     direct, direct_se = [], []

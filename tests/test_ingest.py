@@ -13,7 +13,7 @@ import zstandard
 
 from dgamix.formats import docs
 from dgamix.pipeline import dedup, ingest
-from dgamix.core.params import InputError, ParamError
+from dgamix.core.errors import InputError, ParamError
 from dgamix.pipeline.readers import Record, Reject, iter_records
 
 from .conftest import chdir
@@ -314,8 +314,8 @@ def test_workers_send_no_per_document_data_to_the_driver(tmp_path):
     step = ingest.StageFile("text", None, False)
     sizes = []
     for path in (small, large):
-        result = step((path.name, str(path), str(tmp_path / f"{path.stem}.parquet"),
-                       str(tmp_path / f"{path.stem}.digests.npy")))
+        result = step(ingest.StageFileTask(name=path.name, url=str(path), staged=str(tmp_path / f"{path.stem}.parquet"),
+                                           digests=str(tmp_path / f"{path.stem}.digests.npy")))
         assert set(result) == {"read", "duplicates", "rejects", "unique"}
         sizes.append(len(pickle.dumps(result)))
     assert sizes[1] - sizes[0] < 8  # larger counts, nothing else: not 500 times the documents
@@ -403,10 +403,11 @@ def test_a_retried_commit_after_success_is_a_no_op(tmp_path):
     write(tmp_path / "a.jsonl", jsonl_bytes(GOOD))
     staging = tmp_path / "staged"
     staging.mkdir()
-    ingest.StageFile("text", "meta.source", False)(("a.jsonl", str(tmp_path / "a.jsonl"),
-                                                     str(staging / "000000.parquet"),
-                                                     str(dedup.digests_path(staging, 0))))
-    task = (str(staging), 0, 3, 0, str(tmp_path / "part-00000.parquet"))
+    ingest.StageFile("text", "meta.source", False)(ingest.StageFileTask(
+        name="a.jsonl", url=str(tmp_path / "a.jsonl"), staged=str(staging / "000000.parquet"),
+        digests=str(dedup.digests_path(staging, 0))))
+    task = ingest.CommitTask(staging=str(staging), file_index=0, unique=3, dropped=0,
+                             shard_path=str(tmp_path / "part-00000.parquet"))
     assert ingest.CommitShard()(task) == 3
     first = (tmp_path / "part-00000.parquet").read_bytes()
     assert ingest.CommitShard()(task) == 3  # what a Ray retry of a task killed after committing does

@@ -1,5 +1,6 @@
-"""The stream under DataLoader workers: each sequence once and in straight order (also after a resume), weights that
-reach the workers (main-process planning), and exact resume with prefetched steps."""
+"""The stream under DataLoader workers (MixtureLoader): each sequence once and in straight order (also after a resume
+and after a break), weights that reach the workers (main-process planning), and exact resume with prefetched
+steps."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +9,6 @@ import torch
 from torch.utils.data import DataLoader
 
 from dgamix.mixer import ClusterStore, Mixture, MixtureStream
-from dgamix.mixer.hooks import SequenceDataset
 from dgamix.mixer.loader import MixtureLoader
 
 from .mixer_fixtures import synthetic_store
@@ -29,15 +29,16 @@ def _rows(tokens: torch.Tensor) -> list[tuple[int, ...]]:
     return [tuple(row) for row in tokens.tolist()]
 
 
-def test_sequence_dataset_under_workers_yields_each_sequence_once(store_dir):
-    """3 steps of batch 2 with 2 workers: the 6 sequences of the in-process stream, once each, in order (every worker
-    used to materialize every step: 12 sequences, 6 distinct)."""
+def test_loader_under_workers_yields_each_sequence_once(store_dir):
+    """3 steps of batch 2 with 2 workers: the 6 sequences of the in-process stream, once each, in order (a worker
+    iterating its own copy of the stream would materialize every step: 12 sequences, 6 distinct)."""
     expected = []
     reference = _stream(store_dir)
     for _ in range(3):
         expected += _rows(reference.next_batch()["tokens"])
-    loader = DataLoader(SequenceDataset(_stream(store_dir, max_steps=3)), batch_size=2, num_workers=2)
-    got = [row for batch in loader for row in _rows(batch["input_ids"])]
+    loader = MixtureLoader(_stream(store_dir, max_steps=3), num_workers=2)
+    assert isinstance(loader, DataLoader) and loader.dataloader is loader  # a DataLoader itself
+    got = [row for batch in loader for row in _rows(batch["tokens"])]
     assert got == expected
 
 
@@ -48,8 +49,10 @@ def test_workers_keep_straight_order_after_a_resume(store_dir):
         stream.next_batch()
     resumed = _stream(store_dir, max_steps=11)
     resumed.load_state_dict(stream.state_dict())
-    steps = [batch["step"] for batch in DataLoader(resumed, batch_size=None, num_workers=2)]
-    assert steps == [5, 6, 7, 8, 9, 10]
+    batches = list(MixtureLoader(resumed, num_workers=2))
+    assert [batch["step"] for batch in batches] == [5, 6, 7, 8, 9, 10]
+    assert [batch["log"].step for batch in batches] == [5, 6, 7, 8, 9, 10]
+    assert [_rows(batch["tokens"]) for batch in batches] == [_rows(stream.next_batch()["tokens"]) for _ in range(6)]
 
 
 def _run(store_dir, workers, steps=12, resume_at=None, state=None):
@@ -58,23 +61,24 @@ def _run(store_dir, workers, steps=12, resume_at=None, state=None):
     stream = _stream(store_dir, batch_size=3, max_steps=steps)
     loader = MixtureLoader(stream, num_workers=workers)
     if state is not None:
-        loader.load_state_dict(state)
+        loader.load_stream_state(state)
     seen = []
     for batch in loader:
         step = batch["step"]
-        seen.append((step, _rows(batch["tokens"]), batch["prob"].tolist()))
+        assert batch["log"].step == step
+        seen.append((step, _rows(batch["tokens"]), batch["prob"].tolist(), batch["log"].weights.tolist()))
         weights = np.full(4, 0.05)
         weights[step % 4] = 0.85
         stream.set_weights(weights)
         if step == resume_at:
-            return seen, loader.state_dict()
+            return seen, loader.stream_state()
     return seen, None
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_mixture_loader_resumes_exactly_with_prefetched_steps(store_dir, workers):
     straight, _ = _run(store_dir, workers)
-    assert [s for s, _, _ in straight] == list(range(12))
+    assert [s for s, *_ in straight] == list(range(12))
     first, state = _run(store_dir, workers, resume_at=4)
     resumed, _ = _run(store_dir, workers, state=state)
     assert first + resumed == straight
@@ -86,14 +90,17 @@ def test_a_weight_change_reaches_the_next_planned_step(store_dir, workers, prefe
     step workers * prefetch + 1 with workers (the steps planned ahead keep the weights they were planned with)."""
     stream = _stream(store_dir, batch_size=4, max_steps=10)
     extra = {"prefetch_factor": prefetch} if workers else {}
-    clusters = []
+    clusters, weights = [], []
     for batch in MixtureLoader(stream, num_workers=workers, **extra):
         clusters.append(set(batch["cluster"].tolist()))
+        weights.append(batch["log"].weights.tolist())
         if batch["step"] == 0:
             stream.set_weights([0.0, 0.0, 1.0, 0.0])
     first_new = 1 + workers * (prefetch or 0)
     assert all(c == {2} for c in clusters[first_new:])
     assert any(c != {2} for c in clusters[:first_new])
+    # each batch's log names the weights it was drawn with
+    assert weights == [[0.25] * 4] * first_new + [[0.0, 0.0, 1.0, 0.0]] * (10 - first_new)
 
 
 def test_loader_refuses_planning_further_ahead_than_it_can_save(store_dir):
@@ -101,13 +108,66 @@ def test_loader_refuses_planning_further_ahead_than_it_can_save(store_dir):
         MixtureLoader(_stream(store_dir), num_workers=8, prefetch_factor=2)
 
 
+@pytest.mark.parametrize("key", ["batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn", "drop_last"])
+def test_loader_refuses_the_batching_arguments_it_sets_itself(store_dir, key):
+    with pytest.raises(ValueError, match=f"MixtureLoader\\(\\.\\.\\., {key}=\\.\\.\\.\\)"):
+        MixtureLoader(_stream(store_dir), num_workers=2, **{key: None})
+
+
+# (with workers, torch's DataLoader iterator fails half-built, after starting them; its __del__ then complains)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_weight_change_under_iterating_workers_names_the_remedy(store_dir):
+    """A DataLoader over the stream itself is refused, naming MixtureLoader; under MixtureLoader with 2 workers a
+    weight change during iteration reaches the workers (from the first step planned after it)."""
     stream = _stream(store_dir, max_steps=20)
-    loader = DataLoader(SequenceDataset(stream), batch_size=2, num_workers=2)
-    with pytest.raises(RuntimeError, match="MixtureLoader"):
-        for i, _ in enumerate(loader):
-            if i == 1:
-                stream.set_weights([0.1, 0.2, 0.3, 0.4])
+    for batch_size in (None, 2):
+        with pytest.raises(TypeError, match="MixtureLoader"):
+            for _ in DataLoader(stream, batch_size=batch_size, num_workers=2):
+                pass
+    with pytest.raises(TypeError, match="MixtureLoader"):
+        iter(stream)
+    assert stream.step == 0
+    new = [0.1, 0.2, 0.3, 0.4]
+    drawn_with = []
+    for i, batch in enumerate(MixtureLoader(stream, num_workers=2)):
+        drawn_with.append(batch["log"].weights.tolist())
+        np.testing.assert_allclose(batch["prob"].numpy(),
+                                   stream.mixture.cluster_probs(drawn_with[-1])[batch["cluster"].numpy()])
+        if i == 1:
+            stream.set_weights(new)
+    # steps 2..5 were planned (2 workers x prefetch 2) before the change; step 6 on were drawn with it
+    assert drawn_with == [[0.25] * 4] * 6 + [new] * 14
+
+
+def _pass(loader, stop_after=None):
+    """Iterate `loader` (optionally breaking after `stop_after` batches), setting weights from each step number as a
+    strategy would; each batch's (step, rows, weights drawn with)."""
+    seen = []
+    for batch in loader:
+        step = batch["step"]
+        seen.append((step, _rows(batch["tokens"]), batch["log"].weights.tolist()))
+        weights = np.full(4, 0.05)
+        weights[step % 4] = 0.85
+        loader.stream.set_weights(weights)
+        if stop_after is not None and len(seen) == stop_after:
+            break
+    return seen
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_iterating_again_after_a_break_continues_at_the_next_step_not_handed_out(store_dir, workers):
+    """A break leaves steps planned (prefetched) but never handed out; the next pass over the same loader starts at
+    the first of them, planned again with the weights they had: the two passes are the straight pass."""
+    straight = _pass(MixtureLoader(_stream(store_dir, batch_size=3, max_steps=12), num_workers=workers))
+    assert [s for s, *_ in straight] == list(range(12))
+    loader = MixtureLoader(_stream(store_dir, batch_size=3, max_steps=12), num_workers=workers)
+    first = _pass(loader, stop_after=4)
+    assert loader.next_step == 4 and loader.stream.step == 4 + 2 * workers  # 2 workers x prefetch 2 planned ahead
+    second = _pass(loader)
+    assert [s for s, *_ in second] == list(range(4, 12))
+    assert second == straight[4:]
+    assert first + second == straight
+    assert list(loader) == []  # the stream is exhausted: a third pass yields nothing
 
 
 def test_spawned_workers_read_the_store_by_reference(store_dir):

@@ -10,7 +10,7 @@ import torch
 from scipy.stats import chisquare
 from torch.utils.data import DataLoader
 
-from dgamix.mixer import ClusterStore, Mixture, MixtureStream, StateMismatchError
+from dgamix.mixer import ClusterStore, Mixture, MixtureLoader, MixtureStream, StateMismatchError, StepLog
 
 from .mixer_fixtures import synthetic_store
 
@@ -60,8 +60,18 @@ def test_token_cap_limits_and_repeats(tmp_path):
     # 30 sequences of 10 tokens from cluster 4 alone: its 100-token pass repeats every 10 sequences, and each
     # batch says which pass a sequence's last token comes from.
     stream = MixtureStream(capped, Mixture.identity(capped.available).select(["cluster:4"]), seq_len=9, batch_size=5)
-    passes = np.concatenate([stream.next_batch()["pass"].numpy() for _ in range(6)])
+    batches = [stream.next_batch() for _ in range(6)]
+    passes = np.concatenate([batch["pass"].numpy() for batch in batches])
     assert passes.tolist() == [(10 * i + 9) // 100 + 1 for i in range(30)]
+    # each batch's log says what its step drew: 50 tokens of cluster 4, repeated from the 3rd batch on (sequence
+    # 10 onwards ends in the 2nd pass), with the cluster's 1st pass finished once 100 tokens are taken (2nd batch)
+    for step, batch in enumerate(batches):
+        log = batch["log"]
+        assert isinstance(log, StepLog) and log.step == batch["step"] == step
+        assert log.weights.tolist() == [1.0] and log.clusters.tolist() == [4] * 5
+        assert log.tokens_per_cluster == {4: 50}
+        assert log.repeated_clusters == ([4] if step >= 2 else [])
+        assert log.clusters_repeating == (1 if step >= 1 else 0)
     with pytest.raises(ValueError, match="token_cap = 0: expected a positive number"):
         ClusterStore(tmp_path / "t", token_cap=0)
 
@@ -85,7 +95,8 @@ def test_cap_cut_document_still_ends_with_eos_and_caps_at_the_edges(tmp_path):
 def test_stream_follows_p_before_and_after_a_weight_change(store):
     mixture = two_bases(store.available)
     stream = MixtureStream(store, mixture, seq_len=8, batch_size=50, seed=11)
-    p_before = mixture.cluster_probs()
+    np.testing.assert_array_equal(stream.weights, [0.5, 0.5])  # uniform unless given
+    p_before = mixture.cluster_probs(stream.weights)
     counts = np.zeros(6)
     for _ in range(100):
         np.add.at(counts, stream.next_batch()["cluster"].numpy(), 1)
@@ -178,7 +189,7 @@ def test_workers_and_ranks_partition_the_single_process_stream(store):
     for rank in range(2):
         stream = MixtureStream(store, two_bases(store.available), seq_len=16, batch_size=6, seed=4, rank=rank,
                                world_size=2, max_steps=steps)
-        for batch in DataLoader(stream, batch_size=None, num_workers=2):
+        for batch in MixtureLoader(stream, num_workers=2):
             got[(batch["step"], rank)] = batch["tokens"].numpy()
     assert sorted(got) == [(s, r) for s in range(steps) for r in range(2)]
     for step in range(steps):
@@ -210,18 +221,53 @@ def test_identity_mixture_is_domain_reweighting(store):
     mixture = Mixture.identity(store.available)
     assert mixture.n_bases == 5 and mixture.names[2] == "cluster:3"
     weights = np.arange(1, 6, dtype=float)
-    mixture.set_weights(weights)
-    np.testing.assert_allclose(mixture.cluster_probs()[store.available], weights / weights.sum())
+    probs = mixture.cluster_probs(weights)
+    np.testing.assert_allclose(probs[store.available], weights / weights.sum())
+    assert (probs[~store.available] == 0).all()
+    # a stream given these weights draws from exactly these cluster probabilities
+    stream = MixtureStream(store, mixture, seq_len=8, batch_size=4, weights=weights)
+    np.testing.assert_allclose(stream.weights, weights / weights.sum())
+    batch = stream.next_batch()
+    np.testing.assert_allclose(batch["prob"].numpy(), probs[batch["cluster"].numpy()])
 
 
-def test_changing_weights_under_workers_fails_loudly(store):
+# (with workers, torch's DataLoader iterator fails half-built, after starting them; its __del__ then complains)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_stream_is_not_a_dataset_and_names_the_loader(store, workers):
+    """Workers iterating copies of the stream could never see a weight change: iterating the stream, or giving it
+    to a DataLoader as its dataset, is refused with the remedy (MixtureLoader) instead."""
     stream = MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=2, max_steps=200)
-    loader = iter(DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=1))
-    next(loader)
-    stream.set_weights([0.2, 0.8])
-    with pytest.raises(RuntimeError, match="set_weights\\(\\) was called while DataLoader workers iterate"):
-        for _ in range(200):
-            next(loader)
+    assert not isinstance(stream, torch.utils.data.Dataset)
+    with pytest.raises(TypeError, match="MixtureLoader"):
+        iter(stream)
+    with pytest.raises(TypeError, match="MixtureLoader"):
+        len(stream)
+    for batch_size in (None, 2):
+        with pytest.raises(TypeError, match="MixtureLoader"):
+            next(iter(DataLoader(stream, batch_size=batch_size, num_workers=workers)))
+    assert stream.step == 0  # nothing was planned
+
+
+def test_weights_changed_under_workers_reach_them(store):
+    """Weights set while 2 DataLoader workers read the batches reach the steps planned after the change (steps
+    1 + 2 workers x prefetch 2 onwards: the 4 planned ahead keep theirs), and each batch's log and probabilities say
+    which weights it was drawn with."""
+    mixture = two_bases(store.available)
+    stream = MixtureStream(store, mixture, seq_len=8, batch_size=8, max_steps=30)
+    logs = []
+    for batch in MixtureLoader(stream, num_workers=2):
+        log = batch["log"]
+        assert log.step == batch["step"] == len(logs)
+        np.testing.assert_array_equal(log.clusters, batch["cluster"].numpy())
+        np.testing.assert_allclose(batch["prob"].numpy(), mixture.cluster_probs(log.weights)[log.clusters])
+        logs.append((log.weights.tolist(), set(log.clusters.tolist())))
+        if batch["step"] == 0:
+            stream.set_weights([1.0, 0.0])  # all on clusters 0 and 1
+    assert [w for w, _ in logs] == [[0.5, 0.5]] * 5 + [[1.0, 0.0]] * 25
+    assert all(c <= {0, 1} for _, c in logs[5:])
+    assert any(not c <= {0, 1} for _, c in logs[:5])
+    assert stream.step == 30 and stream.weights.tolist() == [1.0, 0.0]
 
 
 def test_basis_matrix_with_nan_is_rejected():
@@ -231,10 +277,36 @@ def test_basis_matrix_with_nan_is_rejected():
 
 def test_stream_draws_from_its_own_weights_not_a_shared_mixture(store):
     mixture = two_bases(store.available)
-    stream = MixtureStream(store, mixture, seq_len=8, batch_size=4)
-    mixture.set_weights([0.0, 1.0])  # a change behind the stream's back changes neither its draws nor its state
+    assert not hasattr(mixture, "weights") and not hasattr(mixture, "set_weights")  # the stream owns them
+    with pytest.raises(TypeError):
+        mixture.cluster_probs()  # p = alpha^T P needs the weights alpha
+    given = np.array([0.5, 0.5])
+    stream = MixtureStream(store, mixture, seq_len=8, batch_size=4, weights=given)
+    other = MixtureStream(store, mixture, seq_len=8, batch_size=4)
+    # a change behind the stream's back (another stream on the same mixture, the array it was given, the copy it
+    # hands out) changes neither its draws nor its state
+    other.set_weights([0.0, 1.0])
+    given[:] = [1.0, 0.0]
+    stream.weights[:] = [1.0, 0.0]
     np.testing.assert_array_equal(stream.weights, [0.5, 0.5])
     assert stream.state_dict()["weights"] == [0.5, 0.5]
+    batch = stream.next_batch()
+    assert batch["log"].weights.tolist() == [0.5, 0.5]
+    fresh = MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=4)
+    assert digest(batch) == digest(fresh.next_batch())
+
+
+def test_step_and_cursors_are_the_planners_and_read_only(store):
+    stream = MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=4)
+    stream.next_batch()
+    assert stream.step == stream.planner.step == 1
+    np.testing.assert_array_equal(stream.cursors, stream.planner.cursors)
+    assert stream.cursors.sum() == 4 * 9
+    with pytest.raises(AttributeError):
+        stream.step = 0
+    with pytest.raises(AttributeError):
+        stream.cursors = np.zeros(6, dtype=np.int64)
+    assert stream.step == 1 and stream.cursors.sum() == 4 * 9
 
 
 def test_saved_weights_are_restored_bit_for_bit(store):
@@ -285,11 +357,34 @@ def test_state_loads_with_torch_load_defaults_and_resumes_exactly(store, tmp_pat
     assert digest(second.sample_basis(0, 4)) == digest(first.sample_basis(0, 4))  # the auxiliary sampler too
 
 
-def test_state_dict_of_a_stream_iterated_by_workers_is_refused(store):
-    stream = MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=2, max_steps=3)
-    list(DataLoader(stream, batch_size=None, num_workers=1))
-    with pytest.raises(RuntimeError, match="iterated by DataLoader workers"):
-        stream.state_dict()
+def test_state_of_a_stream_read_by_workers_is_the_main_process_position(store):
+    """Workers only read: the stream the trainer holds planned every step, so its state is the one to save (the
+    in-process stream's after the same steps)."""
+    make = lambda: MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=2)  # noqa: E731
+    stream = make()
+    stream.max_steps = 3
+    loader = MixtureLoader(stream, num_workers=1)
+    got = [digest(batch) for batch in loader]
+    in_process = make()
+    assert got == [digest(in_process.next_batch()) for _ in range(3)]
+    assert stream.step == 3
+    assert stream.state_dict() == loader.stream_state() == in_process.state_dict()
+
+
+def test_version_2_states_still_load_and_older_ones_are_refused(store):
+    """Version 2 also saved a DataLoader worker's phase ("worker_origin"), which nothing reads any more."""
+    make = lambda: MixtureStream(store, two_bases(store.available), seq_len=8, batch_size=4)  # noqa: E731
+    changes = {2: [0.9, 0.1]}
+    straight = run_steps(make(), 8, changes)
+    first = make()
+    run_steps(first, 5, changes)
+    state = first.state_dict(next_step=3)
+    assert state["version"] == 3 and "worker_origin" not in state
+    old = make()
+    old.load_state_dict({**state, "version": 2, "worker_origin": None})
+    assert old.step == 3 and run_steps(old, 8, changes) == straight[3:]
+    with pytest.raises(StateMismatchError, match="stream state version 1"):
+        make().load_state_dict({**state, "version": 1})
 
 
 def test_fresh_basis_batches_are_not_the_training_stream(store):

@@ -1,4 +1,5 @@
-"""bench/render_results.py's long-run comparison: the table's paired columns and the statements read the numbers."""
+"""experiments/render_results.py's long-run comparison: the table's paired columns and the statements read the
+numbers."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from .conftest import ROOT
 
 @pytest.fixture()
 def render(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
     import render_results
 
     return render_results
@@ -19,7 +20,7 @@ def render(monkeypatch):
 
 def write_run(run_dir: Path, strategy: str, spec: list[float], generic: list[float], weights: list[float],
               bases: list[str], repeated: int = 0) -> None:
-    """One run as bench/experiments.py records it: evaluations every 100 steps in log.csv, the final ones in
+    """One run as experiments/experiments.py writes it: evaluations every 100 steps in log.csv, the final ones in
     metrics.json, the rest in summary.json."""
     run_dir.mkdir(parents=True)
     rows = ["step,train_loss,spec_loss,generic_loss," + ",".join(f"w:{b}" for b in bases)]

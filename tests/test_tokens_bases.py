@@ -11,7 +11,7 @@ import zstandard
 
 from dgamix.mixer import ClusterStore, Mixture
 from dgamix.pipeline import assign, bases, cluster, ingest, tokens
-from dgamix.core.params import InputError, ParamError
+from dgamix.core.errors import InputError, ParamError
 
 from dgamix.formats import domains
 from dgamix.pipeline.targets import run_stage, stage_params

@@ -12,14 +12,7 @@ from typing import Any
 import yaml
 
 from .defaults import DEFAULTS
-
-
-class ParamError(ValueError):
-    """A parameter (or the input it points at) is not what the stage expects. The message names it."""
-
-
-class InputError(ValueError):
-    """Input data is malformed in a way the stage cannot work around (e.g. embeddings that do not match docs)."""
+from .errors import InputError, ParamError  # noqa: F401  (InputError: callers import both from here too)
 
 
 def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:

@@ -21,15 +21,11 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 
-from ..core.params import InputError
+from ..core.errors import FormatError
 
 FORMAT_KEY = b"dgamix.format"
 VERSION_KEY = b"dgamix.format_version"
 JSON_VERSION_KEY = "format_version"
-
-
-class FormatError(InputError):
-    """An artifact is not in a format (or format version) this dgamix can read. The message names the file."""
 
 
 def parquet_metadata(name: str, version: int) -> dict[bytes, bytes]:

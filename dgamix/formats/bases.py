@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from ..core.atomic import write_json, write_parquet
-from ..core.params import ParamError
+from ..core.errors import ParamError
 from . import check_parquet, parquet_metadata
 
 NAME = "bases"
@@ -28,6 +28,40 @@ VERSION = 1
 SUPPORTED = {1}
 TABLE = "bases.parquet"
 NAMES = "names.json"
+
+
+SUM_TOLERANCE = 1e-6
+
+
+def validate(matrix: sp.spmatrix | np.ndarray, names: list[str], available: np.ndarray | None = None,
+             error: type[Exception] = ValueError) -> sp.csr_matrix:
+    """P as a float64 CSR matrix, or `error` naming the first basis that is not a probability vector over existing
+    clusters (and, given the store's `available` clusters, over clusters that have tokens). The one check the bases
+    stage runs before writing and the mixer runs before sampling."""
+    matrix = sp.csr_matrix(matrix, dtype=np.float64)
+    m, k = matrix.shape
+    if m == 0 or k == 0:
+        raise error(f"bases matrix has shape {matrix.shape}: expected at least one basis and one cluster")
+    if len(names) != m:
+        raise error(f"{len(names)} names for {m} bases")
+    if available is not None and k != len(available):
+        raise error(f"bases have {k} clusters but the store has {len(available)}; build bases and tokens from the "
+                    "same clustering")
+    rows = np.repeat(np.arange(m), np.diff(matrix.indptr))
+    bad = ~np.isfinite(matrix.data) | (matrix.data < 0)
+    if bad.any():
+        raise error(f"basis '{names[rows[bad][0]]}' has negative, NaN or inf probabilities: every basis must be a "
+                    "probability vector")
+    sums = np.asarray(matrix.sum(axis=1)).ravel()
+    off = np.flatnonzero(np.abs(sums - 1) > SUM_TOLERANCE)
+    if len(off):
+        raise error(f"basis '{names[off[0]]}' sums to {sums[off[0]]:.9f}, expected 1")
+    if available is not None:
+        mass = np.asarray(matrix[:, ~np.asarray(available, dtype=bool)].sum(axis=1)).ravel()
+        empty = np.flatnonzero(mass > 0)
+        if len(empty):
+            raise error(f"basis '{names[empty[0]]}' puts mass {mass[empty[0]]:.3g} on clusters with no tokens")
+    return matrix
 
 
 def write(directory: Path, names: list[str], matrix: np.ndarray) -> None:

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.atomic import write_json, write_npy, write_parquet
-from ..core.params import ParamError
+from ..core.errors import ParamError
 from . import JSON_VERSION_KEY, check_json
 
 NAME = "clusters"

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.atomic import write_parquet
-from ..core.params import InputError, ParamError
+from ..core.errors import InputError, ParamError
 from . import check_parquet, with_format
 
 NAME = "docs"

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.atomic import atomic_path, write_parquet
-from ..core.params import ParamError
+from ..core.errors import ParamError
 from . import check_parquet, with_format
 
 NAME = "domains"

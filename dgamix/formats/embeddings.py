@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..core.atomic import write_json, write_npy
-from ..core.params import InputError, ParamError
+from ..core.errors import InputError, ParamError
 from . import JSON_VERSION_KEY, check_json, docs
 
 NAME = "embeddings"

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..core.atomic import write_json, write_npy
-from ..core.params import InputError
+from ..core.errors import InputError
 from . import JSON_VERSION_KEY, check_json
 
 NAME = "token store"

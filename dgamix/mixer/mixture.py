@@ -1,4 +1,4 @@
-"""Mixture: basis distributions P (m x k, sparse rows on the simplex) and weights alpha; p = alpha^T P.
+"""Mixture: basis distributions P (m x k, sparse rows on the simplex); p = alpha^T P for weights alpha.
 
 Domain reweighting is the special case P = identity over the (non-empty) clusters, or over coarse clusters with
 `coarse:<id>` bases (natural within each).
@@ -12,8 +12,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..formats import bases as bases_format
-
-SUM_TOLERANCE = 1e-6
 
 
 def check_weights(weights: np.ndarray | list[float], m: int) -> np.ndarray:
@@ -33,26 +31,13 @@ def check_weights(weights: np.ndarray | list[float], m: int) -> np.ndarray:
 
 
 class Mixture:
-    def __init__(self, bases: sp.spmatrix | np.ndarray, names: list[str] | None = None,
-                 weights: np.ndarray | None = None):
-        matrix = sp.csr_matrix(bases, dtype=np.float64)
-        m, k = matrix.shape
-        if m == 0 or k == 0:
-            raise ValueError(f"bases matrix has shape {matrix.shape}: expected at least one basis and one cluster")
-        if matrix.nnz and not np.isfinite(matrix.data).all():
-            raise ValueError("bases matrix has NaN or inf entries: every basis must be a probability vector")
-        if matrix.nnz and matrix.data.min() < 0:
-            raise ValueError("bases matrix has negative entries: every basis must be a probability vector")
-        sums = np.asarray(matrix.sum(axis=1)).ravel()
-        bad = np.flatnonzero(np.abs(sums - 1) > SUM_TOLERANCE)
-        if len(bad):
-            raise ValueError(f"basis {bad[0]} ({(names or [])[bad[0]] if names else bad[0]}) sums to {sums[bad[0]]:.9f}, "
-                             "expected 1")
-        self.bases = matrix
+    """The basis distributions P over clusters and their names: what the weights alpha mix. It holds no weights:
+    the stream (`MixtureStream`) owns them, so what it draws from is what it saves."""
+
+    def __init__(self, bases: sp.spmatrix | np.ndarray, names: list[str] | None = None):
+        m = sp.csr_matrix(bases).shape[0]
         self.names = list(names) if names is not None else [f"basis:{j}" for j in range(m)]
-        if len(self.names) != m:
-            raise ValueError(f"{len(self.names)} names for {m} bases")
-        self.weights = check_weights(np.full(m, 1.0 / m) if weights is None else weights, m)
+        self.bases = bases_format.validate(bases, self.names)
 
     @property
     def n_bases(self) -> int:
@@ -62,24 +47,15 @@ class Mixture:
     def n_clusters(self) -> int:
         return self.bases.shape[1]
 
-    def set_weights(self, weights: np.ndarray | list[float]) -> None:
-        self.weights = check_weights(weights, self.n_bases)
-
-    def cluster_probs(self, weights: np.ndarray | None = None) -> np.ndarray:
+    def cluster_probs(self, weights: np.ndarray | list[float]) -> np.ndarray:
         """p = alpha^T P over clusters."""
-        w = self.weights if weights is None else check_weights(weights, self.n_bases)
+        w = check_weights(weights, self.n_bases)
         p = np.asarray(self.bases.T @ w).ravel()
         return p / p.sum()
 
     def check_store(self, available: np.ndarray) -> None:
         """The bases must cover exactly the store's clusters and put no mass where there are no tokens."""
-        if len(available) != self.n_clusters:
-            raise ValueError(f"bases have {self.n_clusters} clusters but the store has {len(available)}; "
-                             "build bases and tokens from the same clustering")
-        mass = np.asarray(self.bases[:, ~available].sum(axis=1)).ravel()
-        bad = np.flatnonzero(mass > 0)
-        if len(bad):
-            raise ValueError(f"basis '{self.names[bad[0]]}' puts mass {mass[bad[0]]:.3g} on clusters with no tokens")
+        bases_format.validate(self.bases, self.names, available)
 
     def select(self, names: list[str]) -> "Mixture":
         missing = [n for n in names if n not in self.names]

@@ -9,17 +9,18 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 
 from ..core.atomic import atomic_path
-from ..core.params import ParamError, local_path, require, section
+from ..core.errors import ParamError
+from ..core.params import local_path, require, section
 from ..formats import docs, domains, embeddings
 from .cluster import load_model
 from .engine import Engine
-from .kmeans import HierarchicalKMeans, resolve_backend
+from .kmeans import BACKENDS, HierarchicalKMeans, backend_choices, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,18 @@ def assign_shard(table: pa.Table, vectors: np.ndarray, model: HierarchicalKMeans
     return table.take(pa.array(order))
 
 
-def assign_file(model: HierarchicalKMeans, task: tuple[str, str, str]) -> list[dict[str, Any]]:
+class AssignTask(NamedTuple):
+    """One engine item of assign (absolute paths: a Ray worker's working directory is not ours)."""
+
+    docs_shard: str  # the docs shard read
+    matrix: str  # its embeddings (.npy)
+    out: str  # the domains shard written
+
+
+def assign_file(model: HierarchicalKMeans, task: AssignTask) -> list[dict[str, Any]]:
     """The per-shard step of either engine: docs shard + its embeddings -> the cluster-grouped domains shard."""
-    docs_shard, matrix, out = task
-    table = assign_shard(docs.read_shard(docs_shard), np.load(matrix, mmap_mode="r"), model)
-    return domains.write_shard(table, Path(out))
+    table = assign_shard(docs.read_shard(task.docs_shard), np.load(task.matrix, mmap_mode="r"), model)
+    return domains.write_shard(table, Path(task.out))
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
@@ -49,8 +57,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     clusters_dir = local_path(cfg, "assign", "clusters")
     out_dir = local_path(cfg, "assign", "output")
     backend = require(cfg, "assign", "backend", str)
-    if backend not in ("auto", "faiss", "torch"):
-        raise ParamError(f"assign.backend = '{backend}': expected auto, faiss or torch")
+    if backend not in BACKENDS:
+        raise ParamError(f"assign.backend = '{backend}': expected {backend_choices()}")
     if not emb_dir.is_dir():
         raise ParamError(f"assign.embeddings = '{emb_dir}' does not exist (expected the embed stage's output)")
 
@@ -65,9 +73,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     engine = Engine.for_stage(params, "assign")
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
-        # Absolute paths: a Ray worker's working directory is not ours.
-        tasks = [(str(shard.resolve()), str(embeddings.matrix_path(emb_dir, shard).resolve()),
-                  str((tmp / shard.name).resolve())) for shard in shards]
+        tasks = [AssignTask(docs_shard=str(shard.resolve()),
+                            matrix=str(embeddings.matrix_path(emb_dir, shard).resolve()),
+                            out=str((tmp / shard.name).resolve())) for shard in shards]
         groups = engine.map(partial(assign_file, model), tasks, "assign", weights=[len(a) for a in arrays],
                             unit="doc")
         locations = [(shard.name, g) for shard, shard_groups in zip(shards, groups) for g in shard_groups]

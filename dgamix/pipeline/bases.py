@@ -26,13 +26,12 @@ import polars as pl
 
 from ..core.atomic import atomic_path, write_json
 from ..core.defaults import BASIS_FAMILIES
-from ..core.params import InputError, ParamError, local_path, require, section
+from ..core.errors import InputError, ParamError
+from ..core.params import local_path, require, section
 from ..formats import bases as bases_format
 from ..formats import clusters, domains, token_store
 
 log = logging.getLogger(__name__)
-
-SUM_TOLERANCE = 1e-6
 
 
 def histogram(clusters_: np.ndarray, n_clusters: int, weights: np.ndarray | None = None) -> np.ndarray:
@@ -52,17 +51,10 @@ def to_distribution(counts: np.ndarray, available: np.ndarray, name: str, smooth
 
 
 def validate_bases(matrix: np.ndarray, names: list[str], available: np.ndarray) -> None:
-    """Every row a probability vector over existing, non-empty clusters."""
-    if matrix.ndim != 2 or matrix.shape[1] != len(available):
-        raise InputError(f"bases matrix has shape {matrix.shape}, expected (m, {len(available)}) for "
-                         f"{len(available)} clusters")
-    for row, name in zip(matrix, names):
-        if (row < 0).any() or not np.isfinite(row).all():
-            raise InputError(f"basis '{name}' has negative or non-finite probabilities")
-        if abs(row.sum() - 1.0) > SUM_TOLERANCE:
-            raise InputError(f"basis '{name}' sums to {row.sum():.9f}, expected 1")
-        if row[~available].sum() > 0:
-            raise InputError(f"basis '{name}' puts mass on clusters with no tokens")
+    """Every row a probability vector over existing, non-empty clusters (`formats.bases.validate`)."""
+    if matrix.ndim != 2:
+        raise InputError(f"bases matrix has shape {matrix.shape}, expected (m, {len(available)})")
+    bases_format.validate(matrix, names, available, error=InputError)
 
 
 def entropy(row: np.ndarray) -> float:

@@ -12,9 +12,10 @@ from typing import Any
 
 from ..core.atomic import atomic_path
 from ..core.defaults import default
-from ..core.params import ParamError, local_path, non_negative_int, positive_int, require, section
+from ..core.errors import ParamError
+from ..core.params import local_path, non_negative_int, positive_int, require, section
 from ..formats import clusters, embeddings
-from .kmeans import HierarchicalKMeans, resolve_backend
+from .kmeans import BACKENDS, HierarchicalKMeans, backend_choices, resolve_backend
 from .sampling import gather_rows, sample_rows
 
 log = logging.getLogger(__name__)
@@ -58,8 +59,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     # A missing key takes the default cap; an explicit null removes it.
     max_fit_docs = require(cfg, "cluster", "max_fit_docs", int, None) if "max_fit_docs" in cfg else require(
         cfg, "cluster", "max_fit_docs", int)
-    if backend not in ("auto", "faiss", "torch"):
-        raise ParamError(f"cluster.backend = '{backend}': expected auto, faiss or torch")
+    if backend not in BACKENDS:
+        raise ParamError(f"cluster.backend = '{backend}': expected {backend_choices()}")
     if not emb_dir.is_dir():
         raise ParamError(f"cluster.embeddings = '{emb_dir}' does not exist (expected the embed stage's output)")
 

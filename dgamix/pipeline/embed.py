@@ -12,15 +12,16 @@ import hashlib
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
 from ..core.atomic import remove_stale_tmp, write_json
-from ..core.params import InputError, ParamError, local_path, non_negative_int, positive_int, require, section
+from ..core.errors import InputError, ParamError, StageFailed
+from ..core.params import local_path, non_negative_int, positive_int, require, section
 from ..formats import docs, embeddings
 from ..formats.embeddings import ENCODER_DIR
-from .engine import Engine, StageFailed
+from .engine import Engine
 from .sampling import sample_texts
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,14 @@ def embed_texts(
     return out
 
 
+class EmbedTask(NamedTuple):
+    """One engine item of embed (absolute paths: a Ray worker's working directory is not ours)."""
+
+    shard: str  # the docs shard read
+    npy: str  # the embedding matrix written
+    expected: dict[str, Any]  # the sidecar it must end with (embeddings.expected_sidecar)
+
+
 class EmbedShards:
     """The per-shard step, as a callable that holds one encoder: docs shard -> .npy + sidecar, written atomically.
 
@@ -128,13 +137,12 @@ class EmbedShards:
         self.encoder = build_encoder(spec)
         self.on_progress: Callable[[int], None] | None = None  # set by the local engine for a finer progress bar
 
-    def __call__(self, task: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
-        shard, npy, expected = task
-        texts = docs.read_shard(shard, ["text"]).column("text").to_pylist()
+    def __call__(self, task: EmbedTask) -> dict[str, Any]:
+        texts = docs.read_shard(task.shard, ["text"]).column("text").to_pylist()
         vectors = embed_texts(self.encoder, texts, self.spec["max_tokens"], self.spec["batch_size"], self.on_progress)
         precision = getattr(self.encoder, "precision", None) or str(getattr(self.encoder, "dtype", "float32"))
-        embeddings.write_shard(vectors, Path(npy), {**expected, "precision": precision})
-        return {"shard": shard, "rows": len(texts)}
+        embeddings.write_shard(vectors, Path(task.npy), {**task.expected, "precision": precision})
+        return {"shard": task.shard, "rows": len(texts)}
 
 
 def build_encoder(spec: dict[str, Any]) -> Any:
@@ -209,11 +217,11 @@ def encoder_fields(spec: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def plan_shards(shards: list[Path], out_dir: Path, spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(docs shard, .npy, the sidecar it must end with) per shard; absolute paths: a Ray worker's working
-    directory is not ours."""
-    return [(str(shard.resolve()), str(embeddings.matrix_path(out_dir, shard).resolve()),
-             embeddings.expected_sidecar(docs.read_doc_ids(shard), encoder_fields(spec))) for shard in shards]
+def plan_shards(shards: list[Path], out_dir: Path, spec: dict[str, Any]) -> list[EmbedTask]:
+    """One task per docs shard: the shard, its .npy and the sidecar it must end with."""
+    return [EmbedTask(shard=str(shard.resolve()), npy=str(embeddings.matrix_path(out_dir, shard).resolve()),
+                      expected=embeddings.expected_sidecar(docs.read_doc_ids(shard), encoder_fields(spec)))
+            for shard in shards]
 
 
 def verify_options(cfg: dict[str, Any]) -> dict[str, Any] | None:
@@ -259,7 +267,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     spec = encoder_spec(cfg, out_dir, shards, seed)
 
     plan = plan_shards(shards, out_dir, spec)
-    todo = [p for p in plan if not embeddings.shard_is_done(Path(p[1]), p[2])]
+    todo = [p for p in plan if not embeddings.shard_is_done(Path(p.npy), p.expected)]
     if len(plan) > len(todo):
         log.info("embed: %d of %d shards already done, skipped", len(plan) - len(todo), len(plan))
     report = None
@@ -274,7 +282,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     if engine.kind == "local":
         resolve_device(spec["device"])  # a CUDA device that is not there is an error before any work
     try:
-        engine.map_with_state(partial(EmbedShards, spec), todo, "embed", weights=[p[2]["rows"] for p in todo],
+        engine.map_with_state(partial(EmbedShards, spec), todo, "embed", weights=[p.expected["rows"] for p in todo],
                               unit="doc", num_gpus=1 if wants_gpu else 0)
     except StageFailed:
         remove_stale_tmp(out_dir)  # what a killed worker was writing; its finished shards stay

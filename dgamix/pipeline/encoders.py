@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..core.atomic import atomic_path, write_json
-from ..core.params import ParamError
+from ..core.errors import ParamError
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,12 @@ import logging
 import os
 import pickle
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from tqdm.auto import tqdm
 
-from ..core.params import InputError, ParamError, non_negative_int, require
+from ..core.errors import InputError, ParamError, StageFailed
+from ..core.params import non_negative_int, require
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,13 @@ FAULT_ENV = "DGAMIX_INJECT_FAILURE"
 FAULT_DIR_ENV = "DGAMIX_INJECT_FAILURE_DIR"
 
 
-class StageFailed(RuntimeError):
-    """A task failed on the engine after its retries; finished work is kept, the re-run completes the stage."""
+class Fault(NamedTuple):
+    """The DGAMIX_INJECT_FAILURE spec that concerns a stage, as it travels to the workers."""
+
+    index: int  # the item whose worker dies
+    once: bool  # die on the first attempt only (Ray's retry then completes the stage)
+    marker_dir: str  # where the first attempt leaves its marker (absolute: resolved in the driver)
+    stage: str
 
 
 def stage_engine(params: dict[str, Any], stage: str) -> str:
@@ -192,8 +198,8 @@ def _iter_local(make_state: Callable[[], Callable[[Any], Any]], items: Sequence[
             yield result
 
 
-def _fault_for(stage: str) -> tuple[int, bool, str, str] | None:
-    """The DGAMIX_INJECT_FAILURE spec that concerns this stage: (item index, once, marker directory, stage)."""
+def _fault_for(stage: str) -> Fault | None:
+    """The DGAMIX_INJECT_FAILURE spec that concerns this stage, if any."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return None
@@ -203,14 +209,15 @@ def _fault_for(stage: str) -> tuple[int, bool, str, str] | None:
     if parts[0] != stage:
         return None
     # The marker directory is resolved here, in the driver: a worker's working directory is not ours.
-    return int(parts[1]), len(parts) == 3, os.path.abspath(os.environ.get(FAULT_DIR_ENV, ".")), stage
+    return Fault(index=int(parts[1]), once=len(parts) == 3,
+                 marker_dir=os.path.abspath(os.environ.get(FAULT_DIR_ENV, ".")), stage=stage)
 
 
-def _maybe_die(fault: tuple[int, bool, str, str] | None, index: int) -> None:
-    if fault is None or fault[0] != index:
+def _maybe_die(fault: Fault | None, index: int) -> None:
+    if fault is None or fault.index != index:
         return
-    if fault[1]:
-        marker = Path(fault[2]) / f"{fault[3]}-{index}.injected"
+    if fault.once:
+        marker = Path(fault.marker_dir) / f"{fault.stage}-{index}.injected"
         if marker.exists():
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
@@ -235,7 +242,7 @@ def _call(fn: Callable[[Any], Any], batch: dict[str, Any]) -> dict[str, Any]:
     return {"index": [index], "result": [pickle.dumps(result)]}
 
 
-def _call_task(batch: dict[str, Any], fn: Callable[[Any], Any], fault: Any) -> dict[str, Any]:
+def _call_task(batch: dict[str, Any], fn: Callable[[Any], Any], fault: Fault | None) -> dict[str, Any]:
     _maybe_die(fault, int(batch["index"][0]))
     return _call(fn, batch)
 
@@ -243,7 +250,7 @@ def _call_task(batch: dict[str, Any], fn: Callable[[Any], Any], fault: Any) -> d
 class _ActorCaller:
     """One per Ray actor: builds the state (e.g. loads the model) once, then handles one item per call."""
 
-    def __init__(self, make_state: Callable[[], Callable[[Any], Any]], fault: Any):
+    def __init__(self, make_state: Callable[[], Callable[[Any], Any]], fault: Fault | None):
         self.fault = fault
         try:
             self.call = make_state()

@@ -15,7 +15,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import fsspec
 import numpy as np
@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..core.atomic import atomic_path, write_json, write_parquet
-from ..core.params import InputError, ParamError, local_path, require, section
+from ..core.errors import InputError, ParamError
+from ..core.params import local_path, require, section
 from ..formats import docs
 from . import dedup
 from .engine import Engine
@@ -92,6 +93,25 @@ def ingest_file(
     return result
 
 
+class StageFileTask(NamedTuple):
+    """One engine item of StageFile (absolute paths: a Ray worker's working directory is not ours)."""
+
+    name: str  # how reports call the file
+    url: str  # where the worker reads it
+    staged: str  # the staged docs shard written
+    digests: str  # the sorted digests written (dedup.write_digests)
+
+
+class CommitTask(NamedTuple):
+    """One engine item of CommitShard."""
+
+    staging: str  # the staging directory
+    file_index: int  # the input file, in input order
+    unique: int  # documents of its staged shard
+    dropped: int  # of those, the ones an earlier file holds
+    shard_path: str  # the final docs shard
+
+
 class StageFile:
     """The per-file step of either engine: one input file -> a staged shard of its within-file-unique documents and
     their sorted digests (dedup.write_digests), which the partitions read to drop duplicates across files.
@@ -103,14 +123,12 @@ class StageFile:
         self.text_field, self.source_field, self.strict = text_field, source_field, strict
         self.on_progress: Callable[[int], None] | None = None  # set by the local engine for a finer progress bar
 
-    def __call__(self, task: tuple[str, str, str, str]) -> dict[str, Any]:
-        # name: how reports call the file; url: where this worker reads it; staged / digests: what it writes
-        name, url, staged, digests = task
-        result = ingest_file(url, self.text_field, self.source_field, self.strict, self.on_progress)
-        result.rejects = [Reject(name, r.line, r.reason) for r in result.rejects]
+    def __call__(self, task: StageFileTask) -> dict[str, Any]:
+        result = ingest_file(task.url, self.text_field, self.source_field, self.strict, self.on_progress)
+        result.rejects = [Reject(task.name, r.line, r.reason) for r in result.rejects]
         if result.doc_ids:
-            docs.write_shard(docs.docs_table(result.doc_ids, result.texts, result.sources), staged)
-            dedup.write_digests(result.digests, digests)
+            docs.write_shard(docs.docs_table(result.doc_ids, result.texts, result.sources), task.staged)
+            dedup.write_digests(result.digests, task.digests)
         return {"read": result.read, "duplicates": result.duplicates, "rejects": result.rejects,
                 "unique": len(result.doc_ids)}
 
@@ -118,25 +136,24 @@ class StageFile:
 class CommitShard:
     """The last per-file step: a staged shard, less the rows earlier files hold, moved into its final place."""
 
-    def __call__(self, task: tuple[str, int, int, int, str]) -> int:
-        staging, file_index, unique, dropped, shard_path = task
-        staged = Path(staging) / f"{file_index:06d}.parquet"
+    def __call__(self, task: CommitTask) -> int:
+        staged = Path(task.staging) / f"{task.file_index:06d}.parquet"
         if not staged.exists():  # a retried task (Ray) whose first attempt got as far as committing
-            return unique - dropped
-        rows = dedup.dropped_rows(staging, file_index, dropped)
-        kept = unique - dropped
-        if dropped == 0:
-            os.replace(staged, shard_path)
+            return task.unique - task.dropped
+        rows = dedup.dropped_rows(task.staging, task.file_index, task.dropped)
+        kept = task.unique - task.dropped
+        if task.dropped == 0:
+            os.replace(staged, task.shard_path)
         else:
             if kept:
-                keep = np.ones(unique, dtype=bool)
+                keep = np.ones(task.unique, dtype=bool)
                 keep[rows] = False
                 # One chunk, as a table built from lists is: row groups (and so the bytes) then match a direct
                 # write.
                 table = pq.read_table(staged).filter(pa.array(keep)).combine_chunks()
-                docs.write_shard(table, shard_path)
+                docs.write_shard(table, task.shard_path)
             staged.unlink()
-        dedup.remove_drops(staging, file_index)
+        dedup.remove_drops(task.staging, task.file_index)
         return kept
 
 
@@ -205,8 +222,8 @@ def ingest_files(files: list[str], step: StageFile, engine: Engine, out_dir: Pat
     # Absolute paths: a Ray worker's working directory is not ours.
     staging = (out_dir / "staged").resolve()
     staging.mkdir(parents=True)
-    tasks = [(url, _readable_anywhere(url), str(staging / f"{i:06d}.parquet"), str(dedup.digests_path(staging, i)))
-             for i, url in enumerate(files)]
+    tasks = [StageFileTask(name=url, url=_readable_anywhere(url), staged=str(staging / f"{i:06d}.parquet"),
+                           digests=str(dedup.digests_path(staging, i))) for i, url in enumerate(files)]
     results = list(engine.imap(step, tasks, f"ingest ({len(files)} files)", unit="doc"))
     unique = np.array([r["unique"] for r in results], dtype=np.int64)
 
@@ -222,8 +239,9 @@ def ingest_files(files: list[str], step: StageFile, engine: Engine, out_dir: Pat
 
     kept = unique - dropped
     shard_index = np.cumsum(kept > 0) - 1  # shards are numbered in input order, over files that keep documents
-    commits = [(str(staging), f, int(unique[f]), int(dropped[f]), str((out_dir / docs.shard_name(
-        int(shard_index[f]))).resolve())) for f in holders.tolist()]
+    commits = [CommitTask(staging=str(staging), file_index=f, unique=int(unique[f]), dropped=int(dropped[f]),
+                          shard_path=str((out_dir / docs.shard_name(int(shard_index[f]))).resolve()))
+               for f in holders.tolist()]
     committed = dict(zip(holders.tolist(), engine.imap(CommitShard(), commits, f"ingest: commit ({len(commits)} "
                                                                                   "files)")))
     report = IngestReport(files=len(files))

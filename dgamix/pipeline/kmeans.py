@@ -13,6 +13,10 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
+# The values of cluster.backend and assign.backend: the nearest-centroid step on faiss (CPU) or torch (CUDA when
+# present); auto takes torch when CUDA is available, else faiss.
+BACKENDS = ("auto", "faiss", "torch")
+
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     """Rows scaled to unit norm, as float32 (all-zero rows stay zero)."""
@@ -21,9 +25,15 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def backend_choices() -> str:
+    """BACKENDS as an error message lists them ("auto, faiss or torch")."""
+    return f"{', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}"
+
+
 def resolve_backend(backend: str) -> str:
-    if backend not in ("auto", "faiss", "torch"):
-        raise ValueError(f"backend = '{backend}': expected auto, faiss or torch")
+    """The backend that runs: `backend`, or for auto the one this machine suits."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend = '{backend}': expected {backend_choices()}")
     if backend == "auto":
         import torch
 

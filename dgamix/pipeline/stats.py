@@ -23,7 +23,8 @@ from sklearn.feature_extraction.text import CountVectorizer
 from tqdm.auto import tqdm
 
 from ..core.atomic import atomic_path, write_json
-from ..core.params import InputError, local_path, non_negative_int, positive_int, section
+from ..core.errors import InputError
+from ..core.params import local_path, non_negative_int, positive_int, section
 from ..formats import domains, token_store
 from .sampling import sample_texts
 

@@ -17,7 +17,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..core.params import ParamError, local_path, require, section
+from ..core.errors import ParamError
+from ..core.params import local_path, require, section
 from ..formats import token_store
 
 STAGES = ("ingest", "embed", "assign", "tokenize")

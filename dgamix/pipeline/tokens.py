@@ -16,13 +16,14 @@ import hashlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from ..core.atomic import atomic_path, write_npy
-from ..core.params import InputError, ParamError, local_path, non_negative_int, positive_int, require, section
+from ..core.errors import InputError, ParamError
+from ..core.params import local_path, non_negative_int, positive_int, require, section
 from ..formats import docs, domains, token_store
 from ..formats.token_store import token_dtype
 from .engine import Engine
@@ -91,6 +92,13 @@ def held_out(doc_ids: list[str], fraction: float, seed: int) -> np.ndarray:
     return draws.astype(np.float64) / 2.0**64 < fraction
 
 
+class TokenizeTask(NamedTuple):
+    """One engine item of TokenizeShard (absolute paths: a Ray worker's working directory is not ours)."""
+
+    shard: str  # the domains shard read
+    staged: str  # the prefix of the token parts it writes (<staged>.train_tokens.bin, ...)
+
+
 class TokenizeShard:
     """The per-task step of either engine: one domains shard -> its tokens, held-out documents apart, staged.
 
@@ -108,10 +116,10 @@ class TokenizeShard:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tokenizer": None}  # the Rust tokenizer is rebuilt from its JSON where it runs
 
-    def __call__(self, task: tuple[str, str]) -> dict[str, Any]:
+    def __call__(self, task: TokenizeTask) -> dict[str, Any]:
         from tokenizers import Tokenizer
 
-        shard, staged = task
+        shard, staged = task.shard, task.staged
         if self._tokenizer is None:
             self._tokenizer = Tokenizer.from_str(self.tokenizer_json)
         clusters, parts = [], {"train": [], "heldout": []}
@@ -215,11 +223,10 @@ def tokenize_clusters(tmp: Path, domains_dir: Path, tokenizer: Any, eos: int, ho
     meta = {"vocab_size": int(tokenizer.get_vocab_size(with_added_tokens=True)), "eos_id": eos}
     staging = tmp / "staged"
     staging.mkdir(parents=True)
-    # Absolute paths: a Ray worker's working directory is not ours.
-    tasks = [(str(shard.resolve()), str((staging / shard.stem).resolve())) for shard in shards]
+    tasks = [TokenizeTask(shard=str(shard.resolve()), staged=str((staging / shard.stem).resolve())) for shard in shards]
     parts = engine.map(TokenizeShard(tokenizer.to_str(), eos, dtype.name, holdout, seed), tasks, "tokenize",
                        weights=[pq.read_metadata(s).num_rows for s in shards], unit="doc")
-    staged = [path for _, path in tasks]
+    staged = [task.staged for task in tasks]
     kept, train_chunks = interleave(staged, parts, "train", len(manifest), dtype)
     held, heldout_chunks = interleave(staged, parts, "heldout", len(manifest), dtype)
     if not np.array_equal(kept + held, manifest):

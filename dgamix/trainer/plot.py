@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
 from ..core.atomic import atomic_path  # noqa: E402
-from ..core.params import ParamError, local_path, require, section  # noqa: E402
+from ..core.errors import ParamError  # noqa: E402
+from ..core.params import local_path, require, section  # noqa: E402
 
 LOSSES = {"spec_loss": "specialized eval loss", "generic_loss": "generic loss"}
 

@@ -39,16 +39,14 @@ from ..core.atomic import atomic_path, write_json
 from ..core.defaults import STRATEGIES
 from ..core.params import ParamError, local_path, non_negative_int, positive_int, require, section
 from ..formats import token_store
-from ..mixer import ClusterStore, Mixture, MixtureStream, StateMismatchError, TargetSampler
-from ..mixer.dga import ESTIMATORS
+from ..mixer import DGA, ODM, ClusterStore, DoGE, InBatchDGA, Mixer, Mixture, StateMismatchError, Static, TargetSampler
 from ..mixer.alignment_stats import SCALES
-from ..mixer.inbatch import InBatchAlignment
-from ..mixer.strategies import DGAStrategy, DoGEStrategy, InBatchDGAStrategy, ODMStrategy, StaticStrategy
+from ..mixer.dga import ESTIMATORS
+from ..mixer.strategies import StrategySpec
 from .model import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 
-Strategy = StaticStrategy | DGAStrategy | InBatchDGAStrategy | ODMStrategy | DoGEStrategy
 Drawn = list[tuple[int, dict[int, int]]]  # per step: tokens drawn per cluster
 METRIC_DECIMALS = 6  # `dvc metrics show` prints what the file holds: six decimals of a loss are plenty
 PRECISIONS = ("fp32", "bf16", "auto")  # and null: as before (bf16 autocast on CUDA, fp32 on the CPU)
@@ -232,9 +230,7 @@ class RunObjects:
 
     model: GPT
     optimizer: torch.optim.Optimizer
-    mixture: Mixture
-    stream: MixtureStream
-    strategy: Strategy
+    mixer: Mixer
     device: str
     autocast: torch.dtype | None
     # The training step's forward: model.sequence_losses, or its torch.compile'd form (train.compile). Evaluation
@@ -347,19 +343,6 @@ class CompiledForward:
         return out
 
 
-_COMPILE_PROBE: list[str | None] = []
-
-
-def compile_unavailable() -> str | None:
-    """Why torch.compile cannot run on this platform, or None when it can (a tiny function compiled and run once per
-    process; costs the compiler's start-up, tens of seconds): for tests and benchmarks that need to know ahead."""
-    if not _COMPILE_PROBE:
-        probe = CompiledForward(lambda x: torch.nn.functional.gelu(x) * 2)
-        probe(torch.ones(4))
-        _COMPILE_PROBE.append(probe.failed)
-    return _COMPILE_PROBE[0]
-
-
 def training_forward(model: GPT, compile_: bool, strategy: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The training step's per-sequence losses: the model's own method, or (train.compile) its torch.compile'd form,
     which fuses the model and the cross-entropy into fewer kernels (compiled at the first step: tens of seconds on a
@@ -382,8 +365,9 @@ def open_store(directory: Path, param: str, stage_hint: str, seed: int) -> Clust
 
 
 def build_run(config: TrainConfig) -> RunObjects:
-    """Model, optimizer, stream and strategy. The order of construction fixes every random draw (the torch seed is
-    consumed by the model's initialization), so it must not change: runs reproduce earlier runs byte for byte."""
+    """Model, optimizer and mixer. The order of construction fixes every random draw (the torch seed is consumed by
+    the model's initialization; in-batch DGA draws its first target batch when it attaches), so it must not change:
+    runs reproduce earlier runs byte for byte."""
     torch.manual_seed(config.seed)
     device, autocast = resolve_device(config.precision)
     store = ClusterStore(config.tokens, token_cap=config.token_cap, seed=config.seed)
@@ -392,17 +376,24 @@ def build_run(config: TrainConfig) -> RunObjects:
         mixture = domain_mixture(mixture, store)
     elif config.strategy == "inbatch_domains":  # domain reweighting over every fine cluster that has tokens
         mixture = Mixture.identity(store.available)
-    stream = MixtureStream(store, mixture, config.seq_len, config.batch_size, seed=config.seed)
     target = TargetSampler(open_store(config.target, "train.target", TARGET_HINT.format(name="spec"), config.seed),
                            config.seq_len)
+    try:
+        mixer = Mixer(store, mixture, seq_len=config.seq_len, batch_size=config.batch_size, seed=config.seed,
+                      strategy=strategy_settings(config), target=target, rank=0, world_size=1)
+    except ValueError as err:  # what the parameters cannot tell in advance, e.g. a basis with no tokens
+        raise ParamError(f"train: {err}") from err
     model = GPT(GPTConfig(vocab_size=store.vocab_size, block_size=config.seq_len, n_layer=config.n_layer,
                           n_head=config.n_head, n_embd=config.n_embd)).to(device)
     optimizer = make_optimizer(model, config.lr, config.adamw_impl)
-    strategy = build_strategy(config, stream, target, model, device, optimizer)
+    try:
+        mixer.attach(model, loss_fn=model.loss, sequence_loss_fn=model.sequence_losses, optimizer=optimizer)
+    except ValueError as err:
+        raise ParamError(f"train: {err}") from err
     forward = training_forward(model, config.compile, config.strategy)
     settings = {"autocast": str(autocast), "compile": config.compile, "adamw_impl": config.adamw_impl,
                 "eval_seed": config.eval_seed}
-    return RunObjects(model, optimizer, mixture, stream, strategy, device, autocast, forward, settings)
+    return RunObjects(model, optimizer, mixer, device, autocast, forward, settings)
 
 
 def domain_mixture(mixture: Mixture, store: ClusterStore) -> Mixture:
@@ -411,49 +402,29 @@ def domain_mixture(mixture: Mixture, store: ClusterStore) -> Mixture:
     return mixture.select(coarse) if coarse else Mixture.identity(store.available)
 
 
-def build_strategy(config: TrainConfig, stream: MixtureStream, target: TargetSampler, model: GPT,
-                   device: str, optimizer: torch.optim.Optimizer | None = None) -> Strategy:
-    """`optimizer`: whose learning rate DoGE reads at each update (the doge strategy needs it)."""
+def strategy_settings(config: TrainConfig) -> StrategySpec:
+    """The mixer's strategy settings for `train.strategy` from the train section."""
     name = config.strategy
     if name == "odm":
-        return ODMStrategy(stream)
+        return ODM()
     if name == "uniform":
-        return StaticStrategy(stream)
+        return Static()
     if name in ("natural", "importance"):
-        return StaticStrategy(stream, basis=name)
-    loss_fn = lambda tokens: model.loss(tokens.to(device))  # noqa: E731
+        return Static(basis=name)
     if name in ("inbatch", "inbatch_domains"):
-        try:
-            return InBatchDGAStrategy(stream, target, InBatchAlignment(model, rank=config.inbatch_rank), loss_fn,
-                                      eta=config.inbatch_eta, every=config.inbatch_every,
-                                      score_every=config.inbatch_score_every,
-                                      refresh=config.inbatch_refresh, target_batch_size=config.dga_batch_size,
-                                      decay=config.inbatch_decay, min_sequences=config.inbatch_min_sequences,
-                                      scale=config.inbatch_scale, floor=config.weight_floor,
-                                      level="clusters" if name == "inbatch_domains" else "bases")
-        except ValueError as err:
-            raise ParamError(f"train: {err}") from err
+        return InBatchDGA(eta=config.inbatch_eta, every=config.inbatch_every, score_every=config.inbatch_score_every,
+                          refresh=config.inbatch_refresh, target_batch_size=config.dga_batch_size,
+                          decay=config.inbatch_decay, min_sequences=config.inbatch_min_sequences,
+                          scale=config.inbatch_scale, floor=config.weight_floor,
+                          level="clusters" if name == "inbatch_domains" else "bases", rank=config.inbatch_rank)
     if name == "doge":
-        if optimizer is None:
-            raise ValueError("the doge strategy reads the learning rate: pass build_strategy the optimizer")
-        try:
-            # Read at each update, so a learning-rate schedule reaches DoGE as it does the reference's.
-            return DoGEStrategy(stream, target, loss_fn, [p for p in model.parameters() if p.requires_grad],
-                                lr_fn=lambda: optimizer.param_groups[0]["lr"], mu=config.doge_mu,
-                                clip_min=config.doge_clip_min, clip_max=config.doge_clip_max,
-                                grad_clip=config.doge_grad_clip, every=config.every,
-                                batch_size=config.dga_batch_size, target_batch_size=config.dga_target_batch_size)
-        except ValueError as err:
-            raise ParamError(f"train: {err}") from err
+        return DoGE(mu=config.doge_mu, clip_min=config.doge_clip_min, clip_max=config.doge_clip_max,
+                    grad_clip=config.doge_grad_clip, every=config.every, batch_size=config.dga_batch_size,
+                    target_batch_size=config.dga_target_batch_size)
     # dga or dga_ema (read_config admits no other name)
-    sequence_loss_fn = lambda tokens: model.sequence_losses(tokens.to(device))  # noqa: E731
-    try:
-        return DGAStrategy(stream, target, loss_fn, [p for p in model.parameters() if p.requires_grad],
-                           eta=config.eta, beta=1.0 if name == "dga" else config.beta, every=config.every,
-                           batch_size=config.dga_batch_size, target_batch_size=config.dga_target_batch_size,
-                           estimator=config.estimator, module=model, sequence_loss_fn=sequence_loss_fn)
-    except ValueError as err:  # what the parameters cannot tell in advance, e.g. a basis with no tokens
-        raise ParamError(f"train: {err}") from err
+    return DGA(eta=config.eta, beta=1.0 if name == "dga" else config.beta, every=config.every,
+               batch_size=config.dga_batch_size, target_batch_size=config.dga_target_batch_size,
+               estimator=config.estimator)
 
 
 @dataclass
@@ -487,8 +458,7 @@ def load_eval_sets(config: TrainConfig) -> EvalSets:
 def save_checkpoint(path: Path, objects: RunObjects, next_step: int, history: History) -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": objects.model.state_dict(), "optimizer": objects.optimizer.state_dict(),
-                    "stream": objects.stream.state_dict(), "strategy": objects.strategy.state_dict(),
-                    "step": next_step, "rows": history.rows, "drawn": history.drawn,
+                    "mixer": objects.mixer.state_dict(), "step": next_step, "rows": history.rows, "drawn": history.drawn,
                     "alignment": history.alignment, "settings": objects.settings}, tmp)
 
 
@@ -504,9 +474,8 @@ def restore_checkpoint(path: Path, objects: RunObjects) -> tuple[int, History]:
     try:
         objects.model.load_state_dict(state["model"])
         objects.optimizer.load_state_dict(state["optimizer"])
-        objects.stream.load_state_dict(state["stream"])
-        objects.strategy.load_state_dict(state["strategy"])
-    except (StateMismatchError, RuntimeError) as err:  # RuntimeError: torch's refusal of another model shape
+        objects.mixer.load_state_dict(state["mixer"])
+    except (StateMismatchError, RuntimeError, KeyError) as err:  # RuntimeError: torch's refusal of another model shape
         raise ParamError(f"{path} was saved by a run with other data or train parameters ({err}); delete it to "
                          "train from scratch") from err
     return state["step"], History(state["rows"], state["drawn"], state.get("alignment", []))
@@ -514,27 +483,21 @@ def restore_checkpoint(path: Path, objects: RunObjects) -> tuple[int, History]:
 
 # ---- training -------------------------------------------------------------------------------------------------------
 def train_step(objects: RunObjects, step: int) -> tuple[dict[str, Any], dict[int, int]]:
-    """One optimizer step on the stream's next batch, then the strategy's update. Returns the step's log row and the
+    """One optimizer step on the mixer's next batch, then the strategy's update. Returns the step's log row and the
     tokens it drew per cluster."""
-    model, stream, device, autocast = objects.model, objects.stream, objects.device, objects.autocast
-    batch = stream.next_batch()
+    model, mixer, device, autocast = objects.model, objects.mixer, objects.device, objects.autocast
+    batch = mixer.next_batch()
     tokens = batch["tokens"].to(device)
-    in_batch = isinstance(objects.strategy, InBatchDGAStrategy)
-    scored = in_batch and objects.strategy.scores_step(step)
-    with contextlib.nullcontext() if scored or not in_batch else objects.strategy.tracker.paused():
+    with mixer.training_step():
         losses, loss = forward_backward(objects.forward or model.sequence_losses, objects.optimizer, tokens, device,
                                         autocast)
-    if scored:  # each sequence's alignment, from this backward
-        objects.strategy.observe(batch)
+    mixer.observe(batch, sequence_losses=losses)
     objects.optimizer.step()
-    if isinstance(objects.strategy, ODMStrategy):  # rewarded by each domain's training loss
-        objects.strategy.observe(batch["cluster"].numpy(), losses.detach().float().cpu().numpy())
-    # The weights the batch was drawn with: read before the strategy's update may change them.
-    drawn_with = stream.last_log
-    update = objects.strategy.on_step(step)
+    drawn_with = batch["log"]  # the weights the batch was drawn with, whatever the update below does
+    update = mixer.step()
     row: dict[str, Any] = {"step": step, "train_loss": float(loss.detach()),
-                           "weights": stream.weights.round(6).tolist(),
-                           "tokens": tokens_per_basis(objects.mixture, drawn_with.weights,
+                           "weights": mixer.weights.round(6).tolist(),
+                           "tokens": tokens_per_basis(mixer.stream.mixture, drawn_with.weights,
                                                       drawn_with.tokens_per_cluster)}
     if update is not None:
         row.update(scores=np.round(update.scores, 8).tolist(), skipped=update.skipped)
@@ -572,8 +535,7 @@ def train_loop(config: TrainConfig, objects: RunObjects, evals: EvalSets, start_
     for step in range(start_step, config.steps):
         row, drawn = train_step(objects, step)
         history.drawn.append((step, drawn))
-        if isinstance(objects.strategy, InBatchDGAStrategy):
-            history.alignment += objects.strategy.drain_records()
+        history.alignment += objects.mixer.strategy.drain_records()
         if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
             row["spec_loss"] = evaluate(objects.model, evals.spec, objects.device, objects.autocast)
             row["generic_loss"] = evaluate(objects.model, evals.generic, objects.device, objects.autocast)
@@ -584,14 +546,16 @@ def train_loop(config: TrainConfig, objects: RunObjects, evals: EvalSets, start_
             save_checkpoint(checkpoint, objects, step + 1, history)
 
 
-def run(params: dict[str, Any], strategy_name: str) -> dict[str, Any]:
-    """Train one strategy to completion (resuming from runs/NAME/checkpoint.pt when present) and write its outputs.
-    Returns the run's summary and metrics in one mapping."""
+def run(params: dict[str, Any], strategy_name: str, out_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train one strategy to completion (resuming from OUT/checkpoint.pt when present) and write its outputs into
+    `out_dir` (default: `<train.output>/<strategy>`). Returns the run's summary and metrics in one mapping. The one
+    entry point for programs that train (the DVC stage, the experiment harness)."""
     config = read_config(params, strategy_name)
-    config.out_dir.mkdir(parents=True, exist_ok=True)
+    out = config.out_dir if out_dir is None else Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     objects = build_run(config)
     evals = load_eval_sets(config)
-    checkpoint = config.out_dir / "checkpoint.pt"
+    checkpoint = out / "checkpoint.pt"
     start_step, history = 0, History()
     if checkpoint.exists():
         start_step, history = restore_checkpoint(checkpoint, objects)
@@ -602,9 +566,9 @@ def run(params: dict[str, Any], strategy_name: str) -> dict[str, Any]:
         train_loop(config, objects, evals, start_step, history, checkpoint)
     seconds = time.perf_counter() - started
 
-    metrics = run_metrics(history.rows, objects.mixture.names, objects.stream.weights)
+    metrics = run_metrics(history.rows, objects.mixer.names, objects.mixer.weights)
     summary = run_summary(config, history.rows, objects, seconds)
-    write_outputs(config.out_dir, history, objects.mixture.names, metrics, summary)
+    write_outputs(out, history, objects.mixer.names, metrics, summary)
     checkpoint.unlink(missing_ok=True)  # the run is complete; its outputs are the record
     return summary | metrics
 
@@ -627,7 +591,7 @@ def run_summary(config: TrainConfig, rows: list[dict[str, Any]], objects: RunObj
             "best_spec_loss": round(min(r["spec_loss"] for r in evals), METRIC_DECIMALS),
             "parameters": objects.model.num_params(),
             "skipped_updates": sum(1 for r in rows if r.get("skipped")),
-            "clusters_repeated": int((objects.stream.passes_completed() > 0).sum()),
+            "clusters_repeated": int((objects.mixer.stream.passes_completed() > 0).sum()),
             "eval_seed": eval_seed(config),
             "precision": "fp32" if objects.autocast is None else str(objects.autocast).removeprefix("torch."),
             "compiled": isinstance(objects.forward, CompiledForward) and objects.forward.failed is None,

@@ -1,10 +1,10 @@
 """Render RESULTS.md's tables and plots from the experiments' metrics files: no number is typed by hand.
 
-    .venv/bin/python bench/render_results.py
-    .venv/bin/python bench/render_results.py --only inbatch   # just results/inbatch/RESULTS_section.md
-    .venv/bin/python bench/render_results.py --only long      # just the long runs' section (results/long)
+    .venv/bin/python experiments/render_results.py
+    .venv/bin/python experiments/render_results.py --only inbatch   # just results/inbatch/RESULTS_section.md
+    .venv/bin/python experiments/render_results.py --only long      # just the long runs' section (results/long)
 
-Reads results/<experiment>/<target>/<variant>/seed<k>/<method>/{metrics.json,log.csv} (bench/experiments.py),
+Reads results/<experiment>/<target>/<variant>/seed<k>/<method>/{metrics.json,log.csv} (experiments.py),
 writes results/<experiment>/<target>/<variant>/table.md (mean ± std over seeds, per method), the plots of seed 0
 (`dgamix plot`: losses.png and each method's weights.png) and the mean specialized-loss curves over seeds
 (spec_curves.png), then fills the marked blocks of RESULTS.md (`<!-- table:EXPERIMENT/TARGET/VARIANT -->` ...
@@ -12,7 +12,7 @@ writes results/<experiment>/<target>/<variant>/table.md (mean ± std over seeds,
 paired differences against importance sampling and uniform, how far the weights moved, and whether the bar is
 met; it is written to results/inbatch/RESULTS_section.md (and into RESULTS.md between
 `<!-- section:inbatch -->` and `<!-- end -->` when RESULTS.md has those markers). The long runs (results/long/
-<experiment>/<target>/default, bench/experiments.py's long_*) get a section of their own the same way
+<experiment>/<target>/default, experiments.py's long_*) get a section of their own the same way
 (`<!-- section:long -->`): per experiment and target, the losses at the end and at step 300, how far the
 specialized loss rose from its best, how far the weights moved, and plain statements generated from those numbers.
 """
@@ -21,14 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 
-import numpy as np
-import polars as pl
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/common.py, shared with benchmarks
 
-from common import ROOT
+import numpy as np  # noqa: E402
+import polars as pl  # noqa: E402
+from common import ROOT  # noqa: E402
 
-from dgamix.trainer.plot import plot_runs
+from dgamix.trainer.plot import plot_runs  # noqa: E402
 
 RESULTS = ROOT / "results"
 REPORT = ROOT / "RESULTS.md"
@@ -44,7 +46,7 @@ def collect(variant_dir: Path) -> dict[str, list[dict]]:
     by_method: dict[str, list[dict]] = {}
     for path in sorted(variant_dir.glob("seed*/*/metrics.json")):
         metrics = json.loads(path.read_text())
-        summary = path.with_name("summary.json")  # seconds, steps, ... (runs recorded before it hold them inline)
+        summary = path.with_name("summary.json")  # seconds, steps, ... (some runs keep them inline)
         metrics = (json.loads(summary.read_text()) if summary.exists() else {}) | metrics
         metrics["seed"] = path.parent.parent.name
         by_method.setdefault(path.parent.name, []).append(metrics)
@@ -165,7 +167,7 @@ def granularity_plot(target_dir: Path) -> Path:
 
 def shown(path: Path) -> str:
     """A results folder as plots name it: relative to results/, or its last three parts when it lies elsewhere
-    (bench/gpu_suite.py --results DIR)."""
+    (gpu_suite.py --results DIR)."""
     return str(path.relative_to(RESULTS)) if path.is_relative_to(RESULTS) else "/".join(path.parts[-3:])
 
 
@@ -373,11 +375,11 @@ def write_inbatch_section() -> str | None:
     return section
 
 
-# ---- the long runs (issue 15) -------------------------------------------------------------------------------------
+# ---- the long runs ------------------------------------------------------------------------------------------------
 LONG_METHODS = ("uniform", "importance", "doge", "dga_ema", "inbatch")
 ONLINE = ("doge", "dga_ema", "inbatch", "inbatch_domains", "dga", "odm")  # the methods whose weights move
 DGA_VARIANTS = ("dga", "dga_ema", "inbatch", "inbatch_domains")  # the statements pick the best of these
-EARLY_STEP = 300  # the length of the earlier runs: the comparison at this step is read from the long runs' logs
+EARLY_STEP = 300  # the 300-step experiments' length: the comparison at this step is read from the long runs' logs
 LAST_EVALS = 3  # the end of a run: the mean of its last evaluations (one evaluation swings by ~0.1)
 RISE = 0.1  # the end this far above the run's best evaluation counts as a rise of the specialized loss
 TRAIN_TAIL = 100  # the training loss at the end: the mean of the last steps' (one batch each, noisy)

@@ -1,10 +1,10 @@
 """Do the reference trainer's speed options change what it learns? fp32 eager against every option on, over seeds.
 
-    .venv/bin/python bench/precision_agreement.py [--steps 300] [--seeds 0 1 2] [--target medical_abstracts]
-    # writes bench/results/precision_agreement.json; needs bench/experiments.py's prepared 16x16 corpus
+    .venv/bin/python experiments/precision_agreement.py [--steps 300] [--seeds 0 1 2] [--target medical_abstracts]
+    # writes bench/results/precision_agreement.json; needs experiments.py's prepared 16x16 corpus
 
 bench/train_speed.py times the options on synthetic batches; this runs the real experiment instead
-(bench/experiments.py's `long_distribution` uniform run, on the development corpus) in two configurations, side by
+(experiments.py's `long_distribution` uniform run, on the development corpus) in two configurations, side by
 side (one process and one thread each; the jobs alternate fp32 and fast, so the two cores are shared until the
 last fp32 run, which ends alone):
 
@@ -23,11 +23,14 @@ import argparse
 import json
 import multiprocessing
 import os
+import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-from common import print_table, write_result
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/common.py, shared with benchmarks
+
+import numpy as np  # noqa: E402
+from common import print_table, write_result  # noqa: E402
 
 CONFIGS = {"fp32": {"precision": "fp32", "compile": False, "adamw_impl": None},
            "fast": {}}  # fast: LONG_SETTINGS as they are
@@ -45,11 +48,10 @@ def one_run(args: tuple[str, int, int, str, str]) -> dict:
     from dgamix.trainer import train
 
     spec = experiments.EXPERIMENTS["long_distribution"]
-    method = next(m for m in spec["methods"] if m[0] == "uniform")
-    cfg = experiments.method_config(spec, "default", method, seed, target, None, Path(out) / f"{name}-{seed}",
-                                    steps=steps) | CONFIGS[name]
-    metrics = train.run({"train": cfg}, "uniform")
-    run_dir = Path(out) / f"{name}-{seed}" / "uniform"
+    method = next(m for m in spec.methods if m.label == "uniform")
+    run_dir = Path(out) / f"{name}-{seed}"
+    cfg = experiments.method_config(spec, "default", method, seed, target, None, run_dir, steps=steps) | CONFIGS[name]
+    metrics = train.run({"train": cfg}, method.strategy, out_dir=run_dir)
     log = pl.read_csv(run_dir / "log.csv", infer_schema_length=None).filter(pl.col("spec_loss").is_not_null())
     summary = json.loads((run_dir / "summary.json").read_text())
     return {"config": name, "seed": seed, "steps": (log["step"] + 1).to_list(), "spec": log["spec_loss"].to_list(),

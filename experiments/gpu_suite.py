@@ -1,13 +1,13 @@
 """The main experiments at GPU scale in one command: corpus -> embed -> k-means -> tokens -> bases -> seeds x methods.
 
-    python bench/gpu_suite.py --corpus DIR                 # one H100/H200, sized for <= 10 minutes
-    python bench/gpu_suite.py --corpus DIR --toy           # toy size on the CPU (the smoke test, ~2 minutes)
-    python bench/gpu_suite.py --corpus data/sample --toy   # the embedded sample (its single target is `sample`)
+    python experiments/gpu_suite.py --corpus DIR                 # one H100/H200, sized for <= 10 minutes
+    python experiments/gpu_suite.py --corpus DIR --toy           # toy size on the CPU (the smoke test, ~2 minutes)
+    python experiments/gpu_suite.py --corpus data/sample --toy   # the embedded sample (its single target: `sample`)
 
 DIR holds generic/part-*.jsonl.zst and targets/NAME/{spec,eval}.jsonl.zst (default: ../shared/corpus beside the
 repository; the embedded sample's layout, target/{spec,eval}.jsonl.zst, is read as the target `sample`).
 
-What it runs, with the project's own stages (bench/prepare_corpus.py and bench/experiments.py's `prepare`):
+What it runs, with the project's own stages (pipeline.build_corpus, as experiments.py's `prepare` runs them):
 ingest and embed the generic corpus (MiniLM, torch backend, fp16 on CUDA), fit the 64 x 64 = 4,096-cluster tree,
 assign, tokenize (8,192-token BPE), the target's stages and the bases; then the reference GPT (8 layers, 8 heads,
 512 wide: 29.7 M parameters; sequences of 512 tokens, bf16 autocast) under uniform, importance, doge, dga_ema
@@ -16,7 +16,7 @@ assign, tokenize (8,192-token BPE), the target's stages and the bases; then the 
 there when the estimate does not fit --budget-minutes (--force runs anyway).
 
 Outputs: results/gpu_suite/<target>/default/seed<k>/<method>/{metrics.json,summary.json,log.csv,...} (as
-bench/experiments.py writes them), the table (default/table.md, bench/render_results.py's comparison: paired Δ
+experiments.py writes them), the table (default/table.md, render_results.py's comparison: paired Δ
 against importance and uniform at the end and halfway, how far each method's weights moved), its plain statements
 (default/statements.md) and curves (default/spec_curves.png, default/generic_loss_curves.png), and the GPU
 figures (<target>/figures.{json,md}: embedding documents/s, k-means seconds, training tokens/s per method, each
@@ -27,6 +27,7 @@ Re-running resumes: stages whose outputs exist and runs whose metrics.json exist
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import logging
@@ -42,14 +43,20 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/common.py, shared with benchmarks
+
 from common import CORPUS, ROOT, WORK, machine  # noqa: E402
+import experiments  # noqa: E402
+from experiments import Experiment, Method  # noqa: E402
+from pipeline import build_corpus  # noqa: E402
 
 NAME = "gpu_suite"
-# Exact DGA at the step size of the recorded runs (results/inbatch: dga_ema at eta 10); every method over the same
-# bases (importance, natural, uniform and the 64 coarse clusters), inbatch_domains over the 4,096 fine clusters.
-METHODS: list[tuple] = [("uniform", "uniform", "all"), ("importance", "importance", "all"),
-                        ("doge", "doge", "all"), ("dga_ema", "dga_ema", "all", {"eta": 10.0}),
-                        ("inbatch", "inbatch", "all"), ("inbatch_domains", "inbatch_domains", "all")]
+# Exact DGA at the step size of results/inbatch's dga_ema (eta 10); every method over the same bases (importance,
+# natural, uniform and the 64 coarse clusters), inbatch_domains over the 4,096 fine clusters.
+METHODS: tuple[Method, ...] = (
+    Method("uniform", "uniform", "all"), Method("importance", "importance", "all"), Method("doge", "doge", "all"),
+    Method("dga_ema", "dga_ema", "all", {"eta": 10.0}), Method("inbatch", "inbatch", "all"),
+    Method("inbatch_domains", "inbatch_domains", "all"))
 EVAL_SEED = 1000  # one set of evaluation batches for every seed and method: the spread over seeds is training's
 
 # GPU size. Sizing (one H100/H200, bf16): a step is 32 x 512 = 16,384 tokens, ~6 x 29.7 M x 16,384 = 2.9 TFLOP
@@ -74,10 +81,10 @@ WARMUP_STEPS = 3  # first steps pay for CUDA context, cuBLAS handles and allocat
 log = logging.getLogger("gpu_suite")
 
 
-def suite_spec(toy: bool) -> dict[str, Any]:
-    """The suite as a bench/experiments.py experiment (its runs go through run_experiment)."""
-    return {"dir": NAME, "levels": TOY_LEVELS if toy else GPU_LEVELS, "train": TOY_TRAIN if toy else GPU_TRAIN,
-            "methods": METHODS}
+def suite_spec(toy: bool) -> Experiment:
+    """The suite as an experiments.py experiment (its runs go through run_experiment)."""
+    return Experiment(levels=TOY_LEVELS if toy else GPU_LEVELS, train=TOY_TRAIN if toy else GPU_TRAIN,
+                      methods=METHODS, results_dir=NAME)
 
 
 # ---- device and corpus -------------------------------------------------------------------------------------------
@@ -141,13 +148,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed_stages(layout: Any, levels: list[int], target: str, device: str) -> dict[str, Any]:
-    """Ingest, embed, cluster, assign, tokenize, then the target's stages and the bases (experiments.prepare), each
-    timed. A stage done by an earlier call is skipped and its figure read back from figures_prep.json."""
-    import experiments
+def timed_stages(layout: experiments.Layout, levels: list[int], target: str, device: str) -> dict[str, Any]:
+    """Ingest, embed, cluster, assign, tokenize, then the target's stages and the bases, each timed, each through
+    pipeline.build_corpus. A stage done by an earlier call is skipped and its figure read back from
+    figures_prep.json; a stage without its figure runs again."""
     import prepare_corpus
 
-    from dgamix.pipeline import assign, cluster, embed, ingest, tokens
+    from dgamix.pipeline.kmeans import resolve_backend
 
     record = layout.work / "figures_prep.json"
     figures: dict[str, Any] = json.loads(record.read_text()) if record.exists() else {}
@@ -167,80 +174,92 @@ def timed_stages(layout: Any, levels: list[int], target: str, device: str) -> di
         record.write_text(json.dumps(figures, indent=2) + "\n")
         log.info("%s: %.1f s %s", key, figures[key]["seconds"], out or "")
 
-    stage("ingest", layout.generic / "docs", lambda: {"documents": ingest.run(corpus_params)["kept"]})
+    def again(params: dict[str, Any], *names: str) -> dict[str, Any]:
+        """The stages run now (resume=False: `stage` has already decided that they must run)."""
+        return build_corpus(params, names, resume=False)
+
+    stage("ingest", layout.generic / "docs", lambda: {"documents": again(corpus_params, "ingest")["ingest"]["kept"]})
     stage("embed", layout.generic / "embed.done", lambda: embed_all(corpus_params, layout, device))
     figures["embed"]["docs_per_s"] = round(figures["ingest"]["documents"] / figures["embed"]["seconds"], 1)
     params = experiments.pipeline_params(levels, target, None, layout)
     base = experiments.levels_dir(levels, layout)
-    from dgamix.pipeline.kmeans import resolve_backend
-
-    stage("kmeans", base / "clusters", lambda: cluster.run(params) | {"backend": resolve_backend("auto")})
-    stage("assign", base / "domains", lambda: assign.run(params) and None)
+    stage("kmeans", base / "clusters",
+          lambda: again(params, "cluster")["cluster"] | {"backend": resolve_backend("auto")})
+    stage("assign", base / "domains", lambda: again(params, "assign") and None)
 
     def tokenize() -> dict[str, Any]:
-        tokens.run(params)
+        again(params, "tokenize")
         return {"tokens": json.loads((base / "tokens" / "store.json").read_text())["tokens"]}
 
     stage("tokenize", base / "tokens", tokenize)
     tdir = experiments.target_dir(levels, target, None, layout)
-    stage("target_and_bases", tdir / "bases", lambda: experiments.prepare(levels, target, None, layout))
+    stage("target_and_bases", tdir / "bases", lambda: again(params, "targets", "bases") and None)
     record.write_text(json.dumps(figures, indent=2) + "\n")
     return figures
 
 
-def embed_all(params: dict[str, Any], layout: Any, device: str) -> dict[str, Any]:
-    from dgamix.pipeline import embed
-
-    summary = embed.run(params)
+def embed_all(params: dict[str, Any], layout: experiments.Layout, device: str) -> dict[str, Any]:
+    """The corpus's embedding (resumable shard by shard), then the marker saying it is complete."""
+    summary = build_corpus(params, ["embed"])["embed"]
     (layout.generic / "embed.done").write_text("")  # the timed figure belongs to a complete embedding
     return {"shards": summary["shards"], "device": device, "batch_size": params["embed"]["batch_size"]}
 
 
 # ---- budget -----------------------------------------------------------------------------------------------------
-def calibrate(spec: dict[str, Any], target: str, layout: Any, scratch: Path) -> dict[str, dict[str, float]]:
+def calibrate(spec: Experiment, target: str, layout: experiments.Layout,
+              scratch: Path) -> dict[str, dict[str, float]]:
     """Per method, with the suite's settings (seed 0): seconds to build the run, per training step after
     WARMUP_STEPS (over a window holding one update of every strategy), and per evaluation. Nothing is written."""
-    import experiments
+    out: dict[str, dict[str, float]] = {}
+    for method in spec.methods:
+        cfg = experiments.method_config(spec, "default", method, 0, target, None, scratch / method.label, layout)
+        out[method.label] = time_steps(cfg, method.strategy)
+        log.info("calibrate %s: %.1f ms/step (%d steps after %d warm-up), eval %.2f s, build %.2f s", method.label,
+                 1000 * out[method.label]["step_s"], out[method.label]["window_steps"], WARMUP_STEPS,
+                 out[method.label]["eval_s"], out[method.label]["build_s"])
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+def time_steps(cfg: dict[str, Any], strategy: str) -> dict[str, float]:
+    """One method's build, step and evaluation seconds, without writing a run.
+
+    Needs the trainer's internals, not its entry point train.run (which trains to the end and writes the run):
+    train.read_config (TrainConfig: every, inbatch_refresh, inbatch_every, threads), train.build_run (RunObjects:
+    model, device, autocast), train.load_eval_sets (EvalSets: spec, generic), train.torch_threads, train.train_step
+    and train.evaluate. Port this function alone when their signatures change."""
     import torch
 
     from dgamix.trainer import train
 
-    out: dict[str, dict[str, float]] = {}
-    for method in spec["methods"]:
-        label, strategy = method[0], method[1]
-        cfg = experiments.method_config(spec, "default", method, 0, target, None, scratch / label, layout)
-        config = train.read_config({"train": cfg}, strategy)
+    config = train.read_config({"train": cfg}, strategy)
+    sync()
+    started = time.perf_counter()
+    objects = train.build_run(config)
+    evals = train.load_eval_sets(config)
+    sync()
+    build_s = time.perf_counter() - started
+    # The window covers one DGA/DoGE update (every), one in-batch refresh and whole in-batch update periods.
+    window = max(config.every, config.inbatch_refresh, config.inbatch_every)
+    with train.torch_threads(config.threads):
+        for step in range(WARMUP_STEPS):
+            train.train_step(objects, step)
         sync()
         started = time.perf_counter()
-        objects = train.build_run(config)
-        evals = train.load_eval_sets(config)
+        for step in range(WARMUP_STEPS, WARMUP_STEPS + window):
+            train.train_step(objects, step)
         sync()
-        build_s = time.perf_counter() - started
-        # The window covers one DGA/DoGE update (every), one in-batch refresh and whole in-batch update periods.
-        window = max(config.every, config.inbatch_refresh, config.inbatch_every)
-        with train.torch_threads(config.threads):
-            for step in range(WARMUP_STEPS):
-                train.train_step(objects, step)
-            sync()
-            started = time.perf_counter()
-            for step in range(WARMUP_STEPS, WARMUP_STEPS + window):
-                train.train_step(objects, step)
-            sync()
-            step_s = (time.perf_counter() - started) / window
-            started = time.perf_counter()
-            train.evaluate(objects.model, evals.spec, objects.device, objects.autocast)
-            train.evaluate(objects.model, evals.generic, objects.device, objects.autocast)
-            sync()
-            eval_s = time.perf_counter() - started
-        out[label] = {"build_s": round(build_s, 4), "step_s": round(step_s, 5), "eval_s": round(eval_s, 4),
-                      "window_steps": window}
-        log.info("calibrate %s: %.1f ms/step (%d steps after %d warm-up), eval %.2f s, build %.2f s", label,
-                 1000 * step_s, window, WARMUP_STEPS, eval_s, build_s)
-        del objects, evals
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    shutil.rmtree(scratch, ignore_errors=True)
-    return out
+        step_s = (time.perf_counter() - started) / window
+        started = time.perf_counter()
+        train.evaluate(objects.model, evals.spec, objects.device, objects.autocast)
+        train.evaluate(objects.model, evals.generic, objects.device, objects.autocast)
+        sync()
+        eval_s = time.perf_counter() - started
+    del objects, evals
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return {"build_s": round(build_s, 4), "step_s": round(step_s, 5), "eval_s": round(eval_s, 4),
+            "window_steps": window}
 
 
 def run_seconds(timing: dict[str, float], steps: int, eval_every: int) -> float:
@@ -272,7 +291,7 @@ def training_figures(variant_dir: Path, tokens_per_step: int) -> dict[str, dict[
     for path in sorted(variant_dir.glob("seed*/*/summary.json")):
         summary = json.loads(path.read_text())
         runs.setdefault(path.parent.name, {})[path.parent.parent.name] = summary
-    order = [m[0] for m in METHODS]
+    order = [m.label for m in METHODS]
     runs = {m: runs[m] for m in sorted(runs, key=lambda m: order.index(m) if m in order else len(order))}
     uniform = runs.get("uniform", {})
     out: dict[str, dict[str, Any]] = {}
@@ -318,12 +337,12 @@ def figures_markdown(figures: dict[str, Any]) -> str:
 
 
 def render(variant_dir: Path, steps: int, eval_every: int) -> str:
-    """bench/render_results.py's comparison (the long runs' table: paired Δ vs importance and uniform, at the end and
+    """render_results.py's comparison (the long runs' table: paired Δ vs importance and uniform, at the end and
     halfway, how far the weights moved) into table.md, its plain statements into statements.md, and the curves."""
     import render_results
 
     halfway = max(eval_every, steps // 2 // eval_every * eval_every)  # an evaluated step
-    by_method = render_results.collect_curves(variant_dir, tuple(m[0] for m in METHODS), halfway)
+    by_method = render_results.collect_curves(variant_dir, tuple(m.label for m in METHODS), halfway)
     table = render_results.comparison_table(by_method, halfway)
     statements = render_results.long_statements(by_method, halfway)
     (variant_dir / "table.md").write_text(table + "\n")
@@ -343,7 +362,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["auto", "cuda", "cpu"], default=None,
                         help="default: cuda (cpu with --toy); cuda without a GPU stops at once")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=None, choices=[m[0] for m in METHODS])
+    parser.add_argument("--methods", nargs="+", default=None, choices=[m.label for m in METHODS])
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default: the size's)")
     parser.add_argument("--budget-minutes", type=float, default=10.0,
                         help="stop before training when the measured estimate of the whole suite exceeds this")
@@ -369,7 +388,6 @@ def main(argv: list[str] | None = None) -> int:
         # The strategies' scoring passes (DGA/DoGE gradients, the in-batch refresh) run outside the training step's
         # autocast, in fp32: TF32 keeps their matrix products on the tensor cores.
         torch.set_float32_matmul_precision("high")
-    import experiments
 
     work = (args.work or WORK / (f"{NAME}_toy" if args.toy else NAME)).resolve()
     results = (args.results or (work / "results" if args.toy else ROOT / "results")).resolve()
@@ -390,20 +408,21 @@ def main(argv: list[str] | None = None) -> int:
     # One clustering, so its own tokenizer (experiments.py shares the 16x16 one across its granularities).
     layout = experiments.Layout(corpus=corpus, work=work, results=results, tokenizer_levels=None)
     spec = suite_spec(args.toy)
-    steps = args.steps or spec["train"]["steps"]
+    steps = args.steps or spec.train["steps"]
     log.info("gpu_suite: %s size on %s, corpus %s, target %s, levels %s, results under %s",
-             "toy" if args.toy else "GPU", device, args.corpus, target, spec["levels"], results / NAME)
+             "toy" if args.toy else "GPU", device, args.corpus, target, spec.levels, results / NAME)
 
-    stages = timed_stages(layout, spec["levels"], target, device)
+    stages = timed_stages(layout, spec.levels, target, device)
 
-    methods = [m for m in spec["methods"] if not args.methods or m[0] in args.methods]
-    spec = spec | {"methods": methods}
-    todo = {m[0]: sum(1 for seed in args.seeds if not (experiments.seed_dir(NAME, target, None, "default", seed,
-                                                                            layout, spec) / m[0] / "metrics.json")
-                      .exists()) for m in methods}
+    spec = dataclasses.replace(spec, methods=tuple(m for m in spec.methods
+                                                   if not args.methods or m.label in args.methods))
+    todo = {m.label: sum(1 for seed in args.seeds
+                         if not (experiments.seed_dir(NAME, target, None, "default", seed, layout, spec) / m.label
+                                 / "metrics.json").exists())
+            for m in spec.methods}
     todo = {label: n for label, n in todo.items() if n}
     timings = calibrate(spec, target, layout, work / "calibration") if todo else {}
-    per_method = estimate(timings, todo, steps, spec["train"]["eval_every"])
+    per_method = estimate(timings, todo, steps, spec.train["eval_every"])
     elapsed = time.perf_counter() - started
     total = elapsed + sum(per_method.values())
     print(f"\nBudget estimate: {sum(todo.values())} runs x {steps} steps", flush=True)
@@ -413,22 +432,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  stages and calibration so far {elapsed:.0f} s; whole suite ~{total:.0f} s = {total / 60:.1f} min "
           f"(budget {args.budget_minutes:g} min)\n", flush=True)
     if total > 60 * args.budget_minutes and not args.force:
-        fits = steps_that_fit(timings, todo, 60 * args.budget_minutes - elapsed, spec["train"]["eval_every"])
+        fits = steps_that_fit(timings, todo, 60 * args.budget_minutes - elapsed, spec.train["eval_every"])
         print(f"gpu_suite: the estimate ({total / 60:.1f} min) exceeds --budget-minutes {args.budget_minutes:g}: "
               f"nothing trained. About {fits} steps per run would fit (--steps {fits}); or raise "
               "--budget-minutes, or pass --force. The stages' outputs are kept: the next call starts from them.",
               file=sys.stderr, flush=True)
         return 2
 
-    experiments.run_experiment(NAME, target, args.seeds, None, None, steps, [m[0] for m in methods], layout, spec)
+    experiments.run_experiment(NAME, target, args.seeds, None, None, steps, [m.label for m in spec.methods], layout,
+                               spec)
 
     variant_dir = experiments.seed_dir(NAME, target, None, "default", 0, layout, spec).parent
-    report = render(variant_dir, steps, spec["train"]["eval_every"])
+    report = render(variant_dir, steps, spec.train["eval_every"])
     figures = {"date": date.today().isoformat(), "mode": "toy" if args.toy else "GPU", "device": device,
-               "machine": machine(), "levels": spec["levels"], "steps": steps, "seeds": args.seeds,
-               "train": spec["train"], "budget_minutes": args.budget_minutes, "stages": stages,
+               "machine": machine(), "levels": spec.levels, "steps": steps, "seeds": args.seeds,
+               "train": spec.train, "budget_minutes": args.budget_minutes, "stages": stages,
                "calibration": timings, "estimate_s": round(sum(per_method.values()), 1),
-               "training": training_figures(variant_dir, spec["train"]["batch_size"] * spec["train"]["seq_len"]),
+               "training": training_figures(variant_dir, spec.train["batch_size"] * spec.train["seq_len"]),
                "total_s": round(time.perf_counter() - started, 1)}
     (variant_dir.parent / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     (variant_dir.parent / "figures.md").write_text(figures_markdown(figures) + "\n")

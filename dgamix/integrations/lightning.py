@@ -1,0 +1,87 @@
+"""The mixer in Lightning: `MixerCallback`, for every strategy.
+
+    trainer = lightning.Trainer(max_steps=N, callbacks=[MixerCallback(mixer)], accumulate_grad_batches=A)
+    trainer.fit(module, mixer.loader(num_workers=2, transform=MixerCallback.inputs), ckpt_path=...)
+
+The callback runs each micro-batch's forward and backward in the strategy's context, hands the batch to
+`mixer.observe` after its backward (`on_after_backward`) with each sequence's weight in the loss under gradient
+accumulation, steps the mixer at each optimizer step, and keeps the mixer's state inside Lightning's own
+checkpoints (restored by `trainer.fit(..., ckpt_path=...)`, nothing else to call). ODM needs each sequence's loss:
+return `{"loss": loss, "sequence_losses": losses}` from `training_step`. Use the batch's `input_ids` (and ignore
+`cluster` and `prob`, the mixer's fields).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:
+    try:
+        from pytorch_lightning.callbacks import Callback
+    except ImportError as err:  # an optional extra
+        raise ImportError("dgamix.integrations.lightning needs `lightning`: pip install 'dgamix[lightning]'") from err
+
+from ..mixer import Mixer
+from ._common import ModelInputs, TrainedSteps, check_batch_size, check_in_step
+
+__all__ = ["MixerCallback"]
+
+
+class MixerCallback(Callback):
+    # The loader's transform for a LightningModule: `input_ids` plus the mixer's fields (no labels).
+    inputs = ModelInputs(labels=False)
+
+    def __init__(self, mixer: Mixer):
+        self.mixer = mixer
+        self.trained = TrainedSteps(mixer)
+        self.optimizer_steps: int | None = None
+        self._step_context = contextlib.ExitStack()
+        self._batch: Any = None
+        self._observed = False
+
+    @property
+    def state_key(self) -> str:
+        return "dgamix"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.optimizer_steps = trainer.global_step
+        check_in_step(self.mixer, trainer.global_step, "Lightning Trainer")
+        check_batch_size(getattr(trainer.train_dataloader, "batch_size", None) or self.mixer.stream.batch_size,
+                         self.mixer, "Lightning DataLoader")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch, self._observed = batch, False
+        self._step_context.enter_context(self.mixer.training_step())
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self._step_context.close()
+        if "sequence_losses" not in self.mixer.needs:  # observed now, while the hooks hold this backward
+            self._observe(trainer, None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._step_context.close()
+        if not self._observed:
+            losses = outputs.get("sequence_losses") if isinstance(outputs, dict) else None
+            if losses is None and "sequence_losses" in self.mixer.needs:
+                raise ValueError(f"{type(self.mixer.settings).__name__} learns from each sequence's training loss: "
+                                 "return {'loss': loss, 'sequence_losses': <(n,) losses>} from training_step")
+            self._observe(trainer, losses)
+        self.trained.next_step += 1
+        if trainer.global_step != self.optimizer_steps:  # an optimizer step ended with this micro-batch
+            self.optimizer_steps = trainer.global_step
+            check_in_step(self.mixer, trainer.global_step - 1, "Lightning Trainer")
+            self.mixer.step()
+
+    def _observe(self, trainer, sequence_losses: Any) -> None:
+        n = len(self._batch["cluster"])
+        self.mixer.observe(self._batch, sequence_losses=sequence_losses,
+                           loss_scale=1.0 / (n * trainer.accumulate_grad_batches))
+        self._observed = True
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.trained.state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.trained.load(state_dict)

@@ -1,0 +1,211 @@
+"""Mixer: the one object a training loop holds.
+
+    from dgamix.mixer import DGA, Mixer
+
+    mixer = Mixer.from_dirs("data/tokens", "data/bases", target="data/targets/spec/tokens", seq_len=64,
+                            batch_size=16, seed=0, strategy=DGA(eta=0.3, every=20))
+    mixer.attach(model, loss_fn=model.loss)            # a strategy that scores with the model gets it here
+    for batch in mixer.loader(num_workers=2):
+        with mixer.training_step():                    # in-batch DGA pauses its hooks on unscored steps
+            loss = model.loss(batch["tokens"].to(device))
+            loss.backward()
+        mixer.observe(batch)                           # after each backward (ODM: sequence_losses=...)
+        optimizer.step(); optimizer.zero_grad()
+        mixer.step()                                   # after the optimizer step: maybe new weights
+    torch.save({"mixer": mixer.state_dict(), ...}, path)
+
+It builds the stream (which owns the weights), the target sampler and the strategy from its settings
+(`strategies.Static`, `DGA`, `InBatchDGA`, `DoGE`, `ODM`), counts the optimizer steps, and saves all of it in one
+state, prefetched steps included. The parts stay public for those who wire them by hand.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..core.errors import StateMismatchError
+from .distributed import rank_and_world_size
+from .loader import MixtureLoader
+from .mixture import Mixture
+from .store import ClusterStore
+from .strategies import Attachment, Evidence, Static, Strategy, StrategySpec, UpdateRecord
+from .strategies.base import NEEDS
+from .stream import MixtureStream, TargetSampler
+
+STATE_VERSION = 1
+
+
+class Mixer:
+    """A mixture stream over `mixture`'s bases of `store`'s clusters, re-weighted by `strategy`.
+
+    target: the specialized set (a one-cluster token store, its directory, or a `TargetSampler`), needed by the
+    strategies that align with it. rank / world_size: this process's place among data-parallel ranks (default:
+    torch.distributed's, else 0 of 1). max_steps: where the stream ends (None: never)."""
+
+    def __init__(self, store: ClusterStore, mixture: Mixture, *, seq_len: int, batch_size: int, seed: int = 0,
+                 strategy: StrategySpec | None = None, target: ClusterStore | TargetSampler | str | Path | None = None,
+                 rank: int | None = None, world_size: int | None = None, max_steps: int | None = None):
+        strategy = Static() if strategy is None else strategy
+        if not hasattr(strategy, "build") or not hasattr(strategy, "needs"):
+            raise TypeError(f"strategy = {strategy!r}: expected a strategy's settings, e.g. dgamix.mixer.DGA(eta=0.3) "
+                            "or Static(basis='importance')")
+        strategy.validate()
+        if rank is None and world_size is None:
+            rank, world_size = rank_and_world_size()
+        self.stream = MixtureStream(store, mixture, seq_len, batch_size, seed=seed, rank=rank or 0,
+                                    world_size=world_size or 1, max_steps=max_steps)
+        if isinstance(target, (str, Path)):
+            target = ClusterStore(target, seed=seed)
+        self.target = TargetSampler(target, seq_len) if isinstance(target, ClusterStore) else target
+        if "model" in strategy.needs and self.target is None:
+            raise ValueError(f"{type(strategy).__name__} aligns with the specialized set: give Mixer(..., target=<its "
+                             "token store, e.g. data/targets/spec/tokens>)")
+        self.settings, self.steps = strategy, 0
+        self.strategy: Strategy | None = None
+        self._loader: MixtureLoader | None = None
+        if "model" not in strategy.needs:
+            self.strategy = strategy.build(self.stream, self.target, Attachment(None, None, None, None))
+
+    @classmethod
+    def from_dirs(cls, tokens: str | Path, bases: str | Path | None = None, *, seq_len: int, batch_size: int,
+                  seed: int = 0, strategy: StrategySpec | None = None, target: str | Path | None = None,
+                  basis_names: list[str] | None = None, token_cap: int | None = None,
+                  **kwargs: Any) -> "Mixer":
+        """From the pipeline's outputs: the token store (`tokenize` stage), the bases (`bases` stage; None: one
+        basis per non-empty cluster, i.e. domain reweighting over every cluster; `basis_names`: a subset by name)
+        and the specialized set's token store. Other keyword arguments go to `Mixer`."""
+        store = ClusterStore(tokens, token_cap=token_cap, seed=seed)
+        mixture = (Mixture.identity(store.available) if bases is None
+                   else Mixture.from_bases_dir(bases, basis_names))
+        return cls(store, mixture, seq_len=seq_len, batch_size=batch_size, seed=seed, strategy=strategy,
+                   target=target, **kwargs)
+
+    # ---- the model -------------------------------------------------------------------------------------------
+    def attach(self, model: torch.nn.Module, *, loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               sequence_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               optimizer: torch.optim.Optimizer | None = None,
+               lr_fn: Callable[[], float] | None = None) -> "Mixer":
+        """Give the strategy the model it scores with. loss_fn(tokens) -> the mean LM loss of a (n, seq_len + 1)
+        token batch (default: `model.loss` when the model has one, else a Hugging Face causal LM's
+        `model(input_ids=tokens, labels=tokens).loss`); tokens reach it on the model's device.
+        sequence_loss_fn(tokens) -> (n,) losses lets DGA's forward estimators batch every basis. DoGE reads the
+        learning rate from `optimizer` (or `lr_fn`). In-batch DGA installs its hooks on the model here. Returns the
+        mixer. A strategy that needs no model ignores the call."""
+        if "model" not in self.settings.needs:
+            return self
+        if self.strategy is not None:
+            raise RuntimeError("this Mixer is already attached to a model: build another Mixer for another model")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        loss = _default_loss_fn(model) if loss_fn is None else loss_fn
+        on_device = lambda fn: (lambda tokens: fn(tokens.to(device)))  # noqa: E731
+        if lr_fn is None and optimizer is not None:
+            lr_fn = lambda: optimizer.param_groups[0]["lr"]  # noqa: E731  read at each update: schedules reach it
+        if "learning_rate" in self.settings.needs and lr_fn is None:
+            raise ValueError(f"{type(self.settings).__name__} reads the learning rate: attach(..., optimizer=...) or "
+                             "lr_fn=<a callable returning it>")
+        self.strategy = self.settings.build(
+            self.stream, self.target,
+            Attachment(model, on_device(loss), None if sequence_loss_fn is None else on_device(sequence_loss_fn),
+                       lr_fn))
+        return self
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """What the strategy needs from the training loop (`strategies.base.NEEDS` says what each word means)."""
+        return self.settings.needs
+
+    def _strategy(self) -> Strategy:
+        if self.strategy is None:
+            raise RuntimeError(f"{type(self.settings).__name__} scores with the model: call mixer.attach(model, "
+                               "loss_fn=...) before training")
+        return self.strategy
+
+    # ---- data --------------------------------------------------------------------------------------------------
+    def loader(self, num_workers: int = 0, transform: Callable[[dict[str, Any]], Any] | None = None,
+               **dataloader_kwargs: Any) -> MixtureLoader:
+        """The batches as a DataLoader with `num_workers` workers (planned here, so weight changes reach every
+        worker). The mixer's state follows this loader's position (prefetched steps are re-planned on resume)."""
+        self._loader = MixtureLoader(self.stream, num_workers=num_workers, transform=transform, **dataloader_kwargs)
+        return self._loader
+
+    def next_batch(self) -> dict[str, Any]:
+        """The next batch, planned and read in this process (no DataLoader)."""
+        if self._loader is not None and self._loader.next_step != self.stream.step:
+            raise RuntimeError("this Mixer's loader() has planned steps it has not handed out: take batches from one "
+                               "of loader() and next_batch(), not both")
+        batch = self.stream.next_batch()
+        if self._loader is not None:
+            self._loader.next_step = self.stream.step
+        return batch
+
+    # ---- the training loop -------------------------------------------------------------------------------------
+    def training_step(self) -> contextlib.AbstractContextManager:
+        """The context the forward and backward of the current step run in (all its micro-batches)."""
+        return self._strategy().training_step(self.steps)
+
+    def observe(self, batch: dict[str, Any], sequence_losses: torch.Tensor | np.ndarray | None = None,
+                loss_scale: float | None = None) -> None:
+        """After each backward: the batch just trained on, its (n,) per-sequence losses (ODM needs them) and each
+        sequence's weight in the loss backpropagated (default 1 / n; under gradient accumulation over A
+        micro-batches of a mean loss divided by A, 1 / (n * A)). A no-op for strategies that learn nothing from
+        the training step."""
+        strategy = self._strategy()
+        if "sequence_losses" in strategy.needs and sequence_losses is None:
+            raise ValueError(f"{type(strategy).__name__} learns from each sequence's training loss: "
+                             "mixer.observe(batch, sequence_losses=<(n,) losses>)")
+        strategy.observe(Evidence(batch, sequence_losses, loss_scale))
+
+    def step(self) -> UpdateRecord | None:
+        """After each optimizer step: counts it and lets the strategy update the weights (from the next step
+        planned). Returns the update's record, or None."""
+        record = self._strategy().on_step(self.steps)
+        self.steps += 1
+        return record
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The weights over the bases in force (a copy)."""
+        return self.stream.weights
+
+    @property
+    def names(self) -> list[str]:
+        """The bases' names, in the weights' order."""
+        return list(self.stream.mixture.names)
+
+    # ---- state -------------------------------------------------------------------------------------------------
+    def state_dict(self, next_step: int | None = None) -> dict[str, Any]:
+        """Stream (weights and positions), strategy (with its target sampler) and step count in one plain-Python
+        state. `next_step`: the first stream step not yet trained on, for trainers that count it themselves
+        (default: the loader's count when `loader()` made one, else the stream's)."""
+        if next_step is None and self._loader is not None:
+            next_step = self._loader.next_step
+        return {"version": STATE_VERSION, "stream": self.stream.state_dict(next_step=next_step),
+                "strategy": self._strategy().state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise StateMismatchError(f"mixer state version {state.get('version')}, expected {STATE_VERSION}")
+        strategy = self._strategy()
+        self.stream.load_state_dict(state["stream"])
+        strategy.load_state_dict(state["strategy"])
+        self.steps = int(state["steps"])
+        if self._loader is not None:
+            self._loader.next_step = self.stream.step
+
+
+def _default_loss_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's own mean LM loss: `model.loss(tokens)`, or a Hugging Face causal LM's (labels = inputs; the model
+    shifts them)."""
+    if callable(getattr(model, "loss", None)):
+        return model.loss
+    if hasattr(model, "config") and hasattr(model, "generation_config"):  # a transformers PreTrainedModel
+        return lambda tokens: model(input_ids=tokens, labels=tokens).loss
+    raise ValueError(f"{type(model).__name__} has no `loss(tokens)` method: attach(model, loss_fn=<tokens -> mean LM "
+                     "loss>)")
+
+
+__all__ = ["Mixer", "NEEDS"]

@@ -1,0 +1,388 @@
+"""The experiments on the development corpus: one command per experiment, every run from a fixed seed.
+
+    .venv/bin/python bench/prepare_corpus.py            # once: ingest + embed ../shared/corpus/generic
+    .venv/bin/python experiments/experiments.py prepare --target medical_abstracts [--levels 16 16] [--spec-docs N]
+    .venv/bin/python experiments/experiments.py run token_limited --target medical_abstracts --seeds 0 1 2
+    .venv/bin/python experiments/experiments.py run granularity --seeds 0 1 2 [--variants 4x4 32x32]  # levels each
+    .venv/bin/python experiments/experiments.py verify token_limited --seed 0 --method dga_ema   # re-run, compare
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/experiments.py run inbatch --target T --seeds 0 --threads 1
+    .venv/bin/python experiments/render_results.py      # RESULTS.md tables + plots from the metrics
+
+(--threads 1 with OMP_NUM_THREADS=1: one process per core, several side by side.)
+
+`prepare` runs the project's own stages (cluster -> assign -> tokenize -> target sets -> bases, through
+pipeline.build_corpus) on the embedded corpus, into a folder per clustering under the git-ignored scratch folder
+bench/work (clusters, token store with held-out generic documents) and, inside it, a folder per target (bases, the
+target's spec and eval stores). `run` trains the reference GPT (dgamix.trainer.train.run) once per method and seed
+and writes results/<experiment>/<target>/<variant>/seed<k>/<method>/{metrics.json,log.csv} (committed: the
+evidence). The methods never see meta.domain: the bases are importance, natural, uniform and coarse clusters only
+(no reference bases, which would be built from the ground-truth labels).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/common.py, shared with benchmarks
+
+import zstandard  # noqa: E402
+from common import CORPUS, ROOT, WORK  # noqa: E402
+from pipeline import PREPARE_STAGES, build_corpus  # noqa: E402
+
+RESULTS = ROOT / "results"
+
+# The reference GPT at the size where one run takes one to two minutes on 2 CPU cores.
+TRAIN = {"steps": 300, "seq_len": 64, "batch_size": 16, "lr": 3e-3, "n_layer": 2, "n_head": 4, "n_embd": 128,
+         "eval_every": 50, "eval_batches": 8, "checkpoint_every": 100000, "token_cap": None, "basis_names": None,
+         "eta": 0.3, "beta": 0.1, "every": 20, "dga_batch_size": 8, "dga_target_batch_size": 16,
+         "estimator": "exact"}
+
+# The long runs: every speed option on (BENCHMARKS.md) with one thread per run, so that two runs go side by side on
+# two cores (the scalar work between the kernels does not parallelise); a fixed evaluation seed shared by every
+# seed and method, and twice the evaluation batches of the 300-step runs.
+LONG_STEPS = 1000
+LONG_SETTINGS = {"threads": 1, "precision": "auto", "compile": True, "adamw_impl": "fused", "eval_seed": 1000,
+                 "eval_batches": 16}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One trained configuration of an experiment."""
+
+    label: str  # its folder under results/.../seed<k>/ and its name in the tables
+    strategy: str  # the trainer strategy (dgamix.trainer.train.run's strategy_name)
+    bases: str  # "coarse": domain reweighting over the coarse clusters; "all": importance, natural, uniform, coarse
+    train: dict[str, Any] = field(default_factory=dict)  # the method's own train settings, applied last
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """An experiment: one clustering, the train settings its methods share, its methods and variants."""
+
+    levels: list[int]  # clusters per level of the tree (a variant may set its own)
+    train: dict[str, Any]  # train settings over TRAIN, shared by every method and variant
+    methods: tuple[Method, ...]  # what is trained per variant and seed
+    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})  # name -> train settings
+    results_dir: str | None = None  # its folder under results/ (None: the experiment's name)
+
+    def folder(self, name: str) -> str:
+        """The folder under results/ of this experiment, registered as `name`."""
+        return self.results_dir or name
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    "token_limited": Experiment(  # paper section 3.1, Fig. 1: few tokens per cluster, the favoured clusters repeat
+        levels=[16, 16], train={"token_cap": 4000},
+        methods=(Method("uniform", "uniform", "coarse"), Method("importance", "importance", "all"),
+                 Method("dga", "dga", "coarse"), Method("dga_ema", "dga_ema", "coarse"),
+                 Method("odm", "odm", "coarse"))),
+    "distribution": Experiment(  # section 3.2, Fig. 2: a few bases over 256 fine clusters, all the data
+        levels=[16, 16], train={},
+        methods=(Method("natural", "natural", "all"), Method("uniform", "uniform", "all"),
+                 Method("importance", "importance", "all"), Method("dga_ema", "dga_ema", "all"),
+                 Method("odm", "odm", "coarse"))),
+    "token_limited_long": Experiment(  # experiment 1 run 3x longer (1 seed): does importance sampling overfit later?
+        levels=[16, 16], train={"token_cap": 4000, "steps": 1000, "eval_every": 100},
+        methods=(Method("uniform", "uniform", "coarse"), Method("importance", "importance", "all"),
+                 Method("dga", "dga", "coarse"), Method("dga_ema", "dga_ema", "coarse"))),
+    # Experiment 2's DGA with larger step sizes: at 15 updates, eta 0.3 barely moves alpha.
+    "distribution_eta": Experiment(
+        levels=[16, 16], train={},
+        methods=(Method("dga_ema", "dga_ema", "all"),),
+        variants={"eta3": {"eta": 3.0}, "eta10": {"eta": 10.0}}),
+    # Fig. 4b: spec subsets (run with --spec-docs N); DGA at the step size that moves it at 300 steps.
+    "few_examples": Experiment(
+        levels=[16, 16], train={"eta": 10.0},
+        methods=(Method("importance", "importance", "all"), Method("dga_ema", "dga_ema", "all"))),
+    "granularity": Experiment(  # Fig. 4a: the same comparison as the number of fine clusters grows (variants set the
+        # levels; every level uses the 16x16 run's tokenizer, so the losses are in the same units)
+        levels=[16, 16], train={"eta": 10.0},
+        methods=(Method("uniform", "uniform", "all"), Method("importance", "importance", "all"),
+                 Method("dga_ema", "dga_ema", "all")),
+        variants={"4x4": {"levels": [4, 4]}, "8x8": {"levels": [8, 8]}, "16x16": {"levels": [16, 16]},
+                  "32x32": {"levels": [32, 32]}}),
+    "ablation": Experiment(  # ablations on the token-limited setting: beta, eta, T_r, estimators (variants)
+        levels=[16, 16], train={"token_cap": 4000},
+        methods=(Method("dga_ema", "dga_ema", "coarse"),),
+        # beta = 1 is experiment 1's `dga`; eta 3 and 10 go past the paper's range because at this scale the
+        # scores are small (|a| ~ 0.01-0.3) and eta 0.3 barely moves the weights in 15 updates.
+        variants={"beta0.05": {"beta": 0.05}, "beta0.3": {"beta": 0.3}, "eta0.1": {"eta": 0.1},
+                  "eta1": {"eta": 1.0}, "eta3": {"eta": 3.0}, "eta10": {"eta": 10.0}, "every10": {"every": 10},
+                  "every50": {"every": 50}, "every100": {"every": 100},
+                  "finite_difference": {"estimator": "finite_difference"}, "forward": {"estimator": "forward"}}),
+    # In-batch DGA (trainer strategies inbatch / inbatch_domains): every training sequence's alignment with g_spe,
+    # no extra backward per basis. Every method it compares with is trained here too: the other results/ folders
+    # hold runs of an earlier reference GPT (its attention without today's explicit c_attn/c_proj), so only runs
+    # within results/inbatch compare with each other. dga_ema: exact DGA at the step size that moves the weights at
+    # 300 steps.
+    "inbatch": Experiment(
+        levels=[16, 16], train={},
+        methods=(Method("uniform", "uniform", "all"), Method("importance", "importance", "all"),
+                 Method("inbatch", "inbatch", "all"), Method("inbatch_domains", "inbatch_domains", "all"),
+                 Method("dga_ema", "dga_ema", "all", {"eta": 10.0}))),
+    # The long runs: the headline comparisons at a length where the generic loss falls well below the 300-step
+    # runs' ~7, 3 seeds each, every method on the same fixed evaluation batches (eval_seed), with the trainer's speed
+    # options on (LONG_SETTINGS: bf16 autocast where the CPU has it, so compare these runs only with each other). DoGE
+    # and the DGA variants reweight the same bases: the coarse clusters when tokens are limited (domain reweighting),
+    # all the bases otherwise. Evaluated every 100 steps: the 300-step comparison is read from the same runs' logs.
+    "long_token_limited": Experiment(
+        results_dir="long/token_limited", levels=[16, 16],
+        train={"token_cap": 4000, "steps": LONG_STEPS, "eval_every": 100, **LONG_SETTINGS},
+        methods=(Method("uniform", "uniform", "coarse"), Method("importance", "importance", "all"),
+                 Method("doge", "doge", "coarse"), Method("dga_ema", "dga_ema", "coarse", {"eta": 10.0}),
+                 Method("inbatch", "inbatch", "coarse"))),
+    "long_distribution": Experiment(
+        results_dir="long/distribution", levels=[16, 16],
+        train={"steps": LONG_STEPS, "eval_every": 100, **LONG_SETTINGS},
+        methods=(Method("uniform", "uniform", "all"), Method("importance", "importance", "all"),
+                 Method("doge", "doge", "all"), Method("dga_ema", "dga_ema", "all", {"eta": 10.0}),
+                 Method("inbatch", "inbatch", "all"))),
+    # The pilot that chose train.inbatch_scale for `inbatch` (150 steps, seed 0, every target): snr against
+    # standardized at the default inbatch_eta, with uniform at the same length for the generic-loss bar.
+    "inbatch_pilot": Experiment(
+        results_dir="inbatch/pilot", levels=[16, 16], train={"steps": 150},
+        methods=(Method("uniform", "uniform", "all"),
+                 Method("inbatch_snr", "inbatch", "all", {"inbatch_scale": "snr"}),
+                 Method("inbatch_standardized", "inbatch", "all", {"inbatch_scale": "standardized"}))),
+}
+
+
+# The clustering whose tokenizer every other clustering reuses: the BPE is trained on a sample of the assigned
+# shards, which are ordered by cluster, so a tokenizer per clustering would make losses incomparable across levels.
+TOKENIZER_LEVELS = [16, 16]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the experiments read the corpus (generic/part-*, targets/NAME/{spec,eval}.jsonl.zst) and write their
+    scratch and their results. The defaults are this script's; gpu_suite.py passes its own (another corpus
+    copy, another scratch folder, one tokenizer per clustering since it runs a single clustering)."""
+
+    corpus: Path = CORPUS
+    work: Path = WORK
+    results: Path = RESULTS
+    tokenizer_levels: tuple[int, ...] | None = tuple(TOKENIZER_LEVELS)  # None: each clustering trains its own
+
+    @property
+    def generic(self) -> Path:
+        """The ingested and embedded generic corpus (bench/prepare_corpus.py writes it)."""
+        return self.work / "generic"
+
+    def target_set(self, target: str, name: str) -> Path:
+        return self.corpus / "targets" / target / f"{name}.jsonl.zst"
+
+
+DEFAULT_LAYOUT = Layout()
+
+
+def portable_summary(path: Path) -> None:
+    """The trainer names its evaluation stores by path; a committed summary names them relative to the repository
+    (the same runs read the same files on any checkout)."""
+    if path.exists():
+        path.write_text(path.read_text().replace(str(ROOT) + "/", ""))
+
+
+def levels_dir(levels: list[int], layout: Layout = DEFAULT_LAYOUT) -> Path:
+    return layout.work / "exp" / "x".join(map(str, levels))
+
+
+def target_dir(levels: list[int], target: str, spec_docs: int | None, layout: Layout = DEFAULT_LAYOUT) -> Path:
+    return levels_dir(levels, layout) / (target if spec_docs is None else f"{target}-{spec_docs}")
+
+
+def spec_prefix(target: str, n: int, out: Path, layout: Layout = DEFAULT_LAYOUT) -> Path:
+    """The first n records of the target's spec set (spec is in random order: a prefix is a random subset)."""
+    with open(layout.target_set(target, "spec"), "rb") as fh:
+        text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(fh), encoding="utf-8", newline="\n")
+        kept = [line for _, line in zip(range(n), text)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(zstandard.ZstdCompressor().compress("".join(kept).encode()))
+    return out
+
+
+def shares_tokenizer(levels: list[int], layout: Layout) -> bool:
+    """Whether this clustering reuses the tokenizer of layout.tokenizer_levels (rather than training its own)."""
+    return layout.tokenizer_levels is not None and list(levels) != list(layout.tokenizer_levels)
+
+
+def pipeline_params(levels: list[int], target: str, spec_docs: int | None,
+                    layout: Layout = DEFAULT_LAYOUT) -> dict[str, Any]:
+    base, tdir = levels_dir(levels, layout), target_dir(levels, target, spec_docs, layout)
+    generic = layout.generic
+    shared_tokenizer = ({"tokenizer": str(levels_dir(list(layout.tokenizer_levels), layout) / "tokens"
+                                          / "tokenizer.json")}
+                        if shares_tokenizer(levels, layout) else {})
+    spec = (spec_prefix(target, spec_docs, tdir / "spec.jsonl.zst", layout) if spec_docs
+            else layout.target_set(target, "spec"))
+    return {
+        "embed": {"output": str(generic / "embeddings")},
+        "targets": {"sets": {"spec": [str(spec)], "eval": [str(layout.target_set(target, "eval"))]},
+                    "output": str(tdir / "targets"), "metrics": str(tdir / "targets")},
+        "cluster": {"embeddings": str(generic / "embeddings"), "docs": str(generic / "docs"),
+                    "output": str(base / "clusters"), "levels": levels, "seed": 0},
+        "assign": {"docs": str(generic / "docs"), "embeddings": str(generic / "embeddings"),
+                   "clusters": str(base / "clusters"), "output": str(base / "domains")},
+        "tokenize": {"domains": str(base / "domains"), "output": str(base / "tokens"), "vocab_size": 8192,
+                     "holdout_fraction": 0.02, "seed": 0, **shared_tokenizer},
+        "bases": {"target": str(tdir / "targets" / "spec" / "domains"),
+                  "families": ["importance", "natural", "uniform", "coarse"], "domains": str(base / "domains"),
+                  "clusters": str(base / "clusters"), "tokens": str(base / "tokens"), "output": str(tdir / "bases"),
+                  "metrics": str(tdir / "bases.json")},
+    }
+
+
+def prepare(levels: list[int], target: str, spec_docs: int | None, layout: Layout = DEFAULT_LAYOUT) -> None:
+    """The clustering at `levels` (reused when already there: shared by every target) and the target's sets and
+    bases, through pipeline.build_corpus; first the clustering whose tokenizer this one shares, if not there."""
+    if shares_tokenizer(levels, layout):
+        shared = list(layout.tokenizer_levels)
+        if not (levels_dir(shared, layout) / "tokens").exists():
+            prepare(shared, target, None, layout)
+    build_corpus(pipeline_params(levels, target, spec_docs, layout), PREPARE_STAGES)
+
+
+def target_stores(tdir: Path) -> dict[str, str]:
+    """The trainer's specialized stores for a target folder."""
+    return {"target": str(tdir / "targets" / "spec" / "tokens"), "target_eval": str(tdir / "targets" / "eval" / "tokens")}
+
+
+def variant_settings(spec: Experiment, variant: str) -> tuple[list[int], dict[str, Any]]:
+    """A variant's clustering levels and its train settings (a variant may override the experiment's levels)."""
+    overrides = dict(spec.variants.get(variant, {}))
+    return overrides.pop("levels", spec.levels), overrides
+
+
+def seed_dir(name: str, target: str, spec_docs: int | None, variant: str, seed: int,
+             layout: Layout = DEFAULT_LAYOUT, spec: Experiment | None = None) -> Path:
+    """results/<experiment dir>/<target>/<variant>/seed<k>: where a seed's runs write their folders."""
+    spec = EXPERIMENTS[name] if spec is None else spec
+    return (layout.results / spec.folder(name) / (target if spec_docs is None else f"{target}-{spec_docs}")
+            / variant / f"seed{seed}")
+
+
+def method_config(spec: Experiment, variant: str, method: Method, seed: int, target: str,
+                  spec_docs: int | None, output: Path, layout: Layout = DEFAULT_LAYOUT,
+                  steps: int | None = None) -> dict[str, Any]:
+    """The `train` section of one run: TRAIN, then the experiment's, the variant's and the method's own settings,
+    then the run's data (the prepared clustering and target) and train.output (the trainer's default output
+    root; the harness names each run's own folder to train.run)."""
+    levels, overrides = variant_settings(spec, variant)
+    tdir = target_dir(levels, target, spec_docs, layout)
+    names = json.loads((tdir / "bases" / "names.json").read_text())
+    coarse = [n for n in names if n.startswith("coarse:")]
+    cfg = copy.deepcopy(TRAIN) | spec.train | overrides | method.train
+    cfg.update(seed=seed, tokens=str(levels_dir(levels, layout) / "tokens"), bases=str(tdir / "bases"),
+               output=str(output), basis_names=coarse if method.bases == "coarse" else None, **target_stores(tdir))
+    if steps:
+        cfg["steps"] = steps
+    return cfg
+
+
+def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | None, variants: list[str] | None,
+                   steps: int | None, methods: list[str] | None = None, layout: Layout = DEFAULT_LAYOUT,
+                   spec: Experiment | None = None) -> None:
+    """Train every (variant, seed, method) of an experiment whose metrics.json is not there yet, each into
+    <seed dir>/<method label>. `spec`: an experiment defined by the caller, stored under results/<its folder>."""
+    # Imported here: torch loads only once a run trains (gpu_suite.py hides CUDA before that for a CPU run).
+    from dgamix.trainer import train
+
+    spec = EXPERIMENTS[name] if spec is None else spec
+    for variant in variants or list(spec.variants):
+        levels, _ = variant_settings(spec, variant)
+        tdir = target_dir(levels, target, spec_docs, layout)
+        if not (tdir / "bases").exists():
+            prepare(levels, target, spec_docs, layout)
+        for seed in seeds:
+            for method in spec.methods:
+                if methods and method.label not in methods:
+                    continue
+                out = seed_dir(name, target, spec_docs, variant, seed, layout, spec)
+                if (out / method.label / "metrics.json").exists():
+                    continue
+                cfg = method_config(spec, variant, method, seed, target, spec_docs, out, layout, steps)
+                started = time.perf_counter()
+                metrics = train.run({"train": cfg}, method.strategy, out_dir=out / method.label)
+                portable_summary(out / method.label / "summary.json")
+                print(f"{name}/{variant}/seed{seed}/{method.label}: spec {metrics['final_spec_loss']:.4f} "
+                      f"generic {metrics['final_generic_loss']:.4f} ({time.perf_counter() - started:.0f} s)",
+                      flush=True)
+
+
+def verify(name: str, target: str, seed: int, method: str, variant: str = "default") -> dict[str, Any]:
+    """Re-run one committed run of results/ into the scratch folder and compare its losses and final weights with
+    its metrics.json; writes results/<experiment dir>/reproduced.json."""
+    from dgamix.trainer import train
+
+    spec = EXPERIMENTS[name]
+    committed_dir = RESULTS / spec.folder(name) / target / variant / f"seed{seed}"
+    recorded = json.loads((committed_dir / method / "metrics.json").read_text())
+    summary = committed_dir / method / "summary.json"  # best_spec_loss, seconds... (some runs keep them inline)
+    recorded = (json.loads(summary.read_text()) if summary.exists() else {}) | recorded
+    scratch = WORK / "reproduce" / name
+    shutil.rmtree(scratch, ignore_errors=True)
+    chosen = next(m for m in spec.methods if m.label == method)
+    cfg = method_config(spec, variant, chosen, seed, target, None, scratch)
+    again = train.run({"train": cfg}, chosen.strategy, out_dir=scratch / chosen.label)
+    keys = ["final_spec_loss", "best_spec_loss", "final_generic_loss", "final_weights"]
+    # metrics.json rounds losses to 6 decimals (some committed files keep more): compare at that precision.
+    same = all(round(again[k], 6) == round(recorded[k], 6) for k in keys[:3]) and again[keys[3]] == recorded[keys[3]]
+    report = {"run": f"{name}/{target}/{variant}/seed{seed}/{method}",
+              "identical": same,
+              **{f"recorded_{k}": recorded[k] for k in keys[:3]}, **{f"rerun_{k}": again[k] for k in keys[:3]}}
+    (RESULTS / spec.folder(name) / "reproduced.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(report)
+    return report
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare")
+    prep.add_argument("--target", default="medical_abstracts")
+    prep.add_argument("--levels", type=int, nargs="+", default=[16, 16])
+    prep.add_argument("--spec-docs", type=int, default=None)
+    run = sub.add_parser("run")
+    run.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    run.add_argument("--target", default="medical_abstracts")
+    run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run.add_argument("--spec-docs", type=int, default=None)
+    run.add_argument("--variants", nargs="+", default=None)
+    run.add_argument("--steps", type=int, default=None)
+    run.add_argument("--methods", nargs="+", default=None, help="a subset of the experiment's methods")
+    run.add_argument("--threads", type=int, default=None,
+                     help="torch threads for this process (1 per process when running several side by side; "
+                          "set OMP_NUM_THREADS to the same number)")
+    again = sub.add_parser("verify", help="re-run one committed run and compare its metrics")
+    again.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    again.add_argument("--target", default="medical_abstracts")
+    again.add_argument("--seed", type=int, default=0)
+    again.add_argument("--method", default="dga_ema")
+    again.add_argument("--variant", default="default")
+    args = parser.parse_args()
+    if args.command == "verify":
+        verify(args.experiment, args.target, args.seed, args.method, args.variant)
+    elif args.command == "prepare":
+        prepare(args.levels, args.target, args.spec_docs)
+    else:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        run_experiment(args.experiment, args.target, args.seeds, args.spec_docs, args.variants, args.steps,
+                       args.methods)
+
+
+if __name__ == "__main__":
+    main()
