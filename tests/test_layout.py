@@ -1,8 +1,9 @@
 """The package layout, checked from the source: imports run one way through the layers and never in a circle.
 
 Layers, lowest first (a layer imports itself and anything below it, never above):
-    core  <-  formats  <-  {pipeline, mixer}  <-  trainer  <-  cli (dgamix/cli.py)
-pipeline and mixer sit side by side and never import each other; `dgamix/__init__.py` imports nothing.
+    core  <-  formats  <-  {pipeline, mixer}  <-  {trainer, integrations}  <-  cli (dgamix/cli.py)
+pipeline and mixer sit side by side and never import each other, nor do trainer and integrations (the mixer in
+other trainers); `dgamix/__init__.py` imports nothing.
 
 Every import of every module under dgamix/ is read with `ast`: absolute and relative (`from ..core.params import
 x`, `from . import y`), at module level or inside functions, and `importlib.import_module("dgamix....")` with a
@@ -24,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "dgamix"
 
 # Rank of each layer: an edge A -> B is allowed when A == B or rank(B) < rank(A). pipeline and mixer share a rank,
-# so neither may import the other.
-LAYERS = {"core": 0, "formats": 1, "pipeline": 2, "mixer": 2, "trainer": 3, "cli": 4}
+# so neither may import the other; so do trainer and integrations.
+LAYERS = {"core": 0, "formats": 1, "pipeline": 2, "mixer": 2, "trainer": 3, "integrations": 3, "cli": 4}
 ROOT_LAYER = "dgamix/__init__"  # the package's own __init__: imports nothing, so anything may import it
 
 
@@ -156,7 +157,7 @@ def layer_violations(edges: list[Edge]) -> list[str]:
         elif target not in LAYERS:
             problems.append(f"{edge}: imports '{target}', which is in no layer")
         elif LAYERS[target] >= LAYERS[source]:
-            why = ("pipeline and mixer never import each other" if LAYERS[target] == LAYERS[source]
+            why = ("layers of one rank never import each other" if LAYERS[target] == LAYERS[source]
                    else f"{source} may import only {sorted(k for k, v in LAYERS.items() if v < LAYERS[source])}")
             problems.append(f"{edge}: forbidden edge {source} -> {target} ({why})")
     return problems
@@ -244,10 +245,11 @@ def test_the_scan_sees_the_packages_that_exist(scanned):
     edges, modules = scanned
     present = {p.name for p in (ROOT / PACKAGE).iterdir() if (p / "__init__.py").exists()}
     assert present <= set(LAYERS), f"subpackages in no layer: {sorted(present - set(LAYERS))}"
-    assert {"core", "pipeline", "mixer", "trainer"} <= present
+    assert {"core", "pipeline", "mixer", "trainer", "integrations"} <= present
     seen = {layer_of(e.source) for e in edges}
-    assert {"pipeline", "mixer", "trainer", "cli"} <= seen  # the scan did read imports, relative ones included
-    assert any(e.source == "dgamix.mixer.strategies" and e.target == "dgamix.mixer.stream" for e in edges)
+    # the scan did read imports, relative ones included
+    assert {"pipeline", "mixer", "trainer", "integrations", "cli"} <= seen
+    assert any(e.source == "dgamix.mixer.strategies.dga" and e.target == "dgamix.mixer.stream" for e in edges)
 
 
 def test_no_import_goes_up_or_across_the_layers(scanned):
@@ -369,3 +371,16 @@ def test_package_discovery_includes_only_dgamix():
     assert found and all(p == PACKAGE or p.startswith(PACKAGE + ".") for p in found), found
     subpackages = {f"{PACKAGE}.{p.name}" for p in (ROOT / PACKAGE).iterdir() if (p / "__init__.py").exists()}
     assert subpackages <= set(found), f"subpackages the build would leave out: {sorted(subpackages - set(found))}"
+
+
+def test_no_caller_of_the_strategies_asks_which_strategy_it_has():
+    """The trainer and the integrations drive every strategy through its protocol (`needs`, `training_step`,
+    `observe`, `on_step`), never by testing its class."""
+    offenders = []
+    for folder in ("trainer", "integrations"):
+        for path in sorted((ROOT / PACKAGE / folder).rglob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if "isinstance(" in line and "Strategy" in line:
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, offenders
+

@@ -160,10 +160,12 @@ def test_validate_bases_errors():
     available = np.array([True, True, False])
     with pytest.raises(InputError, match="sums to 0.900000000, expected 1"):
         bases.validate_bases(np.array([[0.5, 0.4, 0.0]]), ["a"], available)
-    with pytest.raises(InputError, match="expected \\(m, 3\\) for 3 clusters"):
+    with pytest.raises(InputError, match="bases have 4 clusters but the store has 3"):
         bases.validate_bases(np.array([[0.5, 0.25, 0.0, 0.25]]), ["a"], available)  # a cluster that does not exist
-    with pytest.raises(InputError, match="puts mass on clusters with no tokens"):
+    with pytest.raises(InputError, match="basis 'a' puts mass 0.25 on clusters with no tokens"):
         bases.validate_bases(np.array([[0.5, 0.25, 0.25]]), ["a"], available)
+    with pytest.raises(InputError, match="basis 'b' has negative, NaN or inf probabilities"):
+        bases.validate_bases(np.array([[0.5, 0.5, 0.0], [1.5, -0.5, 0.0]]), ["a", "b"], available)
     bases.validate_bases(np.array([[0.5, 0.5, 0.0]]), ["a"], available)
 
 

@@ -172,6 +172,11 @@ class Mixer:
         return self.stream.weights
 
     @property
+    def vocab_size(self) -> int:
+        """The token store's vocabulary size (what the model's embedding needs)."""
+        return self.stream.store.vocab_size
+
+    @property
     def names(self) -> list[str]:
         """The bases' names, in the weights' order."""
         return list(self.stream.mixture.names)
