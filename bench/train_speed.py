@@ -1,11 +1,12 @@
-"""Training-step throughput of the reference trainer under its speed options (`train.threads`, `train.precision`,
-`train.compile`, `train.adamw_impl`), side by side, and the loss each configuration reaches.
+"""Training-step throughput of the reference trainer under its speed options (`train.speed.threads`,
+`train.speed.precision`, `train.speed.compile`, `train.optim.adamw_impl`), side by side, and the loss each
+configuration reaches.
 
     .venv/bin/python bench/train_speed.py [--steps 60] [--warmup 5] [--threads N] [--sizes small large]
     # writes bench/results/train_speed.json; --steps 3 --warmup 1 --sizes small checks that it runs
 
-What is timed is the trainer's own step: `train.forward_backward` (autocast, forward through the training forward
-that `train.training_forward` builds, compiled or not, backward) and the optimizer's step (`train.make_optimizer`),
+What is timed is the trainer's own step: `loop.forward_backward` (autocast, forward through the training forward
+that `hardware.training_forward` builds, compiled or not, backward) and the optimizer's step (`hardware.make_optimizer`),
 on the CPU. Not timed: the mixer stream's draw (bench/mixer_throughput.py) and evaluation. Sizes: `small` is
 experiments/experiments.py's TRAIN (2 layers, 4 heads, 128 wide, batch 16 x 64 tokens), `large` 4 layers, 4 heads,
 256 wide, batch 16 x 256 tokens; vocabulary 8192 (tokenize's default).
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from common import print_table, write_result
 
-from dgamix.trainer import train
+from dgamix.trainer import hardware, loop
 from dgamix.trainer.model import GPT, GPTConfig
 
 VOCAB = 8192
@@ -88,18 +89,18 @@ class Runner:
         torch.manual_seed(option.seed)
         self.model = GPT(GPTConfig(vocab_size=VOCAB, block_size=size["seq_len"], n_layer=size["n_layer"],
                                    n_head=size["n_head"], n_embd=size["n_embd"]))
-        self.optimizer = train.make_optimizer(self.model, LR, option.adamw_impl)
-        self.forward: Callable = train.training_forward(self.model, option.compile, "uniform")
+        self.optimizer = hardware.make_optimizer(self.model, LR, option.adamw_impl)
+        self.forward: Callable = hardware.training_forward(self.model, option.compile, "uniform")
         # The CPU, even where CUDA exists: this benchmark measures the CPU options (experiments/gpu_suite.py the GPU).
         self.device = "cpu"
-        self.autocast = train.autocast_dtype(option.precision, "cpu", train.cpu_supports_bf16())
+        self.autocast = hardware.autocast_dtype(option.precision, "cpu", hardware.cpu_supports_bf16())
         self.times: list[float] = []
         self.losses: list[float] = []
 
     def step(self, tokens: torch.Tensor, timed: bool) -> None:
-        with train.torch_threads(self.option.threads):
+        with hardware.torch_threads(self.option.threads):
             started = time.perf_counter()
-            _, loss = train.forward_backward(self.forward, self.optimizer, tokens.to(self.device), self.device,
+            _, loss = loop.forward_backward(self.forward, self.optimizer, tokens.to(self.device), self.device,
                                              self.autocast)
             self.optimizer.step()
             self.losses.append(float(loss.detach()))  # the trainer's log reads it every step too
@@ -123,7 +124,7 @@ def bench_size(name: str, size: dict, options: list[Option], steps: int, warmup:
         o = runner.option
         rows.append({"size": name, "config": o.name, "threads": o.threads,
                      "precision": "fp32" if runner.autocast is None else "bf16",
-                     "compiled": isinstance(runner.forward, train.CompiledForward) and runner.forward.failed is None,
+                     "compiled": isinstance(runner.forward, hardware.CompiledForward) and runner.forward.failed is None,
                      "adamw": o.adamw_impl or "default", "seed": o.seed,
                      "step_ms": 1000 * statistics.median(runner.times),
                      "tokens_per_s": tokens_per_step / statistics.median(runner.times),
@@ -144,7 +145,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "large"])
     parser.add_argument("--name", default="train_speed", help="result file name under bench/results")
     args = parser.parse_args()
-    bf16 = train.cpu_supports_bf16()
+    bf16 = hardware.cpu_supports_bf16()
     print(f"{args.threads} threads for +threads; CPU bf16 arithmetic: {bf16} (otherwise +bf16 runs in fp32); "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     rows = []

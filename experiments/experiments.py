@@ -42,18 +42,24 @@ from pipeline import PREPARE_STAGES, build_corpus  # noqa: E402
 
 RESULTS = ROOT / "results"
 
-# The reference GPT at the size where one run takes one to two minutes on 2 CPU cores.
-TRAIN = {"steps": 300, "seq_len": 64, "batch_size": 16, "lr": 3e-3, "n_layer": 2, "n_head": 4, "n_embd": 128,
-         "eval_every": 50, "eval_batches": 8, "checkpoint_every": 100000, "token_cap": None, "basis_names": None,
-         "eta": 0.3, "beta": 0.1, "every": 20, "dga_batch_size": 8, "dga_target_batch_size": 16,
-         "estimator": "exact"}
+# Train settings are dotted keys of params.yaml's nested `train` section ("data.seq_len": the trainer's
+# train.data.seq_len), applied in order over the trainer's defaults (`nested_train`).
+# The reference GPT at the size where one run takes one to two minutes on 2 CPU cores. DGA and DoGE share the
+# alignment draw (every 20 steps, 8 sequences per basis, 16 of the target); in-batch DGA refreshes g_spe on 8.
+TRAIN = {"steps": 300, "data.seq_len": 64, "data.batch_size": 16, "optim.lr": 3e-3, "model.n_layer": 2,
+         "model.n_head": 4, "model.n_embd": 128, "eval.every": 50, "eval.batches": 8, "checkpoint_every": 100000,
+         "data.token_cap": None, "data.basis_names": None,
+         "strategy.dga.eta": 0.3, "strategy.dga.beta": 0.1, "strategy.dga.every": 20, "strategy.dga.batch_size": 8,
+         "strategy.dga.target_batch_size": 16, "strategy.dga.estimator": "exact",
+         "strategy.doge.every": 20, "strategy.doge.batch_size": 8, "strategy.doge.target_batch_size": 16,
+         "strategy.inbatch.target_batch_size": 8}
 
 # The long runs: every speed option on (BENCHMARKS.md) with one thread per run, so that two runs go side by side on
 # two cores (the scalar work between the kernels does not parallelise); a fixed evaluation seed shared by every
 # seed and method, and twice the evaluation batches of the 300-step runs.
 LONG_STEPS = 1000
-LONG_SETTINGS = {"threads": 1, "precision": "auto", "compile": True, "adamw_impl": "fused", "eval_seed": 1000,
-                 "eval_batches": 16}
+LONG_SETTINGS = {"speed.threads": 1, "speed.precision": "auto", "speed.compile": True, "optim.adamw_impl": "fused",
+                 "eval.seed": 1000, "eval.batches": 16}
 
 
 @dataclass(frozen=True)
@@ -63,7 +69,7 @@ class Method:
     label: str  # its folder under results/.../seed<k>/ and its name in the tables
     strategy: str  # the trainer strategy (dgamix.trainer.train.run's strategy_name)
     bases: str  # "coarse": domain reweighting over the coarse clusters; "all": importance, natural, uniform, coarse
-    train: dict[str, Any] = field(default_factory=dict)  # the method's own train settings, applied last
+    train: dict[str, Any] = field(default_factory=dict)  # the method's own train settings (dotted keys), applied last
 
 
 @dataclass(frozen=True)
@@ -71,9 +77,10 @@ class Experiment:
     """An experiment: one clustering, the train settings its methods share, its methods and variants."""
 
     levels: list[int]  # clusters per level of the tree (a variant may set its own)
-    train: dict[str, Any]  # train settings over TRAIN, shared by every method and variant
+    train: dict[str, Any]  # train settings (dotted keys) over TRAIN, shared by every method and variant
     methods: tuple[Method, ...]  # what is trained per variant and seed
-    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})  # name -> train settings
+    # name -> train settings (dotted keys; "levels": the variant's own clustering)
+    variants: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})
     results_dir: str | None = None  # its folder under results/ (None: the experiment's name)
 
     def folder(self, name: str) -> str:
@@ -83,7 +90,7 @@ class Experiment:
 
 EXPERIMENTS: dict[str, Experiment] = {
     "token_limited": Experiment(  # paper section 3.1, Fig. 1: few tokens per cluster, the favoured clusters repeat
-        levels=[16, 16], train={"token_cap": 4000},
+        levels=[16, 16], train={"data.token_cap": 4000},
         methods=(Method("uniform", "uniform", "coarse"), Method("importance", "importance", "all"),
                  Method("dga", "dga", "coarse"), Method("dga_ema", "dga_ema", "coarse"),
                  Method("odm", "odm", "coarse"))),
@@ -93,34 +100,37 @@ EXPERIMENTS: dict[str, Experiment] = {
                  Method("importance", "importance", "all"), Method("dga_ema", "dga_ema", "all"),
                  Method("odm", "odm", "coarse"))),
     "token_limited_long": Experiment(  # experiment 1 run 3x longer (1 seed): does importance sampling overfit later?
-        levels=[16, 16], train={"token_cap": 4000, "steps": 1000, "eval_every": 100},
+        levels=[16, 16], train={"data.token_cap": 4000, "steps": 1000, "eval.every": 100},
         methods=(Method("uniform", "uniform", "coarse"), Method("importance", "importance", "all"),
                  Method("dga", "dga", "coarse"), Method("dga_ema", "dga_ema", "coarse"))),
     # Experiment 2's DGA with larger step sizes: at 15 updates, eta 0.3 barely moves alpha.
     "distribution_eta": Experiment(
         levels=[16, 16], train={},
         methods=(Method("dga_ema", "dga_ema", "all"),),
-        variants={"eta3": {"eta": 3.0}, "eta10": {"eta": 10.0}}),
+        variants={"eta3": {"strategy.dga.eta": 3.0}, "eta10": {"strategy.dga.eta": 10.0}}),
     # Fig. 4b: spec subsets (run with --spec-docs N); DGA at the step size that moves it at 300 steps.
     "few_examples": Experiment(
-        levels=[16, 16], train={"eta": 10.0},
+        levels=[16, 16], train={"strategy.dga.eta": 10.0},
         methods=(Method("importance", "importance", "all"), Method("dga_ema", "dga_ema", "all"))),
     "granularity": Experiment(  # Fig. 4a: the same comparison as the number of fine clusters grows (variants set the
         # levels; every level uses the 16x16 run's tokenizer, so the losses are in the same units)
-        levels=[16, 16], train={"eta": 10.0},
+        levels=[16, 16], train={"strategy.dga.eta": 10.0},
         methods=(Method("uniform", "uniform", "all"), Method("importance", "importance", "all"),
                  Method("dga_ema", "dga_ema", "all")),
         variants={"4x4": {"levels": [4, 4]}, "8x8": {"levels": [8, 8]}, "16x16": {"levels": [16, 16]},
                   "32x32": {"levels": [32, 32]}}),
     "ablation": Experiment(  # ablations on the token-limited setting: beta, eta, T_r, estimators (variants)
-        levels=[16, 16], train={"token_cap": 4000},
+        levels=[16, 16], train={"data.token_cap": 4000},
         methods=(Method("dga_ema", "dga_ema", "coarse"),),
         # beta = 1 is experiment 1's `dga`; eta 3 and 10 go past the paper's range because at this scale the
         # scores are small (|a| ~ 0.01-0.3) and eta 0.3 barely moves the weights in 15 updates.
-        variants={"beta0.05": {"beta": 0.05}, "beta0.3": {"beta": 0.3}, "eta0.1": {"eta": 0.1},
-                  "eta1": {"eta": 1.0}, "eta3": {"eta": 3.0}, "eta10": {"eta": 10.0}, "every10": {"every": 10},
-                  "every50": {"every": 50}, "every100": {"every": 100},
-                  "finite_difference": {"estimator": "finite_difference"}, "forward": {"estimator": "forward"}}),
+        variants={"beta0.05": {"strategy.dga.beta": 0.05}, "beta0.3": {"strategy.dga.beta": 0.3},
+                  "eta0.1": {"strategy.dga.eta": 0.1}, "eta1": {"strategy.dga.eta": 1.0},
+                  "eta3": {"strategy.dga.eta": 3.0}, "eta10": {"strategy.dga.eta": 10.0},
+                  "every10": {"strategy.dga.every": 10}, "every50": {"strategy.dga.every": 50},
+                  "every100": {"strategy.dga.every": 100},
+                  "finite_difference": {"strategy.dga.estimator": "finite_difference"},
+                  "forward": {"strategy.dga.estimator": "forward"}}),
     # In-batch DGA (trainer strategies inbatch / inbatch_domains): every training sequence's alignment with g_spe,
     # no extra backward per basis. Every method it compares with is trained here too: the other results/ folders
     # hold runs of an earlier reference GPT (its attention without today's explicit c_attn/c_proj), so only runs
@@ -130,7 +140,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         levels=[16, 16], train={},
         methods=(Method("uniform", "uniform", "all"), Method("importance", "importance", "all"),
                  Method("inbatch", "inbatch", "all"), Method("inbatch_domains", "inbatch_domains", "all"),
-                 Method("dga_ema", "dga_ema", "all", {"eta": 10.0}))),
+                 Method("dga_ema", "dga_ema", "all", {"strategy.dga.eta": 10.0}))),
     # The long runs: the headline comparisons at a length where the generic loss falls well below the 300-step
     # runs' ~7, 3 seeds each, every method on the same fixed evaluation batches (eval_seed), with the trainer's speed
     # options on (LONG_SETTINGS: bf16 autocast where the CPU has it, so compare these runs only with each other). DoGE
@@ -138,23 +148,23 @@ EXPERIMENTS: dict[str, Experiment] = {
     # all the bases otherwise. Evaluated every 100 steps: the 300-step comparison is read from the same runs' logs.
     "long_token_limited": Experiment(
         results_dir="long/token_limited", levels=[16, 16],
-        train={"token_cap": 4000, "steps": LONG_STEPS, "eval_every": 100, **LONG_SETTINGS},
+        train={"data.token_cap": 4000, "steps": LONG_STEPS, "eval.every": 100, **LONG_SETTINGS},
         methods=(Method("uniform", "uniform", "coarse"), Method("importance", "importance", "all"),
-                 Method("doge", "doge", "coarse"), Method("dga_ema", "dga_ema", "coarse", {"eta": 10.0}),
+                 Method("doge", "doge", "coarse"), Method("dga_ema", "dga_ema", "coarse", {"strategy.dga.eta": 10.0}),
                  Method("inbatch", "inbatch", "coarse"))),
     "long_distribution": Experiment(
         results_dir="long/distribution", levels=[16, 16],
-        train={"steps": LONG_STEPS, "eval_every": 100, **LONG_SETTINGS},
+        train={"steps": LONG_STEPS, "eval.every": 100, **LONG_SETTINGS},
         methods=(Method("uniform", "uniform", "all"), Method("importance", "importance", "all"),
-                 Method("doge", "doge", "all"), Method("dga_ema", "dga_ema", "all", {"eta": 10.0}),
+                 Method("doge", "doge", "all"), Method("dga_ema", "dga_ema", "all", {"strategy.dga.eta": 10.0}),
                  Method("inbatch", "inbatch", "all"))),
-    # The pilot that chose train.inbatch_scale for `inbatch` (150 steps, seed 0, every target): snr against
-    # standardized at the default inbatch_eta, with uniform at the same length for the generic-loss bar.
+    # The pilot that chose train.strategy.inbatch.scale for `inbatch` (150 steps, seed 0, every target): snr against
+    # standardized at the default in-batch eta, with uniform at the same length for the generic-loss bar.
     "inbatch_pilot": Experiment(
         results_dir="inbatch/pilot", levels=[16, 16], train={"steps": 150},
         methods=(Method("uniform", "uniform", "all"),
-                 Method("inbatch_snr", "inbatch", "all", {"inbatch_scale": "snr"}),
-                 Method("inbatch_standardized", "inbatch", "all", {"inbatch_scale": "standardized"}))),
+                 Method("inbatch_snr", "inbatch", "all", {"strategy.inbatch.scale": "snr"}),
+                 Method("inbatch_standardized", "inbatch", "all", {"strategy.inbatch.scale": "standardized"}))),
 }
 
 
@@ -273,20 +283,35 @@ def seed_dir(name: str, target: str, spec_docs: int | None, variant: str, seed: 
 
 def method_config(spec: Experiment, variant: str, method: Method, seed: int, target: str,
                   spec_docs: int | None, output: Path, layout: Layout = DEFAULT_LAYOUT,
-                  steps: int | None = None) -> dict[str, Any]:
-    """The `train` section of one run: TRAIN, then the experiment's, the variant's and the method's own settings,
-    then the run's data (the prepared clustering and target) and train.output (the trainer's default output
-    root; the harness names each run's own folder to train.run)."""
+                  steps: int | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The `train` section of one run (nested, as params.yaml holds it): TRAIN, then the experiment's, the
+    variant's and the method's own settings, then the run's data (the prepared clustering and target) and
+    train.paths.output (the trainer's default output root; the harness names each run's own folder to train.run),
+    then `steps` and `extra` (dotted settings of the caller's own)."""
     levels, overrides = variant_settings(spec, variant)
     tdir = target_dir(levels, target, spec_docs, layout)
     names = json.loads((tdir / "bases" / "names.json").read_text())
     coarse = [n for n in names if n.startswith("coarse:")]
-    cfg = copy.deepcopy(TRAIN) | spec.train | overrides | method.train
-    cfg.update(seed=seed, tokens=str(levels_dir(levels, layout) / "tokens"), bases=str(tdir / "bases"),
-               output=str(output), basis_names=coarse if method.bases == "coarse" else None, **target_stores(tdir))
+    settings = copy.deepcopy(TRAIN) | spec.train | overrides | method.train
+    settings.update({"seed": seed, "paths.tokens": str(levels_dir(levels, layout) / "tokens"),
+                     "paths.bases": str(tdir / "bases"), "paths.output": str(output),
+                     "data.basis_names": coarse if method.bases == "coarse" else None,
+                     **{f"paths.{k}": v for k, v in target_stores(tdir).items()}})
     if steps:
-        cfg["steps"] = steps
-    return cfg
+        settings["steps"] = steps
+    return nested_train(settings | (extra or {}))
+
+
+def nested_train(settings: dict[str, Any]) -> dict[str, Any]:
+    """Dotted train settings ({"data.seq_len": 64}) as the nested `train` section ({"data": {"seq_len": 64}})."""
+    section: dict[str, Any] = {}
+    for dotted, value in settings.items():
+        node = section
+        *parents, key = dotted.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = copy.deepcopy(value)
+    return section
 
 
 def run_experiment(name: str, target: str, seeds: list[int], spec_docs: int | None, variants: list[str] | None,

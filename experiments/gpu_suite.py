@@ -12,7 +12,7 @@ ingest and embed the generic corpus (MiniLM, torch backend, fp16 on CUDA), fit t
 assign, tokenize (8,192-token BPE), the target's stages and the bases; then the reference GPT (8 layers, 8 heads,
 512 wide: 29.7 M parameters; sequences of 512 tokens, bf16 autocast) under uniform, importance, doge, dga_ema
 (exact estimator, eta 10), inbatch and inbatch_domains, seeds 0 1 2, every run evaluated on the same fixed batches
-(train.eval_seed). Before training it times each method's step after a warm-up and prints the estimate; it stops
+(train.eval.seed). Before training it times each method's step after a warm-up and prints the estimate; it stops
 there when the estimate does not fit --budget-minutes (--force runs anyway).
 
 Outputs: results/gpu_suite/<target>/default/seed<k>/<method>/{metrics.json,summary.json,log.csv,...} (as
@@ -64,16 +64,21 @@ EVAL_SEED = 1000  # one set of evaluation batches for every seed and method: the
 # = 552 / (20 x 32) ~ 0.86 of the training compute (doge the same), the in-batch strategies ~0.25-0.5. 600 steps
 # x (2 x 1 + 2 x 1.86 + 2 x ~1.4) ~ 8.5 uniform-run equivalents per seed: at ~25 ms/step, 600 x 0.025 x 8.5 x 3
 # ~ 380 s of training, plus ~1-2 min of corpus stages. The measured estimate is what decides.
-GPU_TRAIN: dict[str, Any] = {
-    "steps": 600, "seq_len": 512, "batch_size": 32, "lr": 1e-3, "n_layer": 8, "n_head": 8, "n_embd": 512,
-    "eval_every": 100, "eval_batches": 8, "checkpoint_every": 100000, "token_cap": None,
-    "eta": 0.3, "beta": 0.1, "every": 20, "dga_batch_size": 8, "dga_target_batch_size": 16, "estimator": "exact",
-    "eval_seed": EVAL_SEED, "precision": "bf16", "compile": False, "adamw_impl": "fused", "threads": None}
+GPU_TRAIN: dict[str, Any] = {  # dotted keys of the train section, as experiments.py's
+    "steps": 600, "data.seq_len": 512, "data.batch_size": 32, "optim.lr": 1e-3, "model.n_layer": 8,
+    "model.n_head": 8, "model.n_embd": 512, "eval.every": 100, "eval.batches": 8, "checkpoint_every": 100000,
+    "data.token_cap": None, "strategy.dga.eta": 0.3, "strategy.dga.beta": 0.1, "strategy.dga.every": 20,
+    "strategy.dga.batch_size": 8, "strategy.dga.target_batch_size": 16, "strategy.dga.estimator": "exact",
+    "strategy.doge.every": 20, "strategy.doge.batch_size": 8, "strategy.doge.target_batch_size": 16,
+    "strategy.inbatch.target_batch_size": 8, "eval.seed": EVAL_SEED, "speed.precision": "bf16",
+    "speed.compile": False, "optim.adamw_impl": "fused", "speed.threads": None}
 # Toy size: every code path of the GPU run (same methods, stages and outputs), small enough for 2 CPU cores.
 TOY_TRAIN: dict[str, Any] = GPU_TRAIN | {
-    "steps": 12, "seq_len": 32, "batch_size": 4, "lr": 3e-3, "n_layer": 1, "n_head": 2, "n_embd": 32,
-    "eval_every": 6, "eval_batches": 1, "every": 4, "dga_batch_size": 2, "dga_target_batch_size": 2,
-    "inbatch_refresh": 4, "inbatch_min_sequences": 1, "precision": "fp32", "adamw_impl": None}
+    "steps": 12, "data.seq_len": 32, "data.batch_size": 4, "optim.lr": 3e-3, "model.n_layer": 1, "model.n_head": 2,
+    "model.n_embd": 32, "eval.every": 6, "eval.batches": 1, "strategy.dga.every": 4, "strategy.dga.batch_size": 2,
+    "strategy.dga.target_batch_size": 2, "strategy.doge.every": 4, "strategy.doge.batch_size": 2,
+    "strategy.doge.target_batch_size": 2, "strategy.inbatch.target_batch_size": 2, "strategy.inbatch.refresh": 4,
+    "strategy.inbatch.min_sequences": 1, "speed.precision": "fp32", "optim.adamw_impl": None}
 GPU_LEVELS, TOY_LEVELS = [64, 64], [4, 4]
 TOY_DOCS_PER_SHARD = 150  # 300 documents from the sample's two shards: 16 clusters of ~19 documents
 WARMUP_STEPS = 3  # first steps pay for CUDA context, cuBLAS handles and allocator growth: not timed
@@ -222,40 +227,33 @@ def calibrate(spec: Experiment, target: str, layout: experiments.Layout,
 
 
 def time_steps(cfg: dict[str, Any], strategy: str) -> dict[str, float]:
-    """One method's build, step and evaluation seconds, without writing a run.
-
-    Needs the trainer's internals, not its entry point train.run (which trains to the end and writes the run):
-    train.read_config (TrainConfig: every, inbatch_refresh, inbatch_every, threads), train.build_run (RunObjects:
-    model, device, autocast), train.load_eval_sets (EvalSets: spec, generic), train.torch_threads, train.train_step
-    and train.evaluate. Port this function alone when their signatures change."""
+    """One method's build, step and evaluation seconds, without writing a run (the trainer's `TrainingRun`, stepped
+    here instead of trained to the end)."""
     import torch
 
-    from dgamix.trainer import train
+    from dgamix.trainer.train import TrainingRun
 
-    config = train.read_config({"train": cfg}, strategy)
     sync()
     started = time.perf_counter()
-    objects = train.build_run(config)
-    evals = train.load_eval_sets(config)
+    training = TrainingRun({"train": cfg}, strategy)
     sync()
     build_s = time.perf_counter() - started
-    # The window covers one DGA/DoGE update (every), one in-batch refresh and whole in-batch update periods.
-    window = max(config.every, config.inbatch_refresh, config.inbatch_every)
-    with train.torch_threads(config.threads):
-        for step in range(WARMUP_STEPS):
-            train.train_step(objects, step)
-        sync()
-        started = time.perf_counter()
-        for step in range(WARMUP_STEPS, WARMUP_STEPS + window):
-            train.train_step(objects, step)
-        sync()
-        step_s = (time.perf_counter() - started) / window
-        started = time.perf_counter()
-        train.evaluate(objects.model, evals.spec, objects.device, objects.autocast)
-        train.evaluate(objects.model, evals.generic, objects.device, objects.autocast)
-        sync()
-        eval_s = time.perf_counter() - started
-    del objects, evals
+    # The window covers one DGA/DoGE update, one in-batch refresh and whole in-batch update periods.
+    settings = training.config.train.strategy
+    window = max(settings.dga.every, settings.doge.every, settings.inbatch.refresh, settings.inbatch.every)
+    for _ in range(WARMUP_STEPS):
+        training.step()
+    sync()
+    started = time.perf_counter()
+    for _ in range(window):
+        training.step()
+    sync()
+    step_s = (time.perf_counter() - started) / window
+    started = time.perf_counter()
+    training.evaluate()
+    sync()
+    eval_s = time.perf_counter() - started
+    del training
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return {"build_s": round(build_s, 4), "step_s": round(step_s, 5), "eval_s": round(eval_s, 4),
@@ -422,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             for m in spec.methods}
     todo = {label: n for label, n in todo.items() if n}
     timings = calibrate(spec, target, layout, work / "calibration") if todo else {}
-    per_method = estimate(timings, todo, steps, spec.train["eval_every"])
+    per_method = estimate(timings, todo, steps, spec.train["eval.every"])
     elapsed = time.perf_counter() - started
     total = elapsed + sum(per_method.values())
     print(f"\nBudget estimate: {sum(todo.values())} runs x {steps} steps", flush=True)
@@ -432,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  stages and calibration so far {elapsed:.0f} s; whole suite ~{total:.0f} s = {total / 60:.1f} min "
           f"(budget {args.budget_minutes:g} min)\n", flush=True)
     if total > 60 * args.budget_minutes and not args.force:
-        fits = steps_that_fit(timings, todo, 60 * args.budget_minutes - elapsed, spec.train["eval_every"])
+        fits = steps_that_fit(timings, todo, 60 * args.budget_minutes - elapsed, spec.train["eval.every"])
         print(f"gpu_suite: the estimate ({total / 60:.1f} min) exceeds --budget-minutes {args.budget_minutes:g}: "
               f"nothing trained. About {fits} steps per run would fit (--steps {fits}); or raise "
               "--budget-minutes, or pass --force. The stages' outputs are kept: the next call starts from them.",
@@ -443,12 +441,12 @@ def main(argv: list[str] | None = None) -> int:
                                spec)
 
     variant_dir = experiments.seed_dir(NAME, target, None, "default", 0, layout, spec).parent
-    report = render(variant_dir, steps, spec.train["eval_every"])
+    report = render(variant_dir, steps, spec.train["eval.every"])
     figures = {"date": date.today().isoformat(), "mode": "toy" if args.toy else "GPU", "device": device,
                "machine": machine(), "levels": spec.levels, "steps": steps, "seeds": args.seeds,
                "train": spec.train, "budget_minutes": args.budget_minutes, "stages": stages,
                "calibration": timings, "estimate_s": round(sum(per_method.values()), 1),
-               "training": training_figures(variant_dir, spec.train["batch_size"] * spec.train["seq_len"]),
+               "training": training_figures(variant_dir, spec.train["data.batch_size"] * spec.train["data.seq_len"]),
                "total_s": round(time.perf_counter() - started, 1)}
     (variant_dir.parent / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     (variant_dir.parent / "figures.md").write_text(figures_markdown(figures) + "\n")

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # ben
 import numpy as np  # noqa: E402
 from common import print_table, write_result  # noqa: E402
 
-CONFIGS = {"fp32": {"precision": "fp32", "compile": False, "adamw_impl": None},
+CONFIGS = {"fp32": {"speed.precision": "fp32", "speed.compile": False, "optim.adamw_impl": None},
            "fast": {}}  # fast: LONG_SETTINGS as they are
 
 
@@ -50,7 +50,8 @@ def one_run(args: tuple[str, int, int, str, str]) -> dict:
     spec = experiments.EXPERIMENTS["long_distribution"]
     method = next(m for m in spec.methods if m.label == "uniform")
     run_dir = Path(out) / f"{name}-{seed}"
-    cfg = experiments.method_config(spec, "default", method, seed, target, None, run_dir, steps=steps) | CONFIGS[name]
+    cfg = experiments.method_config(spec, "default", method, seed, target, None, run_dir, steps=steps,
+                                    extra=CONFIGS[name])
     metrics = train.run({"train": cfg}, method.strategy, out_dir=run_dir)
     log = pl.read_csv(run_dir / "log.csv", infer_schema_length=None).filter(pl.col("spec_loss").is_not_null())
     summary = json.loads((run_dir / "summary.json").read_text())

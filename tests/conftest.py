@@ -114,3 +114,14 @@ class chdir:
 
 def load_params(work: Path) -> dict:
     return yaml.safe_load((work / "params.yaml").read_text())
+
+
+def set_train(params: dict, settings: dict) -> dict:
+    """Set settings of the nested `train` section by dotted key ({"data.seq_len": 16}); returns params."""
+    for dotted, value in settings.items():
+        node = params.setdefault("train", {})
+        *parents, key = dotted.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[key] = value
+    return params

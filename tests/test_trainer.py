@@ -11,14 +11,15 @@ import polars as pl
 import pytest
 import yaml
 
-from dgamix.core.defaults import DEFAULTS
+from dgamix.core.config import defaults
 from dgamix.core.params import ParamError
 from dgamix.pipeline import assign, bases, cluster, tokens
-from dgamix.trainer import plot, train
+from dgamix.trainer import hardware, loop, plot
 from dgamix.trainer.plot import plot_runs
+from dgamix.trainer.config import TrainSettings
 from dgamix.trainer.train import read_config, run
 
-from .conftest import chdir, load_params, run_target_stages
+from .conftest import chdir, load_params, run_target_stages, set_train
 
 METRICS = {"final_spec_loss", "final_generic_loss", "bases", "final_weights"}
 
@@ -46,8 +47,10 @@ def trainer_params(pipeline_workspace, tmp_path) -> Iterator[dict]:
     work = tmp_path / "ws"
     shutil.copytree(pipeline_workspace, work)
     params = load_params(work)
-    params["train"].update(steps=6, seq_len=16, batch_size=4, n_layer=1, n_embd=32, n_head=2, eval_every=3,
-                           eval_batches=1, every=3, dga_batch_size=2)
+    set_train(params, {"steps": 6, "data.seq_len": 16, "data.batch_size": 4, "model.n_layer": 1, "model.n_embd": 32,
+                       "model.n_head": 2, "eval.every": 3, "eval.batches": 1, "strategy.dga.every": 3,
+                       "strategy.dga.batch_size": 2, "strategy.doge.every": 3, "strategy.doge.batch_size": 2,
+                       "strategy.inbatch.target_batch_size": 2})
     with chdir(work):
         yield params
 
@@ -86,7 +89,7 @@ def test_every_strategy_trains_and_is_plotted(trainer_params):
     assert dga.row(0)[5:5 + len(names)] != dga.row(5)[5:5 + len(names)]  # DGA moved the weights
     odm = pl.read_csv(workspace / "runs/odm/log.csv", infer_schema_length=None)
     assert odm.row(0)[5:7] != odm.row(5)[5:7]  # the bandit moved its policy
-    params["train"]["estimator"] = "forward"
+    set_train(params, {"strategy.dga.estimator": "forward"})
     run(params, "dga")
     assert pl.read_csv(workspace / "runs/dga/log.csv", infer_schema_length=None)["a:importance"].drop_nulls().len() == 2
 
@@ -118,14 +121,14 @@ class Killed(Exception):
 
 def kill_after_checkpoint(monkeypatch, params, strategy: str, at_step: int) -> None:
     """Run until the checkpoint before step `at_step` is written, then die there (as a killed job would)."""
-    save = train.save_checkpoint
+    save = loop.save_checkpoint
 
     def save_then_die(path, objects, next_step, history):
         save(path, objects, next_step, history)
         if next_step == at_step:
             raise Killed
 
-    monkeypatch.setattr(train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
     with pytest.raises(Killed):
         run(params, strategy)
     monkeypatch.undo()
@@ -134,15 +137,15 @@ def kill_after_checkpoint(monkeypatch, params, strategy: str, at_step: int) -> N
 @pytest.mark.parametrize("strategy", ["dga_ema", "odm", "inbatch"])
 def test_resumed_run_matches_a_straight_run(trainer_params, monkeypatch, strategy):
     params = copy.deepcopy(trainer_params)
-    params["train"].update(checkpoint_every=2, output="straight")
+    set_train(params, {"checkpoint_every": 2, "paths.output": "straight"})
     run(params, strategy)
 
-    params["train"]["output"] = "resumed"
+    set_train(params, {"paths.output": "resumed"})
     kill_after_checkpoint(monkeypatch, params, strategy, at_step=4)
     resumed = Path("resumed") / strategy
     assert (resumed / "checkpoint.pt").exists() and not (resumed / "log.csv").exists()
     other = copy.deepcopy(params)
-    other["train"]["batch_size"] = 2
+    set_train(other, {"data.batch_size": 2})
     with pytest.raises(ParamError, match="checkpoint.pt was saved by a run with other data or train parameters"):
         run(other, strategy)
     assert run(params, strategy)["steps"] == 6
@@ -154,7 +157,7 @@ def test_resumed_run_matches_a_straight_run(trainer_params, monkeypatch, strateg
 
 @pytest.mark.parametrize("strategy, level_names", [("inbatch", "bases"), ("inbatch_domains", "clusters")])
 def test_in_batch_strategies_score_every_step_and_record_the_clusters(trainer_params, strategy, level_names):
-    trainer_params["train"].update(inbatch_min_sequences=1, inbatch_refresh=2)
+    set_train(trainer_params, {"strategy.inbatch.min_sequences": 1, "strategy.inbatch.refresh": 2})
     run(trainer_params, strategy)
     out = Path("runs") / strategy
     frame = pl.read_csv(out / "log.csv", infer_schema_length=None)
@@ -177,27 +180,26 @@ def test_in_batch_strategies_score_every_step_and_record_the_clusters(trainer_pa
 
 
 def test_doge_trains_reads_the_learning_rate_and_resumes(trainer_params, monkeypatch):
-    """`dgamix train --strategy doge`: scores at steps 3 and 6 within DoGE's bounds in units of train.lr, weights
+    """`dgamix train --strategy doge`: scores at steps 3 and 6 within DoGE's bounds in units of train.optim.lr, weights
     that move, and a run killed after its step-4 checkpoint that resumes to the straight run's bytes."""
     params = copy.deepcopy(trainer_params)
-    params["train"].update(checkpoint_every=2, output="straight", doge_clip_min=-5.0)
+    set_train(params, {"checkpoint_every": 2, "paths.output": "straight", "strategy.doge.clip_min": -5.0})
     run(params, "doge")
     frame = pl.read_csv(Path("straight/doge/log.csv"), infer_schema_length=None)
     scores = frame.select([c for c in frame.columns if c.startswith("a:")]).drop_nulls()
     assert scores.height == 2 and frame["skipped"].drop_nulls().to_list() == [False, False]
-    lr = params["train"]["lr"]
+    lr = read_config(params, "doge").train.optim.lr
     assert all(-5 * lr <= v <= 5 * lr for row in scores.rows() for v in row) and any(v != 0 for v in scores.row(0))
     weights = [c for c in frame.columns if c.startswith("w:")]
     assert frame.row(0)[5:5 + len(weights)] != frame.row(5)[5:5 + len(weights)]  # DoGE moved the weights
 
-    params["train"]["output"] = "resumed"
+    set_train(params, {"paths.output": "resumed"})
     kill_after_checkpoint(monkeypatch, params, "doge", at_step=4)
-    other = copy.deepcopy(params)
-    other["train"]["doge_mu"] = 0.01
-    with pytest.raises(ParamError, match="doge_mu|mu: saved 0.05, now 0.01"):
+    other = set_train(copy.deepcopy(params), {"strategy.doge.mu": 0.01})
+    with pytest.raises(ParamError, match="mu: saved 0.05, now 0.01"):
         run(other, "doge")
-    other = copy.deepcopy(params)
-    other["train"]["adamw_impl"] = "foreach"  # torch's optimizer loading would silently keep the saved choice
+    # torch's optimizer loading would silently keep the saved choice
+    other = set_train(copy.deepcopy(params), {"optim.adamw_impl": "foreach"})
     with pytest.raises(ParamError, match="adamw_impl: saved None, now 'foreach'"):
         run(other, "doge")
     run(params, "doge")
@@ -206,23 +208,41 @@ def test_doge_trains_reads_the_learning_rate_and_resumes(trainer_params, monkeyp
 
 
 def test_missing_eval_store_names_its_parameter(trainer_params):
-    trainer_params["train"]["target_eval"] = "data/targets/nowhere"
-    with pytest.raises(ParamError, match=r"train.target_eval = 'data/targets/nowhere'.*dgamix tokenize --target eval"):
+    set_train(trainer_params, {"paths.target_eval": "data/targets/nowhere"})
+    with pytest.raises(ParamError,
+                       match=r"train.paths.target_eval = 'data/targets/nowhere'.*dgamix tokenize --target eval"):
         run(trainer_params, "uniform")
 
 
-def test_parameters_default_from_core_and_are_checked():
+def test_train_section_defaults_and_checks():
+    """params.yaml's train section is exactly the settings' defaults; each bad value is refused naming its key;
+    null is a value, not "use the default"."""
+    shipped = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())["train"]
+    assert shipped == defaults(TrainSettings)
     config = read_config({"train": {}}, "dga_ema")
-    for key, value in DEFAULTS["train"].items():
-        if key != "strategies":  # dvc.yaml's foreach list: the trainer runs the one strategy it is given
-            assert getattr(config, key) == (Path(value) if isinstance(getattr(config, key), Path) else value), key
-    bad = [({"eta": "0.3"}, "train.eta"), ({"eta": -1}, "train.eta"), ({"beta": 0}, "train.beta"),
-           ({"beta": True}, "train.beta"), ({"estimator": "adjoint"}, "train.estimator"),
-           ({"every": 2.5}, "train.every"), ({"token_cap": 0}, "train.token_cap"),
-           ({"dga_target_batch_size": 0}, "train.dga_target_batch_size"), ({"n_embd": 30}, "train.n_embd"),
-           ({"basis_names": [1]}, "train.basis_names"), ({"lr": "fast"}, "train.lr"), ({"seed": -1}, "train.seed"),
-           ({"doge_mu": 0}, "train.doge_mu"), ({"doge_clip_min": 6.0}, "train.doge_clip_min"),
-           ({"doge_clip_max": float("inf")}, "train.doge_clip_max"), ({"doge_grad_clip": -1}, "train.doge_grad_clip")]
+    assert config.train == TrainSettings() and config.strategy_settings() == TrainSettings().strategy.dga
+    assert read_config({}, "dga").strategy_settings().beta == 1.0  # dga: DGA without EMA
+    assert read_config({}, "inbatch_domains").strategy_settings().level == "clusters"
+    bad = [({"strategy": {"dga": {"eta": "0.3"}}}, "train.strategy.dga.eta"),
+           ({"strategy": {"dga": {"eta": -1}}}, "train.strategy.dga.eta"),
+           ({"strategy": {"dga": {"beta": 0}}}, "train.strategy.dga.beta"),
+           ({"strategy": {"dga": {"beta": True}}}, "train.strategy.dga.beta"),
+           ({"strategy": {"dga": {"estimator": "adjoint"}}}, "train.strategy.dga.estimator"),
+           ({"strategy": {"dga": {"every": 2.5}}}, "train.strategy.dga.every"),
+           ({"strategy": {"dga": {"target_batch_size": 0}}}, "train.strategy.dga.target_batch_size"),
+           ({"strategy": {"dga": {"eat": 1}}}, "train.strategy.dga.eat is not a setting"),
+           ({"strategy": {"inbatch": {"scale": "loud"}}}, "train.strategy.inbatch.scale"),
+           ({"strategy": {"inbatch": {"floor": 1.0}}}, "train.strategy.inbatch.floor"),
+           ({"strategy": {"doge": {"mu": 0}}}, "train.strategy.doge.mu"),
+           ({"strategy": {"doge": {"clip_min": 6.0}}}, "train.strategy.doge.clip_min"),
+           ({"strategy": {"doge": {"clip_max": float("inf")}}}, "train.strategy.doge.clip_max"),
+           ({"strategy": {"doge": {"grad_clip": -1}}}, "train.strategy.doge.grad_clip"),
+           ({"data": {"token_cap": 0}}, "train.data.token_cap"), ({"model": {"n_embd": 30}}, "train.model.n_embd"),
+           ({"data": {"basis_names": [1]}}, r"train.data.basis_names\[0\]"),
+           ({"optim": {"lr": "fast"}}, "train.optim.lr"), ({"seed": -1}, "train.seed"),
+           ({"steps": None}, "train.steps = null"), ({"eta": 0.3}, "train.eta is not"),
+           ({"speed": {"precision": "fp16"}}, "train.speed.precision"),
+           ({"optim": {"adamw_impl": "apex"}}, "train.optim.adamw_impl"), ({"eval": {"seed": -1}}, "train.eval.seed")]
     for override, named in bad:
         with pytest.raises(ParamError, match=named.replace(".", r"\.")):
             read_config({"train": override}, "uniform")
@@ -233,39 +253,33 @@ def test_parameters_default_from_core_and_are_checked():
 def test_fixed_eval_seed_gives_every_seed_the_same_eval_batches(trainer_params):
     def batches(seed: int, eval_seed: int | None) -> list:
         params = copy.deepcopy(trainer_params)
-        params["train"].update(seed=seed, eval_seed=eval_seed, eval_batches=2)
-        evals = train.load_eval_sets(read_config(params, "uniform"))
+        set_train(params, {"seed": seed, "eval.seed": eval_seed, "eval.batches": 2})
+        evals = loop.load_eval_sets(read_config(params, "uniform"))
         return [t.tolist() for t in evals.spec + evals.generic]
 
     # an int: the same batches whatever the training seed (the seed-to-seed spread is training's alone)
     assert batches(0, 7) == batches(3, 7) != batches(0, 8)
     # null: seed + 1, as the recorded runs drew them
     assert batches(0, None) == batches(5, 1) and batches(4, None) == batches(0, 5) != batches(0, None)
-    trainer_params["train"].update(eval_seed=7)
+    set_train(trainer_params, {"eval.seed": 7})
     assert run(trainer_params, "uniform")["eval_seed"] == 7
-    with pytest.raises(ParamError, match=r"train\.eval_seed"):
-        read_config({"train": {"eval_seed": -1}}, "uniform")
 
 
 def test_bf16_autocast_only_where_the_hardware_has_it():
     import torch
 
-    dtype = train.autocast_dtype
+    dtype = hardware.autocast_dtype
     # auto: bf16 exactly where supported; null: as every recorded run (bf16 on CUDA, fp32 on the CPU)
     assert dtype("auto", "cpu", True) is torch.bfloat16 and dtype("auto", "cpu", False) is None
     assert dtype(None, "cpu", True) is None and dtype(None, "cuda", True) is torch.bfloat16
     assert dtype("fp32", "cuda", True) is None and dtype("bf16", "cpu", False) is torch.bfloat16
-    assert train.cpu_supports_bf16({"avx512f", "avx512_bf16"}) and train.cpu_supports_bf16({"amx_bf16"})
-    assert not train.cpu_supports_bf16({"avx512f", "avx512bw", "avx2"}) and not train.cpu_supports_bf16(set())
+    assert hardware.cpu_supports_bf16({"avx512f", "avx512_bf16"}) and hardware.cpu_supports_bf16({"amx_bf16"})
+    assert not hardware.cpu_supports_bf16({"avx512f", "avx512bw", "avx2"}) and not hardware.cpu_supports_bf16(set())
     if not torch.cuda.is_available():  # this machine: auto follows its own flags, null stays fp32
-        flags = train.cpu_flags()
+        flags = hardware.cpu_flags()
         expected = torch.bfloat16 if flags & {"avx512_bf16", "amx_bf16", "bf16"} else None
-        assert train.resolve_device("auto") == ("cpu", expected)
-        assert train.resolve_device() == ("cpu", None) == train.resolve_device("fp32")
-    with pytest.raises(ParamError, match=r"train\.precision"):
-        read_config({"train": {"precision": "fp16"}}, "uniform")
-    with pytest.raises(ParamError, match=r"train\.adamw_impl"):
-        read_config({"train": {"adamw_impl": "apex"}}, "uniform")
+        assert hardware.resolve_device("auto") == ("cpu", expected)
+        assert hardware.resolve_device() == ("cpu", None) == hardware.resolve_device("fp32")
 
 
 def train_losses(strategy: str) -> list[float]:
@@ -281,22 +295,22 @@ def test_speed_options_change_the_losses_by_rounding_only(trainer_params):
     assert (baseline["precision"], baseline["compiled"]) == ("fp32", False)
     # fp32 spelled out, threads as they are: the very same run, byte for byte
     before = torch.get_num_threads()
-    params["train"].update(precision="fp32", threads=before, output="explicit")
+    set_train(params, {"speed.precision": "fp32", "speed.threads": before, "paths.output": "explicit"})
     run(params, "uniform")
     assert Path("explicit/uniform/log.csv").read_bytes() == reference[0]
     # one thread, then the process's setting back
-    params["train"].update(threads=1, output="one_thread")
+    set_train(params, {"speed.threads": 1, "paths.output": "one_thread"})
     assert run(params, "uniform")["threads"] == 1 and torch.get_num_threads() == before
     assert pl.read_csv("one_thread/uniform/log.csv")["train_loss"].to_list() == pytest.approx(reference[1], rel=1e-5)
     # fused AdamW: the same update up to float rounding
-    params["train"].update(threads=None, adamw_impl="fused", output="fused")
+    set_train(params, {"speed.threads": None, "optim.adamw_impl": "fused", "paths.output": "fused"})
     run(params, "uniform")
     assert pl.read_csv("fused/uniform/log.csv")["train_loss"].to_list() == pytest.approx(reference[1], rel=1e-5)
     # auto: bf16 only where the CPU computes in bf16, and then within bf16 rounding (8 bits of mantissa)
-    params["train"].update(adamw_impl=None, precision="auto", output="auto")
+    set_train(params, {"optim.adamw_impl": None, "speed.precision": "auto", "paths.output": "auto"})
     summary = run(params, "uniform")
     auto = pl.read_csv("auto/uniform/log.csv")["train_loss"].to_list()
-    if train.cpu_supports_bf16() and not torch.cuda.is_available():
+    if hardware.cpu_supports_bf16() and not torch.cuda.is_available():
         assert summary["precision"] == "bfloat16" and auto != reference[1]
         assert auto == pytest.approx(reference[1], abs=0.05)
     else:
@@ -309,8 +323,8 @@ def test_compiled_training_forward_gives_the_eager_losses(trainer_params, caplog
     params = copy.deepcopy(trainer_params)
     eager = run(params, "dga_ema")
     losses = train_losses("dga_ema")
-    params["train"].update(compile=True, output="compiled")
-    with caplog.at_level("WARNING", logger="dgamix.trainer.train"):
+    set_train(params, {"speed.compile": True, "paths.output": "compiled"})
+    with caplog.at_level("WARNING", logger="dgamix.trainer"):
         compiled = run(params, "dga_ema")
     if not compiled["compiled"]:
         pytest.skip(f"torch.compile does not run on this platform: {caplog.text.strip()}")
@@ -318,7 +332,7 @@ def test_compiled_training_forward_gives_the_eager_losses(trainer_params, caplog
     got = pl.read_csv("compiled/dga_ema/log.csv")["train_loss"].to_list()
     assert got == pytest.approx(losses, rel=1e-4)  # fused kernels: another summation order, same values
     # the in-batch strategies' hooks are not traced: compile is refused with a warning, the run trains eagerly
-    params["train"].update(output="inbatch")
-    with caplog.at_level("WARNING", logger="dgamix.trainer.train"):
+    set_train(params, {"paths.output": "inbatch"})
+    with caplog.at_level("WARNING", logger="dgamix.trainer"):
         assert not run(params, "inbatch")["compiled"]
     assert "train.compile ignored for inbatch" in caplog.text

@@ -1,8 +1,10 @@
 """Every parameter's default, defined once.
 
 `params.yaml` at the repository root is exactly this table (a test keeps them equal, and the README's
-configuration table too), so a key left out of a user's params.yaml means what the shipped file says. Stage code
-never spells a default itself: `dgamix.core.params.require` looks it up here.
+configuration table too), so a key left out of a user's params.yaml means what the shipped file says. The sections
+of the offline stages and `ray` are their dataclasses' defaults (`dgamix.core.sections`, read with
+`dgamix.core.config.load`); the `train` section is spelled here, and `dgamix.core.params.require` looks its
+defaults up in this table.
 
 Paths are relative to the project (where `dvc repro` runs). The defaults of `ingest.inputs` and `targets.sets`
 are the embedded sample, so that a fresh clone runs end to end.
@@ -12,99 +14,21 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from .config import defaults
+from .sections import (AssignConfig, BasesConfig, ClusterConfig, EmbedConfig, IngestConfig, RayConfig, StatsConfig,
+                       TargetsConfig, TokenizeConfig)
+
 STRATEGIES = ["uniform", "natural", "importance", "dga", "dga_ema", "inbatch", "inbatch_domains", "odm", "doge"]
-BASIS_FAMILIES = ["importance", "reference", "natural", "uniform", "coarse"]
 
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "ingest": {
-        "inputs": ["data/sample/generic/*.jsonl.zst"],
-        "text_field": "text",
-        "source_field": "meta.source",
-        "strict": False,
-        "output": "data/docs",
-        "rejects": "data/ingest/rejects.parquet",
-        "report": "data/ingest/report.json",
-        "metrics": "metrics/ingest.json",
-        "engine": "local",
-    },
-    "embed": {
-        "docs": "data/docs",
-        "output": "data/embeddings",
-        "model": "all-MiniLM-L6-v2",
-        "max_tokens": 128,
-        "batch_size": 64,
-        "device": "auto",
-        "backend": "torch",
-        "encoder_from": None,
-        "verify": False,
-        "verify_docs": 2000,
-        "verify_levels": [8, 8],
-        "verify_min_cosine": 0.99,
-        "verify_min_agreement": 0.95,
-        "calibration_docs": 512,
-        "seed": 0,
-        "engine": "local",
-    },
-    "cluster": {
-        "embeddings": "data/embeddings",
-        "docs": "data/docs",
-        "output": "data/clusters",
-        "levels": [16, 16],
-        "points_per_centroid": 256,
-        "max_fit_docs": 262144,
-        "iterations": 20,
-        "seed": 0,
-        "backend": "auto",
-    },
-    "assign": {
-        "docs": "data/docs",
-        "embeddings": "data/embeddings",
-        "clusters": "data/clusters",
-        "output": "data/domains",
-        "backend": "auto",
-        "engine": "local",
-    },
-    "stats": {
-        "domains": "data/domains",
-        "output": "data/stats",
-        "metrics": "metrics/stats.json",
-        "keywords": 8,
-        "keyword_sample_docs": 20000,
-        "keyword_terms": 30000,
-        "seed": 0,
-    },
-    "tokenize": {
-        "domains": "data/domains",
-        "docs": None,
-        "output": "data/tokens",
-        "tokenizer": None,
-        "vocab_size": 8192,
-        "train_docs": 20000,
-        "eos_token": None,
-        "holdout_fraction": 0.02,
-        "seed": 0,
-        "engine": "local",
-    },
-    "targets": {
-        "sets": {
-            "spec": ["data/sample/target/spec.jsonl.zst"],
-            "eval": ["data/sample/target/eval.jsonl.zst"],
-        },
-        "text_field": "text",
-        "output": "data/targets",
-        "metrics": "metrics/targets",
-    },
-    "bases": {
-        "target": "data/targets/spec/domains",
-        "families": list(BASIS_FAMILIES),
-        "smoothing": 0.0,
-        "reference_column": "source",
-        "domains": "data/domains",
-        "clusters": "data/clusters",
-        "tokens": "data/tokens",
-        "output": "data/bases",
-        "metrics": "metrics/bases.json",
-    },
+    "ingest": defaults(IngestConfig),
+    "embed": defaults(EmbedConfig),
+    "cluster": defaults(ClusterConfig),
+    "assign": defaults(AssignConfig),
+    "stats": defaults(StatsConfig),
+    "tokenize": defaults(TokenizeConfig),
+    "targets": defaults(TargetsConfig),
+    "bases": defaults(BasesConfig),
     "train": {
         "strategies": ["uniform", "importance", "dga_ema"],
         "steps": 200,
@@ -150,13 +74,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "target_eval": "data/targets/eval/tokens",
         "output": "runs",
     },
-    "ray": {
-        "address": None,
-        "num_cpus": None,
-        "max_retries": 3,
-        "concurrency": None,
-        "runtime_env": None,
-    },
+    "ray": defaults(RayConfig),
 }
 
 

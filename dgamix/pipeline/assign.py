@@ -16,11 +16,12 @@ import pyarrow as pa
 
 from ..core.atomic import atomic_path
 from ..core.errors import ParamError
-from ..core.params import local_path, require, section
+from ..core.config import load
+from ..core.sections import AssignConfig
 from ..formats import docs, domains, embeddings
 from .cluster import load_model
 from .engine import Engine
-from .kmeans import BACKENDS, HierarchicalKMeans, backend_choices, resolve_backend
+from .kmeans import HierarchicalKMeans, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -51,27 +52,21 @@ def assign_file(model: HierarchicalKMeans, task: AssignTask) -> list[dict[str, A
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = section(params, "assign")
-    docs_dir = local_path(cfg, "assign", "docs")
-    emb_dir = local_path(cfg, "assign", "embeddings")
-    clusters_dir = local_path(cfg, "assign", "clusters")
-    out_dir = local_path(cfg, "assign", "output")
-    backend = require(cfg, "assign", "backend", str)
-    if backend not in BACKENDS:
-        raise ParamError(f"assign.backend = '{backend}': expected {backend_choices()}")
+    cfg = load(AssignConfig, params.get("assign"), "assign")
+    docs_dir, emb_dir, clusters_dir = cfg.docs, cfg.embeddings, cfg.clusters
     if not emb_dir.is_dir():
         raise ParamError(f"assign.embeddings = '{emb_dir}' does not exist (expected the embed stage's output)")
 
     model = load_model(clusters_dir, "assign.clusters")
-    model.backend = resolve_backend(backend)
+    model.backend = resolve_backend(cfg.backend)
     arrays = embeddings.load(emb_dir, docs_dir, "assign.embeddings")
     dim = model.centroids_[0].shape[1]
     if arrays[0].shape[1] != dim:
         raise ParamError(f"assign.embeddings have dimension {arrays[0].shape[1]} but the centroids in "
                          f"{clusters_dir} have {dim}: embed and cluster with the same model")
     shards = docs.list_shards(docs_dir, "assign.docs")
-    engine = Engine.for_stage(params, "assign")
-    with atomic_path(out_dir) as tmp:
+    engine = Engine.for_stage(params, "assign", cfg.engine)
+    with atomic_path(cfg.output) as tmp:
         tmp.mkdir(parents=True)
         tasks = [AssignTask(docs_shard=str(shard.resolve()),
                             matrix=str(embeddings.matrix_path(emb_dir, shard).resolve()),

@@ -25,9 +25,9 @@ import numpy as np
 import polars as pl
 
 from ..core.atomic import atomic_path, write_json
-from ..core.defaults import BASIS_FAMILIES
-from ..core.errors import InputError, ParamError
-from ..core.params import local_path, require, section
+from ..core.config import load
+from ..core.errors import InputError
+from ..core.sections import BasesConfig
 from ..formats import bases as bases_format
 from ..formats import clusters, domains, token_store
 
@@ -140,17 +140,11 @@ def write_outputs(directory: Path, names: list[str], matrix: np.ndarray, summary
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = section(params, "bases")
-    families = require(cfg, "bases", "families", list)
-    if not families or any(f not in BASIS_FAMILIES for f in families):
-        raise ParamError(f"bases.families = {families}: expected a non-empty subset of {BASIS_FAMILIES}")
-    smoothing = require(cfg, "bases", "smoothing", (int, float))
-    if smoothing < 0:
-        raise ParamError(f"bases.smoothing = {smoothing}: expected a non-negative pseudo-count")
-    domains_dir = local_path(cfg, "bases", "domains")
-    tree = clusters.read(local_path(cfg, "bases", "clusters"), "bases.clusters")
-    cluster_tokens = token_store.read(local_path(cfg, "bases", "tokens"), "bases.tokens").cluster_tokens
-    target_counts = domains.read_manifest(local_path(cfg, "bases", "target"), ["docs"], "bases.target") \
+    cfg = load(BasesConfig, params.get("bases"), "bases")
+    families, domains_dir = cfg.families, cfg.domains
+    tree = clusters.read(cfg.clusters, "bases.clusters")
+    cluster_tokens = token_store.read(cfg.tokens, "bases.tokens").cluster_tokens
+    target_counts = domains.read_manifest(cfg.target, ["docs"], "bases.target") \
         .column("docs").to_numpy().astype(np.float64)
     domains.read_manifest(domains_dir, ["docs"], "bases.domains")  # a missing corpus fails before any work
     for what, n in (("the token store (bases.tokens)", len(cluster_tokens)),
@@ -158,14 +152,13 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         if n != tree.n_clusters:
             raise InputError(f"{what} has {n} clusters but the clustering has {tree.n_clusters}: build them from "
                              "the same clustering (re-run tokenize and the target stages)")
-    reference = (reference_histograms(domains_dir, require(cfg, "bases", "reference_column", str), tree.n_clusters)
+    reference = (reference_histograms(domains_dir, cfg.reference_column, tree.n_clusters)
                  if "reference" in families else {})
     names, matrix, dropped = build_bases(families, target_counts, cluster_tokens, reference, tree.levels,
-                                         float(smoothing))
+                                         cfg.smoothing)
     summary = summarize(names, matrix, dropped, target_counts, cluster_tokens > 0)
-    with atomic_path(local_path(cfg, "bases", "output")) as tmp:
+    with atomic_path(cfg.output) as tmp:
         write_outputs(tmp, names, matrix, summary)
     # target_clusters: the clusters the specialized set falls in (the importance basis's support before smoothing).
-    write_json({"bases": len(names), "target_clusters": int((target_counts > 0).sum())},
-               local_path(cfg, "bases", "metrics"))
+    write_json({"bases": len(names), "target_clusters": int((target_counts > 0).sum())}, cfg.metrics)
     return summary

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ..core.atomic import atomic_path
-from ..core.defaults import default
+from ..core.config import load
 from ..core.errors import ParamError
-from ..core.params import local_path, non_negative_int, positive_int, require, section
+from ..core.sections import ClusterConfig, positive_levels
 from ..formats import clusters, embeddings
-from .kmeans import BACKENDS, HierarchicalKMeans, backend_choices, resolve_backend
+from .kmeans import HierarchicalKMeans, resolve_backend
 from .sampling import gather_rows, sample_rows
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ MIN_POINTS_PER_CENTROID = 39
 
 
 def validate_levels(levels: Any, n_docs: int) -> list[int]:
-    if not isinstance(levels, list) or not levels or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in levels):
+    if not positive_levels(levels):
         raise ParamError(f"cluster.levels = {levels!r}: expected a non-empty list of positive integers, e.g. [16, 16]")
     if prod(levels) > n_docs:
         raise ParamError(
@@ -37,46 +37,31 @@ def validate_levels(levels: Any, n_docs: int) -> list[int]:
 
 def fit_sample_size(levels: list[int], points_per_centroid: int, max_fit_docs: int | None) -> int:
     """Pure: documents to fit on. The fit sample, not the corpus, sets the stage's memory (about 4 float32 copies
-    of it at the peak): max_fit_docs caps it below faiss's guidance of points_per_centroid per fine centroid."""
+    of it at the peak): max_fit_docs caps it below faiss's guidance of points_per_centroid per fine centroid
+    (`ClusterConfig.validate` keeps the cap at one document per fine cluster or more)."""
     size = prod(levels) * points_per_centroid
-    if max_fit_docs is None:
-        return size
-    if max_fit_docs < prod(levels):
-        raise ParamError(f"cluster.max_fit_docs = {max_fit_docs}: expected at least one document per fine "
-                         f"cluster ({prod(levels)} for levels {levels}), or null")
-    return min(size, max_fit_docs)
+    return size if max_fit_docs is None else min(size, max_fit_docs)
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = section(params, "cluster")
-    emb_dir = local_path(cfg, "cluster", "embeddings")
-    docs_dir = local_path(cfg, "cluster", "docs")
-    out_dir = local_path(cfg, "cluster", "output")
-    seed = non_negative_int(cfg, "cluster", "seed")
-    iterations = positive_int(cfg, "cluster", "iterations")
-    ppc = positive_int(cfg, "cluster", "points_per_centroid")
-    backend = require(cfg, "cluster", "backend", str)
-    # A missing key takes the default cap; an explicit null removes it.
-    max_fit_docs = require(cfg, "cluster", "max_fit_docs", int, None) if "max_fit_docs" in cfg else require(
-        cfg, "cluster", "max_fit_docs", int)
-    if backend not in BACKENDS:
-        raise ParamError(f"cluster.backend = '{backend}': expected {backend_choices()}")
+    cfg = load(ClusterConfig, params.get("cluster"), "cluster")
+    emb_dir, seed, ppc = cfg.embeddings, cfg.seed, cfg.points_per_centroid
     if not emb_dir.is_dir():
         raise ParamError(f"cluster.embeddings = '{emb_dir}' does not exist (expected the embed stage's output)")
 
-    arrays = embeddings.load(emb_dir, docs_dir, "cluster.embeddings")
+    arrays = embeddings.load(emb_dir, cfg.docs, "cluster.embeddings")
     n_docs = sum(len(a) for a in arrays)
-    levels = validate_levels(cfg["levels"] if cfg.get("levels") is not None else default("cluster", "levels"), n_docs)
+    levels = validate_levels(cfg.levels, n_docs)
     if n_docs < MIN_POINTS_PER_CENTROID * levels[0]:
         log.warning("cluster: %d documents for %d top-level clusters is below faiss's guidance of %d points per "
                     "centroid; clusters will be noisy", n_docs, levels[0], MIN_POINTS_PER_CENTROID)
-    rows = sample_rows(n_docs, fit_sample_size(levels, ppc, max_fit_docs), seed)
+    rows = sample_rows(n_docs, fit_sample_size(levels, ppc, cfg.max_fit_docs), seed)
     x = gather_rows(arrays, rows)
-    resolved = resolve_backend(backend)
+    resolved = resolve_backend(cfg.backend)
     log.info("cluster: fitting levels %s on %d of %d documents (%s)", levels, len(rows), n_docs, resolved)
-    model = HierarchicalKMeans(levels, iterations=iterations, seed=seed, points_per_centroid=ppc, backend=resolved)
+    model = HierarchicalKMeans(levels, iterations=cfg.iterations, seed=seed, points_per_centroid=ppc, backend=resolved)
     model.fit(x)
-    with atomic_path(out_dir) as tmp:
+    with atomic_path(cfg.output) as tmp:
         tmp.mkdir(parents=True)
         save_model(model, tmp, {"fit_points": int(len(rows)), "documents": int(n_docs)})
     return {"levels": levels, "fit_points": int(len(rows)), "documents": int(n_docs)}

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..core.atomic import remove_stale_tmp, write_json
 from ..core.errors import InputError, ParamError, StageFailed
-from ..core.params import local_path, non_negative_int, positive_int, require, section
+from ..core.config import load
+from ..core.sections import EmbedConfig
 from ..formats import docs, embeddings
 from ..formats.embeddings import ENCODER_DIR
 from .engine import Engine
@@ -224,57 +225,35 @@ def plan_shards(shards: list[Path], out_dir: Path, spec: dict[str, Any]) -> list
             for shard in shards]
 
 
-def verify_options(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """The fidelity check's settings, validated, or None when embed.verify is false."""
-    if not require(cfg, "embed", "verify", bool):
-        return None
-    docs_, levels = positive_int(cfg, "embed", "verify_docs"), require(cfg, "embed", "verify_levels", list)
-    if not levels or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in levels):
-        raise ParamError(f"embed.verify_levels = {levels}: expected a list of positive integers, e.g. [8, 8]")
-    if int(np.prod(levels)) > docs_:
-        raise ParamError(f"embed.verify_levels = {levels} ask for more clusters than embed.verify_docs = "
-                         f"{docs_} documents")
-    return {"docs": docs_, "levels": levels, "thresholds": {
-        "min_cosine": float(require(cfg, "embed", "verify_min_cosine", (int, float))),
-        "min_agreement": float(require(cfg, "embed", "verify_min_agreement", (int, float)))}}
-
-
-def encoder_spec(cfg: dict[str, Any], out_dir: Path, shards: list[Path], seed: int) -> dict[str, Any]:
+def encoder_spec(cfg: EmbedConfig, shards: list[Path]) -> dict[str, Any]:
     """What to embed with: the encoder that embedded `embed.encoder_from` (the target stages: the corpus's own), or
     the model and backend of this section (a faster backend is exported here first)."""
-    from .encoders import check_backend
-
-    device, batch_size = require(cfg, "embed", "device", str), positive_int(cfg, "embed", "batch_size")
-    source = require(cfg, "embed", "encoder_from", str)
-    if source is not None:
-        return encoder_spec_of(local_path(cfg, "embed", "encoder_from"), device, batch_size)
-    spec = {"model": require(cfg, "embed", "model", str), "backend": require(cfg, "embed", "backend", str),
-            "device": device, "max_tokens": positive_int(cfg, "embed", "max_tokens"), "batch_size": batch_size,
-            "cache": str((out_dir / ENCODER_DIR).resolve())}
-    check_backend(spec["backend"], device)
-    spec["export"] = prepare_encoder(spec, shards, positive_int(cfg, "embed", "calibration_docs"), seed)
+    if cfg.encoder_from is not None:
+        return encoder_spec_of(cfg.encoder_from, cfg.device, cfg.batch_size)
+    spec = {"model": cfg.model, "backend": cfg.backend, "device": cfg.device, "max_tokens": cfg.max_tokens,
+            "batch_size": cfg.batch_size, "cache": str((cfg.output / ENCODER_DIR).resolve())}
+    spec["export"] = prepare_encoder(spec, shards, cfg.calibration_docs, cfg.seed)
     return spec
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = section(params, "embed")
-    out_dir = local_path(cfg, "embed", "output")
-    seed = non_negative_int(cfg, "embed", "seed")
-    verify = verify_options(cfg)
-    engine = Engine.for_stage(params, "embed")
-    shards = docs.list_shards(local_path(cfg, "embed", "docs"))
+    cfg = load(EmbedConfig, params.get("embed"), "embed")
+    out_dir, seed = cfg.output, cfg.seed
+    engine = Engine.for_stage(params, "embed", cfg.engine)
+    shards = docs.list_shards(cfg.docs)
     clear_other_shards(out_dir, shards)
-    spec = encoder_spec(cfg, out_dir, shards, seed)
+    spec = encoder_spec(cfg, shards)
 
     plan = plan_shards(shards, out_dir, spec)
     todo = [p for p in plan if not embeddings.shard_is_done(Path(p.npy), p.expected)]
     if len(plan) > len(todo):
         log.info("embed: %d of %d shards already done, skipped", len(plan) - len(todo), len(plan))
     report = None
-    if verify and spec["backend"] == "torch":
+    if cfg.verify and spec["backend"] == "torch":
         log.info("embed: backend torch is the reference; nothing to verify")
-    elif verify and todo:  # checked before anything is embedded with the backend
-        report = verify_backend(spec, shards, verify["docs"], verify["levels"], seed, verify["thresholds"])
+    elif cfg.verify and todo:  # checked before anything is embedded with the backend
+        report = verify_backend(spec, shards, cfg.verify_docs, cfg.verify_levels, seed,
+                                {"min_cosine": cfg.verify_min_cosine, "min_agreement": cfg.verify_min_agreement})
     # One GPU per actor when the engine's machines have GPUs and the device allows it (the actor then resolves
     # `auto` to CUDA and embeds in fp16, as the local engine does).
     wants_gpu = (bool(todo) and spec["backend"] == "torch" and spec["device"] != "cpu" and engine.kind == "ray"

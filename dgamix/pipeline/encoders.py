@@ -28,17 +28,8 @@ from ..core.errors import ParamError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "openvino", "openvino-int8")
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 CALIBRATION_BATCH = 16  # sequences per NNCF calibration batch
-
-
-def check_backend(backend: str, device: str) -> None:
-    if backend not in BACKENDS:
-        raise ParamError(f"embed.backend = '{backend}': expected one of {', '.join(BACKENDS)}")
-    if backend != "torch" and device.startswith("cuda"):
-        raise ParamError(f"embed.backend = '{backend}' runs on the CPU only; with embed.device = '{device}' "
-                         "use backend torch (fp16 on CUDA)")
 
 
 def _require_openvino(backend: str) -> Any:

@@ -27,12 +27,12 @@ from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 from tqdm.auto import tqdm
 
+from ..core.config import load
 from ..core.errors import InputError, ParamError, StageFailed
-from ..core.params import non_negative_int, require
+from ..core.sections import RayConfig
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("local", "ray")
 FAULT_ENV = "DGAMIX_INJECT_FAILURE"
 FAULT_DIR_ENV = "DGAMIX_INJECT_FAILURE_DIR"
 
@@ -46,41 +46,18 @@ class Fault(NamedTuple):
     stage: str
 
 
-def stage_engine(params: dict[str, Any], stage: str) -> str:
-    engine = require(params.get(stage) or {}, stage, "engine", str)
-    if engine not in ENGINES:
-        raise ParamError(f"{stage}.engine = '{engine}': expected local or ray")
-    return engine
-
-
-def ray_options(params: dict[str, Any]) -> dict[str, Any]:
-    """The `ray` section: address, num_cpus (local Ray only), max_retries, concurrency, runtime_env."""
-    cfg = params.get("ray") or {}
-    if not isinstance(cfg, dict):
-        raise ParamError("params.yaml 'ray' section must be a mapping (address, num_cpus, max_retries, ...)")
-    concurrency = require(cfg, "ray", "concurrency", int)
-    if concurrency is not None and concurrency < 1:
-        raise ParamError(f"ray.concurrency = {concurrency}: expected a positive integer or null")
-    return {
-        "address": require(cfg, "ray", "address", str),
-        "num_cpus": require(cfg, "ray", "num_cpus", int),
-        "max_retries": non_negative_int(cfg, "ray", "max_retries"),
-        "concurrency": concurrency,
-        "runtime_env": require(cfg, "ray", "runtime_env", dict),
-    }
-
-
 class Engine:
     """Runs `fn(item)` for every item of a stage and returns the results in item order."""
 
-    def __init__(self, stage: str, kind: str = "local", options: dict[str, Any] | None = None):
+    def __init__(self, stage: str, kind: str = "local", options: RayConfig | None = None):
         self.stage, self.kind = stage, kind
-        self.options = options or ray_options({})
+        self.options = options or RayConfig()
 
     @classmethod
-    def for_stage(cls, params: dict[str, Any], stage: str) -> "Engine":
-        kind = stage_engine(params, stage)
-        return cls(stage, kind, ray_options(params) if kind == "ray" else None)
+    def for_stage(cls, params: dict[str, Any], stage: str, kind: str) -> "Engine":
+        """The engine `kind` (the stage section's `engine`, checked when the section was loaded) for `stage`; with
+        ray, the `ray` section of `params` says which cluster and how."""
+        return cls(stage, kind, load(RayConfig, params.get("ray"), "ray") if kind == "ray" else None)
 
     def cluster_gpus(self) -> int:
         """GPUs of the Ray cluster (the local engine uses this machine's through torch)."""
@@ -118,9 +95,9 @@ class Engine:
         # Default: one worker per CPU of the cluster, or one actor per GPU for GPU work.
         resources = ray.cluster_resources()
         capacity = resources.get("GPU", 0) / num_gpus if num_gpus else resources.get("CPU", 1)
-        concurrency = self.options["concurrency"] or max(1, int(capacity))
+        concurrency = self.options.concurrency or max(1, int(capacity))
         concurrency = min(concurrency, len(rows))
-        retries = self.options["max_retries"]
+        retries = self.options.max_retries
         if stateful:  # an actor pool: the state is built once per actor; a dead actor is restarted
             kwargs: dict[str, Any] = {"fn_constructor_kwargs": {**udf_args, "fault": fault}, "max_restarts": retries,
                                       "max_task_retries": retries,
@@ -131,7 +108,7 @@ class Engine:
         if num_gpus:
             kwargs["num_gpus"] = num_gpus
         log.info("%s: %d items on Ray (%s, concurrency %d)", self.stage, len(rows),
-                 self.options["address"] or os.environ.get("RAY_ADDRESS") or "local Ray", concurrency)
+                 self.options.address or os.environ.get("RAY_ADDRESS") or "local Ray", concurrency)
         waiting: dict[int, Any] = {}  # finished out of order, held until the items before them are done
         finished = next_index = 0
         total = sum(weights) if weights is not None else len(items)
@@ -158,20 +135,20 @@ class Engine:
                     next_index += 1
 
 
-def connect(options: dict[str, Any]) -> Any:
+def connect(options: RayConfig) -> Any:
     """Join the cluster (ray.address, else RAY_ADDRESS, else a new local Ray); reuse a connection already made."""
     try:
         import ray
     except ImportError as err:
         raise ParamError(f"engine: ray needs the ray extra: pip install 'dgamix[ray]' ({err})") from err
     if not ray.is_initialized():
-        address = options.get("address") or os.environ.get("RAY_ADDRESS")
+        address = options.address or os.environ.get("RAY_ADDRESS")
         init: dict[str, Any] = {"address": address, "log_to_driver": False, "include_dashboard": False,
                                 "logging_level": logging.WARNING}
-        if not address and options.get("num_cpus"):
-            init["num_cpus"] = options["num_cpus"]
-        if options.get("runtime_env"):
-            init["runtime_env"] = options["runtime_env"]
+        if not address and options.num_cpus:
+            init["num_cpus"] = options.num_cpus
+        if options.runtime_env:
+            init["runtime_env"] = options.runtime_env
         ray.init(**init)
     import ray.data
 

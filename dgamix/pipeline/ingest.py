@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 
 from ..core.atomic import atomic_path, write_json, write_parquet
 from ..core.errors import InputError, ParamError
-from ..core.params import local_path, require, section
+from ..core.config import load
+from ..core.sections import IngestConfig
 from ..formats import docs
 from . import dedup
 from .engine import Engine
@@ -256,22 +257,17 @@ def ingest_files(files: list[str], step: StageFile, engine: Engine, out_dir: Pat
 def run(params: dict[str, Any], inputs_param: str = "ingest.inputs") -> dict[str, Any]:
     """The ingest stage. `inputs_param` names the parameter the inputs came from in errors (the target stages
     ingest `targets.sets.<set>`)."""
-    cfg = section(params, "ingest")
-    inputs = require(cfg, "ingest", "inputs", (list, str))
-    inputs = [inputs] if isinstance(inputs, str) else inputs
-    if not all(isinstance(item, str) for item in inputs):
-        raise ParamError(f"{inputs_param} = {inputs!r}: expected a list of paths, globs or URLs (strings)")
-    text_field = require(cfg, "ingest", "text_field", str)
-    step = StageFile(text_field, require(cfg, "ingest", "source_field", str), require(cfg, "ingest", "strict", bool))
-    out_dir = local_path(cfg, "ingest", "output")
-    rejects_path = local_path(cfg, "ingest", "rejects")
+    cfg = load(IngestConfig, params.get("ingest"), "ingest")
+    inputs = [cfg.inputs] if isinstance(cfg.inputs, str) else cfg.inputs
+    text_field, rejects_path = cfg.text_field, cfg.rejects
+    step = StageFile(text_field, cfg.source_field, cfg.strict)
 
     files = expand_inputs(inputs, inputs_param)
-    with atomic_path(out_dir) as tmp_dir:
-        report = ingest_files(files, step, Engine.for_stage(params, "ingest"), tmp_dir)
+    with atomic_path(cfg.output) as tmp_dir:
+        report = ingest_files(files, step, Engine.for_stage(params, "ingest", cfg.engine), tmp_dir)
         write_parquet(_rejects_table(report.rejects), rejects_path)
-        write_json(report.details(), local_path(cfg, "ingest", "report"))
-        write_json(report.metrics(), local_path(cfg, "ingest", "metrics"))
+        write_json(report.details(), cfg.report)
+        write_json(report.metrics(), cfg.metrics)
         counts = report.metrics()
         if counts["kept"] == 0:
             no_text = bool(report.reasons) and all(r.startswith("missing text field") for r in report.reasons)

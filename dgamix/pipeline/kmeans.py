@@ -13,9 +13,9 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-# The values of cluster.backend and assign.backend: the nearest-centroid step on faiss (CPU) or torch (CUDA when
-# present); auto takes torch when CUDA is available, else faiss.
-BACKENDS = ("auto", "faiss", "torch")
+# The values of cluster.backend and assign.backend (defined with those sections): the nearest-centroid step on
+# faiss (CPU) or torch (CUDA when present); auto takes torch when CUDA is available, else faiss.
+from ..core.sections import CLUSTER_BACKENDS as BACKENDS
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

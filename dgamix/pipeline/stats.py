@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from ..core.atomic import atomic_path, write_json
 from ..core.errors import InputError
-from ..core.params import local_path, non_negative_int, positive_int, section
+from ..core.config import load
+from ..core.sections import StatsConfig, TokenizeConfig
 from ..formats import domains, token_store
 from .sampling import sample_texts
 
@@ -207,23 +208,20 @@ def write_outputs(directory: Path, table: pl.DataFrame, per_source: pl.DataFrame
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = section(params, "stats")
-    domains_dir = local_path(cfg, "stats", "domains")
-    manifest = pl.from_arrow(domains.read_manifest(domains_dir, param="stats.domains"))
+    cfg = load(StatsConfig, params.get("stats"), "stats")
+    manifest = pl.from_arrow(domains.read_manifest(cfg.domains, param="stats.domains"))
     # The corpus's store (the one tokenize wrote), read before any work so a missing or stale one fails fast.
-    store_dir = local_path(params.get("tokenize") or {}, "tokenize", "output")
+    store_dir = load(TokenizeConfig, params.get("tokenize"), "tokenize").output
     tokens = training_tokens(token_store.read(store_dir, "tokenize.output"), manifest)
-    shards = domains.list_shards(domains_dir)
-    vectorizer = fit_vocabulary(shards, positive_int(cfg, "stats", "keyword_sample_docs"),
-                                non_negative_int(cfg, "stats", "seed"), positive_int(cfg, "stats", "keyword_terms"))
+    shards = domains.list_shards(cfg.domains)
+    vectorizer = fit_vocabulary(shards, cfg.keyword_sample_docs, cfg.seed, cfg.keyword_terms)
     by_source, term_counts = aggregate_shards(shards, vectorizer, manifest.height)
-    keywords = class_tfidf_keywords(term_counts, vectorizer.get_feature_names_out(),
-                                    positive_int(cfg, "stats", "keywords"))
+    keywords = class_tfidf_keywords(term_counts, vectorizer.get_feature_names_out(), cfg.keywords)
     table, per_source = cluster_table(manifest, by_source, keywords, tokens)
     summary = clustering_summary(manifest, table, per_source, by_source)
-    with atomic_path(local_path(cfg, "stats", "output")) as tmp:
+    with atomic_path(cfg.output) as tmp:
         write_outputs(tmp, table, per_source, manifest, summary)
-    write_json(dvc_metrics(summary), local_path(cfg, "stats", "metrics"))
+    write_json(dvc_metrics(summary), cfg.metrics)
     return summary
 
 

@@ -13,71 +13,63 @@ This module derives, for one set and one stage, the stage section the stage's ow
 from __future__ import annotations
 
 import copy
-import re
 from pathlib import Path
 from typing import Any
 
+from ..core.config import load
 from ..core.errors import ParamError
-from ..core.params import local_path, require, section
+from ..core.sections import AssignConfig, ClusterConfig, EmbedConfig, IngestConfig, TargetsConfig, TokenizeConfig
 from ..formats import token_store
 
 STAGES = ("ingest", "embed", "assign", "tokenize")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a folder name and a DVC foreach key
 
 
 def target_sets(params: dict[str, Any]) -> dict[str, list[str]]:
-    """targets.sets, validated: a mapping of set name -> list of input paths, globs or URLs."""
-    sets = require(section(params, "targets"), "targets", "sets", dict)
-    for name, inputs in sets.items():
-        if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            raise ParamError(f"targets.sets: set name {name!r} must be a plain folder name (letters, digits, _ . -)")
-        if isinstance(inputs, str):
-            inputs = [inputs]
-        if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
-            raise ParamError(f"targets.sets.{name} = {inputs!r}: expected a non-empty list of paths, globs or URLs")
-        sets[name] = inputs
-    return sets
+    """targets.sets, validated (`TargetsConfig.validate`): set name -> list of input paths, globs or URLs (one
+    given as a plain string becomes a list of one)."""
+    return _input_lists(load(TargetsConfig, params.get("targets"), "targets"))
+
+
+def _input_lists(targets: TargetsConfig) -> dict[str, list[str]]:
+    return {name: [inputs] if isinstance(inputs, str) else list(inputs) for name, inputs in targets.sets.items()}
 
 
 def target_dir(params: dict[str, Any], name: str) -> Path:
-    return local_path(section(params, "targets"), "targets", "output") / name
+    return load(TargetsConfig, params.get("targets"), "targets").output / name
 
 
 def stage_params(params: dict[str, Any], name: str, stage: str) -> dict[str, Any]:
-    """A copy of `params` whose `stage` section runs that stage on target set `name`, the corpus's way."""
-    sets = target_sets(params)
+    """A copy of `params` whose `stage` section runs that stage on target set `name`, the corpus's way: the
+    section is built from `targets` and the corpus sections that dvc.yaml's target_<stage> lists."""
+    targets = load(TargetsConfig, params.get("targets"), "targets")
+    sets = _input_lists(targets)
     if name not in sets:
         raise ParamError(f"--target {name}: not in targets.sets (expected one of {sorted(sets)})")
     if stage not in STAGES:
         raise ParamError(f"--target works with the stages {', '.join(STAGES)}, not '{stage}'")
-    targets = section(params, "targets")
-    out = target_dir(params, name)
-    corpus = {key: dict(params.get(key) or {}) for key in ("ingest", "embed", "cluster", "assign", "tokenize")}
-
-    def corpus_value(stage_: str, key: str, kind: type | tuple[type, ...]) -> Any:
-        return require(corpus[stage_], stage_, key, kind)
-
-    derived = {
-        "ingest": {"inputs": sets[name], "text_field": require(targets, "targets", "text_field", str),
-                   "source_field": corpus_value("ingest", "source_field", str),
-                   "strict": corpus_value("ingest", "strict", bool),
-                   "output": str(out / "docs"), "rejects": str(out / "rejects.parquet"),
-                   "report": str(out / "report.json"),
-                   "metrics": str(local_path(targets, "targets", "metrics") / f"{name}.json"), "engine": "local"},
+    out = targets.output / name
+    if stage == "ingest":
+        ingest = load(IngestConfig, params.get("ingest"), "ingest")
+        derived = {"inputs": sets[name], "text_field": targets.text_field, "source_field": ingest.source_field,
+                   "strict": ingest.strict, "output": str(out / "docs"), "rejects": str(out / "rejects.parquet"),
+                   "report": str(out / "report.json"), "metrics": str(targets.metrics / f"{name}.json"),
+                   "engine": "local"}
+    elif stage == "embed":
         # The corpus's encoder, read from its embeddings: same model, max_tokens, backend and export.
-        "embed": {"docs": str(out / "docs"), "output": str(out / "embeddings"),
-                  "encoder_from": str(local_path(corpus["embed"], "embed", "output")),
-                  "device": corpus_value("embed", "device", str),
-                  "batch_size": corpus_value("embed", "batch_size", int), "engine": "local"},
-        "assign": {"docs": str(out / "docs"), "embeddings": str(out / "embeddings"),
-                   "clusters": str(local_path(corpus["cluster"], "cluster", "output")), "output": str(out / "domains"),
-                   "backend": corpus_value("assign", "backend", str), "engine": "local"},
+        embed = load(EmbedConfig, params.get("embed"), "embed")
+        derived = {"docs": str(out / "docs"), "output": str(out / "embeddings"), "encoder_from": str(embed.output),
+                   "device": embed.device, "batch_size": embed.batch_size, "engine": "local"}
+    elif stage == "assign":
+        corpus_clusters = load(ClusterConfig, params.get("cluster"), "cluster").output
+        derived = {"docs": str(out / "docs"), "embeddings": str(out / "embeddings"),
+                   "clusters": str(corpus_clusters), "output": str(out / "domains"),
+                   "backend": load(AssignConfig, params.get("assign"), "assign").backend, "engine": "local"}
+    else:
         # The corpus's tokenizer; the set is one cluster, in its order, nothing held out.
-        "tokenize": {"docs": str(out / "docs"), "output": str(out / "tokens"),
-                     "tokenizer": str(local_path(corpus["tokenize"], "tokenize", "output") / token_store.TOKENIZER),
-                     "eos_token": corpus_value("tokenize", "eos_token", str), "holdout_fraction": 0.0,
-                     "engine": "local"},
-    }[stage]
+        tokenize = load(TokenizeConfig, params.get("tokenize"), "tokenize")
+        derived = {"docs": str(out / "docs"), "output": str(out / "tokens"),
+                   "tokenizer": str(tokenize.output / token_store.TOKENIZER), "eos_token": tokenize.eos_token,
+                   "holdout_fraction": 0.0, "engine": "local"}
     result = copy.deepcopy(params)
     result[stage] = derived
     return result

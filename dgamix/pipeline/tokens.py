@@ -23,7 +23,8 @@ import pyarrow.parquet as pq
 
 from ..core.atomic import atomic_path, write_npy
 from ..core.errors import InputError, ParamError
-from ..core.params import local_path, non_negative_int, positive_int, require, section
+from ..core.config import load
+from ..core.sections import TokenizeConfig
 from ..formats import docs, domains, token_store
 from ..formats.token_store import token_dtype
 from .engine import Engine
@@ -200,17 +201,13 @@ def _concat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
 
-def tokenizer_for(cfg: dict[str, Any], domains_dir: Path) -> Any:
+def tokenizer_for(cfg: TokenizeConfig) -> Any:
     """The tokenizer tokenize.tokenizer names, or a byte-level BPE trained here on a seeded sample of the corpus."""
-    path = require(cfg, "tokenize", "tokenizer", str)
-    if path:
-        return load_tokenizer(path)
-    vocab_size, train_docs = positive_int(cfg, "tokenize", "vocab_size"), positive_int(cfg, "tokenize", "train_docs")
-    if vocab_size < 257:
-        raise ParamError(f"tokenize.vocab_size = {vocab_size}: expected at least 257 (256 bytes + EOS)")
-    log.info("tokenize: training a byte-level BPE (vocab %d) on up to %d documents", vocab_size, train_docs)
-    return train_bpe(sample_texts(domains.list_shards(domains_dir), train_docs, non_negative_int(cfg, "tokenize", "seed"),
-                                  TRAIN_CHARS_PER_DOC, domains.read_shard), vocab_size)
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer)
+    log.info("tokenize: training a byte-level BPE (vocab %d) on up to %d documents", cfg.vocab_size, cfg.train_docs)
+    return train_bpe(sample_texts(domains.list_shards(cfg.domains), cfg.train_docs, cfg.seed, TRAIN_CHARS_PER_DOC,
+                                  domains.read_shard), cfg.vocab_size)
 
 
 def tokenize_clusters(tmp: Path, domains_dir: Path, tokenizer: Any, eos: int, holdout: float, seed: int,
@@ -256,24 +253,17 @@ def tokenize_documents(tmp: Path, docs_dir: Path, tokenizer: Any, eos: int) -> d
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
-    cfg = section(params, "tokenize")
-    domains_dir = local_path(cfg, "tokenize", "domains")
-    docs_dir = local_path(cfg, "tokenize", "docs")
-    seed = non_negative_int(cfg, "tokenize", "seed")
-    holdout = float(require(cfg, "tokenize", "holdout_fraction", (int, float)))
-    if not 0.0 <= holdout < 1.0:
-        raise ParamError(f"tokenize.holdout_fraction = {holdout}: expected 0 <= fraction < 1 (share of documents "
-                         "kept out of training for the generic eval loss)")
-    if docs_dir is None:
-        domains.read_manifest(domains_dir, ["docs"], "tokenize.domains")  # a missing input fails before training
-    tokenizer = tokenizer_for(cfg, domains_dir)
-    eos = eos_id(tokenizer, require(cfg, "tokenize", "eos_token", str))
-    with atomic_path(local_path(cfg, "tokenize", "output")) as tmp:
-        if docs_dir is None:
-            summary = tokenize_clusters(tmp, domains_dir, tokenizer, eos, holdout, seed,
-                                        Engine.for_stage(params, "tokenize"))
+    cfg = load(TokenizeConfig, params.get("tokenize"), "tokenize")
+    if cfg.docs is None:
+        domains.read_manifest(cfg.domains, ["docs"], "tokenize.domains")  # a missing input fails before training
+    tokenizer = tokenizer_for(cfg)
+    eos = eos_id(tokenizer, cfg.eos_token)
+    with atomic_path(cfg.output) as tmp:
+        if cfg.docs is None:
+            summary = tokenize_clusters(tmp, cfg.domains, tokenizer, eos, cfg.holdout_fraction, cfg.seed,
+                                        Engine.for_stage(params, "tokenize", cfg.engine))
         else:
-            summary = tokenize_documents(tmp, docs_dir, tokenizer, eos)
+            summary = tokenize_documents(tmp, cfg.docs, tokenizer, eos)
         tokenizer.save(str(tmp / token_store.TOKENIZER))
     log.info("tokenize: %d documents in the store, %d held out", summary["documents"],
              summary.get("heldout_documents", 0))

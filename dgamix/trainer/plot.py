@@ -1,6 +1,6 @@
 """`dgamix plot`: losses and weight trajectories of training runs, like the paper's Figure 3.
 
-As a stage (`run`), it plots the runs of `train.strategies` in `train.output`. Writes, from each runs/NAME/log.csv:
+As a stage (`run`), it plots the runs of `train.strategies` in `train.paths.output`. Writes, from each runs/NAME/log.csv:
 - runs/plots/spec_loss.csv and runs/plots/generic_loss.csv: the evaluation losses, one row per evaluated step and
   one column per strategy. DVC's plot templates draw one line per y column of a file, so each of these is one
   `dvc plots show` chart with a line per strategy (a long table with a `strategy` column would be drawn as one line);
@@ -24,19 +24,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import polars as pl  # noqa: E402
 
 from ..core.atomic import atomic_path  # noqa: E402
-from ..core.errors import ParamError  # noqa: E402
-from ..core.params import local_path, require, section  # noqa: E402
+from ..core.config import load  # noqa: E402
+from .config import TrainSettings  # noqa: E402
 
 LOSSES = {"spec_loss": "specialized eval loss", "generic_loss": "generic loss"}
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
-    """The plot stage: the runs dvc.yaml trains (`train.strategies`, in `train.output`)."""
-    cfg = section(params, "train")
-    strategies = require(cfg, "train", "strategies", list)
-    if not strategies or not all(isinstance(s, str) for s in strategies):
-        raise ParamError(f"train.strategies = {strategies!r}: expected a non-empty list of strategy names")
-    return {"written": [str(p) for p in plot_runs(local_path(cfg, "train", "output"), strategies)]}
+    """The plot stage: the runs dvc.yaml trains (`train.strategies`, in `train.paths.output`)."""
+    train = load(TrainSettings, params.get("train"), "train")
+    return {"written": [str(p) for p in plot_runs(train.paths.output, train.strategies)]}
 
 
 def plot_runs(runs_dir: str | Path, strategies: list[str] | None = None, top_bases: int = 8) -> list[Path]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Protocol, runtime_checkable
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 import torch

@@ -10,6 +10,7 @@ import torch
 
 from ..dga import ESTIMATORS, check_dga_params, dga_update
 from ..state import plain
+from ...core.config import setting
 from ..stream import MixtureStream, TargetSampler
 from .base import (AlignmentDraw, Attachment, StrategyBase, UpdateRecord, check_settings, own_rng,
                    require_positive_int, setting_error)
@@ -19,13 +20,13 @@ from .base import (AlignmentDraw, Attachment, StrategyBase, UpdateRecord, check_
 class DGA:
     """Exact DGA (the paper's rule): alpha <- normalize(alpha * exp(eta * a)), then the EMA with beta."""
 
-    eta: float = 0.3  # step size of the exponentiated update
-    beta: float = 0.1  # EMA weight of the new alpha (1: no EMA)
-    every: int = 20  # T_r: optimizer steps between updates
-    batch_size: int = 8  # sequences per basis in each alignment
-    micro_batches: int = 1  # alignment batches per basis (and of the target) at each update
-    target_batch_size: int | None = None  # sequences of the specialized set per micro-batch (None: batch_size)
-    estimator: str = "exact"  # exact (one backward per basis) | finite_difference | forward (forward-mode AD)
+    eta: float = setting(0.3, "step size of the exponentiated update")
+    beta: float = setting(0.1, "EMA weight of the new alpha (1: no EMA)")
+    every: int = setting(20, "T_r: optimizer steps between updates")
+    batch_size: int = setting(8, "sequences per basis in each alignment")
+    micro_batches: int = setting(1, "alignment batches per basis (and of the target) at each update")
+    target_batch_size: int | None = setting(None, "sequences of the specialized set per micro-batch (None: batch_size)")
+    estimator: str = setting("exact", "exact (one backward per basis) | finite_difference | forward (forward-mode AD)")
 
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 

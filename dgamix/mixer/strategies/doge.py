@@ -11,6 +11,7 @@ import torch
 from ..doge import check_doge_params, doge_update
 from ..dga import exact_alignment_with_norms
 from ..state import array, plain
+from ...core.config import setting
 from ..stream import MixtureStream, TargetSampler
 from .base import AlignmentDraw, Attachment, StrategyBase, UpdateRecord, check_settings, own_rng, require_positive_int
 
@@ -19,14 +20,14 @@ from .base import AlignmentDraw, Attachment, StrategyBase, UpdateRecord, check_s
 class DoGE:
     """DoGE's out-of-domain settings (the paper's configs) and DGA's alignment draw."""
 
-    mu: float = 0.05  # Bregman coefficient: alpha <- normalize(alpha * exp(s / mu))
-    clip_min: float = 0.0  # scores are clipped to [lr * clip_min, lr * clip_max]
-    clip_max: float = 5.0  # upper clip of the scores, in units of the learning rate
-    grad_clip: float = 1.0  # each scoring gradient clipped to this norm first (0: not clipped)
-    every: int = 20  # optimizer steps between updates
-    batch_size: int = 8  # sequences per basis in each alignment
-    micro_batches: int = 1  # alignment batches per basis (and of the target) at each update
-    target_batch_size: int | None = None  # sequences of the specialized set per micro-batch (None: batch_size)
+    mu: float = setting(0.05, "Bregman coefficient: alpha <- normalize(alpha * exp(s / mu))")
+    clip_min: float = setting(0.0, "scores are clipped to [lr * clip_min, lr * clip_max]")
+    clip_max: float = setting(5.0, "upper clip of the scores, in units of the learning rate")
+    grad_clip: float = setting(1.0, "each scoring gradient clipped to this norm first (0: not clipped)")
+    every: int = setting(20, "optimizer steps between updates")
+    batch_size: int = setting(8, "sequences per basis in each alignment")
+    micro_batches: int = setting(1, "alignment batches per basis (and of the target) at each update")
+    target_batch_size: int | None = setting(None, "sequences of the specialized set per micro-batch (None: batch_size)")
 
     needs: ClassVar[frozenset[str]] = frozenset({"model", "learning_rate"})
 

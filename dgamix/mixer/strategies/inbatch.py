@@ -15,6 +15,7 @@ from ..alignment_stats import SCALES, AlignmentStats, auto_decay, scale_scores
 from ..dga import check_dga_params, dga_update
 from ..inbatch import InBatchAlignment
 from ..state import plain
+from ...core.config import setting
 from ..stream import MixtureStream, TargetSampler
 from .base import (Attachment, Evidence, as_numpy, StrategyBase, UpdateRecord, check_settings, own_rng, require_positive_int,
                    setting_error)
@@ -26,18 +27,18 @@ log = logging.getLogger(__name__)
 class InBatchDGA:
     """In-batch DGA's settings (README, "In-batch DGA")."""
 
-    eta: float = 0.02  # step size on the scaled scores (scale)
-    beta: float = 1.0  # EMA weight of the new alpha (1: none; the decayed statistics already average)
-    every: int = 1  # optimizer steps between weight updates
-    score_every: int = 1  # score every k-th step's sequences (k > 1: cheaper, fewer samples)
-    refresh: int = 20  # T_r: steps between refreshes of the specialized gradient (one target backward)
-    target_batch_size: int = 8  # sequences of the specialized set per refresh
-    decay: float | None = None  # weight older sequences keep at each update (None: 2 x min_sequences per basis)
-    min_sequences: float = 8  # a basis or cluster with fewer recent sequences does not move
-    scale: str = "snr"  # snr | standardized | raw (the paper's unscaled scores)
-    level: str = "bases"  # bases (distribution reweighting) | clusters (each cluster's own mean alignment)
-    floor: float = 0.001  # every weight stays >= floor / m (never stuck at 0)
-    rank: int | None = None  # None: exact target gradient; an int: low-rank per large layer (faster)
+    eta: float = setting(0.02, "step size on the scaled scores (scale)")
+    beta: float = setting(1.0, "EMA weight of the new alpha (1: none; the decayed statistics already average)")
+    every: int = setting(1, "optimizer steps between weight updates")
+    score_every: int = setting(1, "score every k-th step's sequences (k > 1: cheaper, fewer samples)")
+    refresh: int = setting(20, "T_r: steps between refreshes of the specialized gradient (one target backward)")
+    target_batch_size: int = setting(8, "sequences of the specialized set per refresh")
+    decay: float | None = setting(None, "weight older sequences keep at each update (None: 2 x min_sequences per basis)")
+    min_sequences: float = setting(8, "a basis or cluster with fewer recent sequences does not move")
+    scale: str = setting("snr", "snr | standardized | raw (the paper's unscaled scores)")
+    level: str = setting("bases", "bases (distribution reweighting) | clusters (each cluster's own mean alignment)")
+    floor: float = setting(0.001, "every weight stays >= floor / m (never stuck at 0)")
+    rank: int | None = setting(None, "None: exact target gradient; an int: low-rank per large layer (faster)")
 
     needs: ClassVar[frozenset[str]] = frozenset({"model", "backward_hooks"})
 

@@ -7,6 +7,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..mixture import check_weights
+from ...core.config import setting
 from ..stream import MixtureStream, TargetSampler
 from .base import Attachment, StrategyBase, setting_error
 
@@ -30,8 +31,8 @@ class StaticStrategy(StrategyBase):
 class Static:
     """Static mixing: uniform over the bases unless `weights` or `basis` says otherwise."""
 
-    weights: tuple[float, ...] | None = None  # one weight per basis (normalized), or None
-    basis: str | None = None  # all the weight on this basis, e.g. "importance" (importance sampling), "natural"
+    weights: tuple[float, ...] | None = setting(None, "one weight per basis (normalized), or None")
+    basis: str | None = setting(None, "all the weight on this basis, e.g. 'importance' (importance sampling), 'natural'")
 
     needs: ClassVar[frozenset[str]] = frozenset()
 
