@@ -55,7 +55,7 @@ NAME = "gpu_suite"
 # natural, uniform and the 64 coarse clusters), inbatch_domains over the 4,096 fine clusters.
 METHODS: tuple[Method, ...] = (
     Method("uniform", "uniform", "all"), Method("importance", "importance", "all"), Method("doge", "doge", "all"),
-    Method("dga_ema", "dga_ema", "all", {"eta": 10.0}), Method("inbatch", "inbatch", "all"),
+    Method("dga_ema", "dga_ema", "all", {"strategy.dga.eta": 10.0}), Method("inbatch", "inbatch", "all"),
     Method("inbatch_domains", "inbatch_domains", "all"))
 EVAL_SEED = 1000  # one set of evaluation batches for every seed and method: the spread over seeds is training's
 
