@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Iterator
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .plan import SNAPSHOTS_KEPT, PlannedStep
@@ -85,6 +86,11 @@ class MixtureLoader(DataLoader):
             raise ValueError(f"num_workers = {num_workers} with prefetch_factor "
                              f"{dataloader_kwargs.get('prefetch_factor') or 2} plans {ahead} steps ahead; the stream "
                              f"can save a position at most {SNAPSHOTS_KEPT} steps behind its planning")
+        # Starting an iteration draws a seed for the workers from the DataLoader's generator, by default torch's
+        # global RNG: a resumed loop that restored the RNG state and then started the loader would draw other dropout
+        # masks than the straight run. The workers draw nothing random (they read planned steps), so a generator of
+        # the loader's own leaves the global RNG where the training loop put it.
+        dataloader_kwargs.setdefault("generator", torch.Generator().manual_seed(stream.seed))
         super().__init__(TokenReader(stream), batch_sampler=StepPlanner(stream), num_workers=num_workers,
                          collate_fn=_OneStep(transform), **dataloader_kwargs)
         self.stream, self.transform = stream, transform

@@ -1,0 +1,116 @@
+"""The Mixer a plain training loop holds: every strategy through the same four calls, one state that resumes exactly
+(prefetched loader steps included), and clear errors for what a strategy needs and was not given."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from dgamix.mixer import DGA, ODM, DoGE, InBatchDGA, Mixer, Static
+from dgamix.trainer.model import GPT, GPTConfig
+
+from .mixer_fixtures import synthetic_store
+
+SEQ, BATCH, STEPS = 8, 4, 10
+SETTINGS = {"static": Static(basis="cluster:2"), "dga": DGA(eta=3.0, beta=1.0, every=2, batch_size=2),
+            "doge": DoGE(every=2, batch_size=2),
+            "inbatch": InBatchDGA(eta=0.5, every=2, refresh=3, target_batch_size=4, decay=0.9, min_sequences=2),
+            "odm": ODM()}
+
+
+@pytest.fixture
+def stores(tmp_path):
+    return (synthetic_store(tmp_path / "tokens", [20, 15, 10, 25]), synthetic_store(tmp_path / "target", [12], seed=5))
+
+
+def _build(stores, strategy: str, dropout: float = 0.1):
+    torch.manual_seed(0)
+    mixer = Mixer.from_dirs(stores[0], None, target=stores[1], seq_len=SEQ, batch_size=BATCH, seed=0,
+                            strategy=SETTINGS[strategy], max_steps=STEPS)
+    model = GPT(GPTConfig(vocab_size=mixer.vocab_size, block_size=SEQ, n_layer=1, n_head=2, n_embd=16,
+                          dropout=dropout))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    mixer.attach(model, loss_fn=model.loss, optimizer=optimizer)
+    return mixer, model, optimizer
+
+
+def _train(stores, strategy: str, workers: int, stop_at: int | None = None, state=None):
+    """The README's loop; `stop_at`: save everything after that many steps and stop; `state`: resume from it."""
+    mixer, model, optimizer = _build(stores, strategy)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        mixer.load_state_dict(state["mixer"])
+        torch.set_rng_state(state["rng"])
+    seen, records = [], []
+    for batch in mixer.loader(num_workers=workers):
+        seen.append(hashlib.blake2b(batch["tokens"].numpy().tobytes(), digest_size=8).hexdigest())
+        with mixer.training_step():
+            losses = model.sequence_losses(batch["tokens"])
+            optimizer.zero_grad()
+            losses.mean().backward()
+        mixer.observe(batch, sequence_losses=losses)
+        optimizer.step()
+        records.append(mixer.step())
+        if stop_at is not None and mixer.steps == stop_at:
+            return seen, mixer, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                 "mixer": mixer.state_dict(), "rng": torch.get_rng_state()}
+    return seen, mixer, records
+
+
+@pytest.mark.parametrize("strategy,workers", [("static", 0), ("dga", 2), ("doge", 0), ("inbatch", 2), ("odm", 2)])
+def test_every_strategy_runs_the_same_loop_and_resumes_exactly(stores, tmp_path, strategy, workers):
+    seen, mixer, records = _train(stores, strategy, workers)
+    assert len(seen) == STEPS and mixer.steps == STEPS
+    if strategy == "static":
+        assert mixer.weights.tolist() == [0.0, 0.0, 1.0, 0.0] and records == [None] * STEPS
+    else:
+        assert not np.allclose(mixer.weights, 0.25), mixer.weights  # the strategy moved the weights
+    if strategy in ("dga", "doge"):  # updates at steps 1, 3, ...: their records, the weights they left
+        assert [r is not None for r in records] == [s % 2 == 1 for s in range(STEPS)]
+    # stopped mid-run with workers' prefetched steps planned but not trained; saved through torch's defaults
+    first, _, state = _train(stores, strategy, workers, stop_at=4)
+    torch.save(state, tmp_path / "c.pt")
+    rest, resumed, _ = _train(stores, strategy, workers, state=torch.load(tmp_path / "c.pt"))
+    assert first + rest == seen
+    assert resumed.weights.tobytes() == mixer.weights.tobytes() and resumed.steps == STEPS
+
+
+def test_what_a_strategy_needs_is_asked_for_clearly(stores):
+    assert Mixer.from_dirs(stores[0], seq_len=SEQ, batch_size=BATCH).needs == frozenset()
+    with pytest.raises(ValueError, match="DGA aligns with the specialized set: give Mixer\\(..., target="):
+        Mixer.from_dirs(stores[0], seq_len=SEQ, batch_size=BATCH, strategy=DGA())
+    mixer = Mixer.from_dirs(stores[0], target=stores[1], seq_len=SEQ, batch_size=BATCH, strategy=DGA())
+    with pytest.raises(RuntimeError, match="call mixer.attach\\(model"):
+        mixer.step()
+    model = GPT(GPTConfig(vocab_size=mixer.vocab_size, block_size=SEQ, n_layer=1, n_head=2, n_embd=16))
+    doge = Mixer.from_dirs(stores[0], target=stores[1], seq_len=SEQ, batch_size=BATCH, strategy=DoGE())
+    with pytest.raises(ValueError, match="DoGE reads the learning rate: attach\\(..., optimizer=...\\)"):
+        doge.attach(model)
+    odm = Mixer.from_dirs(stores[0], seq_len=SEQ, batch_size=BATCH, strategy=ODM())
+    with pytest.raises(ValueError, match="sequence_losses=<\\(n,\\) losses>"):
+        odm.observe(odm.next_batch())
+    with pytest.raises(ValueError, match="strategy.eta = -1: expected a positive step size"):
+        Mixer.from_dirs(stores[0], target=stores[1], seq_len=SEQ, batch_size=BATCH, strategy=DGA(eta=-1))
+    with pytest.raises(TypeError, match="expected a strategy's settings"):
+        Mixer.from_dirs(stores[0], seq_len=SEQ, batch_size=BATCH, strategy="dga")
+
+
+def test_one_loop_takes_batches_from_one_source(stores):
+    mixer = Mixer.from_dirs(stores[0], seq_len=SEQ, batch_size=BATCH, max_steps=STEPS)
+    loader = iter(mixer.loader(num_workers=2))
+    next(loader)  # the workers have planned steps ahead of the one handed out
+    with pytest.raises(RuntimeError, match="take batches from one of loader\\(\\) and next_batch\\(\\)"):
+        mixer.next_batch()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_starting_the_loader_leaves_torchs_rng_alone(stores, workers):
+    """A resumed loop restores torch's RNG state and then starts the loader: the start must not draw from it, or
+    dropout would draw other masks than the straight run."""
+    mixer = Mixer.from_dirs(stores[0], seq_len=SEQ, batch_size=BATCH, max_steps=STEPS)
+    before = torch.random.get_rng_state()
+    next(iter(mixer.loader(num_workers=workers)))
+    assert torch.equal(torch.random.get_rng_state(), before)
