@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="uniform, natural, importance, dga, dga_ema, inbatch, inbatch_domains, odm or doge")
     plot = sub.add_parser("plot", help="loss curves (CSV for dvc plots, PNG) and weight trajectories of the runs")
     plot.add_argument("runs", nargs="?", default=None,
-                      help="folder of runs (default: the runs of train.strategies in train.output)")
+                      help="folder of runs (default: the runs of train.strategies in train.paths.output)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -264,7 +264,8 @@ def prepare(levels: list[int], target: str, spec_docs: int | None, layout: Layou
 
 def target_stores(tdir: Path) -> dict[str, str]:
     """The trainer's specialized stores for a target folder."""
-    return {"target": str(tdir / "targets" / "spec" / "tokens"), "target_eval": str(tdir / "targets" / "eval" / "tokens")}
+    return {"target": str(tdir / "targets" / "spec" / "tokens"),
+            "target_eval": str(tdir / "targets" / "eval" / "tokens")}
 
 
 def variant_settings(spec: Experiment, variant: str) -> tuple[list[int], dict[str, Any]]:

@@ -335,4 +335,4 @@ def test_compiled_training_forward_gives_the_eager_losses(trainer_params, caplog
     set_train(params, {"paths.output": "inbatch"})
     with caplog.at_level("WARNING", logger="dgamix.trainer"):
         assert not run(params, "inbatch")["compiled"]
-    assert "train.compile ignored for inbatch" in caplog.text
+    assert "train.speed.compile ignored for inbatch" in caplog.text

@@ -41,8 +41,8 @@ def check_in_step(mixer: Mixer, optimizer_steps: int, trainer: str) -> None:
     if mixer.steps != optimizer_steps:
         raise RuntimeError(f"the {trainer} is at optimizer step {optimizer_steps} but the mixer at step {mixer.steps}: "
                            "the run was resumed without the mixer's state (it is saved in each checkpoint as "
-                           f"{STATE_FILE}): resume with MixerTrainer.train(resume_from_checkpoint=...), or with a plain Trainer "
-                           "call MixerCallback.load(checkpoint) first")
+                           f"{STATE_FILE}): resume with MixerTrainer.train(resume_from_checkpoint=...), or with a "
+                           "plain Trainer call MixerCallback.load(checkpoint) first")
 
 
 def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -49,12 +49,12 @@ def autocast_dtype(precision: str | None, device: str, bf16_supported: bool) -> 
 
 
 def resolve_device(precision: str | None = None) -> tuple[str, torch.dtype | None]:
-    """The device and the autocast dtype (None: fp32) of a run with `train.precision` = precision."""
+    """The device and the autocast dtype (None: fp32) of a run with `train.speed.precision` = precision."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # CUDA: bf16 arithmetic from compute capability 8 (Ampere) on; is_bf16_supported() also counts emulation.
     supported = torch.cuda.get_device_capability()[0] >= 8 if device == "cuda" else cpu_supports_bf16()
     if precision == "bf16" and not supported:
-        log.warning("train.precision = bf16 on a %s without bf16 arithmetic: emulated, slower than fp32", device)
+        log.warning("train.speed.precision = bf16 on a %s without bf16 arithmetic: emulated, slower than fp32", device)
     return device, autocast_dtype(precision, device, supported)
 
 
@@ -93,7 +93,7 @@ class CompiledForward:
         except Exception as err:  # noqa: BLE001
             self.compiled, self.checked = eager, True
             self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            log.warning("train.compile: torch.compile is unavailable here (%s); training eagerly", self.failed)
+            log.warning("train.speed.compile: torch.compile is unavailable here (%s); training eagerly", self.failed)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.checked:
@@ -102,21 +102,22 @@ class CompiledForward:
             out = self.compiled(tokens)
         except Exception as err:  # noqa: BLE001  (any backend failure means: run eagerly)
             self.failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            log.warning("train.compile: torch.compile failed here (%s); training eagerly", self.failed)
+            log.warning("train.speed.compile: torch.compile failed here (%s); training eagerly", self.failed)
             out = self.eager(tokens)
         self.checked = True
         return out
 
 
 def training_forward(model: torch.nn.Module, compile_: bool, strategy: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The training step's per-sequence losses: the model's own method, or (train.compile) its torch.compile'd form,
+    """The training step's per-sequence losses: the model's own method, or (train.speed.compile) its torch.compile'd
+    form,
     which fuses the model and the cross-entropy into fewer kernels (compiled at the first step: tens of seconds on a
     CPU). Not for the in-batch strategies (NOT_COMPILED), nor where torch.compile cannot run: those train eagerly,
     with a warning."""
     if not compile_:
         return model.sequence_losses
     if strategy in NOT_COMPILED:
-        log.warning("train.compile ignored for %s: its alignment hooks are not validated under torch.compile",
+        log.warning("train.speed.compile ignored for %s: its alignment hooks are not validated under torch.compile",
                     strategy)
         return model.sequence_losses
     return CompiledForward(model.sequence_losses)

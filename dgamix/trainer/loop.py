@@ -35,7 +35,7 @@ class RunObjects:
     mixer: Mixer
     device: str
     autocast: torch.dtype | None
-    # The training step's forward: model.sequence_losses, or its torch.compile'd form (train.compile). Evaluation
+    # The training step's forward: model.sequence_losses, or its torch.compile'd form (train.speed.compile). Evaluation
     # and the strategies call the model itself, so compiling changes nothing they compute.
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     # The run's own settings that change what it computes beyond the strategy's (checked on resume: a resumed run
@@ -130,7 +130,8 @@ def load_eval_sets(config: RunConfig) -> EvalSets:
 def save_checkpoint(path: Path, objects: RunObjects, next_step: int, history: History) -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": objects.model.state_dict(), "optimizer": objects.optimizer.state_dict(),
-                    "mixer": objects.mixer.state_dict(), "step": next_step, "rows": history.rows, "drawn": history.drawn,
+                    "mixer": objects.mixer.state_dict(), "step": next_step, "rows": history.rows,
+                    "drawn": history.drawn,
                     "alignment": history.alignment, "settings": objects.settings}, tmp)
 
 

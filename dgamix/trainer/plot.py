@@ -1,6 +1,7 @@
 """`dgamix plot`: losses and weight trajectories of training runs, like the paper's Figure 3.
 
-As a stage (`run`), it plots the runs of `train.strategies` in `train.paths.output`. Writes, from each runs/NAME/log.csv:
+As a stage (`run`), it plots the runs of `train.strategies` in `train.paths.output`. Writes, from each
+runs/NAME/log.csv:
 - runs/plots/spec_loss.csv and runs/plots/generic_loss.csv: the evaluation losses, one row per evaluated step and
   one column per strategy. DVC's plot templates draw one line per y column of a file, so each of these is one
   `dvc plots show` chart with a line per strategy (a long table with a `strategy` column would be drawn as one line);

@@ -17,8 +17,8 @@ from ..inbatch import InBatchAlignment
 from ..state import plain
 from ...core.config import setting
 from ..stream import MixtureStream, TargetSampler
-from .base import (Attachment, Evidence, as_numpy, StrategyBase, UpdateRecord, check_settings, own_rng, require_positive_int,
-                   setting_error)
+from .base import (Attachment, Evidence, StrategyBase, UpdateRecord, as_numpy, check_settings, own_rng,
+                   require_positive_int, setting_error)
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,8 @@ class InBatchDGA:
     score_every: int = setting(1, "score every k-th step's sequences (k > 1: cheaper, fewer samples)")
     refresh: int = setting(20, "T_r: steps between refreshes of the specialized gradient (one target backward)")
     target_batch_size: int = setting(8, "sequences of the specialized set per refresh")
-    decay: float | None = setting(None, "weight older sequences keep at each update (None: 2 x min_sequences per basis)")
+    decay: float | None = setting(None, "weight older sequences keep at each update (None: from min_sequences and "
+                                        "the number of bases or clusters, alignment_stats.auto_decay)")
     min_sequences: float = setting(8, "a basis or cluster with fewer recent sequences does not move")
     scale: str = setting("snr", "snr | standardized | raw (the paper's unscaled scores)")
     level: str = setting("bases", "bases (distribution reweighting) | clusters (each cluster's own mean alignment)")

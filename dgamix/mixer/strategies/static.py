@@ -32,7 +32,7 @@ class Static:
     """Static mixing: uniform over the bases unless `weights` or `basis` says otherwise."""
 
     weights: tuple[float, ...] | None = setting(None, "one weight per basis (normalized), or None")
-    basis: str | None = setting(None, "all the weight on this basis, e.g. 'importance' (importance sampling), 'natural'")
+    basis: str | None = setting(None, "all the weight on this basis, e.g. 'importance' (importance sampling)")
 
     needs: ClassVar[frozenset[str]] = frozenset()
 
