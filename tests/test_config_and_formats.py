@@ -12,7 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from dgamix.core.config import defaults
 from dgamix.core.defaults import DEFAULTS
+from dgamix.trainer.config import TrainSettings
 from dgamix.formats import FormatError, bases, clusters, docs, domains, embeddings, token_store
 
 from .conftest import ROOT
@@ -20,9 +22,25 @@ from .conftest import ROOT
 README = (ROOT / "README.md").read_text()
 
 
+# Every section's defaults: the offline stages' (dgamix.core.defaults, from dgamix.core.sections) and the nested train
+# section's (dgamix.trainer.config, whose strategy parts are the mixer's own settings).
+ALL_DEFAULTS = {**DEFAULTS, "train": defaults(TrainSettings)}
+
+
 def test_params_yaml_is_exactly_the_defaults():
     shipped = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert shipped == DEFAULTS, "params.yaml and dgamix/core/defaults.py disagree"
+    assert shipped == ALL_DEFAULTS, "params.yaml and the sections' dataclasses disagree"
+
+
+def dotted(prefix: str, section: dict) -> dict[str, object]:
+    """`section.key` -> value; the train section's parts (mappings of settings) as `train.part.key`."""
+    out: dict[str, object] = {}
+    for key, value in section.items():
+        if prefix.startswith("train") and isinstance(value, dict):
+            out |= dotted(f"{prefix}.{key}", value)
+        else:
+            out[f"{prefix}.{key}"] = value
+    return out
 
 
 def readme_configuration() -> dict[str, object]:
@@ -42,7 +60,7 @@ def readme_configuration() -> dict[str, object]:
 
 def test_readme_configuration_table_lists_every_key_with_its_default():
     documented = readme_configuration()
-    expected = {f"{section}.{key}": value for section, keys in DEFAULTS.items() for key, value in keys.items()}
+    expected = {k: v for section, keys in ALL_DEFAULTS.items() for k, v in dotted(section, keys).items()}
     assert sorted(set(expected) - set(documented)) == [], "keys missing from the README's configuration table"
     assert sorted(set(documented) - set(expected)) == [], "README documents keys that do not exist"
     wrong = {k: (documented[k], expected[k]) for k in expected if documented[k] != expected[k]}

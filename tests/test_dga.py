@@ -1,6 +1,8 @@
 """The DGA update against hand-computed values, and exact alignment against brute-force gradients."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -164,19 +166,20 @@ def test_dga_resume_gives_the_same_weights_and_data(tmp_path):
     assert not np.allclose(straight_alphas[-1], straight_alphas[0])  # DGA did move the weights
 
 
-def test_dga_strategy_defaults_are_the_train_defaults():
-    """DGA's defaults (the mixer's own) agree with params.yaml's train section (dgamix.core.defaults)."""
+def test_dga_strategy_defaults_are_the_settings_and_params_yaml():
+    """The strategy built by hand and the settings a Mixer takes have one set of defaults, and params.yaml's
+    train.strategy.dga ships them."""
     import dataclasses
 
-    from dgamix.core.defaults import DEFAULTS
-    from dgamix.mixer.strategies import DGAStrategy
+    import yaml
 
-    defaults = {f.name: f.default for f in dataclasses.fields(DGAStrategy)}
-    train = DEFAULTS["train"]
-    assert {name: defaults[name] for name in ("eta", "beta", "every", "estimator")} == {
-        name: train[name] for name in ("eta", "beta", "every", "estimator")}
-    assert defaults["batch_size"] == train["dga_batch_size"]
-    assert defaults["target_batch_size"] == train["dga_target_batch_size"]
+    from dgamix.mixer.strategies import DGA, DGAStrategy
+
+    settings = {f.name: f.default for f in dataclasses.fields(DGA)}
+    runtime = {f.name: f.default for f in dataclasses.fields(DGAStrategy) if f.name in settings}
+    assert runtime == settings
+    shipped = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    assert shipped["train"]["strategy"]["dga"] == settings
 
 
 def _small_dga(tmp_path, **settings):

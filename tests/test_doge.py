@@ -2,6 +2,8 @@
 depends on the loss scale, and its strategy's exact resume."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -206,14 +208,15 @@ def test_doge_refuses_a_state_saved_under_other_settings(tmp_path):
     assert other.updates == 0 and other.weights.tolist() == [1 / 3] * 3
 
 
-def test_doge_strategy_defaults_are_the_train_defaults():
+def test_doge_strategy_defaults_are_the_settings_and_params_yaml():
     import dataclasses
 
-    from dgamix.core.defaults import DEFAULTS
-    from dgamix.mixer.strategies import DoGEStrategy
+    import yaml
 
-    defaults = {f.name: f.default for f in dataclasses.fields(DoGEStrategy)}
-    train = DEFAULTS["train"]
-    assert {k: defaults[k] for k in ("mu", "clip_min", "clip_max", "grad_clip", "every", "batch_size")} == {
-        "mu": train["doge_mu"], "clip_min": train["doge_clip_min"], "clip_max": train["doge_clip_max"],
-        "grad_clip": train["doge_grad_clip"], "every": train["every"], "batch_size": train["dga_batch_size"]}
+    from dgamix.mixer.strategies import DoGE, DoGEStrategy
+
+    settings = {f.name: f.default for f in dataclasses.fields(DoGE)}
+    runtime = {f.name: f.default for f in dataclasses.fields(DoGEStrategy) if f.name in settings}
+    assert runtime == settings
+    shipped = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+    assert shipped["train"]["strategy"]["doge"] == settings
