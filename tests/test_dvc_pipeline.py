@@ -11,7 +11,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from .conftest import ROOT, write_jsonl_zst
+from .conftest import ROOT, set_train, write_jsonl_zst
 
 
 def dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -36,8 +36,9 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
     params["cluster"]["levels"] = [4, 4]
     params["tokenize"]["vocab_size"] = 1024
     params["train"]["strategies"] = params["train"]["strategies"] + ["inbatch"]  # README's alignment.parquet example
-    params["train"].update(steps=4, seq_len=16, batch_size=4, n_layer=1, n_embd=32, n_head=2, eval_every=2,
-                           eval_batches=1, every=2, dga_batch_size=2)
+    set_train(params, {"steps": 4, "data.seq_len": 16, "data.batch_size": 4, "model.n_layer": 1, "model.n_embd": 32,
+                       "model.n_head": 2, "eval.every": 2, "eval.batches": 1, "strategy.dga.every": 2,
+                       "strategy.dga.batch_size": 2, "strategy.inbatch.target_batch_size": 2})
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     dvc(["init", "--no-scm", "-q"], project)
 
