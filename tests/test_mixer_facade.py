@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dgamix.mixer import DGA, ODM, DoGE, InBatchDGA, Mixer, Static
+from dgamix.mixer import DGA, ODM, DoGE, InBatchDGA, Mixer, StateMismatchError, Static
 from dgamix.trainer.model import GPT, GPTConfig
 
 from .mixer_fixtures import synthetic_store
@@ -114,3 +114,15 @@ def test_starting_the_loader_leaves_torchs_rng_alone(stores, workers):
     before = torch.random.get_rng_state()
     next(iter(mixer.loader(num_workers=workers)))
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_a_state_resumes_only_the_strategy_and_ranks_it_was_made_for(stores):
+    static = Mixer.from_dirs(stores[0], seq_len=SEQ, batch_size=BATCH)
+    odm = Mixer.from_dirs(stores[0], seq_len=SEQ, batch_size=BATCH, strategy=ODM())
+    with pytest.raises(StateMismatchError, match="made by the ODM strategy; this mixer runs Static"):
+        static.load_state_dict(odm.state_dict())
+    with pytest.raises(ValueError, match="rank = None, world_size = 2: give both, or neither"):
+        Mixer.from_dirs(stores[0], seq_len=SEQ, batch_size=BATCH, world_size=2)
+    mixer, model, _ = _build(stores, "dga")
+    with pytest.raises(RuntimeError, match="already attached to a model"):
+        mixer.attach(model, loss_fn=model.loss)

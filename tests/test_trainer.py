@@ -106,7 +106,7 @@ def test_every_strategy_trains_and_is_plotted(trainer_params):
     params["train"]["strategies"] = ["uniform", "natural"]
     with pytest.raises(FileNotFoundError, match="natural"):
         plot.run(params)
-    with pytest.raises(ParamError, match="train.strategy = 'nope'"):
+    with pytest.raises(ParamError, match="strategy = 'nope' \\(dgamix train --strategy\\)"):
         run(params, "nope")
 
 
@@ -246,7 +246,7 @@ def test_train_section_defaults_and_checks():
     for override, named in bad:
         with pytest.raises(ParamError, match=named.replace(".", r"\.")):
             read_config({"train": override}, "uniform")
-    with pytest.raises(ParamError, match="train.strategy = 'nope'"):
+    with pytest.raises(ParamError, match="strategy = 'nope' \\(dgamix train --strategy\\)"):
         read_config({"train": {}}, "nope")
 
 

@@ -1,10 +1,10 @@
-"""Every parameter's default, defined once.
+"""The defaults of the offline stages' sections and `ray`, as one table.
 
-`params.yaml` at the repository root is exactly this table (a test keeps them equal, and the README's
-configuration table too), so a key left out of a user's params.yaml means what the shipped file says. The sections
-of the offline stages and `ray` are their dataclasses' defaults (`dgamix.core.sections`, read with
-`dgamix.core.config.load`); the `train` section is spelled here, and `dgamix.core.params.require` looks its
-defaults up in this table.
+Each section's defaults are its dataclass's (`dgamix.core.sections`, read with `dgamix.core.config.load`); this
+module gathers them for what reads them by name. The `train` section's are the trainer's own dataclasses
+(`dgamix.trainer.config`, whose strategy parts are the mixer's settings). `params.yaml` at the repository root is
+exactly these defaults and the trainer's (a test keeps them equal, and the README's configuration table too), so a
+key left out of a user's params.yaml means what the shipped file says.
 
 Paths are relative to the project (where `dvc repro` runs). The defaults of `ingest.inputs` and `targets.sets`
 are the embedded sample, so that a fresh clone runs end to end.

@@ -87,6 +87,12 @@ class MixerCallback(TrainerCallback):
         self.trained.load(torch.load(path, weights_only=True))
         self.rng_from = Path(checkpoint)
 
+    def on_init_end(self, args, state, control, **kwargs):
+        # The mixer's state places the data on resume: the Trainer's skipping of the batches it has seen would skip
+        # that many more steps of the restored stream.
+        args.ignore_data_skip = True
+        return control
+
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         check_batch_size(args.per_device_train_batch_size, self.mixer, "Hugging Face Trainer")
         if state.global_step and self.mixer.steps != state.global_step:
@@ -168,11 +174,12 @@ class MixerTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        if "sequence_losses" not in self.mixer.needs:
+        if "sequence_losses" not in self.mixer.needs or not model.training:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
         # Per-sequence losses for the strategy (ODM), from the logits; the loss backpropagated is their mean, scaled
-        # the way the Trainer expects for gradient accumulation.
+        # as the Trainer scales its own: by the label tokens of the whole accumulated (and, across devices,
+        # gathered) batch when it counted them, else a mean that training_step divides by the accumulation.
         labels = inputs["labels"]
         outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
         logits = outputs["logits"][:, :-1].float()  # a ModelOutput or a plain dict
@@ -180,11 +187,21 @@ class MixerTrainer(Trainer):
                                                       labels[:, 1:].reshape(-1), reduction="none")
         per_token = per_token.view(labels.shape[0], -1)
         self._sequence_losses = per_token.detach().mean(dim=1)
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+        if self._loss_is_scaled_for_accumulation(num_items_in_batch):
             loss = per_token.sum() / num_items_in_batch  # the Trainer then does not divide by the accumulation
+            if self.args.average_tokens_across_devices:  # num_items_in_batch counts every device's tokens
+                loss = loss * self.accelerator.num_processes
         else:
             loss = per_token.mean()
         return (loss, outputs) if return_outputs else loss
+
+
+    def _loss_is_scaled_for_accumulation(self, num_items_in_batch: Any) -> bool:
+        """The Trainer's own rule (training_step): whether the loss is already divided for gradient accumulation."""
+        fixed = getattr(self, "loss_is_scaled_for_ga", None)
+        if fixed is not None:
+            return bool(fixed) and num_items_in_batch is not None
+        return bool(self.model_accepts_loss_kwargs) and num_items_in_batch is not None
 
 
 _ = transformers  # imported for the clear error above; the names come from it

@@ -48,11 +48,17 @@ class MixerCallback(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.optimizer_steps = trainer.global_step
         check_in_step(self.mixer, trainer.global_step, "Lightning Trainer")
-        check_batch_size(getattr(trainer.train_dataloader, "batch_size", None) or self.mixer.stream.batch_size,
-                         self.mixer, "Lightning DataLoader")
+        loader = trainer.train_dataloader
+        planned_by = getattr(getattr(loader, "batch_sampler", None), "stream", None)
+        if planned_by is not None and planned_by is not self.mixer.stream:
+            raise ValueError("the Lightning DataLoader draws from another mixer's stream: pass this mixer's "
+                             "mixer.loader(...)")
+        if planned_by is None:  # a DataLoader of the user's own
+            check_batch_size(getattr(loader, "batch_size", None), self.mixer, "Lightning DataLoader")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._batch, self._observed = batch, False
+        self._step_context.close()  # a batch skipped before its backward left its context open
         self._step_context.enter_context(self.mixer.training_step())
 
     def on_after_backward(self, trainer, pl_module) -> None:
@@ -62,6 +68,8 @@ class MixerCallback(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._step_context.close()
+        if outputs is None:  # training_step skipped this batch: no backward, nothing to observe
+            self._observed = True
         if not self._observed:
             losses = outputs.get("sequence_losses") if isinstance(outputs, dict) else None
             if losses is None and "sequence_losses" in self.mixer.needs:
@@ -73,6 +81,9 @@ class MixerCallback(Callback):
             self.optimizer_steps = trainer.global_step
             check_in_step(self.mixer, trainer.global_step - 1, "Lightning Trainer")
             self.mixer.step()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._step_context.close()  # in-batch DGA's hooks must not stay paused
 
     def _observe(self, trainer, sequence_losses: Any) -> None:
         n = len(self._batch["cluster"])

@@ -106,7 +106,7 @@ class MixtureLoader(DataLoader):
 
     @property
     def dataloader(self) -> "MixtureLoader":
-        """The loader itself (it is a DataLoader): kept for code written when it wrapped one."""
+        """The loader itself (it is a DataLoader), for code that asks a loader for its `.dataloader`."""
         return self
 
     # Not named state_dict / load_state_dict: Lightning saves and restores any DataLoader that has them, at the

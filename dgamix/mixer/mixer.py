@@ -54,10 +54,13 @@ class Mixer:
             raise TypeError(f"strategy = {strategy!r}: expected a strategy's settings, e.g. dgamix.mixer.DGA(eta=0.3) "
                             "or Static(basis='importance')")
         strategy.validate()
+        if (rank is None) != (world_size is None):
+            raise ValueError(f"rank = {rank!r}, world_size = {world_size!r}: give both, or neither (then "
+                             "torch.distributed's, or 0 of 1 without a process group)")
         if rank is None and world_size is None:
             rank, world_size = rank_and_world_size()
-        self.stream = MixtureStream(store, mixture, seq_len, batch_size, seed=seed, rank=rank or 0,
-                                    world_size=world_size or 1, max_steps=max_steps)
+        self.stream = MixtureStream(store, mixture, seq_len, batch_size, seed=seed, rank=rank,
+                                    world_size=world_size, max_steps=max_steps)
         if isinstance(target, (str, Path)):
             target = ClusterStore(target, seed=seed)
         self.target = TargetSampler(target, seq_len) if isinstance(target, ClusterStore) else target
@@ -188,13 +191,17 @@ class Mixer:
         (default: the loader's count when `loader()` made one, else the stream's)."""
         if next_step is None and self._loader is not None:
             next_step = self._loader.next_step
-        return {"version": STATE_VERSION, "stream": self.stream.state_dict(next_step=next_step),
-                "strategy": self._strategy().state_dict(), "steps": self.steps}
+        return {"version": STATE_VERSION, "strategy_kind": type(self.settings).__name__,
+                "stream": self.stream.state_dict(next_step=next_step), "strategy": self._strategy().state_dict(),
+                "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise StateMismatchError(f"mixer state version {state.get('version')}, expected {STATE_VERSION}")
-        strategy = self._strategy()
+        strategy, kind = self._strategy(), type(self.settings).__name__
+        if state.get("strategy_kind") != kind:
+            raise StateMismatchError(f"the saved mixer state was made by the {state.get('strategy_kind')} strategy; "
+                                     f"this mixer runs {kind}: resume with the strategy the run was saved with")
         self.stream.load_state_dict(state["stream"])
         strategy.load_state_dict(state["strategy"])
         self.steps = int(state["steps"])

@@ -32,7 +32,7 @@ from .state import array, plain
 from .store import ClusterStore
 
 STATE_VERSION = 3
-READABLE_VERSIONS = (2, 3)  # 2 also saved a DataLoader worker's phase, which nothing reads any more
+READABLE_VERSIONS = (2, 3)  # 2: the same fields and a DataLoader worker's phase, which is ignored
 
 __all__ = ["MixtureStream", "PlannedStep", "SNAPSHOTS_KEPT", "StateMismatchError", "StepLog", "TargetSampler"]
 

@@ -179,5 +179,5 @@ def _replace(spec: Any, **changes: Any) -> Any:
 def read_config(params: dict[str, Any], strategy: str) -> RunConfig:
     """The `train` section for one strategy; a key left out takes its default (the dataclasses above)."""
     if strategy not in STRATEGIES:
-        raise ParamError(f"train.strategy = '{strategy}': expected one of {STRATEGIES}")
+        raise ParamError(f"strategy = '{strategy}' (dgamix train --strategy): expected one of {STRATEGIES}")
     return RunConfig(strategy, load(TrainSettings, params.get("train"), "train"))

@@ -37,8 +37,8 @@ def cpu_supports_bf16(flags: set[str] | None = None) -> bool:
 
 
 def autocast_dtype(precision: str | None, device: str, bf16_supported: bool) -> torch.dtype | None:
-    """Pure: the autocast dtype of a run (None: fp32, no autocast). null keeps what every recorded run did (bf16 on
-    CUDA, fp32 on the CPU); `auto` takes bf16 wherever the hardware has it; `fp32` and `bf16` are what they say."""
+    """Pure: the autocast dtype of a run (None: fp32, no autocast). null: bf16 on
+    CUDA, fp32 on the CPU; `auto` takes bf16 wherever the hardware has it; `fp32` and `bf16` are what they say."""
     if precision is None:
         return torch.bfloat16 if device == "cuda" else None
     if precision == "fp32":

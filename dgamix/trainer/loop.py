@@ -62,7 +62,7 @@ def open_store(directory: Path, param: str, stage_hint: str, seed: int) -> Clust
 def build_run(config: RunConfig) -> RunObjects:
     """Model, optimizer and mixer. The order of construction fixes every random draw (the torch seed is consumed by
     the model's initialization; in-batch DGA draws its first target batch when it attaches), so it must not change:
-    runs reproduce earlier runs byte for byte."""
+    a run reproduces byte for byte."""
     train, data = config.train, config.train.data
     torch.manual_seed(train.seed)
     device, autocast = resolve_device(train.speed.precision)
@@ -108,7 +108,7 @@ class EvalSets:
 
 def eval_seed(config: RunConfig) -> int:
     """The seed of the evaluation draws. null: seed + 1 (another offset would draw other evaluation batches, and
-    losses would no longer compare with earlier runs'). An int: the same batches for every seed and strategy, so the
+    losses would no longer compare across code versions). An int: the same batches for every seed and strategy, so the
     spread over seeds measures training, not which batches were drawn."""
     train = config.train
     return train.seed + 1 if train.eval.seed is None else train.eval.seed
@@ -139,7 +139,7 @@ def restore_checkpoint(path: Path, objects: RunObjects) -> tuple[int, History]:
     """Restore the run objects in place; returns the first step still to train and the history so far (the rows and
     the draws of the steps before the checkpoint belong in the outputs as much as the ones after it)."""
     state = torch.load(path, weights_only=False)
-    saved = state.get("settings", objects.settings)  # checkpoints from before settings were saved: not checked
+    saved = state["settings"]
     differing = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in objects.settings.items() if saved.get(k) != v]
     if differing:
         raise ParamError(f"{path} was saved under other train settings ({'; '.join(differing)}); resume with the "
@@ -250,6 +250,7 @@ class TrainingRun:
         with torch_threads(self.config.train.speed.threads):
             row, drawn = train_step(self.objects, self.next_step)
         self.history.drawn.append((self.next_step, drawn))
+        self.history.alignment += self.objects.mixer.strategy.drain_records()
         self.history.rows.append(row)
         self.next_step += 1
         return row

@@ -154,7 +154,7 @@ class AlignmentDraw:
     `target_batch_size` sequences (drawn first), then as many batches of `batch_size` sequences from each basis.
     Under torch.distributed each rank reads its contiguous share of every batch (`shard_bounds`) while every rank
     plans the whole draw, so the state stays rank-independent and exactly resumable. The draw order is part of
-    every recorded run."""
+    every run that uses it: it fixes which sequences each update scores."""
 
     stream: MixtureStream
     target: TargetSampler
