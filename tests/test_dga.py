@@ -211,7 +211,8 @@ def test_dga_state_records_its_settings_and_round_trips_through_a_checkpoint(tmp
     assert not hasattr(dga, "history")  # the caller logs the returned records; nothing grows without bound
     state = dga.state_dict()
     assert {k: state[k] for k in dga.SETTINGS} == {"eta": 0.5, "beta": 0.5, "every": 2, "estimator": "exact",
-                                                   "batch_size": 2, "micro_batches": 1, "target_batch_size": 2}
+                                                   "batch_size": 2, "micro_batches": 1, "target_batch_size": 2,
+                                                   "rule": "anchored", "kl_cap": None}
     assert "weights" not in state  # the stream owns the weights and saves them
     torch.save({"stream": dga.stream.state_dict(), "strategy": state}, tmp_path / "state.pt")  # as the hooks do
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)

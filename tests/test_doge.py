@@ -127,7 +127,9 @@ def test_the_update_follows_the_loss_scale_unless_every_gradient_is_clipped():
     np.testing.assert_allclose(clipped10, clipped1, rtol=1e-5)
 
 
-def _small_doge(tmp_path, lr=0.01, **settings):
+def _small_doge(tmp_path, lr=0.01, defaults=False, **settings):
+    """A DoGE strategy on three synthetic clusters (bases = clusters, stream batch 4) and a bigram model; the
+    target is cluster 0's distribution. Unless `defaults`, every = 2 and batch_size = 2 (cheap resume tests)."""
     from dgamix.mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
     from dgamix.mixer.strategies import DoGEStrategy
 
@@ -146,7 +148,7 @@ def _small_doge(tmp_path, lr=0.01, **settings):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     strategy = DoGEStrategy(stream, target=TargetSampler(ClusterStore(target), seq_len=8), loss_fn=loss_fn,
                             params=list(model.parameters()), lr_fn=lambda: optimizer.param_groups[0]["lr"],
-                            **{"every": 2, "batch_size": 2, **settings})
+                            **({} if defaults else {"every": 2, "batch_size": 2}), **settings)
     return strategy, model, optimizer
 
 
@@ -220,3 +222,53 @@ def test_doge_strategy_defaults_are_the_settings_and_params_yaml():
     assert runtime == settings
     shipped = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
     assert shipped["train"]["strategy"]["doge"] == settings
+
+def test_doge_updates_at_every_optimizer_step_by_default_on_the_reference_share(tmp_path):
+    """The reference updates the weights at every optimizer step, scoring each domain on its share of one training
+    batch: by default every = 1 and batch_size = max(world, global batch // (m + 1)) = 4 // 4 = 1 sequence per
+    basis (and of the target), so the target advances one sequence (9 tokens) per step."""
+    from dgamix.mixer.strategies import DoGE
+
+    assert (DoGE().every, DoGE().batch_size, DoGE().target_batch_size) == (1, None, None)
+    strategy, model, optimizer = _small_doge(tmp_path, lr=0.5, defaults=True)
+    assert (strategy.every, strategy.batch_size, strategy.target_batch_size) == (1, 1, 1)
+    start = strategy.target.position
+    records = _train(strategy, model, optimizer, range(6))
+    assert all(r is not None and not r.skipped for r in records)
+    assert [r.step for r in records] == list(range(6)) and strategy.updates == 6
+    assert strategy.target.position - start == 6 * 9  # tokens: seq_len + 1 = 9 per sequence
+    # each update moves a log-weight by at most clip_max * lr / mu = 5 * 0.5 / 0.05 = 50 (log-odds bound)
+    history = np.log([[1 / 3] * 3] + [r.weights for r in records])
+    assert np.abs(np.diff(history - history[:, :1], axis=0)).max() <= 50 + 1e-9
+
+
+def test_doge_follows_the_target_at_every_step_with_fixed_seeds(tmp_path):
+    """Target = cluster 0's distribution: with fixed seeds, over 40 every-step updates on one sequence per basis,
+    basis 0's scores are the largest on most updates and its weight ends the largest, well above uniform."""
+    strategy, model, optimizer = _small_doge(tmp_path, lr=0.05, defaults=True)
+    records = _train(strategy, model, optimizer, range(40))
+    scores = np.array([r.scores for r in records])
+    assert (scores.argmax(axis=1) == 0).mean() >= 0.75
+    assert strategy.weights.argmax() == 0 and strategy.weights[0] > 0.6
+
+
+def test_doge_honours_its_cadence_and_an_explicit_draw_size(tmp_path):
+    """every = 3 updates after steps 2, 5, 8 only; an explicit batch_size replaces the reference share, and the
+    target batch follows it unless set."""
+    strategy, model, optimizer = _small_doge(tmp_path, lr=0.5, defaults=True, every=3, batch_size=3)
+    assert (strategy.batch_size, strategy.target_batch_size) == (3, 3)
+    start = strategy.target.position
+    records = _train(strategy, model, optimizer, range(9))
+    assert [i for i, r in enumerate(records) if r is not None] == [2, 5, 8] and strategy.updates == 3
+    assert strategy.target.position - start == 3 * 3 * 9  # tokens: seq_len + 1 = 9 per sequence
+
+
+def test_doge_settings_accept_the_reference_share_and_refuse_bad_sizes():
+    from dgamix.mixer.strategies import DoGE
+
+    DoGE().validate()
+    for field in ("batch_size", "target_batch_size", "micro_batches"):
+        with pytest.raises(ValueError, match=f"strategy.{field} = 0"):
+            DoGE(**{field: 0}).validate()
+    with pytest.raises(ValueError, match="strategy.every = 0"):
+        DoGE(every=0).validate()

@@ -81,14 +81,18 @@ def train(stores, steps, level="bases", resume_at=(), **settings):
     return hashes, np.array(weights), strategy
 
 
+@pytest.mark.parametrize("rule", ["anchored", "paper"])
 @pytest.mark.parametrize("level", ["bases", "clusters"])
-def test_weight_moves_toward_the_clusters_that_match_the_target(stores, level):
-    _, weights, strategy = train(stores, 40, level)
+def test_weight_moves_toward_the_clusters_that_match_the_target(stores, level, rule):
+    """On a real model: the basis (or cluster) holding the target's own distribution gains the most weight. The
+    paper's compounding rule (at its own step size) runs further than the anchored one in 40 updates."""
+    _, weights, strategy = train(stores, 40, level, rule=rule, eta=0.2 if rule == "paper" else 4.0)
     final = weights[-1]
     assert final.argmax() == 0, final  # basis "zero" / cluster 0: the target's own distribution
-    assert final[0] > 1.5 / len(final)
+    assert final[0] > (1.5 if rule == "paper" else 1.1) / len(final)
     assert strategy.updates == 40 and strategy.skipped == 0
-    assert (final >= strategy.floor / len(final) * (1 - 1e-12)).all()  # the floor: no weight sticks at 0
+    if rule == "paper":
+        assert (final >= strategy.floor / len(final) * (1 - 1e-12)).all()  # the floor: no weight sticks at 0
 
 
 @pytest.mark.parametrize("level", ["bases", "clusters"])

@@ -123,7 +123,8 @@ def _dga_rank_main(rank: int, world_size: int, port: int, directory: str, target
         return torch.nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 64), tokens[:, 1:].reshape(-1))
 
     dga = DGAStrategy(stream, target=TargetSampler(ClusterStore(target_dir), 16), loss_fn=loss_fn,
-                      params=list(model.parameters()), eta=2.0, beta=0.5, every=2, batch_size=2)
+                      params=list(model.parameters()), eta=2.0, beta=0.5, every=2, batch_size=2,
+                      target_batch_size=4)  # the anchored rule splits each rank's 2 target sequences in halves
     history, batches = [], []
     for step in range(6):
         tokens = stream.next_batch()["tokens"]
@@ -269,7 +270,7 @@ def _alignment_runs(rank: int, world_size: int, directory: str, target_dir: str,
 
         dga = DGAStrategy(stream, target=target, loss_fn=loss_fn, params=list(model.parameters()),
                           estimator=estimator, batch_size=batch_size, target_batch_size=target_batch_size,
-                          micro_batches=2, module=model)
+                          micro_batches=2, module=model, rule="paper")  # the scores alone: no rule's unit
         scores = [dga.alignment_scores().tolist() for _ in range(2)]
         state = stream.state_dict()
         runs.append({"scores": scores, "seen": seen, "aux_cursors": list(state["aux_cursors"]),
@@ -320,7 +321,7 @@ def _sharded_rank_main(rank: int, world_size: int, port: int, directory: str, ta
                                          target=TargetSampler(ClusterStore(target_dir), 16),
                                          loss_fn=lambda t: model(t[:, :4].float()).sum(),
                                          params=list(model.parameters()), estimator="finite_difference",
-                                         batch_size=2).alignment_scores()):
+                                         batch_size=2, rule="paper").alignment_scores()):
             try:
                 make()
                 errors.append(None)

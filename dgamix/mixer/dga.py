@@ -47,6 +47,91 @@ def dga_update(weights: np.ndarray, scores: np.ndarray, eta: float, beta: float 
     return blended / blended.sum(), False
 
 
+# ---- the anchored rule ---------------------------------------------------------------------------------------------
+# The paper's update compounds: log alpha_T = log alpha_0 + eta * sum_t s_t, so any persistent gap (or noise, as a
+# random walk) drives the weights to a vertex of the simplex. The anchored rule maximises the paper's linearised
+# objective inside a KL trust region around the starting weights alpha_0,
+#     max_alpha <alpha, s> - (1 / eta) KL(alpha || alpha_0)   =>   alpha = softmax(log alpha_0 + eta * s),
+# and runs it on an average of the scores, s_bar_t = (1 - beta) s_bar_{t-1} + beta s_t, not a sum: without signal
+# s_bar -> 0 and the weights stay near alpha_0; a real advantage moves them by a bounded amount, and every weight
+# stays >= alpha_0_j exp(-eta * range(s)), so every basis keeps being sampled and scored.
+#
+# Scores with a unit (`relative_gains`): s_j = kappa_j (a_j - sum_i alpha_i a_i) / G, where G estimates
+# ||grad L_spe||^2 without bias (the dot product of the gradients of two halves of the target batch). s_j is the
+# gain of a step on basis j over a step on the current mixture, as a fraction of a target step's own gain:
+# invariant to the loss's and the parameters' scale, and to first order to batch size and rank count. Centering
+# removes the component common to every basis (which the softmax ignores anyway, but which would otherwise leak
+# into unscored items). kappa_j = tau^2 / (tau^2 + (se_j / G)^2) shrinks a noisy estimate toward 0 (a normal prior of
+# scale tau on the relative gain). eta is then a budget in log-odds: two bases whose relative gains differ by Delta
+# end exp(eta * Delta) apart, so eta = ln(R) / Delta allows a factor R (R = 20 at Delta = 0.5: eta = 6).
+RULES = ("anchored", "paper")
+
+
+def relative_gains(alignments: np.ndarray, weights: np.ndarray, gain: float,
+                   standard_errors: np.ndarray | None = None, tau: float = 0.5,
+                   scored: np.ndarray | None = None, center: float | None = None) -> np.ndarray:
+    """Pure: s_j = kappa_j (a_j - mixture mean) / G over the scored items; unscored items sit at the mixture mean
+    (score 0). The mixture mean is `center` when given (a direct, low-noise estimate of the current mixture's own
+    alignment), else the scored items' alignments weighed by `weights` (the weights in force): with noisy
+    estimates, prefer `center`, since the noise of a heavy item's estimate would shift every other item's score
+    by an amount its shrinkage does not share. NaN everywhere when G is not a positive finite number or a scored
+    alignment is not finite: the update is skipped."""
+    a = np.asarray(alignments, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    scored = np.ones(len(a), dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
+    if not (np.isfinite(gain) and gain > 0) or not np.isfinite(a[scored]).all():
+        return np.full(len(a), np.nan)
+    out = np.zeros(len(a))
+    if not scored.any():
+        return out
+    mass = w[scored].sum()
+    if center is not None:
+        mean = float(center)
+    else:
+        mean = (w[scored] * a[scored]).sum() / mass if mass > 0 else a[scored].mean()
+    out[scored] = (a[scored] - mean) / gain
+    if standard_errors is not None:
+        relative_se = np.asarray(standard_errors, dtype=np.float64) / gain
+        kappa = np.where(np.isfinite(relative_se), tau ** 2 / (tau ** 2 + relative_se ** 2), 1.0)
+        out *= kappa
+    return out
+
+
+def kl_divergence(p: np.ndarray, q: np.ndarray) -> float:
+    """KL(p || q) in nats (0 log 0 = 0)."""
+    p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+    mask = p > 0
+    return float((p[mask] * (np.log(p[mask]) - np.log(q[mask]))).sum())
+
+
+def anchored_weights(prior: np.ndarray, scores: np.ndarray, eta: float, kl_cap: float | None = None) -> np.ndarray:
+    """Pure: softmax(log prior + eta * scores) (zero prior weights stay zero); with `kl_cap`, the step is shortened
+    (eta scaled down, by bisection) until KL(alpha || prior) <= kl_cap nats."""
+    prior = np.asarray(prior, dtype=np.float64)
+    scores = np.asarray(scores, dtype=np.float64)
+
+    def at(step: float) -> np.ndarray:
+        return exponentiated_update(prior, scores, step)
+
+    new = at(eta)
+    if kl_cap is None or kl_divergence(new, prior) <= kl_cap:
+        return new
+    low, high = 0.0, eta
+    for _ in range(60):
+        middle = (low + high) / 2
+        if kl_divergence(at(middle), prior) > kl_cap:
+            high = middle
+        else:
+            low = middle
+    return at(low)
+
+
+def average_scores(previous: np.ndarray | None, scores: np.ndarray, beta: float) -> np.ndarray:
+    """Pure: s_bar = (1 - beta) s_bar_prev + beta s (the first scores as they are)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return scores.copy() if previous is None else (1.0 - beta) * np.asarray(previous, dtype=np.float64) + beta * scores
+
+
 def _dtensor_type() -> type | None:
     """torch's DTensor class (FSDP2's sharded parameters), wherever this torch version keeps it."""
     try:
@@ -216,6 +301,27 @@ def _target_gradient(loss_fn: Callable[[object], torch.Tensor], params: Sequence
     if is_distributed():
         all_reduce_sum_(target.mul_(share))
     return target
+
+
+def split_half_gain(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
+                    target_batches: Sequence[torch.Tensor], target_share: float | None = None,
+                    **_: object) -> float:
+    """G = <g1, g2>, the gradients of the first and the second half of every target micro-batch: an unbiased
+    estimate of ||grad L_spe||^2 (the two halves' noise is independent), the unit of the anchored rule's scores.
+    Two half-size backwards per micro-batch. Under torch.distributed each rank passes its slice (every slice needs
+    two sequences); the halves' gradients are reduced as the target's (`_target_gradient`)."""
+    params = [p for p in params if p.requires_grad]
+    firsts = [b[: len(b) // 2] for b in target_batches]
+    seconds = [b[len(b) // 2:] for b in target_batches]
+    if min(len(b) for b in firsts) < 1:
+        raise ValueError("a target micro-batch of one sequence cannot be split in two halves: expected >= 2 "
+                         "sequences per rank")
+    first = _target_gradient(loss_fn, params, firsts, target_share)
+    second = _target_gradient(loss_fn, params, seconds, target_share)
+    dot = torch.dot(first.double(), second.double()).reshape(1)
+    if sharded_parameters(params):  # local shards: the dot product is their sum
+        all_reduce_sum_(dot)
+    return float(dot)
 
 
 def _refuse_sharded(params: Sequence[torch.nn.Parameter], estimator: str) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ...core.errors import StateMismatchError
+from ..dga import RULES
 from ..distributed import rank_and_world_size, shard_bounds
 from ..stream import MixtureStream, TargetSampler
 
@@ -216,6 +217,16 @@ def setting_error(section: str, name: str, value: Any, expected: str) -> ValueEr
 def require_positive_int(section: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise setting_error(section, name, value, "a positive integer")
+
+
+def check_rule_settings(section: str, rule: str, kl_cap: float | None, tau: float = 1.0) -> None:
+    """The update rule's settings (`dga.RULES`), shared by exact and in-batch DGA."""
+    if rule not in RULES:
+        raise setting_error(section, "rule", rule, f"one of {', '.join(RULES)}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (tau > 0 and np.isfinite(tau)):
+        raise setting_error(section, "tau", tau, "a positive prior scale of the relative gains")
+    if kl_cap is not None and (isinstance(kl_cap, bool) or not isinstance(kl_cap, (int, float)) or not kl_cap > 0):
+        raise setting_error(section, "kl_cap", kl_cap, "None or a positive number of nats")
 
 
 @dataclass(frozen=True)

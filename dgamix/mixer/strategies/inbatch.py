@@ -12,13 +12,13 @@ import numpy as np
 import torch
 
 from ..alignment_stats import SCALES, AlignmentStats, auto_decay, scale_scores
-from ..dga import check_dga_params, dga_update
-from ..inbatch import InBatchAlignment
-from ..state import plain
+from ..dga import anchored_weights, average_scores, check_dga_params, dga_update, relative_gains
+from ..inbatch import InBatchAlignment, target_gradient
+from ..state import array, plain
 from ...core.config import setting
 from ..stream import MixtureStream, TargetSampler
-from .base import (Attachment, Evidence, StrategyBase, UpdateRecord, as_numpy, check_settings, own_rng,
-                   require_positive_int, setting_error)
+from .base import (Attachment, Evidence, StrategyBase, UpdateRecord, as_numpy, check_rule_settings, check_settings,
+                   own_rng, require_positive_int, setting_error)
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 class InBatchDGA:
     """In-batch DGA's settings (README, "In-batch DGA")."""
 
-    eta: float = setting(0.02, "step size on the scaled scores (scale)")
-    beta: float = setting(1.0, "EMA weight of the new alpha (1: none; the decayed statistics already average)")
+    rule: str = setting("anchored", "anchored (softmax(log alpha_0 + eta * relative gains)) | paper (compounding)")
+    eta: float = setting(4.0, "anchored: log-odds per unit of relative gain; paper: step size on the scaled scores")
+    beta: float = setting(1.0, "weight of the new scores in their average (anchored) or of the new alpha (paper)")
     every: int = setting(1, "optimizer steps between weight updates")
     score_every: int = setting(1, "score every k-th step's sequences (k > 1: cheaper, fewer samples)")
     refresh: int = setting(20, "T_r: steps between refreshes of the specialized gradient (one target backward)")
@@ -40,6 +41,8 @@ class InBatchDGA:
     level: str = setting("bases", "bases (distribution reweighting) | clusters (each cluster's own mean alignment)")
     floor: float = setting(0.001, "every weight stays >= floor / m (never stuck at 0)")
     rank: int | None = setting(None, "None: exact target gradient; an int: low-rank per large layer (faster)")
+    tau: float = setting(0.25, "anchored: prior scale of a relative gain; noisier estimates shrink toward 0")
+    kl_cap: float | None = setting(None, "anchored: at most this KL(alpha || alpha_0) in nats (None: no cap)")
 
     needs: ClassVar[frozenset[str]] = frozenset({"model", "backward_hooks"})
 
@@ -58,6 +61,7 @@ class InBatchDGA:
             raise setting_error(section, "scale", self.scale, f"one of {', '.join(SCALES)}")
         if self.level not in ("bases", "clusters"):
             raise setting_error(section, "level", self.level, "'bases' (distribution reweighting) or 'clusters'")
+        check_rule_settings(section, self.rule, self.kl_cap, self.tau)
         if not 0.0 <= self.floor < 1.0:
             raise setting_error(section, "floor", self.floor, "0 <= floor < 1 (share of a uniform weight kept)")
 
@@ -69,7 +73,7 @@ class InBatchDGA:
                                   score_every=self.score_every, refresh=self.refresh,
                                   target_batch_size=self.target_batch_size, decay=self.decay,
                                   min_sequences=self.min_sequences, scale=self.scale, level=self.level,
-                                  floor=self.floor)
+                                  floor=self.floor, rule=self.rule, tau=self.tau, kl_cap=self.kl_cap)
 
 
 @dataclass
@@ -109,11 +113,15 @@ class InBatchDGAStrategy(StrategyBase):
     scale: str = InBatchDGA.scale
     level: str = InBatchDGA.level
     floor: float = InBatchDGA.floor
+    rule: str = InBatchDGA.rule
+    tau: float = InBatchDGA.tau
+    kl_cap: float | None = InBatchDGA.kl_cap
 
     needs: ClassVar[frozenset[str]] = InBatchDGA.needs
 
     SETTINGS: ClassVar[tuple[str, ...]] = ("eta", "beta", "every", "score_every", "refresh", "target_batch_size",
-                                           "decay", "min_sequences", "scale", "level", "floor")
+                                           "decay", "min_sequences", "scale", "level", "floor", "rule", "tau",
+                                           "kl_cap")
 
     def __post_init__(self) -> None:
         check_dga_params(self.eta, self.beta, self.every)
@@ -127,6 +135,15 @@ class InBatchDGAStrategy(StrategyBase):
             raise ValueError(f"level = {self.level!r}: expected 'bases' (distribution reweighting) or 'clusters'")
         if not 0.0 <= self.floor < 1.0:
             raise ValueError(f"floor = {self.floor!r}: expected 0 <= floor < 1 (share of a uniform weight kept)")
+        check_rule_settings("strategy", self.rule, self.kl_cap, self.tau)
+        if self.rule == "anchored" and self.target_batch_size < 2:
+            raise ValueError(f"target_batch_size = {self.target_batch_size}: the anchored rule splits the target "
+                             "batch in two halves to measure ||g_spe||^2; expected >= 2")
+        # The anchored rule's anchor (the weights when the strategy starts), the average of the scores, and the
+        # split-half estimate of ||g_spe||^2 at the last refresh.
+        self.prior = self.stream.weights
+        self.score_average: np.ndarray | None = None
+        self.gain = float("nan")
         k = self.stream.mixture.n_clusters
         if self.decay is None:
             self.decay = auto_decay(self._sequences_per_update(), self._n_scored(), self.min_sequences)
@@ -161,10 +178,22 @@ class InBatchDGAStrategy(StrategyBase):
         return int(np.count_nonzero(np.asarray(self.stream.mixture.bases.sum(axis=0)).ravel()))
 
     def refresh_target(self) -> None:
-        """g_spe at the current parameters, from a fresh target batch (one backward; .grad untouched)."""
+        """g_spe at the current parameters, from a fresh target batch (.grad untouched). The anchored rule takes it
+        as two halves (two half-size backwards, the cost of one): g_spe is their mean, and the dot product of the
+        halves' gradients is an unbiased estimate of ||g_spe||^2, the unit of its scores."""
         with own_rng(p for _, p in self.tracker.params):
-            self._target_gradient = self.tracker.refresh_target(self.loss_fn,
-                                                                [self.target.sample(self.target_batch_size)])
+            batch = self.target.sample(self.target_batch_size)
+            if self.rule == "paper":
+                self._target_gradient = self.tracker.refresh_target(self.loss_fn, [batch])
+                return
+            half = len(batch) // 2
+            params = [p for _, p in self.tracker.params]
+            with self.tracker.paused():
+                first = target_gradient(self.loss_fn, params, [batch[:half]])
+                second = target_gradient(self.loss_fn, params, [batch[half:]])
+            self.gain = float(torch.dot(first.double(), second.double()))
+            self._target_gradient = (first * half + second * (len(batch) - half)) / len(batch)
+            self.tracker.set_target(self._target_gradient)
 
     def scores_step(self, step: int) -> bool:
         """Whether step `step`'s sequences are scored: every `score_every`-th step (fewer scored steps cost less and
@@ -191,8 +220,19 @@ class InBatchDGAStrategy(StrategyBase):
         self.window.add(clusters, scores, as_numpy(batch["prob"]))
 
     def scores(self) -> np.ndarray:
-        """The scaled score of every basis, from the statistics so far."""
+        """The score of every basis, from the statistics so far: relative gains (anchored rule), or the scaled
+        alignments (paper rule)."""
         bases = self.stream.mixture.bases
+        if self.rule == "anchored":
+            # The mixture's own alignment: the plain mean of every recent sequence's (drawn from the mixture).
+            center = self.stats.total.sum() / self.stats.count.sum() if self.stats.count.sum() > 0 else 0.0
+            if self.level == "bases":
+                a, se, seen = self.stats.basis_estimates(bases)
+                return relative_gains(a, self.weights, self.gain, se, self.tau, seen >= self.min_sequences, center)
+            means, se, seen = self.stats.cluster_means()
+            probs = self.stream.mixture.cluster_probs(self.weights)
+            per_cluster = relative_gains(means, probs, self.gain, se, self.tau, seen >= self.min_sequences, center)
+            return np.asarray(bases @ per_cluster).ravel()
         if self.level == "bases":
             a, se, seen = self.stats.basis_estimates(bases)
             return scale_scores(a, se, seen, self.scale, self.min_sequences)
@@ -219,9 +259,15 @@ class InBatchDGAStrategy(StrategyBase):
         self.stats.absorb(self.window)
         self.window = AlignmentStats(self.stats.n_clusters)
         scores = self.scores()
-        new, skipped = dga_update(self.weights, scores, self.eta, self.beta)
-        if not skipped and self.floor > 0:  # mixed with uniform, as EXP3 explores: every weight >= floor / m
-            new = (1.0 - self.floor) * new + self.floor / len(new)
+        if self.rule == "anchored":
+            skipped = not np.isfinite(scores).all()
+            if not skipped:
+                self.score_average = average_scores(self.score_average, scores, self.beta)
+                new = anchored_weights(self.prior, self.score_average, self.eta, self.kl_cap)
+        else:
+            new, skipped = dga_update(self.weights, scores, self.eta, self.beta)
+            if not skipped and self.floor > 0:  # mixed with uniform, as EXP3 explores: every weight >= floor / m
+                new = (1.0 - self.floor) * new + self.floor / len(new)
         self.updates += 1
         self.skipped += int(skipped)
         if not skipped:
@@ -244,7 +290,8 @@ class InBatchDGAStrategy(StrategyBase):
         return plain({"updates": self.updates, "skipped": self.skipped,
                       "stats": self.stats.state_dict(), "window": self.window.state_dict(),
                       # g_spe as last refreshed: a run resumed between two refreshes scores with the same g.
-                      "target_gradient": self._target_gradient.detach().cpu(),
+                      "target_gradient": self._target_gradient.detach().cpu(), "gain": self.gain,
+                      "prior": self.prior, "score_average": self.score_average,
                       "target": self.target.state_dict(), **self.settings()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -256,4 +303,8 @@ class InBatchDGAStrategy(StrategyBase):
         self.window.load_state_dict(state["window"])
         self._target_gradient = torch.as_tensor(state["target_gradient"])
         self.tracker.set_target(self._target_gradient)
+        self.gain = float(state["gain"])
+        self.prior = array(state["prior"], np.float64)
+        average = state["score_average"]
+        self.score_average = None if average is None else array(average, np.float64)
         self.target.load_state_dict(state["target"])
