@@ -67,22 +67,6 @@ def test_readme_configuration_table_lists_every_key_with_its_default():
     assert wrong == {}, "README default (left) differs from dgamix.core.defaults (right)"
 
 
-def test_stage_code_spells_no_default_of_its_own():
-    """A literal default at a call site would be a second definition: require() looks them up."""
-    offenders = []
-    for path in sorted((ROOT / "dgamix").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                    and node.func.id in ("require", "positive_int", "non_negative_int", "local_path")):
-                limit = 5 if node.func.id == "require" else 4
-                last = node.args[-1] if len(node.args) >= limit else None
-                passed_through = isinstance(last, ast.Name) and last.id == "default"  # the helpers themselves
-                null = isinstance(last, ast.Constant) and last.value is None  # "null means null", not a default
-                if last is not None and not passed_through and not null:
-                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-    assert offenders == []
-
-
 # ---- formats ----------------------------------------------------------------------------------------------------
 def _rewrite_parquet_metadata(path: Path, version: bytes | None) -> None:
     table = pq.read_table(path)
@@ -182,6 +166,6 @@ def test_every_error_type_is_defined_once_in_core_errors():
                for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(node, ast.ClassDef)
                and node.name in errors.__all__ and path != ROOT / "dgamix" / "core" / "errors.py"}
     assert defined == {}, f"error types defined outside dgamix/core/errors.py: {defined}"
-    assert (params.ParamError, params.InputError, FormatError, engine.StageFailed) == (
-        errors.ParamError, errors.InputError, errors.FormatError, errors.StageFailed)
+    assert (params.ParamError, FormatError, engine.StageFailed) == (
+        errors.ParamError, errors.FormatError, errors.StageFailed)
     assert issubclass(errors.FormatError, errors.InputError) and issubclass(errors.StateMismatchError, ValueError)

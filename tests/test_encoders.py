@@ -12,7 +12,7 @@ from dgamix.formats import embeddings
 from dgamix.pipeline import embed
 from dgamix.pipeline.fidelity import cluster_agreement, fidelity_report, mean_cosine
 from dgamix.pipeline.kmeans import HierarchicalKMeans
-from dgamix.core.params import ParamError
+from dgamix.core.errors import ParamError
 
 from .conftest import load_params
 

@@ -6,7 +6,7 @@ import pytest
 
 from dgamix.pipeline.cluster import validate_levels
 from dgamix.pipeline.kmeans import HierarchicalKMeans, _repair_empty, l2_normalize, nearest_centroid, spherical_kmeans
-from dgamix.core.params import ParamError
+from dgamix.core.errors import ParamError
 
 
 def planted(n_per: int = 60, k: int = 6, dim: int = 24, seed: int = 0):

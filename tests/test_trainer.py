@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from dgamix.core.config import defaults
-from dgamix.core.params import ParamError
+from dgamix.core.errors import ParamError
 from dgamix.pipeline import assign, bases, cluster, tokens
 from dgamix.trainer import hardware, loop, plot
 from dgamix.trainer.plot import plot_runs

@@ -11,7 +11,6 @@ are the embedded sample, so that a fresh clone runs end to end.
 """
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 from .config import defaults
@@ -29,9 +28,4 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "bases": defaults(BasesConfig),
     "ray": defaults(RayConfig),
 }
-
-
-def default(section: str, key: str) -> Any:
-    """The default of `section.key` (a fresh copy: callers may mutate lists). KeyError for an unknown key."""
-    return copy.deepcopy(DEFAULTS[section][key])
 
