@@ -3,7 +3,7 @@
     from dgamix.mixer import DGA, Mixer
 
     mixer = Mixer.from_dirs("data/tokens", "data/bases", target="data/targets/spec/tokens", seq_len=64,
-                            batch_size=16, seed=0, strategy=DGA(eta=0.3, every=20))
+                            batch_size=16, seed=0, strategy=DGA(every=20))
     mixer.attach(model, loss_fn=model.loss)            # a strategy that scores with the model gets it here
     for batch in mixer.loader(num_workers=2):
         with mixer.training_step():                    # in-batch DGA pauses its hooks on unscored steps
@@ -51,7 +51,7 @@ class Mixer:
                  rank: int | None = None, world_size: int | None = None, max_steps: int | None = None):
         strategy = Static() if strategy is None else strategy
         if not hasattr(strategy, "build") or not hasattr(strategy, "needs"):
-            raise TypeError(f"strategy = {strategy!r}: expected a strategy's settings, e.g. dgamix.mixer.DGA(eta=0.3) "
+            raise TypeError(f"strategy = {strategy!r}: expected a strategy's settings, e.g. dgamix.mixer.DGA(every=20) "
                             "or Static(basis='importance')")
         strategy.validate()
         if (rank is None) != (world_size is None):
