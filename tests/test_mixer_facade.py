@@ -126,3 +126,23 @@ def test_a_state_resumes_only_the_strategy_and_ranks_it_was_made_for(stores):
     mixer, model, _ = _build(stores, "dga")
     with pytest.raises(RuntimeError, match="already attached to a model"):
         mixer.attach(model, loss_fn=model.loss)
+
+
+def test_in_batch_scores_divide_out_a_grad_scaler_and_skip_an_overflowed_backward(stores):
+    """fp16 training scales the loss: the scores come out in the loss's own units, and a backward that overflowed
+    (the GradScaler skips that optimizer step) is not scored instead of raising."""
+    def window_after(scale: float | None):
+        mixer, model, _ = _build(stores, "inbatch", dropout=0.0)
+        batch = mixer.next_batch()
+        scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
+        with mixer.training_step():
+            loss = model.loss(batch["tokens"])
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        mixer.observe(batch, grad_scaler=scaler)
+        return mixer.strategy
+
+    plain, scaled = window_after(None), window_after(1024.0)
+    assert plain.window.sequences == scaled.window.sequences == BATCH
+    np.testing.assert_allclose(scaled.window.total, plain.window.total, rtol=1e-5, atol=1e-12)
+    overflowed = window_after(1e38)  # the scaled loss is inf in fp32: every gradient overflows
+    assert overflowed.overflowed == 1 and overflowed.window.sequences == 0

@@ -169,7 +169,8 @@ class MixerTrainer(Trainer):
             loss = super().training_step(model, inputs, num_items_in_batch)
         n = len(fields["cluster"])
         self.mixer.observe(fields, sequence_losses=self._sequence_losses,
-                           loss_scale=1.0 / (n * self.current_gradient_accumulation_steps))
+                           loss_scale=1.0 / (n * self.current_gradient_accumulation_steps),
+                           grad_scaler=getattr(self.accelerator, "scaler", None))  # fp16: its scale divided out
         return loss
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,

@@ -88,7 +88,8 @@ class MixerCallback(Callback):
     def _observe(self, trainer, sequence_losses: Any) -> None:
         n = len(self._batch["cluster"])
         self.mixer.observe(self._batch, sequence_losses=sequence_losses,
-                           loss_scale=1.0 / (n * trainer.accumulate_grad_batches))
+                           loss_scale=1.0 / (n * trainer.accumulate_grad_batches),
+                           grad_scaler=getattr(trainer.precision_plugin, "scaler", None))  # fp16: divided out
         self._observed = True
 
     def state_dict(self) -> dict[str, Any]:

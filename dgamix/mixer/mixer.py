@@ -151,16 +151,18 @@ class Mixer:
         return self._strategy().training_step(self.steps)
 
     def observe(self, batch: dict[str, Any], sequence_losses: torch.Tensor | np.ndarray | None = None,
-                loss_scale: float | None = None) -> None:
+                loss_scale: float | None = None, grad_scaler: Any = None) -> None:
         """After each backward: the batch just trained on, its (n,) per-sequence losses (ODM needs them) and each
         sequence's weight in the loss backpropagated (default 1 / n; under gradient accumulation over A
-        micro-batches of a mean loss divided by A, 1 / (n * A)). A no-op for strategies that learn nothing from
-        the training step."""
+        micro-batches of a mean loss divided by A, 1 / (n * A)); with fp16 training, the `torch.amp.GradScaler`
+        that scaled the loss (before its `update()`): its scale is divided out, and a backward that overflowed is
+        not scored (the scaler skips that step too). A no-op for strategies that learn nothing from the training
+        step."""
         strategy = self._strategy()
         if "sequence_losses" in strategy.needs and sequence_losses is None:
             raise ValueError(f"{type(strategy).__name__} learns from each sequence's training loss: "
                              "mixer.observe(batch, sequence_losses=<(n,) losses>)")
-        strategy.observe(Evidence(batch, sequence_losses, loss_scale))
+        strategy.observe(Evidence(batch, sequence_losses, loss_scale, grad_scaler))
 
     def step(self) -> UpdateRecord | None:
         """After each optimizer step: counts it and lets the strategy update the weights (from the next step

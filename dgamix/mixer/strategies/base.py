@@ -42,11 +42,13 @@ class Evidence:
 
     batch: the stream's batch (its `cluster` and `prob` per sequence); sequence_losses: (n,) per-sequence training
     losses, for strategies that need them; loss_scale: each sequence's weight in the loss that was backpropagated
-    (None: 1 / n, a mean over the batch; under gradient accumulation over A micro-batches, 1 / (n * A))."""
+    (None: 1 / n, a mean over the batch; under gradient accumulation over A micro-batches, 1 / (n * A));
+    grad_scaler: the GradScaler that multiplied the loss before this backward (read before its `update()`)."""
 
     batch: Mapping[str, Any]
     sequence_losses: torch.Tensor | np.ndarray | None = None
     loss_scale: float | None = None
+    grad_scaler: Any = None  # the torch.amp.GradScaler whose scale the backward carried (fp16), if any
 
 
 @dataclass

@@ -151,6 +151,7 @@ class InBatchDGAStrategy(StrategyBase):
         self.stats = AlignmentStats(k, self.decay)
         self.window = AlignmentStats(k)  # sequences since the last update, merged across ranks at the update
         self.updates, self.skipped = 0, 0
+        self.overflowed = 0  # micro-batches whose backward overflowed (fp16): not scored
         self._scoring = True  # whether the current training step's backward is scored (training_step)
         self.records: list[dict[str, Any]] = []  # per-cluster alignment of each update window (drain_records)
         self.refresh_target()
@@ -215,8 +216,12 @@ class InBatchDGAStrategy(StrategyBase):
         batch = evidence.batch
         clusters = as_numpy(batch["cluster"])
         scale = 1.0 / len(clusters) if evidence.loss_scale is None else evidence.loss_scale
-        scores = self.tracker.collect(loss_scale=scale, n_sequences=len(clusters)).cpu().numpy()
+        scores = self.tracker.collect(loss_scale=scale, grad_scaler=evidence.grad_scaler,
+                                      n_sequences=len(clusters)).cpu().numpy()
         self.tracker.take()  # the strategy keeps its own statistics; nothing accumulates in the tracker
+        if not np.isfinite(scores).all():  # an overflowed fp16 backward: the GradScaler skips the step; so do we
+            self.overflowed += 1
+            return
         self.window.add(clusters, scores, as_numpy(batch["prob"]))
 
     def scores(self) -> np.ndarray:
