@@ -69,7 +69,8 @@ GPU_TRAIN: dict[str, Any] = {  # dotted keys of the train section, as experiment
     "data.token_cap": None, "strategy.dga.eta": 0.3, "strategy.dga.beta": 0.1, "strategy.dga.every": 20,
     "strategy.dga.batch_size": 8, "strategy.dga.target_batch_size": 16, "strategy.dga.estimator": "exact",
     "strategy.doge.every": 20, "strategy.doge.batch_size": 8, "strategy.doge.target_batch_size": 16,
-    "strategy.inbatch.target_batch_size": 8, "eval.seed": EVAL_SEED, "speed.precision": "bf16",
+    "strategy.inbatch.target_batch_size": 8, "strategy.dga.rule": "paper", "strategy.inbatch.rule": "paper",
+    "strategy.inbatch.eta": 0.02, "eval.seed": EVAL_SEED, "speed.precision": "bf16",
     "speed.compile": False, "optim.adamw_impl": "fused", "speed.threads": None}
 # Toy size: every code path of the GPU run (same methods, stages and outputs), small enough for 2 CPU cores.
 TOY_TRAIN: dict[str, Any] = GPU_TRAIN | {
