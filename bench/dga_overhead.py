@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -152,21 +153,27 @@ class Run:
         self.step, self.times = 0, []
 
     def run(self, steps: int) -> None:
-        from dgamix.mixer.strategies import Evidence
+        timed_steps(self, steps)
 
-        for _ in range(steps):
-            start = time.perf_counter()
-            batch = self.stream.next_batch()
-            # in-batch DGA scores every `every`-th step (its hooks paused on the others); a no-op for the others
-            with self.strategy.training_step(self.step):
-                loss = self.model.loss(batch["tokens"])
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            self.strategy.observe(Evidence(batch))  # ignored on unscored steps and by the other strategies
-            self.optimizer.step()
-            self.strategy.on_step(self.step)
-            self.times.append(time.perf_counter() - start)
-            self.step += 1
+
+def timed_steps(run: Any, steps: int) -> None:
+    """`steps` training steps of a benchmark run (its stream, model, optimizer and strategy), each timed into
+    run.times: the loop every strategy runs, in-batch DGA scoring every `score_every`-th step (its hooks paused on
+    the others; training_step and observe are no-ops for the other strategies)."""
+    from dgamix.mixer.strategies import Evidence
+
+    for _ in range(steps):
+        start = time.perf_counter()
+        batch = run.stream.next_batch()
+        with run.strategy.training_step(run.step):
+            loss = run.model.loss(batch["tokens"])
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        run.strategy.observe(Evidence(batch))
+        run.optimizer.step()
+        run.strategy.on_step(run.step)
+        run.times.append(time.perf_counter() - start)
+        run.step += 1
 
 
 def inbatch_table(store: ClusterStore, target_store: ClusterStore, rounds: int, per_round: int) -> list[dict]:

@@ -21,17 +21,16 @@ adds (m + 1) 8 / 16 / 20.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 import torch
 
 from common import ROOT, print_table, write_result
-from dga_overhead import grouped_bases
+from dga_overhead import grouped_bases, timed_steps
 
 from dgamix.formats import token_store
 from dgamix.mixer import ClusterStore, MixtureStream, TargetSampler
-from dgamix.mixer.strategies import DGAStrategy, DoGEStrategy, Evidence, StaticStrategy
+from dgamix.mixer.strategies import DGAStrategy, DoGEStrategy, StaticStrategy
 from dgamix.mixer.strategies.doge import reference_share
 from dgamix.trainer.model import GPT, GPTConfig
 
@@ -77,18 +76,7 @@ class Run:
         self.step, self.times = 0, []
 
     def run(self, steps: int) -> None:
-        for _ in range(steps):
-            start = time.perf_counter()
-            batch = self.stream.next_batch()
-            with self.strategy.training_step(self.step):
-                loss = self.model.loss(batch["tokens"])
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-            self.strategy.observe(Evidence(batch))
-            self.optimizer.step()
-            self.strategy.on_step(self.step)
-            self.times.append(time.perf_counter() - start)
-            self.step += 1
+        timed_steps(self, steps)
 
 
 def table(store, target_store, bases, rounds, per_round) -> list[dict]:
