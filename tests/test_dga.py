@@ -212,7 +212,7 @@ def test_dga_state_records_its_settings_and_round_trips_through_a_checkpoint(tmp
     state = dga.state_dict()
     assert {k: state[k] for k in dga.SETTINGS} == {"eta": 0.5, "beta": 0.5, "every": 2, "estimator": "exact",
                                                    "batch_size": 2, "micro_batches": 1, "target_batch_size": 2,
-                                                   "rule": "anchored", "kl_cap": None}
+                                                   "rule": "anchored", "kl_cap": None, "tau": 0.25}
     assert "weights" not in state  # the stream owns the weights and saves them
     torch.save({"stream": dga.stream.state_dict(), "strategy": state}, tmp_path / "state.pt")  # as the hooks do
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)
@@ -221,6 +221,9 @@ def test_dga_state_records_its_settings_and_round_trips_through_a_checkpoint(tmp
     resumed.load_state_dict(loaded["strategy"])
     np.testing.assert_array_equal(resumed.weights, dga.weights)
     assert (resumed.updates, resumed.target.position) == (2, dga.target.position)
+    # the anchored rule's averaged scores and their variance (the shrinkage's denominator) resume with it
+    np.testing.assert_array_equal(resumed.score_average, dga.score_average)
+    np.testing.assert_array_equal(resumed.score_variance, dga.score_variance)
 
 
 @pytest.mark.parametrize("changed, message", [

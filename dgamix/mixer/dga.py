@@ -7,7 +7,7 @@ Non-finite scores skip the update (the caller logs it); the weights never leave 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -132,6 +132,24 @@ def average_scores(previous: np.ndarray | None, scores: np.ndarray, beta: float)
     return scores.copy() if previous is None else (1.0 - beta) * np.asarray(previous, dtype=np.float64) + beta * scores
 
 
+def averaged_variance(previous: np.ndarray | None, variance: np.ndarray, beta: float) -> np.ndarray:
+    """Pure: the variance of `average_scores`'s average when each update's scores carry independent noise of
+    `variance`: (1 - beta)^2 v_prev + beta^2 v (the first as it is). With beta < 1 it falls toward
+    beta / (2 - beta) of one update's: averaging over updates lets a persistent signal through the shrinkage."""
+    variance = np.asarray(variance, dtype=np.float64)
+    if previous is None:
+        return variance.copy()
+    return (1.0 - beta) ** 2 * np.asarray(previous, dtype=np.float64) + beta ** 2 * variance
+
+
+def shrink(scores: np.ndarray, variance: np.ndarray, tau: float) -> np.ndarray:
+    """Pure: kappa * s with kappa = tau^2 / (tau^2 + variance), the posterior mean of a relative gain under a normal
+    prior of scale tau. The shrunk noise never exceeds tau / 2 (at variance tau^2), so without signal eta * tau / 2
+    bounds how far, in log-odds, any weight strays from alpha_0."""
+    variance = np.asarray(variance, dtype=np.float64)
+    return np.asarray(scores, dtype=np.float64) * tau ** 2 / (tau ** 2 + variance)
+
+
 def _dtensor_type() -> type | None:
     """torch's DTensor class (FSDP2's sharded parameters), wherever this torch version keeps it."""
     try:
@@ -234,7 +252,7 @@ def exact_alignment(loss_fn: Callable[[object], torch.Tensor], params: Sequence[
     On FSDP2-sharded parameters (fully_shard) FSDP's backward already averages the ranks' gradients into each
     rank's shard: the scores are the dot products of the local shards, summed across ranks.
     """
-    return _exact(loss_fn, params, basis_batches, target_batches, basis_share, target_share, with_norms=False)[0]
+    return _exact(loss_fn, params, basis_batches, target_batches, basis_share, target_share, with_norms=False)[0][0]
 
 
 def exact_alignment_with_norms(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
@@ -250,31 +268,38 @@ def exact_alignment_with_norms(loss_fn: Callable[[object], torch.Tensor], params
     for its norm, one model-sized reduction per basis, which the scores alone never need."""
     scores, basis_norms, target_norm = _exact(loss_fn, params, basis_batches, target_batches, basis_share,
                                               target_share, with_norms=True)
-    return scores, basis_norms, float(target_norm)
+    return scores[0], basis_norms, float(target_norm)
 
 
 def _exact(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
-           basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object],
-           basis_share: float | None, target_share: float | None,
-           with_norms: bool) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+           basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object] | None,
+           basis_share: float | None, target_share: float | None, with_norms: bool,
+           targets: Sequence[torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray | None, float | None]:
+    """(scores, basis norms, target norm). Scores have one row per target direction: the gradient of
+    `target_batches`, or each of `targets` when given (every basis gradient is then dotted with all of them: one
+    backward per basis whatever their number)."""
     params = [p for p in params if p.requires_grad]
     basis_share = _share(basis_share, "basis_share")
     sharded = sharded_parameters(params)
-    target = _target_gradient(loss_fn, params, target_batches, target_share)
+    if targets is None:
+        targets = [_target_gradient(loss_fn, params, target_batches, target_share)]
     world = rank_and_world_size()[1]
+    device = targets[0].device
     # On the gradient's device: NCCL cannot reduce CPU tensors; one transfer at the end instead of one per basis.
-    partial = torch.zeros(len(basis_batches), dtype=torch.float64, device=target.device)
+    partial = torch.zeros(len(targets), len(basis_batches), dtype=torch.float64, device=device)
     # Squared norms: per-rank partial sums under FSDP2 (reduced with the scores), else already whole-batch values.
-    squares = torch.zeros(len(basis_batches), dtype=torch.float64, device=target.device)
+    squares = torch.zeros(len(basis_batches), dtype=torch.float64, device=device)
     for j, batches in enumerate(basis_batches):
         if sharded:  # FSDP averages over ranks with equal weights: scaling by share * world makes it share-weighted
             g = mean_gradient(loss_fn, batches, params, loss_multiplier=basis_share * world)
-            partial[j] = torch.dot(g, target)
+            for t, target in enumerate(targets):
+                partial[t, j] = torch.dot(g, target)
             if with_norms:
                 squares[j] = torch.dot(g, g)
         else:
             g = mean_gradient(loss_fn, batches, params)
-            partial[j] = basis_share * torch.dot(g, target).double()
+            for t, target in enumerate(targets):
+                partial[t, j] = basis_share * torch.dot(g, target).double()
             if with_norms:
                 whole = all_reduce_sum_(g.mul_(basis_share)) if is_distributed() else g
                 squares[j] = torch.dot(whole, whole).double()
@@ -282,7 +307,7 @@ def _exact(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.
     scores = all_reduce_sum_(partial).cpu().numpy()
     if not with_norms:
         return scores, None, None
-    target_square = torch.dot(target, target).double().reshape(1)
+    target_square = torch.dot(targets[0], targets[0]).double().reshape(1)
     if sharded:  # both are sums over the ranks' shards
         all_reduce_sum_(squares)
         all_reduce_sum_(target_square)
@@ -303,25 +328,76 @@ def _target_gradient(loss_fn: Callable[[object], torch.Tensor], params: Sequence
     return target
 
 
-def split_half_gain(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
-                    target_batches: Sequence[torch.Tensor], target_share: float | None = None,
-                    **_: object) -> float:
-    """G = <g1, g2>, the gradients of the first and the second half of every target micro-batch: an unbiased
-    estimate of ||grad L_spe||^2 (the two halves' noise is independent), the unit of the anchored rule's scores.
-    Two half-size backwards per micro-batch. Under torch.distributed each rank passes its slice (every slice needs
-    two sequences); the halves' gradients are reduced as the target's (`_target_gradient`)."""
+class SplitAlignment(NamedTuple):
+    """Alignments measured on two halves of every batch (`split_alignment`)."""
+
+    alignments: np.ndarray  # a_j, from the whole batches (the halves' mean)
+    standard_errors: np.ndarray  # of each a_j minus the mixture's own, from the halves' disagreement
+    gain: float  # G = <g1, g2>: an unbiased estimate of ||grad L_spe||^2
+
+
+def _halves(batches: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [b[: len(b) // 2] for b in batches], [b[len(b) // 2:] for b in batches]
+
+
+def pooled_standard_errors(basis_halves: np.ndarray, target_halves: np.ndarray | None, weights: np.ndarray
+                           ) -> np.ndarray:
+    """Pure: the standard error of each centered score a_j - sum_i alpha_i a_i, pooled over the bases.
+
+    `basis_halves` (2, m): the alignments of the two halves of each basis batch with the same g; their difference
+    is the basis sampling noise alone, and a_j (their mean) has a quarter of its variance. `target_halves` (2, m):
+    the alignments of the whole basis batches with each half's target gradient g1 and g2; their difference is the
+    noise of g_spe, which every basis shares (the centering removes its common part, so it is centered first) and
+    which more basis sequences never average away. One half-split gives one degree of freedom per basis: the
+    variance is pooled over the bases (every one gets the same standard error), assuming the bases are about
+    equally noisy, which is what a no-signal test needs: no basis's score is let through by a lucky small
+    estimate of its own noise."""
+    basis_halves = np.asarray(basis_halves, dtype=np.float64)
+    variance = (basis_halves[0] - basis_halves[1]) ** 2 / 4.0
+    if target_halves is not None:
+        difference = np.asarray(target_halves[0] - target_halves[1], dtype=np.float64)
+        w = np.asarray(weights, dtype=np.float64)
+        variance = variance + (difference - np.dot(w, difference) / w.sum()) ** 2 / 4.0
+    return np.full(basis_halves.shape[1], np.sqrt(variance.mean()))
+
+
+def split_alignment(estimator: str, loss_fn: Callable[[object], torch.Tensor],
+                    params: Sequence[torch.nn.Parameter], basis_batches: Sequence[Sequence[torch.Tensor]],
+                    target_batches: Sequence[torch.Tensor], weights: np.ndarray, basis_share: float | None = None,
+                    target_share: float | None = None, **options: object) -> SplitAlignment:
+    """The anchored rule's measurement: every batch (each rank's slice of it) is cut in two halves.
+
+    The target halves give g1 and g2 (two half-size backwards, the cost of one): g = (g1 + g2) / 2 is the target
+    gradient and G = <g1, g2> its unit (the halves' noise is independent, so G is unbiased for ||grad L_spe||^2).
+    Each basis's halves are scored along g by `estimator` (the same sequences as one whole batch: the same
+    cost); the exact estimator also dots every basis gradient with g1 and g2 (free: no extra backward), which
+    measures the part of the scores' noise that comes from g_spe. Under torch.distributed the halves' gradients
+    are reduced as the whole batch's. Every rank's slice of every batch needs two sequences."""
     params = [p for p in params if p.requires_grad]
-    firsts = [b[: len(b) // 2] for b in target_batches]
-    seconds = [b[len(b) // 2:] for b in target_batches]
-    if min(len(b) for b in firsts) < 1:
-        raise ValueError("a target micro-batch of one sequence cannot be split in two halves: expected >= 2 "
-                         "sequences per rank")
-    first = _target_gradient(loss_fn, params, firsts, target_share)
-    second = _target_gradient(loss_fn, params, seconds, target_share)
+    first_target, second_target = _halves(target_batches)
+    if min(len(b) for b in first_target) < 1 or min(len(b) for batches in basis_batches for b in batches) < 2:
+        raise ValueError("the anchored rule cuts every alignment batch in two halves: expected >= 2 sequences of "
+                         "the target and of every basis per rank and micro-batch")
+    first = _target_gradient(loss_fn, params, first_target, target_share)
+    second = _target_gradient(loss_fn, params, second_target, target_share)
     dot = torch.dot(first.double(), second.double()).reshape(1)
     if sharded_parameters(params):  # local shards: the dot product is their sum
         all_reduce_sum_(dot)
-    return float(dot)
+    target = (first + second).mul_(0.5)
+    halves = list(zip(*[_halves(batches) for batches in basis_batches]))
+    if estimator == "exact":  # rows: g, g1, g2
+        by_half = [_exact(loss_fn, params, list(half), None, basis_share, target_share, with_norms=False,
+                          targets=[target, first, second])[0] for half in halves]
+        basis_halves = np.stack([rows[0] for rows in by_half])
+        target_halves = (by_half[0][1:] + by_half[1][1:]) / 2.0
+    else:
+        del first, second
+        basis_halves = np.stack([ESTIMATORS[estimator](loss_fn, params, list(half), None, target=target,
+                                                       basis_share=basis_share, target_share=target_share,
+                                                       **options) for half in halves])
+        target_halves = None
+    alignments = basis_halves.mean(axis=0)
+    return SplitAlignment(alignments, pooled_standard_errors(basis_halves, target_halves, weights), float(dot))
 
 
 def _refuse_sharded(params: Sequence[torch.nn.Parameter], estimator: str) -> None:
@@ -354,7 +430,8 @@ def finite_difference_alignment(loss_fn: Callable[[object], torch.Tensor], param
                                 basis_batches: Sequence[Sequence[object]], target_batches: Sequence[object],
                                 sequence_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                                 chunk: int = 256, step_norm: float = 1e-2, basis_share: float | None = None,
-                                target_share: float | None = None, **_: object) -> np.ndarray:
+                                target_share: float | None = None, target: torch.Tensor | None = None,
+                                **_: object) -> np.ndarray:
     """a_j estimated as the central difference of l(.; x_j) along g = grad L(y):
     (l(theta + eps g) - l(theta - eps g)) / (2 eps), with eps = step_norm / ||g||. One backward pass (the target)
     and two no-grad forward passes over the bases' sequences instead of one backward per basis. With
@@ -368,7 +445,8 @@ def finite_difference_alignment(loss_fn: Callable[[object], torch.Tensor], param
     params = [p for p in params if p.requires_grad]
     _refuse_sharded(params, "finite-difference")
     basis_share = _share(basis_share, "basis_share")
-    target = _target_gradient(loss_fn, params, target_batches, target_share)
+    if target is None:  # else the caller's g, already reduced across ranks (the anchored rule's mean of two halves)
+        target = _target_gradient(loss_fn, params, target_batches, target_share)
     norm = float(target.norm())
     if norm == 0.0 or not np.isfinite(norm):
         return np.zeros(len(basis_batches)) if norm == 0.0 else np.full(len(basis_batches), np.nan)
@@ -413,7 +491,8 @@ def forward_mode_alignment(loss_fn: Callable[[object], torch.Tensor], params: Se
                            module: torch.nn.Module | None = None,
                            sequence_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                            chunk: int = 256, basis_share: float | None = None,
-                           target_share: float | None = None, **_: object) -> np.ndarray:
+                           target_share: float | None = None, target: torch.Tensor | None = None,
+                           **_: object) -> np.ndarray:
     """a_j as the directional derivative of l(.; x_j) along g = grad L(y) by forward-mode AD (torch.func.jvp):
     exact up to float rounding, one forward-mode pass per batch instead of a backward. `module` is the model the
     loss closures call (its parameters are swapped functionally, never modified). Attention runs on the math SDPA
@@ -426,7 +505,8 @@ def forward_mode_alignment(loss_fn: Callable[[object], torch.Tensor], params: Se
     params = [p for p in params if p.requires_grad]
     _refuse_sharded(params, "forward-mode")
     basis_share = _share(basis_share, "basis_share")
-    target = _target_gradient(loss_fn, params, target_batches, target_share)
+    if target is None:  # else the caller's g, already reduced across ranks (the anchored rule's mean of two halves)
+        target = _target_gradient(loss_fn, params, target_batches, target_share)
     names = {id(p): name for name, p in module.named_parameters()}
     missing = [i for i, p in enumerate(params) if id(p) not in names]
     if missing:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from ..distributed import rank_and_world_size
-from ..dga import (ESTIMATORS, anchored_weights, average_scores, check_dga_params, dga_update, relative_gains,
-                   split_half_gain)
+from ..dga import (ESTIMATORS, anchored_weights, average_scores, averaged_variance, check_dga_params, dga_update,
+                   relative_gains, shrink, split_alignment, SplitAlignment)
 from ..state import array, plain
 from ...core.config import setting
 from ..stream import MixtureStream, TargetSampler
@@ -20,7 +20,10 @@ from .base import (AlignmentDraw, Attachment, StrategyBase, UpdateRecord, check_
 
 @dataclass(frozen=True)
 class DGA:
-    """Exact DGA (the paper's rule): alpha <- normalize(alpha * exp(eta * a)), then the EMA with beta."""
+    """Exact DGA: fresh alignment batches of every basis and of the specialized set every `every` steps.
+    Anchored rule (default): alpha = softmax(log alpha_0 + eta * kappa * s_bar), s_bar the beta-average of the
+    relative gains and kappa its shrinkage by the averaged standard error (README, "The update rule"). Paper's
+    rule: alpha <- normalize(alpha * exp(eta * a)), then the EMA of alpha with beta."""
 
     rule: str = setting("anchored", "anchored (softmax(log alpha_0 + eta * relative gains)) | paper (compounding)")
     eta: float = setting(4.0, "anchored: log-odds per unit of relative gain; paper: step size of the update")
@@ -31,6 +34,7 @@ class DGA:
     target_batch_size: int | None = setting(None, "sequences of the specialized set per micro-batch (None: batch_size)")
     estimator: str = setting("exact", "exact (one backward per basis) | finite_difference | forward (forward-mode AD)")
     kl_cap: float | None = setting(None, "anchored: at most this KL(alpha || alpha_0) in nats (None: no cap)")
+    tau: float = setting(0.25, "anchored: prior scale of a relative gain; noisier averages shrink toward 0")
 
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
 
@@ -45,7 +49,7 @@ class DGA:
             require_positive_int(section, "target_batch_size", self.target_batch_size)
         if self.estimator not in ESTIMATORS:
             raise setting_error(section, "estimator", self.estimator, f"one of {sorted(ESTIMATORS)}")
-        check_rule_settings(section, self.rule, self.kl_cap)
+        check_rule_settings(section, self.rule, self.kl_cap, self.tau)
 
     def build(self, stream: MixtureStream, target: TargetSampler | None, attachment: Attachment) -> "DGAStrategy":
         self.validate()
@@ -53,7 +57,8 @@ class DGA:
                            eta=self.eta, beta=self.beta, every=self.every, batch_size=self.batch_size,
                            micro_batches=self.micro_batches, target_batch_size=self.target_batch_size,
                            estimator=self.estimator, module=attachment.model,
-                           sequence_loss_fn=attachment.sequence_loss_fn, rule=self.rule, kl_cap=self.kl_cap)
+                           sequence_loss_fn=attachment.sequence_loss_fn, rule=self.rule, kl_cap=self.kl_cap,
+                           tau=self.tau)
 
 
 @dataclass
@@ -81,12 +86,13 @@ class DGAStrategy(StrategyBase):
     sequence_loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
     rule: str = DGA.rule
     kl_cap: float | None = DGA.kl_cap
+    tau: float = DGA.tau
 
     needs: ClassVar[frozenset[str]] = DGA.needs
     # Saved with the state and checked on load: each changes the weights a run reaches (eta, beta, every, the
     # estimator) or which sequences the alignment draws from the stream and the target (the batch sizes).
     SETTINGS: ClassVar[tuple[str, ...]] = ("eta", "beta", "every", "estimator", "batch_size", "micro_batches",
-                                           "target_batch_size", "rule", "kl_cap")
+                                           "target_batch_size", "rule", "kl_cap", "tau")
 
     def __post_init__(self) -> None:
         check_dga_params(self.eta, self.beta, self.every)
@@ -96,59 +102,74 @@ class DGAStrategy(StrategyBase):
             raise ValueError("estimator = 'forward' needs module=<the model the loss function calls>")
         if self.target_batch_size is None:
             self.target_batch_size = self.batch_size
-        check_rule_settings("strategy", self.rule, self.kl_cap)
-        if self.rule == "anchored" and self.target_batch_size < 2 * rank_and_world_size()[1]:
-            raise ValueError(f"target_batch_size = {self.target_batch_size}: the anchored rule splits every rank's "
-                             "target batch in two halves to measure ||g_spe||^2; expected >= 2 x the world size")
+        check_rule_settings("strategy", self.rule, self.kl_cap, self.tau)
+        world = rank_and_world_size()[1]
+        if self.rule == "anchored" and min(self.batch_size, self.target_batch_size) < 2 * world:
+            raise ValueError(f"batch_size = {self.batch_size}, target_batch_size = {self.target_batch_size} with "
+                             f"world size {world}: the anchored rule cuts every rank's share of each alignment "
+                             f"batch in two halves (for ||g_spe||^2 and the scores' standard errors); expected both "
+                             f">= {2 * world} (2 x the world size)")
         self.draw = AlignmentDraw(self.stream, self.target, self.batch_size, self.micro_batches,
                                   self.target_batch_size)
         self.updates = 0
         self.skipped = 0
-        # The anchored rule's anchor (the weights when the strategy starts) and the average of its scores.
+        # The anchored rule's anchor (the weights when the strategy starts), the average of its relative gains and
+        # that average's variance (what the shrinkage weighs it against).
         self.prior = self.stream.weights
         self.score_average: np.ndarray | None = None
+        self.score_variance: np.ndarray | None = None
 
     def alignment_scores(self) -> np.ndarray:
         """a_j at the current parameters, on fresh batches from each basis and the specialized set
         (`AlignmentDraw`); the estimator combines the ranks' partial results into the scores of one process over
         the whole batches."""
-        return self._alignment()[0]
-
-    def _alignment(self) -> tuple[np.ndarray, float]:
-        """(a, G): the alignments and, under the anchored rule, the split-half ||g_spe||^2 of the same target
-        batches (NaN under the paper's rule, which needs none)."""
         bases, target, shares = self.draw.draw()
-        a = ESTIMATORS[self.estimator](self.loss_fn, self.params, bases, target, module=self.module,
-                                       sequence_loss_fn=self.sequence_loss_fn, **shares)
-        gain = split_half_gain(self.loss_fn, self.params, target, **shares) if self.rule == "anchored" else np.nan
-        return a, gain
+        return ESTIMATORS[self.estimator](self.loss_fn, self.params, bases, target, module=self.module,
+                                          sequence_loss_fn=self.sequence_loss_fn, **shares)
 
     def on_step(self, step: int) -> UpdateRecord | None:
         """Call after optimizer.step() of step `step` (0-based); updates the weights every `every` steps and returns
         the update's record (the caller logs it), else None."""
         if (step + 1) % self.every:
             return None
-        with own_rng(self.params):
-            alignments, gain = self._alignment()
         if self.rule == "anchored":
-            scores = relative_gains(alignments, self.weights, gain)  # exact scores: no standard error to shrink
-            skipped = not np.isfinite(scores).all()
-            if not skipped:
-                self.score_average = average_scores(self.score_average, scores, self.beta)
-                new = anchored_weights(self.prior, self.score_average, self.eta, self.kl_cap)
+            scores, skipped = self._anchored_update()
         else:
-            scores = alignments
+            with own_rng(self.params):
+                scores = self.alignment_scores()
             new, skipped = dga_update(self.weights, scores, self.eta, self.beta)
+            if not skipped:
+                self.stream.set_weights(new)
         self.updates += 1
         self.skipped += int(skipped)
-        if not skipped:
-            self.stream.set_weights(new)
         return UpdateRecord(step, self.weights.tolist(), scores.tolist(), skipped)
+
+    def _anchored_update(self) -> tuple[np.ndarray, bool]:
+        with own_rng(self.params):
+            bases, target, shares = self.draw.draw()
+            measured = split_alignment(self.estimator, self.loss_fn, self.params, bases, target, self.weights,
+                                       module=self.module, sequence_loss_fn=self.sequence_loss_fn, **shares)
+        return self.absorb(measured)
+
+    def absorb(self, measured: SplitAlignment) -> tuple[np.ndarray, bool]:
+        """The anchored rule's update from one measurement: average the relative gains and their variance over
+        updates, shrink, move the weights. Returns (the shrunk averaged scores that set the weights, skipped).
+        Separate from the measurement so that tests can replay it on alignments of known distribution."""
+        gains = relative_gains(measured.alignments, self.weights, measured.gain)
+        if not np.isfinite(gains).all():  # G <= 0: the target batch's halves disagree, no unit to score in
+            return gains, True
+        self.score_average = average_scores(self.score_average, gains, self.beta)
+        self.score_variance = averaged_variance(self.score_variance, (measured.standard_errors / measured.gain) ** 2,
+                                                self.beta)
+        scores = shrink(self.score_average, self.score_variance, self.tau)
+        self.stream.set_weights(anchored_weights(self.prior, scores, self.eta, self.kl_cap))
+        return scores, False
 
     def state_dict(self) -> dict[str, Any]:
         # plain(): settings given as numpy scalars are saved as Python ones, which torch.load's default reads.
         return plain({"updates": self.updates, "skipped": self.skipped, "target": self.target.state_dict(),
-                      "prior": self.prior, "score_average": self.score_average, **self.settings()})
+                      "prior": self.prior, "score_average": self.score_average,
+                      "score_variance": self.score_variance, **self.settings()})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore the counters and target position (the stream restores the weights); refused when the state was
@@ -157,5 +178,6 @@ class DGAStrategy(StrategyBase):
         self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
         self.target.load_state_dict(state["target"])
         self.prior = array(state["prior"], np.float64)
-        average = state["score_average"]
+        average, variance = state["score_average"], state.get("score_variance")
         self.score_average = None if average is None else array(average, np.float64)
+        self.score_variance = None if variance is None else array(variance, np.float64)
