@@ -9,6 +9,8 @@ measured. For each (m, T_r, estimator) the extra time per step is reported in un
 beside the theory for the exact estimator: (m + 1) / T_r extra gradient evaluations per step (each about one
 training step's forward + backward) when the alignment batch equals the training batch.
 
+The update rules (`--rules`): the anchored rule's cost against the paper's, exact DGA and in-batch DGA, interleaved.
+
 In-batch DGA (`--inbatch`, the table the README quotes): total wall time per step of the reference GPT with the
 in-batch strategy over every fine cluster (domain reweighting) at 256 clusters (the sample) and 4,096 clusters (the
 sample's documents dealt round-robin into 4,096 clusters), scoring and updating every step and every 10 steps,
@@ -129,7 +131,8 @@ def round_robin_store(store: ClusterStore, k: int, directory) -> ClusterStore:
 class Run:
     """One configuration's training state, stepped a round at a time (so configurations can be interleaved)."""
 
-    def __init__(self, kind: str, store: ClusterStore, target_store: ClusterStore, m: int = 0, every: int = 1):
+    def __init__(self, kind: str, store: ClusterStore, target_store: ClusterStore, m: int = 0, every: int = 1,
+                 rule: str = "anchored"):
         from dgamix.mixer.inbatch import InBatchAlignment
         from dgamix.mixer.strategies import InBatchDGAStrategy
 
@@ -145,11 +148,12 @@ class Run:
         elif kind == "exact":
             self.strategy = DGAStrategy(self.stream, target=target, loss_fn=self.model.loss,
                                         params=list(self.model.parameters()), eta=0.3, beta=0.1, every=every,
-                                        batch_size=BATCH, target_batch_size=BATCH)
+                                        batch_size=BATCH, target_batch_size=BATCH, rule=rule)
         else:
             self.strategy = InBatchDGAStrategy(self.stream, target=target, tracker=InBatchAlignment(self.model),
                                                loss_fn=self.model.loss, every=every, score_every=every,
-                                               target_batch_size=BATCH, level="clusters")
+                                               target_batch_size=BATCH, level="clusters", rule=rule,
+                                               eta=0.02 if rule == "paper" else 4.0)
         self.step, self.times = 0, []
 
     def run(self, steps: int) -> None:
@@ -212,13 +216,43 @@ def inbatch_table(store: ClusterStore, target_store: ClusterStore, rounds: int, 
     return rows
 
 
+def rules_table(store: ClusterStore, target_store: ClusterStore, rounds: int, per_round: int) -> list[dict]:
+    """The anchored rule's cost against the paper's, interleaved in one process: exact DGA at m = 19, T_r = 20
+    (the anchored rule cuts every alignment batch in two halves: the same sequences, twice the backward calls, plus
+    two dot products per basis) and in-batch DGA over the 256 clusters, every step (the refresh computes two half
+    target gradients instead of one whole)."""
+    configs = {"static": Run("static", store, target_store)}
+    for rule in ("paper", "anchored"):
+        configs[f"exact DGA, m = 19, T_r = 20, {rule}"] = Run("exact", store, target_store, m=19, every=20, rule=rule)
+        configs[f"in-batch, 256 clusters, every step, {rule}"] = Run("inbatch", store, target_store, rule=rule)
+    for run in configs.values():  # warm-up
+        run.run(2)
+        run.times.clear()
+    for _ in range(rounds):
+        for run in configs.values():
+            run.run(per_round)
+    base = float(np.mean(configs["static"].times))
+    return [{"configuration": name, "s_per_step": float(np.mean(run.times)),
+             "overhead": float(np.mean(run.times)) / base - 1,
+             "median_overhead": float(np.median(run.times)) / float(np.median(configs["static"].times)) - 1,
+             "steps": len(run.times)} for name, run in configs.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--inbatch", action="store_true", help="only the in-batch table (interleaved runs)")
+    parser.add_argument("--rules", action="store_true", help="only the anchored against the paper's rule (interleaved)")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--per-round", type=int, default=10)
     args = parser.parse_args()
+    if args.rules:
+        torch.set_num_threads(1)
+        rows = rules_table(ClusterStore(ROOT / "data/tokens"), ClusterStore(ROOT / "data/targets/spec/tokens"),
+                           args.rounds, args.per_round)
+        print_table(rows)
+        print("wrote", write_result("dga_overhead_rules", rows, {"args": vars(args)}))
+        return
     if args.inbatch:
         torch.set_num_threads(1)
         store = ClusterStore(ROOT / "data/tokens")

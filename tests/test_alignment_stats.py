@@ -120,3 +120,63 @@ def test_auto_decay_memory_grows_with_the_number_of_scored():
     assert 16 / 256 / (1 - auto_decay(16, 256, 8)) == pytest.approx(16)
     with pytest.raises(ValueError, match="positive number of sequences per update"):
         auto_decay(0, 4, 8)
+
+
+def test_standard_errors_under_decay_count_the_effective_sample_size():
+    """Decayed statistics: the reported standard errors match the spread of the estimates over repetitions
+    (Var = sigma^2 sum w^2 / (sum w)^2). Dividing by the decayed count instead overstates them by sqrt(1 + decay)."""
+    p = np.array([0.4, 0.3, 0.1, 0.1, 0.05, 0.05])
+    bases = sp.csr_matrix(np.array([[0, 0, 0.5, 0.5, 0, 0], [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]]))
+    rng = np.random.default_rng(3)
+    means, mean_errors, basis, basis_errors = [], [], [], []
+    for _ in range(300):
+        stats = AlignmentStats(K, decay=0.9)
+        for _ in range(60):  # six memories: steady state
+            clusters, d = draw(rng, p, 40)
+            stats.add(clusters, d, p[clusters])
+            stats.age()
+        mean, se, _ = stats.cluster_means()
+        a, a_se, _ = stats.basis_estimates(bases)
+        means.append(mean), mean_errors.append(se), basis.append(a), basis_errors.append(a_se)
+    np.testing.assert_allclose(np.mean(mean_errors, axis=0), np.std(means, axis=0), rtol=0.15)
+    np.testing.assert_allclose(np.mean(basis_errors, axis=0), np.std(basis, axis=0), rtol=0.15)
+
+
+def test_a_state_saved_without_the_squared_weights_loads_with_the_old_standard_errors():
+    stats = AlignmentStats(3, decay=0.9)
+    stats.add(np.array([0, 2, 2]), np.array([1.0, -1.0, 0.5]), np.array([0.5, 0.25, 0.25]))
+    stats.age()
+    state = stats.state_dict()
+    del state["count_sq"], state["sequences_sq"]
+    again = AlignmentStats(3, decay=0.9)
+    again.load_state_dict(state)
+    assert again.count_sq.tolist() == again.count.tolist() and again.sequences_sq == again.sequences
+
+
+def test_post_stratified_estimates_are_calibrated_and_ignore_how_many_sequences_each_cluster_drew():
+    """Post-stratified basis estimates (each seen cluster's mean weighed by P_j): centered on the truth, their
+    reported standard error (pooled within-cluster variance, effective sample sizes under decay) matches their
+    spread, and with a large common alignment they beat the importance-weighted estimate, whose error grows with
+    it (the luck of the cluster counts times the level)."""
+    p = np.array([0.4, 0.3, 0.1, 0.1, 0.05, 0.05])
+    bases = sp.csr_matrix(np.array([[0, 0, 0.5, 0.5, 0, 0], [0.2, 0.2, 0.2, 0.2, 0.1, 0.1]]))
+    rng = np.random.default_rng(4)
+    level = 5.0  # a common part far above the clusters' differences
+    stratified, errors, importance = [], [], []
+    for _ in range(300):
+        stats = AlignmentStats(K, decay=0.9)
+        for _ in range(60):
+            clusters, d = draw(rng, p, 40)
+            stats.add(clusters, d + level, p[clusters])
+            stats.age()
+        a, se, support = stats.stratified_estimates(bases)
+        stratified.append(a), errors.append(se), importance.append(stats.basis_estimates(bases)[0])
+    truth = bases @ TRUE_MEANS + level
+    assert (np.abs(np.mean(stratified, axis=0) - truth) < 4 * np.std(stratified, axis=0) / np.sqrt(300)).all()
+    np.testing.assert_allclose(np.mean(errors, axis=0), np.std(stratified, axis=0), rtol=0.15)
+    assert (np.std(stratified, axis=0) < 0.5 * np.std(importance, axis=0)).all()
+    # a basis whose clusters were never seen: no estimate, no support
+    stats = AlignmentStats(K)
+    stats.add(np.array([0, 0, 1]), np.array([1.0, 2.0, 3.0]), np.full(3, 0.5))
+    a, se, support = stats.stratified_estimates(sp.csr_matrix(np.array([[0, 0, 0, 0, 1.0, 0], [0.5, 0.5, 0, 0, 0, 0]])))
+    assert a[0] == 0.0 and support[0] == 0.0 and a[1] == pytest.approx((1.5 + 3.0) / 2)

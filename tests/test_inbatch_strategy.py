@@ -179,3 +179,12 @@ def test_domain_reweighting_moves_at_the_default_decay(stores):
     _, weights, strategy = train(stores, 40, "clusters", decay=None, min_sequences=8)
     assert not np.allclose(weights[-1], weights[0])
     assert weights[-1][0] > weights[0][0]
+
+
+def test_a_target_batch_too_small_for_the_anchored_halves_is_refused(stores):
+    """The anchored rule differentiates two halves of the target batch, each split across the ranks: one process
+    needs two sequences, and the error names the setting, the world size and the remedy."""
+    with pytest.raises(ValueError, match=r"target_batch_size = 1 with world size 1: .* expected >= 2 x the world "
+                                         r"size \(2\); raise target_batch_size"):
+        build(stores, target_batch_size=1)
+    build(stores, rule="paper", target_batch_size=1)  # the paper rule takes the whole batch at once

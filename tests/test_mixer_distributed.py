@@ -123,8 +123,8 @@ def _dga_rank_main(rank: int, world_size: int, port: int, directory: str, target
         return torch.nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 64), tokens[:, 1:].reshape(-1))
 
     dga = DGAStrategy(stream, target=TargetSampler(ClusterStore(target_dir), 16), loss_fn=loss_fn,
-                      params=list(model.parameters()), eta=2.0, beta=0.5, every=2, batch_size=2,
-                      target_batch_size=4)  # the anchored rule splits each rank's 2 target sequences in halves
+                      params=list(model.parameters()), eta=2.0, beta=0.5, every=2, batch_size=4,
+                      target_batch_size=4)  # the anchored rule splits each rank's 2 sequences of each in halves
     history, batches = [], []
     for step in range(6):
         tokens = stream.next_batch()["tokens"]
@@ -185,7 +185,8 @@ def _inbatch_rank_main(rank: int, world_size: int, port: int, directory: str, ta
 
     dga = InBatchDGAStrategy(stream, target=TargetSampler(ClusterStore(target_dir), 16),
                              tracker=InBatchAlignment(model), loss_fn=lambda t: sequence_losses(model, t).mean(),
-                             eta=0.5, every=2, refresh=3, min_sequences=1, target_batch_size=2)
+                             eta=0.5, every=2, refresh=3, min_sequences=1,
+                             target_batch_size=4)  # the anchored rule: each rank takes one sequence of each half
     history, local = [], 0
     for step in range(6):
         batch = stream.next_batch()
@@ -222,6 +223,141 @@ def test_in_batch_dga_scores_every_ranks_sequences_and_gives_identical_weights(t
     expected = sum(16 * decay ** k for k in range(1, 4))
     assert rank0["sequences"] == rank1["sequences"] == pytest.approx(expected)
     assert rank0["local"] == rank1["local"] == 24
+
+
+# ---- in-batch DGA's target batch sharded across ranks ------------------------------------------------------------
+# (rule, target sequences, low rank): 8 splits evenly (each half 2 + 2); 5 does not (halves of 2 and 3: 1 + 1 and
+# 2 + 1); the paper rule with a low-rank target takes its factors from the reduced gradient.
+INBATCH_TARGET_CONFIGS = [("anchored", 8, None), ("anchored", 5, None), ("paper", 8, 2)]
+
+
+def _inbatch_target_runs(rank: int, world_size: int, directory: str, target_dir: str) -> list[dict]:
+    """For each config, an in-batch DGA strategy on a fresh model (seed 0) and two target refreshes (the one at
+    construction and one more): the rows its loss_fn received in each, g_spe and the gain after each, the target
+    sampler's state, and the low-rank factors' product. world_size 1: one process, no process group."""
+    import torch
+
+    from dgamix.mixer import TargetSampler
+    from dgamix.mixer.inbatch import InBatchAlignment
+    from dgamix.mixer.strategies import InBatchDGAStrategy
+
+    runs = []
+    for rule, target_batch_size, low_rank in INBATCH_TARGET_CONFIGS:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(64, 8), torch.nn.Linear(8, 64))
+        seen: list[bytes] = []
+
+        def loss_fn(tokens):  # the bare module, as under DDP; records which target sequences it differentiates
+            seen.extend(row.numpy().tobytes() for row in tokens)
+            return torch.nn.functional.cross_entropy(model(tokens[:, :-1]).reshape(-1, 64),
+                                                     tokens[:, 1:].reshape(-1))
+
+        tracker = InBatchAlignment(model, rank=low_rank, low_rank_min_params=1)
+        dga = InBatchDGAStrategy(make_stream(directory, rank=rank, world_size=world_size),
+                                 target=TargetSampler(ClusterStore(target_dir), 16), tracker=tracker,
+                                 loss_fn=loss_fn, rule=rule, target_batch_size=target_batch_size, min_sequences=1)
+        refreshes = []
+        for refresh in range(2):
+            if refresh:
+                seen.clear()
+                dga.refresh_target()
+            factors = {name: (us @ v.T).tolist() for name, (us, v) in tracker._factors.items()}
+            refreshes.append({"seen": list(seen), "gradient": dga._target_gradient.tolist(), "gain": dga.gain,
+                              "factors": factors, "target": dga.target.state_dict(),
+                              "saved_target": dga.state_dict()["target"]})
+        runs.append(refreshes)
+    return runs
+
+
+def _inbatch_target_rank_main(rank: int, world_size: int, port: int, directory: str, target_dir: str,
+                              out: str) -> None:
+    import pickle
+
+    import torch
+
+    from dgamix.mixer import TargetSampler
+    from dgamix.mixer.inbatch import InBatchAlignment
+    from dgamix.mixer.strategies import InBatchDGAStrategy
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    result = {"runs": _inbatch_target_runs(rank, world_size, directory, target_dir), "errors": []}
+    # Too few target sequences for every rank to hold one (of each half, under the anchored rule): refused at
+    # construction, before the sampler moves.
+    for rule, target_batch_size in (("anchored", 3), ("paper", 1)):
+        model = torch.nn.Sequential(torch.nn.Embedding(64, 8), torch.nn.Linear(8, 64))
+        target = TargetSampler(ClusterStore(target_dir), 16)
+        try:
+            InBatchDGAStrategy(make_stream(directory, rank=rank, world_size=world_size), target=target,
+                               tracker=InBatchAlignment(model), loss_fn=lambda t: model(t).sum(), rule=rule,
+                               target_batch_size=target_batch_size)
+            result["errors"].append((None, target.position))
+        except ValueError as error:
+            result["errors"].append((str(error), target.position))
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        with open(out, "wb") as fh:
+            pickle.dump(gathered, fh)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def inbatch_target_sharded(tmp_path_factory):
+    """One two-rank run (gloo) of `_inbatch_target_rank_main` and the same configs in this one process."""
+    import pickle
+
+    tmp_path = tmp_path_factory.mktemp("inbatch_target")
+    directory = synthetic_store(tmp_path / "tokens", DOCS)
+    target_dir = synthetic_store(tmp_path / "target", [12], seed=5)
+    out = tmp_path / "inbatch_target.pkl"
+    mp.spawn(_inbatch_target_rank_main, args=(2, free_port(), str(directory), str(target_dir), str(out)), nprocs=2,
+             join=True)
+    return pickle.loads(out.read_bytes()), _inbatch_target_runs(0, 1, str(directory), str(target_dir))
+
+
+def test_in_batch_dga_shards_its_target_batch_across_two_gloo_ranks(inbatch_target_sharded):
+    (rank0, rank1), single = inbatch_target_sharded
+    for config, one, r0, r1 in zip(INBATCH_TARGET_CONFIGS, single, rank0["runs"], rank1["runs"]):
+        rule, n, _ = config
+        # Each rank's share of each half (anchored) or of the batch (paper), in sequences.
+        halves = [n // 2, n - n // 2] if rule == "anchored" else [n]
+        shares = [sum(-(-h // 2) for h in halves), sum(h // 2 for h in halves)]
+        for refresh, (whole, a, b) in enumerate(zip(one, r0, r1)):
+            where = (config, refresh)
+            # Each rank differentiated only its share of the target sequences, together the one process's batch...
+            assert [len(a["seen"]), len(b["seen"])] == shares, where
+            assert len(whole["seen"]) == n and not set(a["seen"]) & set(b["seen"]), where
+            assert sorted(a["seen"] + b["seen"]) == sorted(whole["seen"]), where
+            # ...and both hold the same g_spe, gain and low-rank factors: the one process's, up to float rounding.
+            for key in ("gradient", "factors") + (("gain",) if rule == "anchored" else ()):  # paper: no gain (NaN)
+                assert a[key] == b[key], (where, key)
+            g = np.asarray(whole["gradient"])
+            assert np.abs(g).max() > 0, where
+            np.testing.assert_allclose(a["gradient"], g, rtol=1e-5, atol=1e-6 * np.abs(g).max(), err_msg=str(where))
+            if rule == "anchored":
+                assert whole["gain"] != 0 and np.isfinite(whole["gain"]), where
+                np.testing.assert_allclose(a["gain"], whole["gain"], rtol=1e-5, err_msg=str(where))
+            assert sorted(a["factors"]) == sorted(whole["factors"]), where
+            assert bool(whole["factors"]) == (config[2] is not None), where
+            for name, product in whole["factors"].items():
+                product = np.asarray(product)
+                np.testing.assert_allclose(a["factors"][name], product, rtol=1e-4, atol=1e-5 * np.abs(product).max(),
+                                           err_msg=str((where, name)))
+            # Every rank planned the whole batch: the sampler's position, hence the checkpoint, is the one
+            # process's on every rank.
+            assert a["target"] == b["target"] == whole["target"], where
+            assert a["saved_target"] == b["saved_target"] == whole["saved_target"], where
+
+
+def test_in_batch_dga_refuses_a_target_batch_too_small_for_the_ranks(inbatch_target_sharded):
+    (rank0, rank1), _ = inbatch_target_sharded
+    for result in (rank0, rank1):
+        (anchored, anchored_position), (paper, paper_position) = result["errors"]
+        assert anchored is not None and "target_batch_size = 3" in anchored and "world size 2" in anchored \
+            and "2 x the world size (4)" in anchored and "raise target_batch_size" in anchored, anchored
+        assert paper is not None and "target_batch_size = 1" in paper and "world size 2" in paper \
+            and ">= the world size (2)" in paper, paper
+        assert anchored_position == paper_position == 0  # refused before any draw
 
 
 # ---- the alignment draw sharded across ranks ---------------------------------------------------------------------

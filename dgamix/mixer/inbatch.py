@@ -21,9 +21,10 @@ Usage, with gradient accumulation over A micro-batches of B sequences each:
 above; `mean_loss_scale(B, A)`): the backward's delta carries it, and d_x is divided by it (and by the GradScaler's
 scale), so d_x is the inner product for the per-sequence loss itself, e.g. its mean-over-tokens cross-entropy as
 `GPT.sequence_losses` returns; a (B,) tensor gives sequences different weights. Under DistributedDataParallel, B
-is the rank's own micro-batch (deltas are local; only parameter gradients are averaged) and g is averaged across
-ranks by `target_gradient`. The dot products run in fp32 whatever the autocast dtype (on CUDA, TF32 if the caller
-enables TF32 matmuls).
+is the rank's own micro-batch (deltas are local; only parameter gradients are averaged) and g is reduced across
+ranks by `target_gradient` (the mean of the ranks' own target batches, or, for one target batch split across the
+ranks, the share-weighted sum of their slices' gradients). The dot products run in fp32 whatever the autocast
+dtype (on CUDA, TF32 if the caller enables TF32 matmuls).
 
 Requirements and limits:
 - The sequence is dim 0 of every tracked module's output, and each sequence's loss depends on that sequence only
@@ -52,7 +53,7 @@ import torch
 import torch.nn as nn
 
 from .dga import mean_gradient, sharded_parameters
-from .distributed import all_reduce_mean_  # noqa: F401  (also part of this module's interface)
+from .distributed import all_reduce_mean_, all_reduce_sum_, is_distributed
 from .inbatch_math import embedding_dots, layer_norm_dots, linear_dots, low_rank_factors, low_rank_linear_dots
 
 # Low rank applies by default to Linear weights of at least this many entries: on the reference GPT the output
@@ -81,10 +82,22 @@ def _check_loss_scale(loss_scale: float | torch.Tensor) -> None:
 
 # ---- the target gradient ---------------------------------------------------------------------------------------
 def target_gradient(loss_fn: Callable[[object], torch.Tensor], params: Sequence[torch.nn.Parameter],
-                    target_batches: Iterable[object]) -> torch.Tensor:
+                    target_batches: Iterable[object], share: float | None = None) -> torch.Tensor:
     """g: the gradient of the mean of loss_fn over the target micro-batches, flat fp32 in `params` order, by
-    torch.autograd.grad (the parameters' .grad is untouched), averaged across ranks under torch.distributed."""
-    return all_reduce_mean_(mean_gradient(loss_fn, target_batches, params))
+    torch.autograd.grad (the parameters' .grad is untouched). Under torch.distributed:
+    - share None: each rank passed whole batches of its own; g is the mean of the ranks' gradients;
+    - share a float: each rank passed its slice of batches split across ranks, `share` being its fraction of their
+      sequences; g is the share-weighted sum of the ranks' gradients, that of one process over the whole batches.
+    Reduced on the gradient's own device (NCCL has no CPU path); without a process group g is returned as computed.
+    """
+    local = mean_gradient(loss_fn, target_batches, params)
+    if share is None:
+        return all_reduce_mean_(local)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
+        raise ValueError(f"share = {share!r}: expected this rank's fraction of the target sequences, 0 < share <= 1")
+    if not is_distributed():  # one process holds the whole batch: nothing to weigh (keeps g bit for bit)
+        return local
+    return all_reduce_sum_(local.mul_(share))
 
 
 # ---- which parameters the hooks reach --------------------------------------------------------------------------
@@ -236,12 +249,14 @@ class InBatchAlignment:
                 self._factors[tap.name] = (us, v)
                 self.low_rank_layers[tap.name] = {"rank": us.shape[1], "captured": captured}
 
-    def refresh_target(self, loss_fn: Callable[[object], torch.Tensor],
-                       target_batches: Iterable[object]) -> torch.Tensor:
+    def refresh_target(self, loss_fn: Callable[[object], torch.Tensor], target_batches: Iterable[object],
+                       share: float | None = None) -> torch.Tensor:
         """g from the target micro-batches (`target_gradient`, with the tracker paused so that its own backward is
-        not scored), then `set_target`. Returns the flat g."""
+        not scored), then `set_target`. Returns the flat g. `share`: as for `target_gradient` (this rank's fraction
+        of batches split across ranks). The low-rank factors are taken from the reduced g, so every rank holds the
+        factors of the whole batch's gradient."""
         with self.paused():
-            target = target_gradient(loss_fn, [p for _, p in self.params], target_batches)
+            target = target_gradient(loss_fn, [p for _, p in self.params], target_batches, share)
         self.set_target(target)
         return target
 

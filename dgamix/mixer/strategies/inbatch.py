@@ -13,6 +13,7 @@ import torch
 
 from ..alignment_stats import SCALES, AlignmentStats, auto_decay, scale_scores
 from ..dga import anchored_weights, average_scores, check_dga_params, dga_update, relative_gains
+from ..distributed import rank_and_world_size, shard_bounds
 from ..inbatch import InBatchAlignment, target_gradient
 from ..state import array, plain
 from ...core.config import setting
@@ -91,6 +92,8 @@ class InBatchDGAStrategy(StrategyBase):
     Scores are scaled by `scale` (`snr`: in units of their standard error, the default; `standardized`; `raw`: the
     paper's) and are 0 for whatever has fewer than `min_sequences` recent sequences. The specialized gradient g_spe
     is refreshed every `refresh` steps (T_r) on `target_batch_size` sequences of the target: the only extra backward.
+    Under torch.distributed that target batch is split across the ranks, each differentiating its own share
+    (`refresh_target`); `loss_fn` then calls the bare module, not its DistributedDataParallel wrapper.
 
     Plain loop: `with strategy.training_step(step): loss.backward()`, then `strategy.observe(Evidence(batch))`,
     `optimizer.step()`, `strategy.on_step(step)`, with `batch` the stream's batch (its `cluster` and `prob`) and
@@ -136,9 +139,7 @@ class InBatchDGAStrategy(StrategyBase):
         if not 0.0 <= self.floor < 1.0:
             raise ValueError(f"floor = {self.floor!r}: expected 0 <= floor < 1 (share of a uniform weight kept)")
         check_rule_settings("strategy", self.rule, self.kl_cap, self.tau)
-        if self.rule == "anchored" and self.target_batch_size < 2:
-            raise ValueError(f"target_batch_size = {self.target_batch_size}: the anchored rule splits the target "
-                             "batch in two halves to measure ||g_spe||^2; expected >= 2")
+        self.check_shardable()  # early, where the process group already exists and before the first draw
         # The anchored rule's anchor (the weights when the strategy starts), the average of the scores, and the
         # split-half estimate of ||g_spe||^2 at the last refresh.
         self.prior = self.stream.weights
@@ -178,22 +179,57 @@ class InBatchDGAStrategy(StrategyBase):
             return self.stream.mixture.n_bases
         return int(np.count_nonzero(np.asarray(self.stream.mixture.bases.sum(axis=0)).ravel()))
 
+    def check_shardable(self) -> None:
+        """Under torch.distributed every rank differentiates its contiguous share of the target batch (under the
+        anchored rule, of each of its two halves): a rank with no sequence would have no loss to differentiate."""
+        world = rank_and_world_size()[1]
+        if self.rule == "anchored":
+            needed = 2 * world
+            why = ("the anchored rule splits the target batch in two halves to measure ||g_spe||^2, and each half "
+                   "is split across the ranks")
+            expected = f"expected >= 2 x the world size ({needed})"
+        else:
+            needed = world
+            why = "the target batch is split across the ranks"
+            expected = f"expected >= the world size ({needed})"
+        if self.target_batch_size < needed:
+            raise ValueError(f"target_batch_size = {self.target_batch_size} with world size {world}: {why}, so "
+                             f"{expected}; raise target_batch_size, e.g. to a multiple of {needed}")
+
     def refresh_target(self) -> None:
         """g_spe at the current parameters, from a fresh target batch (.grad untouched). The anchored rule takes it
         as two halves (two half-size backwards, the cost of one): g_spe is their mean, and the dot product of the
-        halves' gradients is an unbiased estimate of ||g_spe||^2, the unit of its scores."""
+        halves' gradients is an unbiased estimate of ||g_spe||^2, the unit of its scores.
+
+        Under torch.distributed every rank plans the whole batch (the target's position advances identically, so
+        its state stays rank-independent and exactly resumable) and differentiates only its contiguous share of it
+        (of each half, under the anchored rule); each gradient is the share-weighted sum of the ranks' (one
+        reduction per gradient), so every rank holds g_spe and G of one process over the whole batch, up to float
+        rounding."""
+        self.check_shardable()
+        rank, world = rank_and_world_size()
+        n = self.target_batch_size
+
+        def share(size: int) -> float:  # this rank's fraction of a batch of `size` sequences
+            start, stop = shard_bounds(size, rank, world)
+            return (stop - start) / size
+
         with own_rng(p for _, p in self.tracker.params):
-            batch = self.target.sample(self.target_batch_size)
             if self.rule == "paper":
-                self._target_gradient = self.tracker.refresh_target(self.loss_fn, [batch])
+                batch = self.target.sample(n, rank, world)
+                self._target_gradient = self.tracker.refresh_target(self.loss_fn, [batch], share(n))
                 return
-            half = len(batch) // 2
+            # The two halves are drawn one after the other, which reads the sequences (and advances the position)
+            # exactly as one draw of n would, so that each rank can take its share of each half.
+            half = n // 2
+            first_batch = self.target.sample(half, rank, world)
+            second_batch = self.target.sample(n - half, rank, world)
             params = [p for _, p in self.tracker.params]
             with self.tracker.paused():
-                first = target_gradient(self.loss_fn, params, [batch[:half]])
-                second = target_gradient(self.loss_fn, params, [batch[half:]])
+                first = target_gradient(self.loss_fn, params, [first_batch], share(half))
+                second = target_gradient(self.loss_fn, params, [second_batch], share(n - half))
             self.gain = float(torch.dot(first.double(), second.double()))
-            self._target_gradient = (first * half + second * (len(batch) - half)) / len(batch)
+            self._target_gradient = (first * half + second * (n - half)) / n
             self.tracker.set_target(self._target_gradient)
 
     def scores_step(self, step: int) -> bool:
@@ -231,8 +267,8 @@ class InBatchDGAStrategy(StrategyBase):
         if self.rule == "anchored":
             # The mixture's own alignment: the plain mean of every recent sequence's (drawn from the mixture).
             center = self.stats.total.sum() / self.stats.count.sum() if self.stats.count.sum() > 0 else 0.0
-            if self.level == "bases":
-                a, se, seen = self.stats.basis_estimates(bases)
+            if self.level == "bases":  # post-stratified: the luck of each cluster's draw count drops out
+                a, se, seen = self.stats.stratified_estimates(bases)
                 return relative_gains(a, self.weights, self.gain, se, self.tau, seen >= self.min_sequences, center)
             means, se, seen = self.stats.cluster_means()
             probs = self.stream.mixture.cluster_probs(self.weights)
