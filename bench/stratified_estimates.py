@@ -5,10 +5,11 @@ on the same simulated sequences.
 
 In-batch DGA over bases estimates a_j = E_{c~P_j}[abar_c] from the training sequences. The importance-weighted
 estimate (`AlignmentStats.basis_estimates`, unbiased; the paper rule's) against the post-stratified one
-(`AlignmentStats.stratified_estimates`: ahat_j = sum_{c seen} P_j(c) abar_c / sum_{c seen} P_j(c), the anchored
-rule's), which removes the noise of how many sequences each cluster drew but is biased toward the seen clusters.
-Each with the root mean square of its reported standard error ("its se"), which should match its rmse. Both are scored as the anchored rule uses them, centered on the plain mean
-of the recent sequences, against the centered truth. Setting: 256 fine clusters, 19 bases as the bases stage builds
+(`AlignmentStats.stratified_estimates`: ahat_j = sum_c P_j(c) abar_c, unseen clusters at the mean, the anchored
+rule's), which removes the noise of how many sequences each cluster drew but shrinks unseen clusters to the mean.
+Each with the root mean square of its reported standard error ("its se"), which should match its rmse. Both are
+scored as the anchored rule uses them, centered on the plain mean of the recent sequences, against the centered
+truth. Setting: 256 fine clusters, 19 bases as the bases stage builds
 them (16 coarse blocks, uniform, two broad Dirichlet rows), the uniform mixture, 16 sequences per update, the
 default decay (auto_decay: 0.95), 60 updates (three memories). Each sequence's alignment is common + its cluster's
 offset (sd `between`) + noise (sd `within`). The first scenario uses the magnitudes recorded on the development

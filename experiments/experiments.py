@@ -168,6 +168,22 @@ EXPERIMENTS: dict[str, Experiment] = {
         methods=(Method("uniform", "uniform", "all"),
                  Method("inbatch_snr", "inbatch", "all", {"strategy.inbatch.scale": "snr"}),
                  Method("inbatch_standardized", "inbatch", "all", {"strategy.inbatch.scale": "standardized"}))),
+    # The pilot that chose the anchored rule's defaults (train.strategy.dga and .inbatch: eta, tau), every target,
+    # seed 0, all the data, 300 steps with the long runs' speed options and fixed evaluation batches: exact DGA
+    # (dga_ema) and in-batch DGA over the bases at eta 2, 4, 8 (tau 0.25) and tau 0.5 (eta 4), against uniform and
+    # importance sampling at the same length.
+    "anchored_pilot": Experiment(
+        results_dir="anchored/pilot", levels=[16, 16],
+        train={"eval.every": 100, **LONG_SETTINGS, "strategy.dga.rule": "anchored",
+               "strategy.inbatch.rule": "anchored", "strategy.inbatch.eta": 4.0},
+        methods=(Method("uniform", "uniform", "all"), Method("importance", "importance", "all"),
+                 *(Method(f"dga_ema_eta{eta:g}", "dga_ema", "all", {"strategy.dga.eta": eta})
+                   for eta in (2.0, 4.0, 8.0)),
+                 Method("dga_ema_tau0.5", "dga_ema", "all", {"strategy.dga.eta": 4.0, "strategy.dga.tau": 0.5}),
+                 *(Method(f"inbatch_eta{eta:g}", "inbatch", "all", {"strategy.inbatch.eta": eta})
+                   for eta in (2.0, 4.0, 8.0)),
+                 Method("inbatch_tau0.5", "inbatch", "all",
+                        {"strategy.inbatch.eta": 4.0, "strategy.inbatch.tau": 0.5}))),
 }
 
 

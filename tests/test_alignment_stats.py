@@ -175,8 +175,10 @@ def test_post_stratified_estimates_are_calibrated_and_ignore_how_many_sequences_
     assert (np.abs(np.mean(stratified, axis=0) - truth) < 4 * np.std(stratified, axis=0) / np.sqrt(300)).all()
     np.testing.assert_allclose(np.mean(errors, axis=0), np.std(stratified, axis=0), rtol=0.15)
     assert (np.std(stratified, axis=0) < 0.5 * np.std(importance, axis=0)).all()
-    # a basis whose clusters were never seen: no estimate, no support
+    # unseen clusters count at the mean of every recent sequence (2.0): a basis never seen scores the mixture's own
     stats = AlignmentStats(K)
     stats.add(np.array([0, 0, 1]), np.array([1.0, 2.0, 3.0]), np.full(3, 0.5))
-    a, se, support = stats.stratified_estimates(sp.csr_matrix(np.array([[0, 0, 0, 0, 1.0, 0], [0.5, 0.5, 0, 0, 0, 0]])))
-    assert a[0] == 0.0 and support[0] == 0.0 and a[1] == pytest.approx((1.5 + 3.0) / 2)
+    a, se, support = stats.stratified_estimates(sp.csr_matrix(np.array([[0, 0, 0, 0, 1.0, 0], [0.5, 0.5, 0, 0, 0, 0],
+                                                                         [0.5, 0, 0, 0, 0.5, 0]])))
+    assert (a[0], se[0], support[0]) == (2.0, 0.0, 0.0) and a[1] == pytest.approx((1.5 + 3.0) / 2)
+    assert a[2] == pytest.approx((1.5 + 2.0) / 2)
