@@ -368,3 +368,35 @@ def test_strategy_state_loads_with_torch_load_defaults(tmp_path, kind):
         assert (resumed.updates, resumed.target.position) == saved == (2, 2 * 2 * 9)  # 2 updates x 2 seqs x 9 tokens
     if kind == "odm":
         assert resumed.rewards.tobytes() == strategy.rewards.tobytes() and resumed.steps == 4
+
+
+def test_dga_updates_after_every_t_r_th_step_and_only_then(tmp_path):
+    """Single process: with every = 3 the weights move after steps 2, 5 and 8 (0-based), on no other call."""
+    dga = _small_dga(tmp_path, every=3, batch_size=2, target_batch_size=8, eta=1.0, tau=1e6)
+    changed, records = [], []
+    for step in range(9):
+        before = dga.weights
+        record = dga.on_step(step)
+        if record is not None:
+            records.append(record.step)
+        if not np.array_equal(before, dga.weights):
+            changed.append(step)
+    assert records == [2, 5, 8] and changed == [2, 5, 8] and dga.updates == 3
+
+
+def test_dga_takes_a_generator_of_parameters_and_refuses_none(tmp_path):
+    """params=model.parameters() (a generator) would be exhausted by the first update; params=[] has nothing to
+    differentiate: the first is kept as a list, the second refused at construction."""
+    from dgamix.mixer.strategies import DGAStrategy
+
+    model = _lm()
+    dga = _small_dga(tmp_path, every=1, batch_size=2)
+    generated = DGAStrategy(dga.stream, target=dga.target, loss_fn=dga.loss_fn, params=model.parameters(),
+                            every=1, batch_size=2, target_batch_size=8)
+    generated.loss_fn = lambda t: torch.nn.functional.cross_entropy(  # noqa: E731
+        model(t[:, :-1]).reshape(-1, 128), t[:, 1:].reshape(-1))
+    for step in range(2):
+        assert generated.on_step(step) is not None
+    assert generated.updates == 2
+    with pytest.raises(ValueError, match="DGAStrategy: params holds no parameter that requires grad"):
+        DGAStrategy(dga.stream, target=dga.target, loss_fn=dga.loss_fn, params=[], every=1, batch_size=2)

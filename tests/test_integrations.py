@@ -44,6 +44,14 @@ def _moved(weights: np.ndarray) -> bool:
     return not np.allclose(weights, np.full(len(weights), 1 / len(weights)))
 
 
+def _check_no_update_after_the_last_step(mixer: Mixer, steps: int) -> None:
+    """The trainer told the mixer its max_steps (the stream's own bound, 50, counts micro-batches): exact DGA, every 2
+    steps, skips the update after the last step, which nothing would train on."""
+    assert mixer.total_steps == steps
+    if isinstance(mixer.settings, DGA):
+        assert mixer.strategy.updates == steps // mixer.settings.every - 1
+
+
 # ---- Hugging Face -------------------------------------------------------------------------------------------
 transformers = pytest.importorskip("transformers")
 from dgamix.integrations.hf import STATE_FILE, MixerCallback, MixerTrainer  # noqa: E402
@@ -112,6 +120,7 @@ def test_hf_trainer_runs_every_strategy_and_resumes_exactly(stores, tmp_path, st
     steps = _optimizer_steps(strategy, accumulate)
     assert len(seen) == steps * accumulate and mixer.steps == steps
     assert _moved(mixer.weights), mixer.weights  # the strategy moved the weights
+    _check_no_update_after_the_last_step(mixer, steps)
     saved_at = 3 if accumulate == 1 else 2
     checkpoint = tmp_path / f"straight/checkpoint-{saved_at}"
     assert (checkpoint / STATE_FILE).exists()
@@ -223,6 +232,7 @@ def test_lightning_runs_every_strategy_and_resumes_exactly(stores, tmp_path, str
     steps = _optimizer_steps(strategy, accumulate)
     assert len(seen) == steps * accumulate and mixer.steps == steps
     assert _moved(mixer.weights), mixer.weights
+    _check_no_update_after_the_last_step(mixer, steps)
     resumed_seen, resumed = _lightning_run(stores, tmp_path / "resumed", strategy, accumulate,
                                            resume=str(tmp_path / "straight/step=2.ckpt"), workers=workers)
     assert resumed_seen == seen[2 * accumulate:]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dgamix.mixer import DGA, ODM, DoGE, InBatchDGA, Mixer, StateMismatchError, Static
+from dgamix.mixer import DGA, ODM, ClusterStore, DoGE, InBatchDGA, Mixer, StateMismatchError, Static
+from dgamix.mixer.mixer import purpose_seed
 from dgamix.trainer.model import GPT, GPTConfig
 
 from .mixer_fixtures import synthetic_store
@@ -68,14 +69,62 @@ def test_every_strategy_runs_the_same_loop_and_resumes_exactly(stores, tmp_path,
         assert mixer.weights.tolist() == [0.0, 0.0, 1.0, 0.0] and records == [None] * STEPS
     else:
         assert not np.allclose(mixer.weights, 0.25), mixer.weights  # the strategy moved the weights
-    if strategy in ("dga", "doge"):  # updates at steps 1, 3, ...: their records, the weights they left
-        assert [r is not None for r in records] == [s % 2 == 1 for s in range(STEPS)]
+    if strategy in ("dga", "doge"):  # updates at steps 1, 3, ... but not after the last: their records
+        assert [r is not None for r in records] == [s % 2 == 1 and s < STEPS - 1 for s in range(STEPS)]
     # stopped mid-run with workers' prefetched steps planned but not trained; saved through torch's defaults
     first, _, state = _train(stores, strategy, workers, stop_at=4)
     torch.save(state, tmp_path / "c.pt")
     rest, resumed, _ = _train(stores, strategy, workers, state=torch.load(tmp_path / "c.pt"))
     assert first + rest == seen
     assert resumed.weights.tobytes() == mixer.weights.tobytes() and resumed.steps == STEPS
+
+
+@pytest.mark.parametrize("strategy", ["dga", "doge", "inbatch"])
+def test_no_update_after_the_last_step(stores, strategy):
+    """A run of N steps updating every k (N a multiple of k) updates N / k - 1 times: the update after the last step
+    would set weights no batch is drawn with (exact DGA and DoGE: an alignment on fresh batches for nothing)."""
+    def updates(**bounds) -> tuple[int, int]:
+        torch.manual_seed(0)
+        mixer = Mixer.from_dirs(stores[0], None, target=stores[1], seq_len=SEQ, batch_size=BATCH, seed=0,
+                                strategy=SETTINGS[strategy], **bounds)
+        model = GPT(GPTConfig(vocab_size=mixer.vocab_size, block_size=SEQ, n_layer=1, n_head=2, n_embd=16))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        mixer.attach(model, loss_fn=model.loss, optimizer=optimizer)
+        for _ in range(STEPS):
+            batch = mixer.next_batch()
+            with mixer.training_step():
+                optimizer.zero_grad()
+                model.loss(batch["tokens"]).backward()
+            mixer.observe(batch)
+            optimizer.step()
+            mixer.step()
+        return mixer.strategy.updates, mixer.stream.basis_sampler.draws
+
+    every = SETTINGS[strategy].every
+    bases = 4  # one per cluster of the token store
+    expected = STEPS // every - 1
+    assert updates(max_steps=STEPS)[0] == expected
+    # an unbounded stream: nothing tells the mixer which step is the last
+    assert updates()[0] == expected + 1
+    # gradient accumulation counts stream steps in max_steps: total_steps gives the optimizer steps
+    assert updates(max_steps=2 * STEPS, total_steps=STEPS)[0] == expected
+    if strategy == "dga":  # each update draws a batch per basis: none after the last step
+        assert updates(max_steps=STEPS)[1] == expected * bases and updates()[1] == (expected + 1) * bases
+
+
+def test_the_stream_and_the_alignment_draw_from_their_own_seeds(stores):
+    """Mixer(seed=s): the stream's draws from purpose_seed(s, "stream"), the alignment draws (the fresh batches per
+    basis, a target given by its directory) from purpose_seed(s, "alignment"); a store passed in keeps its seed."""
+    stream, alignment = purpose_seed(3, "stream"), purpose_seed(3, "alignment")
+    assert len({3, stream, alignment, purpose_seed(4, "stream")}) == 4 and purpose_seed(3, "stream") == stream
+    mixer = Mixer.from_dirs(stores[0], target=stores[1], seq_len=SEQ, batch_size=BATCH, seed=3, strategy=DGA())
+    assert (mixer.seed, mixer.stream.seed, mixer.stream.store.seed) == (3, stream, stream)
+    assert (mixer.stream.basis_sampler.seed, mixer.target.store.seed) == (alignment, alignment)
+    own = ClusterStore(stores[0], seed=11)
+    mixer = Mixer(own, mixer.stream.mixture, seq_len=SEQ, batch_size=BATCH, seed=3)
+    assert mixer.stream.store.seed == 11 and mixer.stream.seed == stream
+    with pytest.raises(ValueError, match="seed = -1: expected a non-negative integer"):
+        purpose_seed(-1, "stream")
 
 
 def test_what_a_strategy_needs_is_asked_for_clearly(stores):

@@ -45,6 +45,14 @@ def check_in_step(mixer: Mixer, optimizer_steps: int, trainer: str) -> None:
                            "plain Trainer call MixerCallback.load(checkpoint) first")
 
 
+def set_total_steps(mixer: Mixer, max_steps: int | None) -> None:
+    """Tell the mixer the trainer's optimizer steps (its `max_steps`; -1 or None: not bounded by steps), so that the
+    strategy skips the update after the last one, which no step would train on. The mixer's own stream bound counts
+    stream steps (micro-batches under gradient accumulation), not optimizer steps."""
+    if max_steps is not None and max_steps > 0:
+        mixer.total_steps = int(max_steps)
+
+
 def split_batch(batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the model's inputs, the mixer's fields) of a batch made by `model_inputs`."""
     inputs = {k: v for k, v in batch.items() if k not in MIXER_FIELDS}

@@ -8,8 +8,9 @@
 workers: weight updates reach the data whatever their number), runs each micro-batch's forward and backward in the
 strategy's context and hands the batch to `mixer.observe` after each backward, with each sequence's weight in the
 loss under gradient accumulation; so every strategy works, in-batch DGA and ODM included. The mixer steps at each
-optimizer step (after gradient accumulation, so one optimizer step is never trained under two mixtures), and its
-state is saved in every checkpoint (`dgamix_state.pt`) and restored by `train(resume_from_checkpoint=...)`.
+optimizer step (after gradient accumulation, so one optimizer step is never trained under two mixtures), except
+after the Trainer's last one (`max_steps`: its update would never be trained on), and its state is saved in every
+checkpoint (`dgamix_state.pt`) and restored by `train(resume_from_checkpoint=...)`.
 
 Every sequence of the stream has the same length and no padding, so a micro-batch's loss weighs each of its n
 sequences 1 / n, and 1 / (n * A) under gradient accumulation over A micro-batches, whether the Trainer divides by
@@ -33,7 +34,8 @@ except ImportError as err:  # an optional extra
 
 from ..mixer import Mixer
 from ..mixer.loader import MixtureLoader
-from ._common import STATE_FILE, ModelInputs, TrainedSteps, check_batch_size, check_in_step, split_batch
+from ._common import (STATE_FILE, ModelInputs, TrainedSteps, check_batch_size, check_in_step, set_total_steps,
+                      split_batch)
 
 __all__ = ["MixerCallback", "MixerTrainer", "STATE_FILE"]
 
@@ -95,6 +97,7 @@ class MixerCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         check_batch_size(args.per_device_train_batch_size, self.mixer, "Hugging Face Trainer")
+        set_total_steps(self.mixer, state.max_steps or args.max_steps)  # the state's, where the Trainer set it
         if state.global_step and self.mixer.steps != state.global_step:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if (folder / STATE_FILE).is_file():

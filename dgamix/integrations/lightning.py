@@ -5,7 +5,8 @@
 
 The callback runs each micro-batch's forward and backward in the strategy's context, hands the batch to
 `mixer.observe` after its backward (`on_after_backward`) with each sequence's weight in the loss under gradient
-accumulation, steps the mixer at each optimizer step, and keeps the mixer's state inside Lightning's own
+accumulation, steps the mixer at each optimizer step (the strategy does not update after the last one, the
+Trainer's `max_steps`: nothing would train on it), and keeps the mixer's state inside Lightning's own
 checkpoints (restored by `trainer.fit(..., ckpt_path=...)`, nothing else to call). ODM needs each sequence's loss:
 return `{"loss": loss, "sequence_losses": losses}` from `training_step`. Use the batch's `input_ids` (and ignore
 `cluster` and `prob`, the mixer's fields).
@@ -24,7 +25,7 @@ except ImportError:
         raise ImportError("dgamix.integrations.lightning needs `lightning`: pip install 'dgamix[lightning]'") from err
 
 from ..mixer import Mixer
-from ._common import ModelInputs, TrainedSteps, check_batch_size, check_in_step
+from ._common import ModelInputs, TrainedSteps, check_batch_size, check_in_step, set_total_steps
 
 __all__ = ["MixerCallback"]
 
@@ -48,6 +49,7 @@ class MixerCallback(Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.optimizer_steps = trainer.global_step
         check_in_step(self.mixer, trainer.global_step, "Lightning Trainer")
+        set_total_steps(self.mixer, trainer.max_steps)
         loader = trainer.train_dataloader
         planned_by = getattr(getattr(loader, "batch_sampler", None), "stream", None)
         if planned_by is not None and planned_by is not self.mixer.stream:

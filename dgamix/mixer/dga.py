@@ -17,7 +17,8 @@ from .distributed import all_reduce_sum_, is_distributed, rank_and_world_size
 
 def check_dga_params(eta: float, beta: float, every: int) -> None:
     if not (isinstance(eta, (int, float)) and eta > 0 and np.isfinite(eta)):
-        raise ValueError(f"eta = {eta!r}: expected a positive step size (the paper uses 0.1-0.5)")
+        raise ValueError(f"eta = {eta!r}: expected a positive number (anchored rule: log-odds per unit of "
+                         "relative gain; paper's rule: the step size of the update)")
     if not (isinstance(beta, (int, float)) and 0 < beta <= 1):
         raise ValueError(f"beta = {beta!r}: expected 0 < beta <= 1 (EMA weight of the new alpha; 1 = no EMA)")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:

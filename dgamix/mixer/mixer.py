@@ -3,7 +3,7 @@
     from dgamix.mixer import DGA, Mixer
 
     mixer = Mixer.from_dirs("data/tokens", "data/bases", target="data/targets/spec/tokens", seq_len=64,
-                            batch_size=16, seed=0, strategy=DGA(every=20))
+                            batch_size=16, seed=0, strategy=DGA(every=20), max_steps=1000)
     mixer.attach(model, loss_fn=model.loss)            # a strategy that scores with the model gets it here
     for batch in mixer.loader(num_workers=2):
         with mixer.training_step():                    # in-batch DGA pauses its hooks on unscored steps
@@ -17,6 +17,10 @@
 It builds the stream (which owns the weights), the target sampler and the strategy from its settings
 (`strategies.Static`, `DGA`, `InBatchDGA`, `DoGE`, `ODM`), counts the optimizer steps, and saves all of it in one
 state, prefetched steps included. The parts stay public for those who wire them by hand.
+
+Seeds: the training stream and the alignment draws each draw from their own seed, derived from the Mixer's `seed`
+by purpose (`purpose_seed`). After the run's last optimizer step (`total_steps`) the strategy does not update: no
+batch would ever be drawn with the new weights.
 """
 from __future__ import annotations
 
@@ -37,6 +41,19 @@ from .strategies.base import NEEDS
 from .stream import MixtureStream, TargetSampler
 
 STATE_VERSION = 1
+STREAM, ALIGNMENT = "stream", "alignment"  # the purposes of the Mixer's own seeds (purpose_seed)
+
+
+def purpose_seed(seed: int, purpose: str) -> int:
+    """The seed of one purpose's draws (e.g. "stream", "alignment"), derived from a run's `seed`. Every consumer of
+    randomness gets its own seed, so adding, removing or reordering one never moves another's draws, and no two
+    consumers share a generator key (under one seed, the training store's and the target store's document orders
+    are keyed alike, and one run's evaluation seed could be another run's training seed). Pure and stable across
+    versions and platforms: numpy's SeedSequence of `seed` with the purpose's bytes as its spawn key; 32 bits, so
+    every generator (numpy, torch) takes it."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed = {seed!r}: expected a non-negative integer")
+    return int(np.random.SeedSequence(int(seed), spawn_key=tuple(purpose.encode())).generate_state(1)[0])
 
 
 class Mixer:
@@ -44,11 +61,22 @@ class Mixer:
 
     target: the specialized set (a one-cluster token store, its directory, or a `TargetSampler`), needed by the
     strategies that align with it. rank / world_size: this process's place among data-parallel ranks (default:
-    torch.distributed's, else 0 of 1). max_steps: where the stream ends (None: never)."""
+    torch.distributed's, else 0 of 1). max_steps: where the stream ends (None: never).
+
+    seed: the run's seed. The stream's draws (which cluster each sequence comes from) use `purpose_seed(seed,
+    "stream")`; the alignment draws (exact DGA's and DoGE's fresh batches per basis, and the document order of a
+    `target` given as a directory) use `purpose_seed(seed, "alignment")`. A store passed in keeps its own seed (its
+    document orders): `from_dirs` seeds the token store with the stream's seed.
+
+    total_steps: the run's optimizer steps, when known (default: `max_steps`, one stream step per optimizer step;
+    under gradient accumulation give it, or the integrations set it from the Trainer's max_steps). The strategy's
+    update after the last of them is skipped: no batch is drawn with its weights, and exact DGA's and DoGE's
+    alignment (forwards and backwards on fresh batches) would be computed for nothing."""
 
     def __init__(self, store: ClusterStore, mixture: Mixture, *, seq_len: int, batch_size: int, seed: int = 0,
                  strategy: StrategySpec | None = None, target: ClusterStore | TargetSampler | str | Path | None = None,
-                 rank: int | None = None, world_size: int | None = None, max_steps: int | None = None):
+                 rank: int | None = None, world_size: int | None = None, max_steps: int | None = None,
+                 total_steps: int | None = None):
         strategy = Static() if strategy is None else strategy
         if not hasattr(strategy, "build") or not hasattr(strategy, "needs"):
             raise TypeError(f"strategy = {strategy!r}: expected a strategy's settings, e.g. dgamix.mixer.DGA(every=20) "
@@ -59,15 +87,20 @@ class Mixer:
                              "torch.distributed's, or 0 of 1 without a process group)")
         if rank is None and world_size is None:
             rank, world_size = rank_and_world_size()
-        self.stream = MixtureStream(store, mixture, seq_len, batch_size, seed=seed, rank=rank,
+        self.seed = int(seed)
+        alignment_seed = purpose_seed(seed, ALIGNMENT)
+        self.stream = MixtureStream(store, mixture, seq_len, batch_size, seed=purpose_seed(seed, STREAM), rank=rank,
                                     world_size=world_size, max_steps=max_steps)
+        # The stream seeds its basis sampler with its own seed; the alignment draws have theirs.
+        self.stream.basis_sampler.seed = alignment_seed
         if isinstance(target, (str, Path)):
-            target = ClusterStore(target, seed=seed)
+            target = ClusterStore(target, seed=alignment_seed)
         self.target = TargetSampler(target, seq_len) if isinstance(target, ClusterStore) else target
         if "model" in strategy.needs and self.target is None:
             raise ValueError(f"{type(strategy).__name__} aligns with the specialized set: give Mixer(..., target=<its "
                              "token store, e.g. data/targets/spec/tokens>)")
         self.settings, self.steps = strategy, 0
+        self.total_steps = max_steps if total_steps is None else total_steps
         self.strategy: Strategy | None = None
         self._loader: MixtureLoader | None = None
         if "model" not in strategy.needs:
@@ -81,7 +114,7 @@ class Mixer:
         """From the pipeline's outputs: the token store (`tokenize` stage), the bases (`bases` stage; None: one
         basis per non-empty cluster, i.e. domain reweighting over every cluster; `basis_names`: a subset by name)
         and the specialized set's token store. Other keyword arguments go to `Mixer`."""
-        store = ClusterStore(tokens, token_cap=token_cap, seed=seed)
+        store = ClusterStore(tokens, token_cap=token_cap, seed=purpose_seed(seed, STREAM))
         mixture = (Mixture.identity(store.available) if bases is None
                    else Mixture.from_bases_dir(bases, basis_names))
         return cls(store, mixture, seq_len=seq_len, batch_size=batch_size, seed=seed, strategy=strategy,
@@ -166,8 +199,13 @@ class Mixer:
 
     def step(self) -> UpdateRecord | None:
         """After each optimizer step: counts it and lets the strategy update the weights (from the next step
-        planned). Returns the update's record, or None."""
-        record = self._strategy().on_step(self.steps)
+        planned). Returns the update's record, or None. After the run's last step (`total_steps`) the strategy is
+        not called: its new weights would never be drawn with, and an update there costs as much as any other
+        (exact DGA and DoGE: forwards and backwards on fresh batches of every basis and the target; in-batch DGA:
+        its target gradient's refresh). The weights then stay the ones the last batch was drawn with."""
+        strategy = self._strategy()
+        final = self.total_steps is not None and self.steps + 1 == self.total_steps
+        record = None if final else strategy.on_step(self.steps)
         self.steps += 1
         return record
 
@@ -222,4 +260,4 @@ def _default_loss_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.T
                      "loss>)")
 
 
-__all__ = ["Mixer", "NEEDS"]
+__all__ = ["Mixer", "NEEDS", "purpose_seed"]

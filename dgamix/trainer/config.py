@@ -14,22 +14,45 @@ defaults are defined there, once.
       eval:     evaluation interval, batches and their seed
       speed:    precision, torch.compile, threads
       paths:    the stores the run reads and where runs go
+
+`seeds_for` derives each random consumer's seed from `train.seed` by purpose.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, get_args
 
 from ..core.config import load, setting
 from ..core.errors import ParamError
 from ..mixer import DGA, ODM, DoGE, InBatchDGA, Static
+from ..mixer.mixer import ALIGNMENT, STREAM, purpose_seed
 from ..mixer.strategies import StrategySpec
 
 STRATEGIES = ["uniform", "natural", "importance", "dga", "dga_ema", "inbatch", "inbatch_domains", "odm", "doge"]
 # Strategies whose training forward carries the in-batch tracker's module and tensor hooks: torch.compile would
 # trace them into the graph (or break it at every hook), which the tracker was never validated against.
 NOT_COMPILED = ("inbatch", "inbatch_domains")
+
+
+class RunSeeds(NamedTuple):
+    """The seed of each consumer of randomness in a run (`seeds_for`)."""
+
+    model: int  # the model's initial parameters
+    stream: int  # the training stream: which cluster each sequence comes from, the corpus store's document orders
+    alignment: int  # the strategies' alignment draws: fresh batches per basis, the target store's document order
+    eval: int  # the evaluation batches, when train.eval.seed is null
+    dropout: int  # torch's global RNG while training (dropout; the reference GPT has none, a model with it reproduces)
+
+
+def seeds_for(seed: int) -> RunSeeds:
+    """Pure: each purpose's seed, derived from `train.seed` and the purpose's name (`purpose_seed`). Were every
+    consumer seeded from one generator in turn, adding, removing or reordering an object would move the draws of all
+    the ones after it; with a seed per purpose each draws the same whatever else the run builds. The stream's and the
+    alignment's are the ones `Mixer(seed=seed)` derives for itself."""
+    return RunSeeds(model=purpose_seed(seed, "model"), stream=purpose_seed(seed, STREAM),
+                    alignment=purpose_seed(seed, ALIGNMENT), eval=purpose_seed(seed, "eval"),
+                    dropout=purpose_seed(seed, "dropout"))
 
 
 def _positive(section: str, **values: Any) -> None:
@@ -83,8 +106,8 @@ class StrategySettings:
 class EvalSettings:
     every: int = setting(50, "steps between evaluations (and at the end)")
     batches: int = setting(4, "batches per evaluation set")
-    seed: int | None = setting(None, "seed of the evaluation draws: null for seed + 1, an int for the same batches "
-                                     "in every run")
+    seed: int | None = setting(None, "seed of the evaluation draws: null for one derived from train.seed, an int for "
+                                     "the same batches in every run")
 
     def validate(self, section: str) -> None:
         _positive(section, every=self.every, batches=self.batches)
@@ -92,10 +115,17 @@ class EvalSettings:
             raise ValueError(f"{section}.seed = {self.seed}: expected null or a non-negative integer")
 
 
+Precision = Literal["cuda_bf16", "fp32", "bf16", "auto"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+
+
 @dataclass(frozen=True)
 class SpeedSettings:
-    precision: Literal["fp32", "bf16", "auto"] | None = setting(
-        None, "null: bf16 autocast on CUDA, fp32 on the CPU; fp32, bf16, or auto (bf16 where the hardware has it)")
+    # The default is cuda_bf16, not auto: auto takes bf16 on a CPU with bf16 arithmetic too, and the default CPU run
+    # stays in fp32, so that it reproduces on every CPU.
+    precision: Precision = setting(
+        "cuda_bf16", "cuda_bf16: bf16 autocast on CUDA, fp32 on the CPU; fp32; bf16; or auto (bf16 where the hardware "
+                     "has it, a CPU with bf16 arithmetic included)")
     compile: bool = setting(False, "torch.compile the training forward (not for the in-batch strategies)")
     threads: int | None = setting(None, "torch threads (null: torch's default, OMP_NUM_THREADS or the cores)")
 
@@ -119,7 +149,8 @@ class TrainSettings:
     strategies: list[str] = setting(["uniform", "importance", "dga_ema"],
                                     "the reference runs `dvc repro` makes (one per entry)")
     steps: int = setting(200, "optimizer steps per run")
-    seed: int = setting(0, "seed of the model and the stream")
+    seed: int = setting(0, "the run's seed: the model, the stream, the alignment and the evaluation draws each "
+                           "get their own seed derived from it (seeds_for)")
     checkpoint_every: int = setting(100, "steps between checkpoints (a killed run resumes from the last)")
     model: ModelSettings = setting(ModelSettings(), "the reference GPT")
     optim: OptimSettings = setting(OptimSettings(), "the optimizer")
@@ -180,4 +211,10 @@ def read_config(params: dict[str, Any], strategy: str) -> RunConfig:
     """The `train` section for one strategy; a key left out takes its default (the dataclasses above)."""
     if strategy not in STRATEGIES:
         raise ParamError(f"strategy = '{strategy}' (dgamix train --strategy): expected one of {STRATEGIES}")
+    train = params.get("train")
+    speed = train.get("speed") if isinstance(train, dict) else None
+    if isinstance(speed, dict) and "precision" in speed and speed["precision"] is None:
+        # null once meant what cuda_bf16 means now: say so, for the params files written before
+        raise ParamError(f"train.speed.precision = null: expected one of {list(PRECISIONS)} (cuda_bf16 is what null "
+                         "meant: bf16 autocast on CUDA, fp32 on the CPU)")
     return RunConfig(strategy, load(TrainSettings, params.get("train"), "train"))

@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from .config import NOT_COMPILED
+from .config import NOT_COMPILED, PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,22 @@ def cpu_supports_bf16(flags: set[str] | None = None) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def autocast_dtype(precision: str | None, device: str, bf16_supported: bool) -> torch.dtype | None:
-    """Pure: the autocast dtype of a run (None: fp32, no autocast). null: bf16 on
-    CUDA, fp32 on the CPU; `auto` takes bf16 wherever the hardware has it; `fp32` and `bf16` are what they say."""
-    if precision is None:
+def autocast_dtype(precision: str, device: str, bf16_supported: bool) -> torch.dtype | None:
+    """Pure: the autocast dtype of a run (None: fp32, no autocast). `cuda_bf16` (the default): bf16 on CUDA, fp32 on
+    the CPU, whatever the CPU supports, so that a default CPU run computes the same on every CPU; `auto` takes bf16
+    wherever the hardware has it, a CPU with bf16 arithmetic included; `fp32` and `bf16` are what they say."""
+    if precision == "cuda_bf16":
         return torch.bfloat16 if device == "cuda" else None
     if precision == "fp32":
         return None
     if precision == "bf16":
         return torch.bfloat16
-    return torch.bfloat16 if bf16_supported else None  # auto
+    if precision == "auto":
+        return torch.bfloat16 if bf16_supported else None
+    raise ValueError(f"train.speed.precision = {precision!r}: expected one of {list(PRECISIONS)}")
 
 
-def resolve_device(precision: str | None = None) -> tuple[str, torch.dtype | None]:
+def resolve_device(precision: str = "cuda_bf16") -> tuple[str, torch.dtype | None]:
     """The device and the autocast dtype (None: fp32) of a run with `train.speed.precision` = precision."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # CUDA: bf16 arithmetic from compute capability 8 (Ampere) on; is_bf16_supported() also counts emulation.

@@ -16,13 +16,22 @@ from ..core.atomic import atomic_path
 from ..core.errors import ParamError, StateMismatchError
 from ..formats import token_store
 from ..mixer import ClusterStore, Mixer, Mixture, TargetSampler
-from .config import RunConfig, read_config
+from .config import RunConfig, read_config, seeds_for
 from .hardware import make_optimizer, resolve_device, torch_threads, training_forward
 from .model import GPT, GPTConfig
 from .outputs import Drawn, tokens_per_basis
 
 log = logging.getLogger(__name__)
 TARGET_HINT = "run the target stages first (`dvc repro`, or `dgamix tokenize --target {name}`)"
+
+
+# ---- the model's initialization -------------------------------------------------------------------------------------
+def init_model(config: GPTConfig, seed: int) -> GPT:
+    """The model with its initial parameters drawn from `seed` alone: on a fork of torch's CPU generator (the
+    parameters are drawn on the CPU), so neither what was drawn before nor the model's size reaches anything else."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return GPT(config)
 
 
 # ---- run objects (reads the stores) ------------------------------------------------------------------------------
@@ -60,33 +69,35 @@ def open_store(directory: Path, param: str, stage_hint: str, seed: int) -> Clust
 
 
 def build_run(config: RunConfig) -> RunObjects:
-    """Model, optimizer and mixer. The order of construction fixes every random draw (the torch seed is consumed by
-    the model's initialization; in-batch DGA draws its first target batch when it attaches), so it must not change:
-    a run reproduces byte for byte."""
+    """Model, optimizer and mixer. Each random consumer draws from its own seed (`seeds_for`), so the order in which
+    they are built changes no draw; a run reproduces byte for byte."""
     train, data = config.train, config.train.data
-    torch.manual_seed(train.seed)
+    seeds = seeds_for(train.seed)
     device, autocast = resolve_device(train.speed.precision)
-    store = ClusterStore(train.paths.tokens, token_cap=data.token_cap, seed=train.seed)
+    store = ClusterStore(train.paths.tokens, token_cap=data.token_cap, seed=seeds.stream)
     mixture = Mixture.from_bases_dir(train.paths.bases, data.basis_names)
     if config.strategy == "odm":
         mixture = domain_mixture(mixture, store)
     elif config.strategy == "inbatch_domains":  # domain reweighting over every fine cluster that has tokens
         mixture = Mixture.identity(store.available)
     target = TargetSampler(open_store(train.paths.target, "train.paths.target", TARGET_HINT.format(name="spec"),
-                                      train.seed), data.seq_len)
+                                      seeds.alignment), data.seq_len)
     try:
+        # max_steps: the Mixer then skips the strategy's update after the last step, which nothing would train on.
         mixer = Mixer(store, mixture, seq_len=data.seq_len, batch_size=data.batch_size, seed=train.seed,
-                      strategy=config.strategy_settings(), target=target, rank=0, world_size=1)
+                      strategy=config.strategy_settings(), target=target, rank=0, world_size=1,
+                      max_steps=train.steps)
     except ValueError as err:  # what the parameters cannot tell in advance, e.g. a basis with no tokens
         raise ParamError(f"train: {err}") from err
-    model = GPT(GPTConfig(vocab_size=store.vocab_size, block_size=data.seq_len, n_layer=train.model.n_layer,
-                          n_head=train.model.n_head, n_embd=train.model.n_embd)).to(device)
+    model = init_model(GPTConfig(vocab_size=store.vocab_size, block_size=data.seq_len, n_layer=train.model.n_layer,
+                                 n_head=train.model.n_head, n_embd=train.model.n_embd), seeds.model).to(device)
     optimizer = make_optimizer(model, train.optim.lr, train.optim.adamw_impl)
     try:
         mixer.attach(model, loss_fn=model.loss, sequence_loss_fn=model.sequence_losses, optimizer=optimizer)
     except ValueError as err:
         raise ParamError(f"train: {err}") from err
     forward = training_forward(model, train.speed.compile, config.strategy)
+    torch.manual_seed(seeds.dropout)  # last: whatever the objects above drew, training starts from this state
     settings = {"autocast": str(autocast), "compile": train.speed.compile, "adamw_impl": train.optim.adamw_impl,
                 "eval_seed": train.eval.seed}
     return RunObjects(model, optimizer, mixer, device, autocast, forward, settings)
@@ -107,11 +118,11 @@ class EvalSets:
 
 
 def eval_seed(config: RunConfig) -> int:
-    """The seed of the evaluation draws. null: seed + 1 (another offset would draw other evaluation batches, and
-    losses would no longer compare across code versions). An int: the same batches for every seed and strategy, so the
+    """The seed of the evaluation draws. null: the run seed's evaluation seed (`seeds_for(seed).eval`), so every
+    training seed is evaluated on its own batches. An int: the same batches for every seed and strategy, so the
     spread over seeds measures training, not which batches were drawn."""
     train = config.train
-    return train.seed + 1 if train.eval.seed is None else train.eval.seed
+    return seeds_for(train.seed).eval if train.eval.seed is None else train.eval.seed
 
 
 def load_eval_sets(config: RunConfig) -> EvalSets:

@@ -14,7 +14,7 @@ import torch
 from ..core.atomic import atomic_path, write_json
 from ..formats import token_store
 from ..mixer import Mixture
-from .config import RunConfig
+from .config import RunConfig, seeds_for
 from .hardware import CompiledForward
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ def run_summary(config: RunConfig, rows: list[dict[str, Any]], objects: "RunObje
             "parameters": objects.model.num_params(),
             "skipped_updates": sum(1 for r in rows if r.get("skipped")),
             "clusters_repeated": int((objects.mixer.stream.passes_completed() > 0).sum()),
-            "eval_seed": eval_seed,
+            "seed": train.seed, "seeds": seeds_for(train.seed)._asdict(), "eval_seed": eval_seed,
             "precision": "fp32" if objects.autocast is None else str(objects.autocast).removeprefix("torch."),
             "compiled": isinstance(objects.forward, CompiledForward) and objects.forward.failed is None,
             "threads": torch.get_num_threads() if train.speed.threads is None else train.speed.threads,

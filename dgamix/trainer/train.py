@@ -3,14 +3,17 @@
 `dgamix train --strategy NAME` (what dvc.yaml's foreach calls) reads the `train` section of params.yaml
 (`config`: nested by part). The trainer is split by concern: `config` (the settings), `hardware` (device,
 precision, threads, compile), `loop` (the run's objects, checkpoints and steps; `TrainingRun`), `outputs` (what a
-run writes); this module is the entry point.
+run writes); this module is the entry point. Each random consumer draws from its own seed, derived from `train.seed`
+by purpose (`config.seeds_for`).
 Strategies: uniform (over the bases), natural, importance (static weight 1 on the importance basis), dga (no EMA),
 dga_ema, inbatch (DGA over the bases scored from the training step's own sequences), inbatch_domains (the same over
 every fine cluster: domain reweighting), doge (the DoGE baseline: learning-rate-scaled alignment normalized by the
 mean gradient norm, clipped, no EMA), and odm (the EXP3 bandit of Online Data Mixing over disjoint domains: the
 coarse bases when the bases stage built them, else one domain per cluster). Outputs in runs/NAME/:
-- metrics.json: the final and best losses (what `dvc metrics show` tabulates), the bases and the final weights;
-- summary.json: how the run went (steps, seconds, parameters, skipped updates, clusters repeated, eval sets);
+- metrics.json: the final and best losses (what `dvc metrics show` tabulates), the bases and the final weights
+  (the ones the last step drew with: the strategy does not update after the last step);
+- summary.json: how the run went (steps, seconds, parameters, skipped updates, clusters repeated, the seed and each
+  purpose's seed derived from it, eval sets);
 - log.csv: per step: train loss, evaluation losses when measured, weights `w:`, alignment scores `a:`, tokens
   drawn per basis `t:` (a sequence's tokens split over the bases in proportion to alpha_j P_j(cluster)), skipped
   updates;

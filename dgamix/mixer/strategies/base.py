@@ -231,6 +231,16 @@ def check_rule_settings(section: str, rule: str, kl_cap: float | None, tau: floa
         raise setting_error(section, "kl_cap", kl_cap, "None or a positive number of nats")
 
 
+def trainable_parameters(params: Iterable[torch.nn.Parameter], owner: str) -> list[torch.nn.Parameter]:
+    """The parameters a strategy differentiates, as a list: a generator such as `model.parameters()` would be
+    exhausted by the first update, leaving later ones nothing to differentiate."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError(f"{owner}: params holds no parameter that requires grad: expected the model's trainable "
+                         "parameters, e.g. params=list(model.parameters())")
+    return params
+
+
 @dataclass(frozen=True)
 class Attachment:
     """What `Mixer.attach` hands a strategy's builder: the model and how to compute its losses on token batches."""

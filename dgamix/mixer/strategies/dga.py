@@ -14,8 +14,8 @@ from ..dga import (ESTIMATORS, anchored_weights, average_scores, averaged_varian
 from ..state import array, plain
 from ...core.config import setting
 from ..stream import MixtureStream, TargetSampler
-from .base import (AlignmentDraw, Attachment, StrategyBase, UpdateRecord, check_rule_settings, check_settings,
-                   own_rng, require_positive_int, setting_error)
+from .base import (AlignmentDraw, Attachment, StrategyBase, UpdateRecord, check_rule_settings, check_settings, own_rng,
+                   require_positive_int, setting_error, trainable_parameters)
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ class DGAStrategy(StrategyBase):
                                            "target_batch_size", "rule", "kl_cap", "tau")
 
     def __post_init__(self) -> None:
+        self.params = trainable_parameters(self.params, "DGAStrategy")
         check_dga_params(self.eta, self.beta, self.every)
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator = '{self.estimator}': expected one of {sorted(ESTIMATORS)}")

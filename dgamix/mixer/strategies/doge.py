@@ -14,7 +14,8 @@ from ..distributed import rank_and_world_size
 from ..state import array, plain
 from ...core.config import setting
 from ..stream import MixtureStream, TargetSampler
-from .base import AlignmentDraw, Attachment, StrategyBase, UpdateRecord, check_settings, own_rng, require_positive_int
+from .base import (AlignmentDraw, Attachment, StrategyBase, UpdateRecord, check_settings, own_rng, require_positive_int,
+                   trainable_parameters)
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class DoGEStrategy(StrategyBase):
                                            "micro_batches", "target_batch_size")
 
     def __post_init__(self) -> None:
+        self.params = trainable_parameters(self.params, "DoGEStrategy")
         check_doge_params(self.mu, self.clip_min, self.clip_max, self.grad_clip, self.every)
         if not callable(self.lr_fn):
             raise ValueError("lr_fn: expected a callable returning the current learning rate, e.g. "
