@@ -35,7 +35,6 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["cluster"]["levels"] = [4, 4]
     params["tokenize"]["vocab_size"] = 1024
-    params["train"]["strategies"] = params["train"]["strategies"] + ["inbatch"]  # README's alignment.parquet example
     set_train(params, {"steps": 4, "data.seq_len": 16, "data.batch_size": 4, "model.n_layer": 1, "model.n_embd": 32,
                        "model.n_head": 2, "eval.every": 2, "eval.batches": 1, "strategy.dga.every": 2,
                        "strategy.dga.batch_size": 2, "strategy.inbatch.target_batch_size": 2})
