@@ -243,13 +243,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--inbatch", action="store_true", help="only the in-batch table (interleaved runs)")
     parser.add_argument("--rules", action="store_true", help="only the anchored against the paper's rule (interleaved)")
+    parser.add_argument("--tokens", default="data/tokens", help="--rules: the token store (relative to the project)")
+    parser.add_argument("--target", default="data/targets/spec/tokens", help="--rules: the target's store")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--per-round", type=int, default=10)
     args = parser.parse_args()
     if args.rules:
         torch.set_num_threads(1)
-        rows = rules_table(ClusterStore(ROOT / "data/tokens"), ClusterStore(ROOT / "data/targets/spec/tokens"),
-                           args.rounds, args.per_round)
+        rows = rules_table(ClusterStore(ROOT / args.tokens), ClusterStore(ROOT / args.target), args.rounds,
+                           args.per_round)
         print_table(rows)
         print("wrote", write_result("dga_overhead_rules", rows, {"args": vars(args)}))
         return

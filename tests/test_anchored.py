@@ -282,3 +282,17 @@ def test_exact_dga_without_signal_on_a_real_model(tmp_path):
         assert strategy.skipped < 15
         moved[tau] = tv(strategy.weights, start)
     assert moved[0.25] < 0.25 and moved[0.25] < moved[1e6], moved
+
+
+def test_exact_dga_eta_means_the_same_at_batch_16_and_batch_64(tmp_path):
+    """Exact DGA's scores are relative gains too: the same planted signal leads to the same weights whether each
+    basis is measured on 16 or on 64 sequences, once the averaged estimates are precise enough for the shrinkage
+    to let them through (tau = 1)."""
+    aligned = {}
+    for batch_size in (16, 64):
+        strategy = _exact_strategy(tmp_path, 64, "bases", tau=1.0)
+        signal = np.zeros(len(strategy.weights))
+        signal[0] = GAIN
+        _replay_exact(strategy, 300, signal, half_spread=SPREAD / np.sqrt(batch_size / 2))
+        aligned[batch_size] = strategy.weights[0]
+    assert aligned[16] > 2 / 19 and abs(aligned[16] - aligned[64]) < 0.2 * aligned[64], aligned
