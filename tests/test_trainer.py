@@ -380,3 +380,16 @@ def test_compiled_training_forward_gives_the_eager_losses(trainer_params, caplog
     with caplog.at_level("WARNING", logger="dgamix.trainer"):
         assert not run(params, "inbatch")["compiled"]
     assert "train.speed.compile ignored for inbatch" in caplog.text
+
+
+def test_in_batch_runs_use_their_own_target_batch_size(trainer_params):
+    """The in-batch strategy refreshes g_spe on train.strategy.inbatch.target_batch_size sequences, not on exact
+    DGA's alignment batch size (every in-batch run once used those instead)."""
+    set_train(trainer_params, {"strategy.inbatch.target_batch_size": 6, "strategy.dga.batch_size": 2,
+                               "strategy.dga.target_batch_size": 4})
+    config = read_config(trainer_params, "inbatch")
+    strategy = loop.build_run(config).mixer.strategy
+    assert strategy.target_batch_size == 6
+    before = strategy.target.position  # in tokens: the refresh at construction read 6 sequences of seq_len + 1
+    strategy.refresh_target()
+    assert strategy.target.position - before == before == 6 * (16 + 1)
