@@ -146,7 +146,7 @@ class PathSettings:
 class TrainSettings:
     """The whole `train` section."""
 
-    strategies: list[str] = setting(["uniform", "importance", "dga_ema"],
+    strategies: list[str] = setting(["uniform", "importance", "dga_ema", "inbatch"],
                                     "the reference runs `dvc repro` makes (one per entry)")
     steps: int = setting(200, "optimizer steps per run")
     seed: int = setting(0, "the run's seed: the model, the stream, the alignment and the evaluation draws each "
