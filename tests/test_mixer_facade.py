@@ -141,7 +141,7 @@ def test_what_a_strategy_needs_is_asked_for_clearly(stores):
     odm = Mixer.from_dirs(stores[0], seq_len=SEQ, batch_size=BATCH, strategy=ODM())
     with pytest.raises(ValueError, match="sequence_losses=<\\(n,\\) losses>"):
         odm.observe(odm.next_batch())
-    with pytest.raises(ValueError, match="strategy.eta = -1: expected a positive step size"):
+    with pytest.raises(ValueError, match=r"strategy.eta = -1: expected a positive number \(anchored rule: log-odds"):
         Mixer.from_dirs(stores[0], target=stores[1], seq_len=SEQ, batch_size=BATCH, strategy=DGA(eta=-1))
     with pytest.raises(TypeError, match="expected a strategy's settings"):
         Mixer.from_dirs(stores[0], seq_len=SEQ, batch_size=BATCH, strategy="dga")

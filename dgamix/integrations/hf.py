@@ -12,6 +12,10 @@ optimizer step (after gradient accumulation, so one optimizer step is never trai
 after the Trainer's last one (`max_steps`: its update would never be trained on), and its state is saved in every
 checkpoint (`dgamix_state.pt`) and restored by `train(resume_from_checkpoint=...)`.
 
+Each weight update is logged under `mixer/` (the weights, their distance from the starting weights, the update's
+scores, skipped updates) through the Trainer's `log`, so every `report_to` integration (TensorBoard, W&B, ...) and
+`trainer.state.log_history` get them at the optimizer step of the update.
+
 Every sequence of the stream has the same length and no padding, so a micro-batch's loss weighs each of its n
 sequences 1 / n, and 1 / (n * A) under gradient accumulation over A micro-batches, whether the Trainer divides by
 A or by the number of label tokens.
@@ -34,8 +38,8 @@ except ImportError as err:  # an optional extra
 
 from ..mixer import Mixer
 from ..mixer.loader import MixtureLoader
-from ._common import (STATE_FILE, ModelInputs, TrainedSteps, check_batch_size, check_in_step, set_total_steps,
-                      split_batch)
+from ._common import (STATE_FILE, ModelInputs, TrainedSteps, check_batch_size, check_in_step, check_model_fits,
+                      set_total_steps, split_batch, update_metrics)
 
 __all__ = ["MixerCallback", "MixerTrainer", "STATE_FILE"]
 
@@ -66,19 +70,29 @@ def _restore_rng(checkpoint: Path, args: Any) -> None:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# The model receives all seq_len + 1 tokens of each sequence as input_ids (and as labels: it shifts them itself).
+_FED = "input_ids = labels: seq_len + 1 tokens, which the model shifts itself"
+
+
 class MixerCallback(TrainerCallback):
     """Steps the mixer at each optimizer step and saves its state with each checkpoint. On its own (a Trainer that
     is not a `MixerTrainer`) it drives the strategies that learn nothing from the training step (static, exact
-    DGA, DoGE) and restores the mixer when the Trainer resumes from `<output_dir>/checkpoint-<step>`."""
+    DGA, DoGE) and restores the mixer when the Trainer resumes from `<output_dir>/checkpoint-<step>`.
+
+    Each weight update's metrics (`mixer/...`) go through `trainer.log` when `trainer` is set (`MixerTrainer` sets
+    it; with a plain Trainer, set `callback.trainer = trainer`), so that the Trainer's `report_to` integrations get
+    them; otherwise they are appended to the Trainer's `state.log_history` alone."""
 
     def __init__(self, mixer: Mixer, observed: bool = False):
         if not observed and mixer.needs & {"backward_hooks", "sequence_losses"}:
             raise ValueError(f"{type(mixer.settings).__name__} learns from every training batch (mixer.observe after "
-                             "each backward), which a plain Trainer does not hand to callbacks: use "
-                             "dgamix.integrations.hf.MixerTrainer(..., mixer=mixer)")
+                             "each backward, with the batch), and a plain Trainer never hands the batch to its "
+                             "callbacks: use dgamix.integrations.hf.MixerTrainer(..., mixer=mixer)")
         self.mixer = mixer
         self.trained = TrainedSteps(mixer)
+        self.trainer: Trainer | None = None
         self.rng_from: Path | None = None  # the checkpoint whose RNG state the next step starts from
+        self._initial_weights = mixer.weights
 
     def load(self, checkpoint: str | Path) -> None:
         """Restore the mixer from `checkpoint` (a Trainer checkpoint folder), and at the first resumed step the RNG
@@ -95,8 +109,10 @@ class MixerCallback(TrainerCallback):
         args.ignore_data_skip = True
         return control
 
-    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         check_batch_size(args.per_device_train_batch_size, self.mixer, "Hugging Face Trainer")
+        if model is not None:
+            check_model_fits(model, self.mixer, self.mixer.stream.seq_len + 1, "Hugging Face Trainer", _FED)
         set_total_steps(self.mixer, state.max_steps or args.max_steps)  # the state's, where the Trainer set it
         if state.global_step and self.mixer.steps != state.global_step:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -118,7 +134,13 @@ class MixerCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.trained.next_step += 1
         check_in_step(self.mixer, state.global_step - 1, "Hugging Face Trainer")
-        self.mixer.step()
+        record = self.mixer.step()
+        if record is not None:
+            metrics = update_metrics(self.mixer, record, self._initial_weights)
+            if self.trainer is not None:
+                self.trainer.log(metrics)  # log_history and every report_to integration, at state.global_step
+            else:
+                state.log_history.append({**metrics, "step": state.global_step})
         return control
 
     def on_save(self, args, state, control, **kwargs):
@@ -139,7 +161,9 @@ class MixerTrainer(Trainer):
         self.mixer_callback = MixerCallback(mixer, observed=True)
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), self.mixer_callback]
         super().__init__(*args, **kwargs)
+        self.mixer_callback.trainer = self
         check_batch_size(self.args.per_device_train_batch_size, mixer, "Hugging Face Trainer")
+        check_model_fits(self.model, mixer, mixer.stream.seq_len + 1, "Hugging Face Trainer", _FED)
         if self.args.max_steps is None or self.args.max_steps <= 0:
             raise ValueError(f"TrainingArguments.max_steps = {self.args.max_steps}: the stream has no epochs (its "
                              "length changes with every resume), so the Trainer must count optimizer steps: set "

@@ -12,7 +12,8 @@
         mixer.observe(batch)                           # after each backward (ODM: sequence_losses=...)
         optimizer.step(); optimizer.zero_grad()
         mixer.step()                                   # after the optimizer step: maybe new weights
-    torch.save({"mixer": mixer.state_dict(), ...}, path)
+        mixer.save(path, model=model, optimizer=optimizer)  # everything an exact resume needs, RNG states included
+    # resume: build the same objects, then mixer.load(path, model=model, optimizer=optimizer) before the loop
 
 It builds the stream (which owns the weights), the target sampler and the strategy from its settings
 (`strategies.Static`, `DGA`, `InBatchDGA`, `DoGE`, `ODM`), counts the optimizer steps, and saves all of it in one
@@ -25,6 +26,7 @@ batch would ever be drawn with the new weights.
 from __future__ import annotations
 
 import contextlib
+import random
 from pathlib import Path
 from typing import Any, Callable
 
@@ -54,6 +56,32 @@ def purpose_seed(seed: int, purpose: str) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed = {seed!r}: expected a non-negative integer")
     return int(np.random.SeedSequence(int(seed), spawn_key=tuple(purpose.encode())).generate_state(1)[0])
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states a training step draws from (dropout, data augmentation): python's `random`, numpy's
+    legacy global generator, torch's CPU generator and, when CUDA is available, every CUDA device's. Plain Python
+    and tensors, so `torch.load(weights_only=True)` reads it back (Lightning loads checkpoints that way)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {"python": random.getstate(),
+                             "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos),
+                                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state()` returned (CUDA's only where both the saved state and this process have it)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))  # tuples may come back as lists from other serialisations
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class Mixer:
@@ -235,6 +263,35 @@ class Mixer:
                 "stream": self.stream.state_dict(next_step=next_step), "strategy": self._strategy().state_dict(),
                 "steps": self.steps}
 
+    def save(self, path: str | Path, *, model: torch.nn.Module | None = None,
+             optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None,
+             extra: dict[str, Any] | None = None) -> None:
+        """One checkpoint file for a plain training loop, written after `mixer.step()`: the mixer's state, the
+        model's, the optimizer's and the scheduler's (those given), `extra` (plain values of your own, e.g. the
+        best loss) and the global RNG states (`rng_state()`), without which a model with dropout would draw other
+        masks after a resume. `load` restores all of it."""
+        checkpoint: dict[str, Any] = {"mixer": self.state_dict(), "rng": rng_state(), "extra": dict(extra or {})}
+        for key, part in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
+            if part is not None:
+                checkpoint[key] = part.state_dict()
+        torch.save(checkpoint, path)
+
+    def load(self, path: str | Path, *, model: torch.nn.Module | None = None,
+             optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None) -> dict[str, Any]:
+        """Restore a checkpoint written by `save` into the same objects built again (this mixer, and the model,
+        optimizer and scheduler given, each of which must have been saved), RNG states last, so that the next
+        step draws what the uninterrupted run drew. Call it before iterating `loader()` (the loader draws its
+        workers' seed from a generator of its own, not from the global RNG). Returns the `extra` values."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        for key, part in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler)):
+            if part is not None:
+                if key not in checkpoint:
+                    raise KeyError(f"{path}: the checkpoint has no {key} state (Mixer.save(..., {key}=...) saves it)")
+                part.load_state_dict(checkpoint[key])
+        self.load_state_dict(checkpoint["mixer"])
+        set_rng_state(checkpoint["rng"])
+        return checkpoint["extra"]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
             raise StateMismatchError(f"mixer state version {state.get('version')}, expected {STATE_VERSION}")
@@ -260,4 +317,4 @@ def _default_loss_fn(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.T
                      "loss>)")
 
 
-__all__ = ["Mixer", "NEEDS", "purpose_seed"]
+__all__ = ["Mixer", "NEEDS", "purpose_seed", "rng_state", "set_rng_state"]
