@@ -1,23 +1,30 @@
 """Mixer throughput and memory: 4096 clusters, a random cluster per sequence, seq len 1024, batch 32.
 
     .venv/bin/pip install -e '.[bench]'    # HF datasets, for the interleave_datasets peer
-    .venv/bin/python bench/mixer_throughput.py [--tokens-per-cluster 20000] [--steps 300]
+    .venv/bin/python bench/mixer_throughput.py [--tokens-per-cluster 20000] [--steps 300] [--repeats 3]
 
 Rows (same token store, same cluster probabilities, one process, torch on 1 thread):
 - dgamix MixtureStream, identity bases over 4096 clusters, weights changing every 10 steps (Dirichlet draws);
 - dgamix MixtureStream with fixed weights;
 - dgamix MixtureLoader (planned in the main process, read by 0, 2 and 4 DataLoader workers), weights changing every
-  10 steps: the path for trainers with workers (the weights reach every planned batch);
+  10 steps: the path for trainers with workers (the weights reach every planned batch). With workers, three
+  transports side by side: the loader's own (each batch by value through the worker's pipe, the tokens in the
+  store's uint16, widened to int64 in the main process), the same with `widen=False` (uint16 tokens handed out, for
+  a loop that widens them on the device), and the previous one (int64 tensors through torch's shared-memory
+  queues, what a plain DataLoader over the loader's parts does, as a trainer that rebuilds it);
 - torch WeightedRandomSampler over the concatenation of every cluster's fixed 1025-token chunks (fixed weights:
   the sampler cannot change them mid-run), batched by a DataLoader;
 - HF datasets.interleave_datasets over one in-memory Dataset per cluster (fixed probabilities), read in batches.
-Memory: the stream runs in a fresh subprocess per corpus size (1x and 4x tokens per cluster) and reports peak RSS
-and anonymous RSS (file-backed mmap pages are shared and evictable; anonymous memory is what must stay flat).
+Each row is the median of --repeats runs, the rows taken in turn (round-robin), so that a busy machine slows
+them alike, with the CPU time per batch of the main process and of the workers. Memory (--skip-memory: none): the
+stream runs in a fresh subprocess per corpus size (1x and 4x tokens per cluster) and reports peak RSS and anonymous
+RSS (file-backed mmap pages are shared and evictable; anonymous memory is what must stay flat).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -63,28 +70,57 @@ def run_stream(directory: Path, steps: int, change_every: int | None) -> dict:
     stream = MixtureStream(store, Mixture.identity(store.available), SEQ_LEN, BATCH, seed=0)
     rng = np.random.default_rng(1)
     n_tokens = 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu()
     for step in range(steps):
         if change_every and step % change_every == 0:
             stream.set_weights(rng.dirichlet(np.ones(store.n_clusters)))
         n_tokens += stream.next_batch()["tokens"].numel()
-    return {"tokens_per_s": n_tokens / (time.perf_counter() - start), "steps": steps}
+    return {"tokens_per_s": n_tokens / (time.perf_counter() - start), "steps": steps, **_cpu_per_batch(cpu, steps)}
 
 
-def run_loader(directory: Path, steps: int, workers: int, change_every: int = 10) -> dict:
+def _cpu() -> tuple[float, float]:
+    """(this process's CPU seconds, its finished children's: the DataLoader workers, once joined)."""
+    times = os.times()
+    return times.user + times.system, times.children_user + times.children_system
+
+
+def _cpu_per_batch(before: tuple[float, float], steps: int) -> dict:
+    # The main process's CPU per batch is what the data costs the training loop itself (which shares that process
+    # with the data's planning, and its reading in-process); the workers' is what the machine pays besides.
+    main, workers = (now - then for now, then in zip(_cpu(), before))
+    return {"main_cpu_ms_per_batch": 1e3 * main / steps, "worker_cpu_ms_per_batch": 1e3 * workers / steps}
+
+
+TRANSPORTS = {
+    "by value": "uint16 by value through the pipe, widened to int64 here",
+    "narrow": "widen=False: uint16 handed out",
+    "int64 queues": "int64 tensors through shared-memory queues (before)",
+}
+
+
+def run_loader(directory: Path, steps: int, workers: int, change_every: int = 10,
+               transport: str = "by value") -> dict:
+    from torch.utils.data import DataLoader
+
     from dgamix.mixer import ClusterStore, Mixture, MixtureLoader, MixtureStream
 
     store = ClusterStore(directory)
     stream = MixtureStream(store, Mixture.identity(store.available), SEQ_LEN, BATCH, seed=0, max_steps=steps)
-    loader = MixtureLoader(stream, num_workers=workers)
+    loader = MixtureLoader(stream, num_workers=workers, widen=transport != "narrow")
+    if transport == "int64 queues":
+        # The loader's parts in a plain DataLoader (as accelerate rebuilds it): its workers collate whole int64
+        # batches and torch sends each tensor through shared memory.
+        loader = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
+                            num_workers=workers, generator=loader.generator)
     rng = np.random.default_rng(1)
     n_tokens = 0
-    start = time.perf_counter()  # includes starting the workers, as a trainer's first epoch does
+    start, cpu = time.perf_counter(), _cpu()  # includes starting the workers, as a trainer's first epoch does
     for step, batch in enumerate(loader):
         if step % change_every == 0:
             stream.set_weights(rng.dirichlet(np.ones(store.n_clusters)))
         n_tokens += batch["tokens"].numel()
-    return {"tokens_per_s": n_tokens / (time.perf_counter() - start), "steps": steps}
+    # (the iteration's end joined the workers: their CPU time is counted)
+    return {"tokens_per_s": n_tokens / (time.perf_counter() - start), "steps": steps, **_cpu_per_batch(cpu, steps)}
 
 
 def run_weighted_sampler(directory: Path, steps: int) -> dict:
@@ -166,6 +202,8 @@ def main() -> None:
     parser.add_argument("--memory-probe", nargs=2, metavar=("STORE", "STEPS"))
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 2, 4], help="MixtureLoader rows")
     parser.add_argument("--skip-peers", action="store_true", help="only the dgamix rows")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per row (the median is reported)")
+    parser.add_argument("--skip-memory", action="store_true", help="only the throughput rows")
     args = parser.parse_args()
     import torch
 
@@ -174,28 +212,40 @@ def main() -> None:
         memory_probe(args.memory_probe[0], int(args.memory_probe[1]))
         return
     small = build_store(WORK / f"mixer_store_{args.tokens_per_cluster}", args.tokens_per_cluster)
-    large = build_store(WORK / f"mixer_store_{4 * args.tokens_per_cluster}", 4 * args.tokens_per_cluster)
-    rows = []
-    for name, fn in [
+    runs = [
         ("dgamix MixtureStream, weights change every 10 steps", lambda: run_stream(small, args.steps, 10)),
         ("dgamix MixtureStream, fixed weights", lambda: run_stream(small, args.steps, None)),
-        *[(f"dgamix MixtureLoader, {w} workers, weights change every 10 steps",
-           lambda w=w: run_loader(small, args.steps, w)) for w in args.workers],
+        *[(f"dgamix MixtureLoader, {w} workers" + (f", {TRANSPORTS[t]}" if w else "")
+           + ", weights change every 10 steps", lambda w=w, t=t: run_loader(small, args.steps, w, transport=t))
+          for w in args.workers for t in (TRANSPORTS if w else ["by value"])],
         *([] if args.skip_peers else [
             ("torch WeightedRandomSampler + DataLoader (fixed)", lambda: run_weighted_sampler(small, args.steps)),
             ("HF datasets.interleave_datasets (fixed)", lambda: run_interleave(small, args.steps))]),
-    ]:
-        try:
-            result = fn()
-        except ImportError as err:
-            result = {"tokens_per_s": float("nan"), "steps": 0, "error": str(err)}
-        rows.append({"method": name, **result})
-        print_table(rows[-1:])
+    ]
+    results: dict[str, list[dict]] = {name: [] for name, _ in runs}
+    for repeat in range(args.repeats):
+        for name, fn in runs:
+            if name.startswith("HF") and repeat:  # minutes to build each time; its rate is orders of magnitude off
+                continue
+            try:
+                result = fn()
+            except ImportError as err:
+                result = {"tokens_per_s": float("nan"), "steps": 0, "error": str(err)}
+            results[name].append(result)
+            print_table([{"method": name, "repeat": repeat, **result}])
+    rows = []
+    for name, _ in runs:
+        rates = [r["tokens_per_s"] for r in results[name]]
+        medians = {key: float(np.median([r[key] for r in results[name]])) for key in results[name][0]
+                   if key.endswith("_per_batch")}
+        rows.append({"method": name, **results[name][0], "tokens_per_s": float(np.median(rates)), **medians,
+                     "runs_tokens_per_s": rates})
     base = rows[0]["tokens_per_s"]
     for row in rows:
         row["ratio_to_dgamix_changing"] = row["tokens_per_s"] / base
     memory = []
-    for directory in (small, large):
+    for directory in () if args.skip_memory else (
+            small, build_store(WORK / f"mixer_store_{4 * args.tokens_per_cluster}", 4 * args.tokens_per_cluster)):
         probe = subprocess.run([sys.executable, __file__, "--memory-probe", str(directory), str(args.steps)],
                                capture_output=True, text=True, check=True)
         tokens = json.loads((directory / "store.json").read_text())["tokens"]

@@ -1,6 +1,7 @@
 """The stream under DataLoader workers (MixtureLoader): each sequence once and in straight order (also after a resume
-and after a break), weights that reach the workers (main-process planning), and exact resume with prefetched
-steps."""
+and after a break, by the same loader, a new one or next_batch()), weights that reach the workers (main-process
+planning), exact resume with prefetched steps, and the tokens' dtype and transport (int64 by default, the store's
+dtype on request, by value through the workers' pipes)."""
 from __future__ import annotations
 
 import numpy as np
@@ -168,6 +169,112 @@ def test_iterating_again_after_a_break_continues_at_the_next_step_not_handed_out
     assert second == straight[4:]
     assert first + second == straight
     assert list(loader) == []  # the stream is exhausted: a third pass yields nothing
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("then", ["same loader", "persistent workers", "new loader", "next_batch"])
+def test_after_a_break_every_way_on_continues_at_the_next_step_not_handed_out(store_dir, workers, then):
+    """Break after k = 3 batches (2 workers x prefetch 2 have planned 4 more), then go on by iterating the loader
+    again, a new loader over the same stream (what calling Mixer.loader() again makes), or stream.next_batch():
+    each continues at step 3 with the straight run's batches, and the states saved in between resume there."""
+    straight = _pass(MixtureLoader(_stream(store_dir, batch_size=3, max_steps=12), num_workers=workers))
+    extra = {"persistent_workers": True} if then == "persistent workers" and workers else {}
+    stream = _stream(store_dir, batch_size=3, max_steps=12)
+    loader = MixtureLoader(stream, num_workers=workers, **extra)
+    first = _pass(loader, stop_after=3)
+    assert stream.step == 3 + 2 * workers  # planned ahead of the batches handed out
+    saved, streams_own = loader.stream_state(), stream.state_dict()
+    again_saved = None
+    if then == "next_batch":
+        second = []
+        for _ in range(20):  # a `while True`, bounded: a stream that ran past max_steps fails instead of hanging
+            try:
+                batch = stream.next_batch()
+            except StopIteration:
+                break
+            second.append((batch["step"], _rows(batch["tokens"]), batch["log"].weights.tolist()))
+            weights = np.full(4, 0.05)
+            weights[batch["step"] % 4] = 0.85
+            stream.set_weights(weights)
+    else:
+        again = loader if then in ("same loader", "persistent workers") else MixtureLoader(stream, num_workers=workers)
+        again_saved = again.stream_state()
+        second = _pass(again)
+    assert [s for s, *_ in second] == list(range(3, 12))
+    assert first + second == straight
+    assert saved["step"] == 3 and streams_own == saved and again_saved in (None, saved)
+
+
+def _tokens_dtype_seen(batch):  # module level, for the workers: what a transform sees, and what it can return
+    tokens = batch["tokens"]
+    out = {"tokens": tokens, "seen": str(tokens.dtype), "shifted": tokens[:, 1:], "prob": batch["prob"],
+           "twice": [tokens, (batch["prob"], tokens)], "half": torch.zeros(2, dtype=torch.bfloat16),
+           "step": batch["step"]}
+    if tokens.dtype == torch.int64:  # (torch has no arithmetic on uint16)
+        out["plus_one"] = tokens + 1
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_tokens_are_int64_by_default_and_the_stores_dtype_on_request(store_dir, workers):
+    """By default the tokens handed out are int64 (what an embedding lookup needs), with or without workers, also
+    through a transform (which sees int64 tokens); widen=False hands out the store's dtype (uint16 here), the same
+    values, for a loop that widens them on the device."""
+    expected = [_rows(b["tokens"]) for b in MixtureLoader(_stream(store_dir, max_steps=5))]
+    embedding = torch.nn.Embedding(1000, 4)
+    for batch in MixtureLoader(_stream(store_dir, max_steps=5), num_workers=workers):
+        assert batch["tokens"].dtype == torch.int64 and batch["cluster"].dtype == torch.int64
+        assert batch["prob"].dtype == torch.float64 and batch["pass"].dtype == torch.int64
+        embedding(batch["tokens"])  # usable as indices as they come
+        assert _rows(batch["tokens"]) == expected[batch["step"]]
+    narrow = list(MixtureLoader(_stream(store_dir, max_steps=5), num_workers=workers, widen=False))
+    assert [b["tokens"].dtype for b in narrow] == [torch.uint16] * 5
+    assert [_rows(b["tokens"].long()) for b in narrow] == expected
+    for widen, dtype in ((True, torch.int64), (False, torch.uint16)):
+        loader = MixtureLoader(_stream(store_dir, max_steps=5), num_workers=workers, widen=widen,
+                               transform=_tokens_dtype_seen)
+        for batch in loader:
+            assert batch["seen"] == str(dtype)
+            assert batch["tokens"].dtype == dtype and _rows(batch["tokens"].long()) == expected[batch["step"]]
+            # a tensor held twice arrives as one tensor; a view of the tokens keeps its dtype and values
+            assert batch["twice"][0] is batch["tokens"] and batch["twice"][1][1] is batch["tokens"]
+            assert batch["twice"][1][0] is batch["prob"] and batch["half"].dtype == torch.bfloat16
+            assert batch["shifted"].dtype == dtype and torch.equal(batch["shifted"], batch["tokens"][:, 1:])
+            if widen:
+                assert torch.equal(batch["plus_one"], batch["tokens"] + 1)
+    with pytest.raises(ValueError, match="widen = 'no'"):
+        MixtureLoader(_stream(store_dir), widen="no")
+
+
+def test_workers_send_batches_by_value_not_as_shared_memory_tensors(store_dir):
+    """torch sends each tensor a worker returns as a shared-memory file, one round trip to the worker per tensor,
+    which cost more than reading the batch: the loader's own workers send the batch by value through their pipe
+    (the tokens in the store's dtype), and it arrives as ordinary, writable tensors."""
+    for batch in MixtureLoader(_stream(store_dir, max_steps=4), num_workers=2):
+        for key in ("tokens", "cluster", "pass", "prob"):
+            assert not batch[key].is_shared(), key
+        batch["tokens"][0, 0] = 7  # writable (torch.from_numpy of a read-only array would warn)
+
+
+def test_a_rebuilt_dataloader_still_gets_int64_tokens(store_dir):
+    """Trainers that rebuild the DataLoader from its parts (accelerate: dataset, batch_sampler, collate_fn) iterate
+    without MixtureLoader's own iterator: the collate function they copy widens the tokens in the worker."""
+    loader = MixtureLoader(_stream(store_dir, max_steps=4), num_workers=2)
+    expected = [_rows(b["tokens"]) for b in MixtureLoader(_stream(store_dir, max_steps=4))]
+    rebuilt = DataLoader(loader.dataset, batch_sampler=loader.batch_sampler, collate_fn=loader.collate_fn,
+                         num_workers=2)
+    batches = list(rebuilt)
+    assert [b["tokens"].dtype for b in batches] == [torch.int64] * 4
+    assert [_rows(b["tokens"]) for b in batches] == expected
+
+
+@pytest.mark.skipif(not torch.accelerator.is_available(), reason="pinned memory needs an accelerator")
+@pytest.mark.parametrize("widen,dtype", [(True, torch.int64), (False, torch.uint16)])
+def test_pin_memory_hands_out_pinned_tokens(store_dir, widen, dtype):
+    for batch in MixtureLoader(_stream(store_dir, max_steps=3), num_workers=2, pin_memory=True, widen=widen):
+        assert batch["tokens"].is_pinned() and batch["tokens"].dtype == dtype and batch["prob"].is_pinned()
+        device = torch.accelerator.current_accelerator()
+        assert batch["tokens"].to(device, non_blocking=True).long().dtype == torch.int64
 
 
 def test_spawned_workers_read_the_store_by_reference(store_dir):

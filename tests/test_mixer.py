@@ -393,3 +393,27 @@ def test_fresh_basis_batches_are_not_the_training_stream(store):
     stream.set_weights([1.0, 0.0])
     train = stream.next_batch()["tokens"]
     assert not {r.tobytes() for r in fresh.numpy()} & {r.tobytes() for r in train.numpy()}
+
+
+def test_next_batch_stops_at_max_steps_as_iteration_does(store):
+    """A stream with max_steps ends there for next_batch() too: past it, StreamExhausted (a StopIteration, what
+    next() raises at the end of any iterator) with the bound in its message, the stream left where it was; a loop
+    over next_batch() ends instead of drawing past the run's last step, after the batches a loader yields."""
+    def stream() -> MixtureStream:
+        return MixtureStream(store, Mixture.identity(store.available), seq_len=8, batch_size=2, seed=1, max_steps=3)
+
+    looped, drawing = [], stream()
+    for _ in range(10):  # a `while True` loop, bounded so that a stream that never ends fails instead of hanging
+        try:
+            looped.append(drawing.next_batch())
+        except StopIteration:
+            break
+    iterated = list(MixtureLoader(stream()))
+    assert [b["step"] for b in looped] == [b["step"] for b in iterated] == [0, 1, 2]
+    assert [b["tokens"].tolist() for b in looped] == [b["tokens"].tolist() for b in iterated]
+    from dgamix.mixer.stream import StreamExhausted
+
+    with pytest.raises(StreamExhausted, match="max_steps = 3"):
+        drawing.next_batch()
+    assert drawing.step == 3 and drawing.state_dict()["step"] == 3
+    assert issubclass(StreamExhausted, StopIteration)

@@ -10,6 +10,18 @@ splits them across processes:
 - `MixtureLoader`, a `torch.utils.data.DataLoader` over them (as torchdata's `StatefulDataLoader` and Mosaic's
   `StreamingDataLoader` are DataLoaders), owns the one state to save.
 
+Tokens: a batch's `tokens` are int64 by default (what an embedding lookup and a cross-entropy target need). With
+workers, the tokens travel from the worker in the store's dtype (uint16 for vocabularies up to 65,536: a quarter
+of the bytes) and the whole batch travels by value through the worker's pipe (torch sends each tensor as a
+shared-memory file, a round trip to the worker per tensor, which cost more than the batch's reading), and this
+loader's iterator rebuilds the tensors and widens the tokens to int64 in the main process (in the pin-memory thread
+with `pin_memory=True`, into pinned memory). `widen=False` hands the tokens out in the store's dtype instead, for a
+loop that widens them on the device (`batch["tokens"].to(device, non_blocking=True).long()`: a quarter of the
+host-to-device bytes); torch supports uint16 and uint32 tensors only partly (conversion, indexing and copies; not
+arithmetic, embedding lookups or cross-entropy targets). A trainer that rebuilds the DataLoader from its parts
+(accelerate does) iterates without this class's iterator: its workers widen the tokens themselves and send them as
+before.
+
 Prefetching: with W workers and prefetch factor F the DataLoader plans W * F steps ahead of the batch handed out
 (none in-process), so a weight change made after batch t is handed out reaches step t + 1 in-process and step
 t + W * F + 1 with workers. The lag is part of the saved state: `MixtureLoader.stream_state()` records the first step
@@ -18,8 +30,10 @@ re-plans them exactly (`MixtureStream.state_dict`).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -43,24 +57,129 @@ class StepPlanner(Sampler):
 
 
 class TokenReader(Dataset):
-    """Reads a planned step's tokens; holds nothing that changes during training, so workers' copies are exact."""
+    """Reads a planned step's tokens, in the store's dtype (the collate function widens them); holds nothing that
+    changes during training, so workers' copies are exact."""
 
     def __init__(self, stream: MixtureStream):
         self.stream = stream
 
     def __getitem__(self, planned: PlannedStep) -> dict[str, Any]:
-        return self.stream.read(planned)
+        return self.stream.read(planned, widen=False)
 
 
 class _OneStep:
-    """The collate function: each "batch" of the planner is one planned step, already a batch (a class, not a
-    lambda, so that workers started by spawn or forkserver can unpickle it)."""
+    """The collate function: each "batch" of the planner is one planned step, already a batch; its tokens widened
+    to int64 (unless `widen` is False), then `transform`ed. A class, not a lambda, so that workers started by spawn
+    or forkserver can unpickle it."""
 
-    def __init__(self, transform: Callable[[dict[str, Any]], Any] | None):
-        self.transform = transform
+    def __init__(self, transform: Callable[[dict[str, Any]], Any] | None, widen: bool = True):
+        self.transform, self.widen = transform, widen
 
     def __call__(self, items: list[dict[str, Any]]) -> Any:
-        return items[0] if self.transform is None else self.transform(items[0])
+        batch = items[0]
+        if self.widen:
+            batch["tokens"] = batch["tokens"].long()
+        return batch if self.transform is None else self.transform(batch)
+
+
+class _Packing(_OneStep):
+    """The collate function the workers of `MixtureLoader`'s own iterator run: the same batch, packed for the trip
+    to the main process (`_Packed`), where the iterator unpacks it. The transform still sees int64 tokens (unless
+    `widen` is False); what it returns as the tokens tensor itself travels narrow and is widened on arrival."""
+
+    def __call__(self, items: list[dict[str, Any]]) -> Any:
+        batch = items[0]
+        narrow = batch["tokens"]
+        if self.widen and self.transform is not None:
+            batch["tokens"] = narrow.long()
+        tokens = batch["tokens"]
+        out = batch if self.transform is None else self.transform(batch)
+        return _Packed(out, tokens, narrow.numpy(), self.widen)  # (numpy(): the store-dtype array, not a copy)
+
+
+class _ByValue:
+    """A CPU tensor in transit as its numpy array, pickled into the worker's pipe with the rest of the batch."""
+    __slots__ = ("array", "widen")
+
+    def __init__(self, array: np.ndarray, widen: bool):
+        self.array, self.widen = array, widen
+
+    def __getstate__(self) -> tuple[np.ndarray, bool]:
+        return self.array, self.widen
+
+    def __setstate__(self, state: tuple[np.ndarray, bool]) -> None:
+        self.array, self.widen = state
+
+    def tensor(self, pin: bool) -> torch.Tensor:
+        source = torch.from_numpy(self.array)
+        if not self.widen:
+            return source.pin_memory() if pin else source
+        if not pin:
+            return source.long()
+        # Widened straight into pinned memory: one copy, not a widening and then a pinning copy.
+        return torch.empty(source.shape, dtype=torch.int64, pin_memory=True).copy_(source)
+
+
+def _by_value(tensor: torch.Tensor) -> _ByValue | torch.Tensor:
+    # Only plain dense CPU tensors have a numpy twin (not bfloat16, not autograd's, not subclasses); the others
+    # travel as torch sends them.
+    if type(tensor) is not torch.Tensor or tensor.requires_grad or tensor.layout != torch.strided \
+            or tensor.device.type != "cpu":
+        return tensor
+    try:
+        return _ByValue(tensor.numpy(), widen=False)
+    except (TypeError, RuntimeError):
+        return tensor
+
+
+class _Packed:
+    """A collated batch in transit from a worker: its tensors replaced by `_ByValue`s (the tokens by their narrow
+    array, marked for widening). `unpack()` restores the structure (dicts, lists, tuples, named tuples) with
+    tensors; the DataLoader's pin-memory thread calls `pin_memory()`, which unpacks into pinned memory."""
+
+    def __init__(self, batch: Any, tokens: torch.Tensor, narrow: np.ndarray, widen: bool):
+        # One _ByValue per tensor object, so that a tensor the batch holds twice (input_ids and labels) arrives
+        # as one tensor, as it left.
+        seen: dict[int, Any] = {id(tokens): _ByValue(narrow, widen)}
+
+        def pack(tensor: torch.Tensor) -> Any:
+            if id(tensor) not in seen:
+                seen[id(tensor)] = _by_value(tensor)
+            return seen[id(tensor)]
+
+        self.batch = _map_tensors(batch, pack, (torch.Tensor,))
+
+    def unpack(self, pin: bool = False) -> Any:
+        made: dict[int, torch.Tensor] = {}
+
+        def unpack(value: _ByValue) -> torch.Tensor:
+            if id(value) not in made:
+                made[id(value)] = value.tensor(pin)
+            return made[id(value)]
+
+        return _map_tensors(self.batch, unpack, (_ByValue,))
+
+    def pin_memory(self, device: Any = None) -> Any:
+        return self.unpack(pin=True)
+
+
+def _map_tensors(data: Any, fn: Callable[[Any], Any], kinds: tuple[type, ...]) -> Any:
+    """`data` with `fn` applied to each leaf of the given kinds, through dicts, lists and tuples (as torch's
+    pin_memory walks a batch); other objects are kept as they are."""
+    if isinstance(data, kinds):
+        return fn(data)
+    if isinstance(data, Mapping):
+        items = {k: _map_tensors(v, fn, kinds) for k, v in data.items()}
+        try:
+            return type(data)(items)
+        except TypeError:  # a mapping type that cannot be built from a dict
+            return items
+    if isinstance(data, tuple):
+        values = [_map_tensors(v, fn, kinds) for v in data]
+        return type(data)(*values) if hasattr(data, "_fields") else type(data)(values)
+    if isinstance(data, list):
+        return [_map_tensors(v, fn, kinds) for v in data]
+    return data
 
 
 class MixtureLoader(DataLoader):
@@ -68,13 +187,21 @@ class MixtureLoader(DataLoader):
 
     Iterate it like any DataLoader (each item is `MixtureStream.next_batch()`'s dict, or `transform(dict)`), change
     the weights at any time (they apply from the next step planned), and save `stream_state()`: it resumes exactly,
-    prefetched steps included. Iterating it again after a `break` continues at the next step not handed out.
+    prefetched steps included. Iterating it again after a `break`, or iterating a new loader over the same stream
+    (or `next_batch()`), continues at the next step not handed out. The iteration ends at the stream's `max_steps`.
     Trainers that rebuild the DataLoader they are given (accelerate does) lose this class's step count: their
-    integrations (`dgamix.integrations`) count the trained steps themselves. Other keyword arguments go to the
-    DataLoader."""
+    integrations (`dgamix.integrations`) count the trained steps themselves.
+
+    widen: the batches' `tokens` are int64 (default), widened in this process after the trip from the workers; with
+    False they stay in the store's dtype (uint16 or uint32), for a loop that widens them on the device (see the
+    module's notes). `pin_memory=True` (a DataLoader argument) hands the tensors out in pinned memory. Other keyword
+    arguments go to the DataLoader."""
 
     def __init__(self, stream: MixtureStream, num_workers: int = 0,
-                 transform: Callable[[dict[str, Any]], Any] | None = None, **dataloader_kwargs: Any):
+                 transform: Callable[[dict[str, Any]], Any] | None = None, widen: bool = True,
+                 **dataloader_kwargs: Any):
+        if not isinstance(widen, bool):
+            raise ValueError(f"widen = {widen!r}: expected True (int64 tokens) or False (the store's dtype)")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers = {num_workers!r}: expected a non-negative integer")
         for key in ("batch_size", "shuffle", "sampler", "batch_sampler", "collate_fn", "drop_last"):
@@ -91,18 +218,40 @@ class MixtureLoader(DataLoader):
         # masks than the straight run. The workers draw nothing random (they read planned steps), so a generator of
         # the loader's own leaves the global RNG where the training loop put it.
         dataloader_kwargs.setdefault("generator", torch.Generator().manual_seed(stream.seed))
+        # collate_fn is what a trainer that rebuilds the DataLoader copies (and its workers run): whole int64
+        # batches. This class's own iterator gives its workers the packing one instead (__iter__).
         super().__init__(TokenReader(stream), batch_sampler=StepPlanner(stream), num_workers=num_workers,
-                         collate_fn=_OneStep(transform), **dataloader_kwargs)
-        self.stream, self.transform = stream, transform
-        self.next_step = stream.step  # the first step not yet handed out
+                         collate_fn=_OneStep(transform, widen), **dataloader_kwargs)
+        self.stream, self.transform, self.widen = stream, transform, widen
+        self._packing = _Packing(transform, widen)
+        self.next_step = stream.next_to_hand_out  # the first step not yet handed out
 
     def __iter__(self) -> Iterator[Any]:
+        # The stream knows where the last batch handed out left it, whoever handed it out (this loader's last pass,
+        # another loader over the stream, next_batch()).
+        self.next_step = self.stream.next_to_hand_out
         if self.stream.step != self.next_step:
             # A previous iteration stopped with steps planned but never handed out: plan them again, as they were.
             self.stream.load_state_dict(self.stream.state_dict(next_step=self.next_step))
-        for batch in super().__iter__():
+        for batch in self._batches():
+            if isinstance(batch, _Packed):  # (without pin_memory: the pin-memory thread has not unpacked it)
+                batch = batch.unpack()
             self.next_step += 1
+            # Before the trainer sees the batch, and after the DataLoader planned its prefetch for this step: if
+            # the trainer stops here, the steps planned beyond are known not handed out.
+            self.stream.mark_handed_out(self.next_step)
             yield batch
+
+    def _batches(self) -> Iterator[Any]:
+        """The DataLoader's iterator; its workers (started here) collate with the packing function."""
+        if self.num_workers == 0:
+            return super().__iter__()
+        plain = self.collate_fn
+        self.collate_fn = self._packing
+        try:
+            return super().__iter__()
+        finally:
+            self.collate_fn = plain
 
     @property
     def dataloader(self) -> "MixtureLoader":

@@ -33,17 +33,21 @@ class SequenceReader:
     def __init__(self, store: ClusterStore, sequence_tokens: int):
         self.store, self.sequence_tokens = store, sequence_tokens
 
-    def tokens(self, clusters: np.ndarray, positions: np.ndarray, stream: int = 0) -> torch.Tensor:
-        """(n, sequence_tokens) int64 tokens; `stream` selects the store's document order (0: training)."""
+    def tokens(self, clusters: np.ndarray, positions: np.ndarray, stream: int = 0,
+               widen: bool = True) -> torch.Tensor:
+        """(n, sequence_tokens) tokens, int64 (what embedding lookups and cross-entropy targets need) or, with
+        `widen=False`, the store's own dtype (uint16 or uint32); `stream` selects the store's document order
+        (0: training)."""
         out = np.empty((len(clusters), self.sequence_tokens), dtype=self.store.dtype)
         for i, (c, pos) in enumerate(zip(clusters.tolist(), positions.tolist())):
             self.store.read(c, pos, self.sequence_tokens, out[i], stream=stream)
-        return torch.from_numpy(out.astype(np.int64))
+        return torch.from_numpy(out.astype(np.int64) if widen else out)
 
-    def batch(self, planned: PlannedStep) -> dict[str, Any]:
-        """A planned step's batch: tokens, each sequence's cluster, the pass over its cluster it reached, its
-        probability under the weights it was planned with, the step, and the step's `log`."""
-        tokens = self.tokens(planned.clusters, planned.positions)
+    def batch(self, planned: PlannedStep, widen: bool = True) -> dict[str, Any]:
+        """A planned step's batch: tokens (int64, or the store's dtype with `widen=False`), each sequence's cluster,
+        the pass over its cluster it reached, its probability under the weights it was planned with, the step, and
+        the step's `log`."""
+        tokens = self.tokens(planned.clusters, planned.positions, widen=widen)
         per_epoch = self.store.cluster_tokens[planned.clusters]
         passes = (planned.positions + self.sequence_tokens - 1) // per_epoch + 1  # pass reached by the sequence's end
         unique, counts = np.unique(planned.clusters, return_counts=True)

@@ -10,7 +10,9 @@ The stream is the one owner of the weights alpha: strategies read `weights` and 
 `set_weights()`, which takes effect from the next step planned. It composes three parts: the `plan.Planner`
 (cursors, the step, replay of planned steps), the `reader.SequenceReader` (tokens from the store) and the
 `basis_sampler.BasisSampler` (fresh sequences per basis for alignment draws). It is not a Dataset: batches come
-from `next_batch()` in-process, or from `loader.MixtureLoader` with any number of DataLoader workers.
+from `next_batch()` in-process, or from `loader.MixtureLoader` with any number of DataLoader workers. A stream with
+`max_steps` ends there: iteration over a loader stops, and `next_batch()` raises `StreamExhausted` (a
+StopIteration, as `next()` on an exhausted iterator raises).
 
 The state (`state_dict()`) is the step, the per-cluster stream positions, the weights, and the auxiliary sampler's
 positions; it carries fingerprints of the store and the bases, and loading it onto different data is an error.
@@ -34,11 +36,18 @@ from .store import ClusterStore
 STATE_VERSION = 3
 READABLE_VERSIONS = (2, 3)  # 2: the same fields and a DataLoader worker's phase, which is ignored
 
-__all__ = ["MixtureStream", "PlannedStep", "SNAPSHOTS_KEPT", "StateMismatchError", "StepLog", "TargetSampler"]
+__all__ = ["MixtureStream", "PlannedStep", "SNAPSHOTS_KEPT", "StateMismatchError", "StepLog", "StreamExhausted",
+           "TargetSampler"]
 
 MIGRATION = ("MixtureStream is not a Dataset: take batches from stream.next_batch() in a plain loop, or iterate "
              "dgamix.mixer.MixtureLoader(stream, num_workers=N) (a DataLoader; the weights stay in this process, "
              "so their changes reach every worker), or use dgamix.mixer.Mixer(...).loader(num_workers=N)")
+
+
+class StreamExhausted(StopIteration):
+    """`next_batch()` on a stream that has planned all of its `max_steps` steps. A StopIteration, so that the end of
+    the stream reads as the end of any iterator (`except StopIteration`), and a loop over `next_batch()` ends instead
+    of running past the run's last step."""
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -47,6 +56,14 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 
 class MixtureStream:
+    """Batches of `batch_size` sequences of `seq_len + 1` tokens drawn from `store`'s clusters under a mixture of
+    `mixture`'s bases, exactly resumable; the one owner of the weights over the bases (`weights`, `set_weights`).
+
+    seed: the stream's draws (step t is planned from (seed, t) and the weights in force). rank / world_size: this
+    process's slice of each global step under data parallelism. max_steps: where the stream ends (None: never).
+    weights: the starting weights (default uniform over the bases). Batches come from `next_batch()` in-process or
+    from `MixtureLoader(stream, num_workers=N)`; `state_dict()` / `load_state_dict()` save and restore it."""
+
     def __init__(self, store: ClusterStore, mixture: Mixture, seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, max_steps: int | None = None,
                  weights: np.ndarray | list[float] | None = None):
@@ -61,6 +78,9 @@ class MixtureStream:
         self.planner = Planner(store.n_clusters, seed, self.sequence_tokens)
         self.reader = SequenceReader(store, self.sequence_tokens)
         self.basis_sampler = BasisSampler(mixture, self.reader, seed)
+        # The first step a MixtureLoader has not handed out while it had planned further (prefetching), kept until
+        # the next step is planned or a state is loaded: what a new pass, a new loader or next_batch() starts from.
+        self._handed_out: int | None = None
         m = mixture.n_bases
         self._set_weights_exactly(check_weights(np.full(m, 1.0 / m) if weights is None else weights, m))
 
@@ -89,6 +109,18 @@ class MixtureStream:
         return self.planner.step
 
     @property
+    def next_to_hand_out(self) -> int:
+        """The first step not yet handed to the trainer: `step`, unless a `MixtureLoader` stopped (a `break`) with
+        steps planned ahead of the last batch it handed out and nothing has been planned since."""
+        return self.step if self._handed_out is None else self._handed_out
+
+    def mark_handed_out(self, next_step: int) -> None:
+        """Record that the steps before `next_step` are handed out and those planned from it on are not (a loader's
+        prefetched steps): until the next step is planned, `next_batch()`, `state_dict()` and any loader over this
+        stream start from `next_step` (re-planning those steps with the weights they were planned with)."""
+        self._handed_out = None if next_step == self.step else int(next_step)
+
+    @property
     def cursors(self) -> np.ndarray:
         """Per cluster, the training stream's position (tokens taken so far)."""
         return self.planner.cursors
@@ -96,7 +128,10 @@ class MixtureStream:
     def plan_step(self) -> PlannedStep:
         """Plan step `self.step` (this rank's slice) with the weights in force (or those it was first planned with,
         after a resume) and advance: the cheap, stateful half of a batch, done by the process that owns the
-        weights."""
+        weights. Past `max_steps`: `StreamExhausted`."""
+        if self.max_steps is not None and self.step >= self.max_steps:
+            raise StreamExhausted(f"the stream has planned all of its max_steps = {self.max_steps} steps")
+        self._handed_out = None  # planning on from here: the steps planned beyond a loader's last batch are gone
         weights, replayed = self.planner.next_weights(self._weights)
         # Each sequence's probability of being drawn (p = alpha^T P at its cluster, under the weights it was planned
         # with): what importance-weighted estimates over the bases need (alignment_stats). Computed once per weight
@@ -107,17 +142,24 @@ class MixtureStream:
         clusters, positions = self.planner.plan(weights, cdf, self.batch_size * self.world_size)
         mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
         self.planner.step += 1
-        return PlannedStep(step, clusters[mine], positions[mine], probs[clusters[mine]], weights,
-                           int((self.passes_completed() > 0).sum()))
+        # Clusters past their first pass (passes_completed() > 0) counted without its division over every
+        # cluster, which cost more than the rest of the planning with thousands of clusters.
+        tokens = self.store.cluster_tokens
+        repeating = int(np.count_nonzero((self.planner.cursors >= tokens) & (tokens > 0)))
+        return PlannedStep(step, clusters[mine], positions[mine], probs[clusters[mine]], weights, repeating)
 
-    def read(self, planned: PlannedStep) -> dict[str, Any]:
+    def read(self, planned: PlannedStep, widen: bool = True) -> dict[str, Any]:
         """The batch of a planned step: reads the memory-mapped store and nothing else, so any DataLoader worker can
-        do it with its copy of the stream. Its `log` (a `StepLog`) records what the step drew."""
-        return self.reader.batch(planned)
+        do it with its copy of the stream. Its `log` (a `StepLog`) records what the step drew; its tokens are int64,
+        or in the store's dtype with `widen=False` (`SequenceReader.tokens`)."""
+        return self.reader.batch(planned, widen=widen)
 
     def next_batch(self) -> dict[str, Any]:
-        """Plan step `self.step` and return this rank's slice of it: `tokens` (batch_size, seq_len + 1),
-        `cluster`, `pass`, `prob`, `step` and `log`."""
+        """Plan the next step and return this rank's slice of it: `tokens` (batch_size, seq_len + 1) int64,
+        `cluster`, `pass`, `prob`, `step` and `log`. After a `MixtureLoader` stopped with prefetched steps, the next
+        step is the first it did not hand out (`next_to_hand_out`). Past `max_steps`: `StreamExhausted`."""
+        if self.next_to_hand_out != self.step:
+            self.load_state_dict(self.state_dict())  # re-plan the prefetched steps, as they were planned
         return self.read(self.plan_step())
 
     def passes_completed(self) -> np.ndarray:
@@ -147,8 +189,9 @@ class MixtureStream:
     def state_dict(self, next_step: int | None = None) -> dict[str, Any]:
         """The state to resume from. `next_step`: the first step not yet trained on, when the trainer's loader has
         already planned further ahead (prefetching); those planned steps are re-planned on resume with the weights
-        they were planned with, then the current weights apply. Default: `self.step` (nothing prefetched)."""
-        next_step = self.step if next_step is None else int(next_step)
+        they were planned with, then the current weights apply. Default: `next_to_hand_out` (`self.step` unless a
+        loader stopped with prefetched steps)."""
+        next_step = self.next_to_hand_out if next_step is None else int(next_step)
         cursors, replay = self.planner.position_at(next_step)
         # Plain Python (lists of ints and floats), so that torch.load's default (weights_only) reads it; the float64
         # weights round-trip exactly as Python floats.
@@ -174,6 +217,7 @@ class MixtureStream:
                              [array(w, np.float64) for w in state.get("replay", [])])
         self.basis_sampler.cursors = array(state["aux_cursors"], np.int64)
         self.basis_sampler.draws = int(state["aux_draws"])
+        self._handed_out = None
 
 
 class TargetSampler:
