@@ -6,8 +6,8 @@ from .mixer import Mixer
 from .mixture import Mixture, check_weights
 from .store import ClusterStore
 from .strategies import DGA, ODM, DoGE, Evidence, InBatchDGA, Static, UpdateRecord
-from .stream import MixtureStream, StepLog, TargetSampler
+from .stream import MixtureStream, StepLog, StreamExhausted, TargetSampler
 
 __all__ = ["ClusterStore", "DGA", "DoGE", "Evidence", "InBatchDGA", "Mixer", "Mixture", "MixtureLoader",
-           "MixtureStream", "ODM", "StateMismatchError", "Static", "StepLog", "TargetSampler", "UpdateRecord",
-           "check_weights"]
+           "MixtureStream", "ODM", "StateMismatchError", "Static", "StepLog", "StreamExhausted", "TargetSampler",
+           "UpdateRecord", "check_weights"]
