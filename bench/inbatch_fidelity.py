@@ -2,9 +2,11 @@
 
     .venv/bin/python experiments/experiments.py prepare --target medical_abstracts   # once: the 16x16 development store
     .venv/bin/python bench/inbatch_fidelity.py [--target medical_abstracts] [--steps 300] [--every 25] [--batches 48]
-    # writes bench/results/inbatch_fidelity.json
+        [--model gpt | gpt2 | llama | gpt_neox]
+    # writes bench/results/inbatch_fidelity.json (inbatch_fidelity_<model>.json for a transformers model)
 
-The reference GPT (the experiments' size: 2 layers, 128 wide, batch 16 x 64) trains under the uniform mixture of the
+The reference GPT (the experiments' size: 2 layers, 128 wide, batch 16 x 64), or with --model a transformers causal
+LM of that size (`inbatch_overhead.build_model`, trained on its own loss), trains under the uniform mixture of the
 development corpus's 256 fine clusters (Mixture.identity). Every `--every` steps (a training state), with the
 parameters frozen, `--batches` fresh batches of the stream are scored by an exact tracker and by low-rank trackers
 on the same model and the same backward (trackers never change gradients), against g_spe from the target's spec
@@ -18,16 +20,17 @@ import argparse
 import contextlib
 import statistics
 import time
+from typing import Callable
 
 import numpy as np
 import torch
 from scipy.stats import spearmanr
 
 from common import WORK, print_table, write_result
+from inbatch_overhead import MODELS, build_model
 
 from dgamix.mixer import ClusterStore, Mixture, MixtureStream, TargetSampler
 from dgamix.mixer.inbatch import InBatchAlignment, mean_loss_scale
-from dgamix.trainer.model import GPT, GPTConfig
 
 BATCH, SEQ = 16, 64
 MODES = {"exact": {}, "rank 8, head only": {"rank": 8}, "rank 8, every Linear": {"rank": 8, "low_rank_min_params": 0},
@@ -41,18 +44,19 @@ def per_cluster_means(clusters: np.ndarray, scores: np.ndarray, k: int) -> tuple
     return sums[seen] / counts[seen], counts[seen]
 
 
-def score_state(model: GPT, trackers: dict[str, InBatchAlignment], stream: MixtureStream, target: TargetSampler,
+def score_state(model: torch.nn.Module, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                trackers: dict[str, InBatchAlignment], stream: MixtureStream, target: TargetSampler,
                 batches: int) -> dict[str, dict[str, float]]:
     target_batch = target.sample(BATCH)
     for name, tracker in trackers.items():  # g_spe at this state, the same batch (each tracker factorizes it)
         with paused({other: t for other, t in trackers.items() if other != name}):
-            tracker.refresh_target(model.loss, [target_batch])
+            tracker.refresh_target(loss_fn, [target_batch])
     scores = {name: [] for name in trackers}
     clusters = []
     for _ in range(batches):
         batch = stream.next_batch()
         model.zero_grad(set_to_none=True)
-        model.loss(batch["tokens"]).backward()
+        loss_fn(batch["tokens"]).backward()
         for name, tracker in trackers.items():
             scores[name].append(tracker.collect(loss_scale=mean_loss_scale(BATCH), n_sequences=BATCH).cpu().numpy())
             tracker.take()
@@ -82,6 +86,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--batches", type=int, default=48, help="fresh batches scored per training state")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--model", choices=MODELS, default="gpt")
+    parser.add_argument("--name", default=None, help="result file name (default: from --model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     base = WORK / "exp" / "16x16"
@@ -93,14 +99,14 @@ def main() -> None:
     probe_stream = MixtureStream(store, mixture, SEQ, BATCH, seed=1)  # fresh sequences, not the trained ones
     target = TargetSampler(ClusterStore(base / args.target / "targets" / "spec" / "tokens"), SEQ)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=store.vocab_size, block_size=SEQ, n_layer=2, n_head=4, n_embd=128))
+    model, loss_fn = build_model(args.model, vocab=store.vocab_size, seq=SEQ)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     trackers = {name: InBatchAlignment(model, **options) for name, options in MODES.items()}
     states = []
     start = time.perf_counter()
     for step in range(args.steps + 1):
         if step % args.every == 0:
-            result = score_state(model, trackers, probe_stream, target, args.batches)
+            result = score_state(model, loss_fn, trackers, probe_stream, target, args.batches)
             states.append({"step": step, **{f"{name}: {key}": value for name, row in result.items()
                                             for key, value in row.items()}})
             print(f"step {step}: " + ", ".join(f"{name} {row['cluster_spearman']:.3f}" for name, row in result.items()),
@@ -108,7 +114,7 @@ def main() -> None:
         if step == args.steps:
             break
         with paused(trackers):
-            loss = model.loss(train_stream.next_batch()["tokens"])
+            loss = loss_fn(train_stream.next_batch()["tokens"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -124,7 +130,8 @@ def main() -> None:
                      "clusters per state": statistics.median(s[f"{name}: clusters"] for s in states)})
     print_table(rows)
     print(f"{time.perf_counter() - start:.0f} s")
-    print("wrote", write_result("inbatch_fidelity", rows, {"states": states, "args": vars(args)}))
+    name = args.name or ("inbatch_fidelity" if args.model == "gpt" else f"inbatch_fidelity_{args.model}")
+    print("wrote", write_result(name, rows, {"states": states, "args": vars(args)}))
 
 
 def paused(trackers: dict[str, InBatchAlignment]) -> contextlib.ExitStack:

@@ -1,11 +1,15 @@
 """In-batch alignment overhead: wall time of a training step alone, with exact per-sequence scores, with the output
 head's term at rank 8 (the default size threshold), and with every Linear at rank 8, on the reference GPT at the
-trainer's defaults.
+trainer's defaults or a Hugging Face causal LM of the same size.
 
-    .venv/bin/python bench/inbatch_overhead.py [--steps 20] [--warmup 5] [--threads 2]
-    # writes bench/results/inbatch_overhead.json (inbatch_overhead_<n>thread.json for --threads n != 2)
+    .venv/bin/python bench/inbatch_overhead.py [--model gpt] [--steps 20] [--warmup 5] [--threads 2]
+    # writes bench/results/inbatch_overhead.json (inbatch_overhead_<n>thread.json for --threads n != 2;
+    # inbatch_overhead_<model>[_<n>thread].json for --model gpt2 | llama | gpt_neox)
 
-Reference GPT (trainer/model.py defaults: 2 layers, 128 wide, 4 heads, vocabulary 8192), batch 16 x 64 tokens of
+Reference GPT (trainer/model.py defaults: 2 layers, 128 wide, 4 heads, vocabulary 8192), or with --model the
+transformers model of that size built from a config (`build_model`: GPT-2 with its Conv1D layers and tied head,
+Llama with RMSNorm, rotary positions and an untied head, GPT-NeoX; default attention implementation, no dropout,
+its own loss, `model(input_ids=x, labels=x).loss`); batch 16 x 64 tokens of
 random ids, AdamW, CPU with `--threads` torch threads. Three identical models (same seed, same batches) train side
 by side, one step of each mode in turn, so machine noise falls on every mode alike; tracking never changes the
 training, so the three stay bit-identical and the low-rank scores are compared with the exact ones on the very same
@@ -29,6 +33,7 @@ import argparse
 import os
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -38,6 +43,7 @@ from dgamix.mixer.inbatch import InBatchAlignment, mean_loss_scale
 from dgamix.trainer.model import GPT, GPTConfig
 
 BATCH, SEQ, VOCAB, RANK = 16, 64, 8192, 8
+MODELS = ("gpt", "gpt2", "llama", "gpt_neox")
 # rank8_head: the default size threshold picks the output head only; rank8_all: every Linear at rank 8.
 MODES = ("train", "exact", f"rank{RANK}_head", f"rank{RANK}_all")
 TRACKER_OPTIONS = {"exact": {}, f"rank{RANK}_head": {"rank": RANK},
@@ -59,16 +65,59 @@ class TimedTracker(InBatchAlignment):
         return term
 
 
-def flop_model(model: GPT, tokens: int, seq: int) -> dict[str, float]:
-    linears = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    cfg = model.config
-    forward = 2 * tokens * sum(i * o for i, o in linears) + 4 * tokens * seq * cfg.n_embd * cfg.n_layer
+def build_model(name: str, vocab: int = VOCAB, seq: int = SEQ, width: int = 128, layers: int = 2,
+                heads: int = 4) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """(model, loss of a (B, seq + 1) token batch): the reference GPT, or a transformers causal LM of the same size
+    (MLP 4 x wide, no dropout) whose own loss shifts the labels and averages over the predicted tokens. The
+    caller seeds torch first."""
+    if name == "gpt":
+        model = GPT(GPTConfig(vocab_size=vocab, block_size=seq, n_layer=layers, n_head=heads, n_embd=width))
+        return model, model.loss
+    import transformers  # only for the Hugging Face models
+
+    common = {"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 0}
+    if name == "gpt2":
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_positions=2 * seq, n_embd=width, n_layer=layers, n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0,
+            attn_pdrop=0.0, **common))
+    elif name == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+            max_position_embeddings=2 * seq, **common))
+    elif name == "gpt_neox":
+        model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers, num_attention_heads=heads,
+            max_position_embeddings=2 * seq, attention_dropout=0.0, hidden_dropout=0.0, **common))
+    else:
+        raise ValueError(f"model = {name!r}: expected one of {', '.join(MODELS)}")
+
+    def loss(tokens: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=tokens, labels=tokens).loss
+    return model, loss
+
+
+def _matrices(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every Linear and transformers Conv1D (whose weight is (in, out))."""
+    shapes = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            shapes.append((module.in_features, module.out_features))
+        elif type(module).__name__ == "Conv1D":
+            shapes.append(tuple(module.weight.shape))
+    return shapes
+
+
+def flop_model(model: torch.nn.Module, tokens: int, seq: int, width: int, layers: int,
+               vocab: int) -> dict[str, float]:
+    linears = _matrices(model)
+    params = sum(p.numel() for p in model.parameters())  # a tied weight once
+    forward = 2 * tokens * sum(i * o for i, o in linears) + 4 * tokens * seq * width * layers
     exact = 2 * tokens * sum(i * o for i, o in linears)
-    head = 2 * tokens * cfg.n_embd * cfg.vocab_size
-    low_head = exact - head + 2 * tokens * RANK * (cfg.n_embd + cfg.vocab_size)
+    head = 2 * tokens * width * vocab
+    low_head = exact - head + 2 * tokens * RANK * (width + vocab)
     low_all = 2 * tokens * sum(min(RANK, i, o) * (i + o) for i, o in linears)
     step = 3 * forward
-    return {"forward_rule_2_params_tokens": 2 * model.num_params() * tokens, "forward": forward,
+    return {"forward_rule_2_params_tokens": 2 * params * tokens, "forward": forward,
             "train_step": step, "exact_tracking": exact, f"rank{RANK}_head_tracking": low_head,
             f"rank{RANK}_all_tracking": low_all}
 
@@ -78,13 +127,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", choices=MODELS, default="gpt")
+    parser.add_argument("--name", default=None, help="result file name (default: from --model and --threads)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    models, optimizers, trackers = {}, {}, {}
+    models, optimizers, trackers, losses = {}, {}, {}, {}
     for mode in MODES:
         torch.manual_seed(0)
-        models[mode] = GPT(GPTConfig(vocab_size=VOCAB, block_size=SEQ))
+        models[mode], losses[mode] = build_model(args.model)
         optimizers[mode] = torch.optim.AdamW(models[mode].parameters(), lr=3e-3)
         if mode != "train":
             trackers[mode] = TimedTracker(models[mode], **TRACKER_OPTIONS[mode])
@@ -100,7 +151,7 @@ def main() -> None:
         if step in (0, total // 2):  # T_r: refreshed twice, outside the timed step
             for mode, tracker in trackers.items():
                 start = time.perf_counter()
-                tracker.refresh_target(models[mode].loss, target)
+                tracker.refresh_target(losses[mode], target)
                 refresh[mode].append(time.perf_counter() - start)
         batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
         for mode in MODES[step % len(MODES):] + MODES[:step % len(MODES)]:  # rotated: no mode always runs first
@@ -109,7 +160,7 @@ def main() -> None:
                 trackers[mode].spent = 0.0
             start, start_cpu = time.perf_counter(), time.process_time()
             optimizer.zero_grad(set_to_none=True)
-            model.loss(batch).backward()
+            losses[mode](batch).backward()
             if mode in trackers:
                 trackers[mode].collect(loss_scale=mean_loss_scale(BATCH))
             optimizer.step()
@@ -129,7 +180,7 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     exact = torch.cat(scores["exact"]).numpy()
-    flops = flop_model(models["train"], BATCH * SEQ, SEQ)
+    flops = flop_model(models["train"], BATCH * SEQ, SEQ, 128, 2, VOCAB)
     base, base_min, base_cpu = (statistics.median(times["train"]), min(times["train"]),
                                 statistics.median(cpu["train"]))
     rows = []
@@ -152,15 +203,19 @@ def main() -> None:
             row["min_captured"] = min(v["captured"] for v in trackers[mode].low_rank_layers.values())
         rows.append(row)
     load = os.getloadavg()
-    print(f"reference GPT {models['train'].num_params():,} parameters, batch {BATCH} x {SEQ}, {args.threads} "
+    n_params = sum(p.numel() for p in models["train"].parameters())
+    print(f"{args.model} {n_params:,} parameters, batch {BATCH} x {SEQ}, {args.threads} "
           f"threads, {args.steps} steps after {args.warmup} warm-up, load average {load[0]:.1f} on "
           f"{os.cpu_count()} CPUs")
     print_table(rows)
     print("GFLOP per step: " + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in flops.items()))
     print(f"Spearman over {len(exact)} sequences; min_captured: smallest share of a factored ||G_W||^2 at rank "
           f"{RANK}; training bit-identical in every mode: {same}")
-    name = "inbatch_overhead" if args.threads == 2 else f"inbatch_overhead_{args.threads}thread"
-    path = write_result(name, rows, {"settings": {"batch": BATCH, "seq": SEQ, "vocab": VOCAB,
+    name = "inbatch_overhead" if args.model == "gpt" else f"inbatch_overhead_{args.model}"
+    name += "" if args.threads == 2 else f"_{args.threads}thread"
+    name = args.name or name
+    path = write_result(name, rows, {"settings": {"model": args.model, "parameters": n_params, "batch": BATCH,
+                                                                "seq": SEQ, "vocab": VOCAB,
                                                                 "rank": RANK, "steps": args.steps,
                                                                 "warmup": args.warmup, "threads": args.threads,
                                                                 "load_average": load},

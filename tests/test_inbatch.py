@@ -4,6 +4,7 @@ bf16 autocast, GradScaler, low rank, and the target gradient across two gloo ran
 from __future__ import annotations
 
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -125,13 +126,85 @@ def test_unreachable_parameters_are_refused_or_reported():
         assert set(tracker.coverage().uncovered) == {"attn.in_proj_weight", "attn.in_proj_bias",
                                                      "attn.out_proj.weight", "attn.out_proj.bias"}
         assert tracker.coverage().covered == ("emb.weight", "head.weight", "head.bias")
-        tracker.refresh_target(model.loss, [torch.randint(0, 20, (4, 9))])
-        assert 0 < tracker.coverage().target_share < 1
+        with pytest.warns(UserWarning, match=r"hold only .*% of \|\|g\|\|\^2"):  # the attention holds about half of g
+            tracker.refresh_target(model.loss, [torch.randint(0, 20, (4, 9))])
+        assert 0 < tracker.coverage().target_share < 0.9
         model.zero_grad()
         model.loss(torch.randint(0, 20, (4, 9))).backward()
         # The per-token loss is a mean over B * T tokens, so each sequence's loss has weight 1 / B.
         scores = tracker.collect(loss_scale=mean_loss_scale(4))
         assert float(scores.sum()) / 4 == pytest.approx(tracker.gradient_dot(), rel=1e-5)
+
+
+def test_a_partial_coverage_below_90_percent_of_the_target_warns_with_the_share_and_the_parameters():
+    """coverage='partial' scores with part of g: below 90% of ||g||^2 covered, set_target warns (once per tracker)
+    with the covered share and each left-out parameter's share; above 90%, nothing is said."""
+    torch.manual_seed(0)
+    model = _MHAModel()
+
+    def target(attention_scale: float) -> dict[str, torch.Tensor]:  # the attention's blocks scaled against the rest
+        return {name: torch.full_like(p, attention_scale if name.startswith("attn.") else 1.0)
+                for name, p in model.named_parameters()}
+
+    covered = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("attn."))
+    attention = sum(p.numel() for name, p in model.named_parameters() if name.startswith("attn."))
+    with InBatchAlignment(model, coverage="partial") as tracker:
+        with pytest.warns(UserWarning, match=r"covered parameters hold only (\d+\.\d)% of \|\|g\|\|\^2 \(below 90%\)"
+                                             r".*not covered \(4, .*attn.in_proj_weight \(\d+\.\d%\)") as record:
+            tracker.set_target(target(1.0))
+        share = covered / (covered + attention)
+        assert tracker.coverage().target_share == pytest.approx(share) and share < 0.9
+        assert f"{share:.1%}" in str(record[0].message)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tracker.set_target(target(1.0))  # said once: later refreshes do not repeat it
+    with InBatchAlignment(model, coverage="partial") as tracker, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tracker.set_target(target(0.1))  # the attention holds 1% of its squared norm per entry: >= 90% covered
+        assert tracker.coverage().target_share > 0.9
+
+
+class _PaddedLM(nn.Module):
+    """An embedding with a padding row and an nn.RMSNorm: nn.Embedding gives the padding row no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.norm, self.head = nn.Embedding(20, 8, padding_idx=0), nn.RMSNorm(8), nn.Linear(8, 20)
+
+    def forward(self, ids):
+        return self.head(self.norm(self.emb(ids)))
+
+    def sequence_losses(self, tokens):
+        per_token = F.cross_entropy(self(tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none")
+        return per_token.mean(dim=1)
+
+
+def test_the_padding_row_gets_no_per_sequence_gradient():
+    """Tokens holding padding_idx, against a random g whose padding row is not zero (a target gradient's would be,
+    which hides a missing zeroing): every d_x equals the torch.func per-sequence gradient (padding row 0) dotted
+    with g."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = _PaddedLM()
+    tokens = torch.randint(1, 20, (5, 9), generator=torch.Generator().manual_seed(1))
+    tokens[:, 1::3] = 0  # the padding index, inside every sequence's inputs
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def sequence_loss(p, sequence):  # _PaddedLM.sequence_losses of one sequence
+        return F.cross_entropy(functional_call(model, p, (sequence[None, :-1],))[0], sequence[1:])
+
+    per_sequence = vmap(grad(sequence_loss), in_dims=(None, 0))(params, tokens)
+    assert per_sequence["emb.weight"][:, 0].abs().max() == 0  # the reference's padding row
+    flat = torch.cat([per_sequence[name].reshape(5, -1) for name in params], dim=1).double()
+    g = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(2))
+    with InBatchAlignment(model) as tracker:
+        tracker.set_target(g)
+        assert tracker._blocks[id(model.emb.weight)][0].abs().min() > 0  # not vacuous: g's padding row is not 0
+        model.sequence_losses(tokens).mean().backward()
+        scores = tracker.collect(loss_scale=mean_loss_scale(5))
+    exact = flat @ g.double()
+    torch.testing.assert_close(scores, exact, rtol=1e-4, atol=1e-5 * exact.abs().max().item())
 
 
 class _BroadcastPositions(nn.Module):

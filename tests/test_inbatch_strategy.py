@@ -188,3 +188,53 @@ def test_a_target_batch_too_small_for_the_anchored_halves_is_refused(stores):
                                          r"size \(2\); raise target_batch_size"):
         build(stores, target_batch_size=1)
     build(stores, rule="paper", target_batch_size=1)  # the paper rule takes the whole batch at once
+
+
+def _step(model, stream, strategy, optimizer, step: int) -> None:
+    batch = stream.next_batch()
+    optimizer.zero_grad()
+    with strategy.training_step(step):
+        sequence_losses(model, batch["tokens"]).mean().backward()
+    strategy.observe(Evidence(batch))
+    optimizer.step()
+    strategy.on_step(step)
+
+
+def test_resume_mid_window_restores_the_window(stores, tmp_path):
+    """every = 2: after step 0 the strategy has observed 8 sequences that no update has used yet (its window). A
+    checkpoint taken there and loaded into a fresh strategy continues bit for bit: the first update after the
+    resume must count step 0's sequences as the uninterrupted run does."""
+    settings = {"every": 2}
+    model, optimizer, stream, strategy = build(stores, **settings)
+    _step(model, stream, strategy, optimizer, 0)
+    assert strategy.updates == 0 and strategy.window.sequences == 8  # observed, not yet used: mid-window
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stream": stream.state_dict(),
+                "strategy": strategy.state_dict()}, tmp_path / "checkpoint.pt")
+    resumed = build(stores, state=torch.load(tmp_path / "checkpoint.pt"), **settings)
+    assert resumed[3].window.sequences == 8
+    for step in range(1, 7):
+        for run in ((model, stream, strategy, optimizer), (resumed[0], resumed[2], resumed[3], resumed[1])):
+            _step(*run, step)
+        np.testing.assert_array_equal(resumed[3].weights, strategy.weights)
+    assert strategy.updates == resumed[3].updates == 3
+    assert not np.allclose(strategy.weights, strategy.prior)  # not vacuous: the weights moved
+    for name in strategy.stats.FIELDS:
+        np.testing.assert_array_equal(getattr(resumed[3].stats, name), getattr(strategy.stats, name))
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_statistics_decay_once_per_update(stores, every):
+    """With decay 0.9 and B = 8 sequences per step, after k updates the decayed number of sequences is the closed
+    form 8 * every * sum_{j=1..k} decay^j (each update absorbs its window, then ages everything once) and the sum
+    of squared weights 8 * every * sum_j decay^(2j); a decay applied twice per update gives decay^(2j) instead."""
+    decay, steps = 0.9, 6
+    _, _, strategy = train(stores, steps, decay=decay, every=every)
+    k = steps // every
+    assert strategy.updates == k
+    per_update = 8 * every
+    expected = per_update * sum(decay ** j for j in range(1, k + 1))
+    expected_sq = per_update * sum(decay ** (2 * j) for j in range(1, k + 1))
+    assert strategy.stats.sequences == pytest.approx(expected, rel=1e-12)
+    assert strategy.stats.count.sum() == pytest.approx(expected, rel=1e-12)
+    assert strategy.stats.sequences_sq == pytest.approx(expected_sq, rel=1e-12)
+    assert strategy.stats.count_sq.sum() == pytest.approx(expected_sq, rel=1e-12)

@@ -1,11 +1,20 @@
 """In-batch alignment: d_x = <grad_theta l(theta; x), g> for every sequence x the training step backpropagates.
 
 g is the specialized (target) gradient, set or refreshed by the caller every T_r steps. The scores come from what
-the training backward already computes, without a backward per sequence: for each nn.Linear, nn.Embedding and
-nn.LayerNorm, a forward hook keeps the module's input and registers a tensor hook on its output; in the backward,
-that hook receives delta (the gradient with respect to the output) and reduces (input, delta) to one number per
+the training backward already computes, without a backward per sequence: for each supported module (nn.Linear,
+nn.Embedding, nn.LayerNorm, nn.RMSNorm, and from transformers GPT-2's Conv1D and Llama's RMSNorm with its verbatim
+copies), a forward hook keeps the module's input and registers a tensor hook on its output; in the backward, that
+hook receives delta (the gradient with respect to the output) and reduces (input, delta) to one number per
 sequence with the layer's block of g (`inbatch_math`). Hooks only read: the training gradients are bit-identical
 to a run without the tracker. A weight used by several modules (tied embedding and head) gets one term per use.
+
+Hugging Face causal LMs: GPT2LMHeadModel, LlamaForCausalLM and GPTNeoXForCausalLM are covered in full and validated
+against torch.func per-sequence gradients of transformers' own loss (tests/test_inbatch_hf.py). Their loss
+(`model(input_ids=x, labels=x).loss`) is the mean over the batch's B * (T - 1) predicted tokens, so loss_scale is
+1 / B for sequences of one length without ignored labels; with padding labelled -100 or a `num_items_in_batch`,
+each sequence's weight is its number of counted tokens over the batch's (a (B,) loss_scale). GPT-2 looks its
+position embedding up with ids of shape (1, T) broadcast over the batch: the tracker expands that output to B rows
+(`expand_shared`, a view: training unchanged), so nobody has to pass batch-shaped position_ids.
 
 Usage, with gradient accumulation over A micro-batches of B sequences each:
 
@@ -29,12 +38,15 @@ dtype (on CUDA, TF32 if the caller enables TF32 matmuls).
 Requirements and limits:
 - The sequence is dim 0 of every tracked module's output, and each sequence's loss depends on that sequence only
   (no BatchNorm-like coupling). An output shared by the batch (a position embedding computed once as (T, D) and
-  broadcast) only shows the gradient summed over sequences; `collect` refuses outputs whose dim 0 disagrees.
+  broadcast) only shows the gradient summed over sequences; `collect` refuses outputs whose dim 0 disagrees and
+  names the batch-shaped ids to pass. The one exception handled for you: an nn.Embedding looked up with one row of
+  ids, after a tracked output of B rows in the same forward (GPT-2's wpe after wte), is expanded to B rows.
 - One backward per forward (no retain_graph re-backward) and no activation checkpointing (its recomputation runs
   forward hooks inside the backward). Other differentiated forwards between a backward and `collect` (an exact
   DGA estimator, an evaluation with grad enabled) must run inside `tracker.paused()`.
 - A parameter used outside the supported modules (F.linear on a module's own weight, a bare nn.Parameter added to
-  activations) is reported by `coverage()`; a use of a covered parameter outside its module is not detectable from
+  activations) is reported by `coverage()` (coverage="partial"; below 90% of ||g||^2 covered, a warning names
+  the share and the parameters left out); a use of a covered parameter outside its module is not detectable from
   the modules, but `gradient_dot()` checks the sum: right after one backward from zeroed gradients,
   loss_scale * sum_x d_x equals <p.grad, g> over the covered parameters.
 - A forward after a backward whose scores were not collected raises, rather than mixing two batches' terms.
@@ -46,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
@@ -54,11 +67,14 @@ import torch.nn as nn
 
 from .dga import mean_gradient, sharded_parameters
 from .distributed import all_reduce_mean_, all_reduce_sum_, is_distributed
-from .inbatch_math import embedding_dots, layer_norm_dots, linear_dots, low_rank_factors, low_rank_linear_dots
+from .inbatch_math import (embedding_dots, layer_norm_dots, linear_dots, low_rank_factors, low_rank_linear_dots,
+                           rms_norm_dots)
 
 # Low rank applies by default to Linear weights of at least this many entries: on the reference GPT the output
 # head (8192 x 128), whose exact term costs as much as all the other layers' together.
 LOW_RANK_MIN_PARAMS = 2 ** 18
+# coverage="partial": below this share of ||g||^2 in the covered parameters, set_target warns.
+MIN_TARGET_SHARE = 0.9
 
 
 def mean_loss_scale(batch_size: int, accumulation: int = 1) -> float:
@@ -114,15 +130,59 @@ class Coverage:
         return not self.uncovered
 
 
+# The names of the supported modules, for messages.
+SUPPORTED_MODULES = ("nn.Linear", "nn.Embedding", "nn.LayerNorm", "nn.RMSNorm", "transformers' Conv1D (GPT-2)",
+                     "transformers' Llama RMSNorm and its copies (Mistral, Qwen2, ...)")
+
+
+def _is_transformers_class(module: nn.Module, module_name: str, qualname: str) -> bool:
+    """Whether module is exactly transformers' class (no subclass), checked by name: transformers is never imported
+    here, a model holding one has imported it already."""
+    cls = type(module)
+    return cls.__module__ == module_name and cls.__qualname__ == qualname
+
+
+def _is_llama_rms_norm(module: nn.Module) -> bool:
+    """transformers' LlamaRMSNorm, y = w * x / sqrt(mean(x^2) + variance_epsilon), or one of the many classes that
+    copy it line for line (Mistral, Qwen2, Phi3, ...): their forward's bytecode, names and constants are Llama's.
+    Gemma's (1 + w) and Olmo2's (w applied before the cast back) differ and stay unsupported."""
+    cls = type(module)
+    if not (cls.__module__.startswith("transformers.") and cls.__name__.endswith("RMSNorm")):
+        return False
+    if not isinstance(getattr(module, "variance_epsilon", None), float) or \
+            dict(module.named_parameters(recurse=False)).keys() != {"weight"}:
+        return False
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:  # a transformers without Llama: nothing to compare with
+        return False
+    ours, ref = getattr(cls.forward, "__code__", None), LlamaRMSNorm.forward.__code__
+    return ours is not None and (ours.co_code, ours.co_names, ours.co_consts, ours.co_varnames) == (
+        ref.co_code, ref.co_names, ref.co_consts, ref.co_varnames)
+
+
 def _supported_kind(module: nn.Module) -> str | None:
     """The math a module's parameters follow, or None. A subclass that overrides forward (a LoRA Linear, a
     quantized one) is not assumed to compute what its base class does."""
-    for kind, base in (("linear", nn.Linear), ("embedding", nn.Embedding), ("layer_norm", nn.LayerNorm)):
+    for kind, base in (("linear", nn.Linear), ("embedding", nn.Embedding), ("layer_norm", nn.LayerNorm),
+                       ("rms_norm", nn.RMSNorm)):
         if isinstance(module, base) and type(module).forward is base.forward:
             if kind == "embedding" and module.scale_grad_by_freq:  # its gradient depends on the whole batch
                 return None
             return kind
+    if _is_transformers_class(module, "transformers.pytorch_utils", "Conv1D"):
+        return "conv1d"  # y = x @ W + b (addmm), W of shape (in, out): Linear's math with W transposed
+    if _is_llama_rms_norm(module):
+        return "rms_norm"
     return None
+
+
+def _rms_eps(module: nn.Module, saved: torch.Tensor) -> float:
+    """The eps a supported RMS norm adds to mean(x^2): Llama's variance_epsilon; nn.RMSNorm's eps, whose None means
+    the machine epsilon of the input's dtype."""
+    if hasattr(module, "variance_epsilon"):
+        return float(module.variance_epsilon)
+    return float(module.eps) if module.eps is not None else float(torch.finfo(saved.dtype).eps)
 
 
 @dataclass
@@ -139,10 +199,10 @@ class _Tap:
 class _Pending:
     """What one forward call of a tracked module left for its backward: the saved input until delta arrives."""
 
-    __slots__ = ("tap", "saved", "handle")
+    __slots__ = ("tap", "saved", "handle", "rows")
 
-    def __init__(self, tap: _Tap, saved: torch.Tensor):
-        self.tap, self.saved, self.handle = tap, saved, None
+    def __init__(self, tap: _Tap, saved: torch.Tensor, rows: int):
+        self.tap, self.saved, self.handle, self.rows = tap, saved, None, rows  # rows: dim 0 of the output
 
 
 class InBatchAlignment:
@@ -150,18 +210,27 @@ class InBatchAlignment:
 
     coverage: "exact" refuses a model with a trainable parameter no hook reaches (the error names them);
         "partial" scores with the covered parameters only (`coverage().target_share` says how much of g they hold).
-    rank: None (default) computes every term exactly; an int replaces the block G_W of each Linear weight with at
-        least `low_rank_min_params` entries by a rank-`rank` factorization, refreshed with the target.
+        Below `MIN_TARGET_SHARE` of ||g||^2 covered, `set_target` warns (once per tracker) with the share and
+        the parameters left out.
+    rank: None (default) computes every term exactly; an int replaces the block G_W of each Linear (or Conv1D)
+        weight with at least `low_rank_min_params` entries by a rank-`rank` factorization, refreshed with the target.
     seed: of the randomized SVD's own generator (the global random stream is never drawn from).
+    expand_shared: an nn.Embedding looked up with one row of ids (position ids of shape (1, T), as transformers'
+        GPT-2 builds them) in a forward whose earlier tracked outputs have B > 1 rows returns its output expanded
+        to B rows: a view with the same values, whose backward sums over the batch exactly as the broadcast it
+        replaces did, so training is unchanged and each sequence gets its own gradient of the lookup. False keeps
+        the output as it is (then `collect` refuses the batch and names the ids to pass).
     """
 
     def __init__(self, model: nn.Module, *, coverage: Literal["exact", "partial"] = "exact",
-                 rank: int | None = None, low_rank_min_params: int = LOW_RANK_MIN_PARAMS, seed: int = 0):
+                 rank: int | None = None, low_rank_min_params: int = LOW_RANK_MIN_PARAMS, seed: int = 0,
+                 expand_shared: bool = True):
         if coverage not in ("exact", "partial"):
             raise ValueError(f"coverage = {coverage!r}: expected 'exact' or 'partial'")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"rank = {rank!r}: expected None (exact) or a positive int")
         self.model, self.rank, self.low_rank_min_params, self.seed = model, rank, low_rank_min_params, seed
+        self.expand_shared = bool(expand_shared)
         # Trainable parameters in model.parameters() order, a tied parameter once: the layout of a flat g.
         self.params: list[tuple[str, nn.Parameter]] = [(n, p) for n, p in model.named_parameters()
                                                        if p.requires_grad]
@@ -188,16 +257,17 @@ class InBatchAlignment:
         self._uncovered = tuple(n for n, p in self.params if id(p) not in reached)
         if coverage == "exact" and self._uncovered:
             raise ValueError(
-                f"{len(self._uncovered)} trainable parameters are used outside nn.Linear / nn.Embedding / "
-                f"nn.LayerNorm modules, so no hook sees their per-sequence gradients: {list(self._uncovered[:8])}"
-                f"{' ...' if len(self._uncovered) > 8 else ''}. Express them as those modules (e.g. nanoGPT's "
-                "c_attn / c_proj instead of nn.MultiheadAttention), freeze them, or pass coverage='partial' to "
-                "score with the covered parameters only")
+                f"{len(self._uncovered)} trainable parameters are used outside the supported modules "
+                f"({', '.join(SUPPORTED_MODULES)}), so no hook sees their per-sequence gradients: "
+                f"{list(self._uncovered[:8])}{' ...' if len(self._uncovered) > 8 else ''}. Express them as those "
+                "modules (e.g. nanoGPT's c_attn / c_proj instead of nn.MultiheadAttention), freeze them, or pass "
+                "coverage='partial' to score with the covered parameters only")
         self.enabled = True
         self._blocks: dict[int, torch.Tensor] | None = None  # id(param) -> its fp32 block of g
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # tap name -> (us, v)
         self.low_rank_layers: dict[str, dict[str, float]] = {}  # tap name -> {"rank", "captured"}
         self._target_share: float | None = None
+        self._warned_share = False
         self._pending: list[_Pending] = []
         self._terms: list[tuple[str, torch.Tensor]] = []
         self._refired = False
@@ -236,6 +306,19 @@ class InBatchAlignment:
         covered = {id(p) for n, p in self.params if n in self._covered}
         total = sum(squares.values())
         self._target_share = sum(squares[i] for i in covered) / total if total > 0 else 1.0
+        if self._uncovered and self._target_share < MIN_TARGET_SHARE and not self._warned_share:
+            # Scores that leave out most of g rank sequences by a different direction than g: say so, once (the
+            # share at later refreshes is in coverage().target_share).
+            self._warned_share = True
+            left_out = sorted(((squares[id(p)] / total, n) for n, p in self.params if n in set(self._uncovered)),
+                              reverse=True)
+            shown = ", ".join(f"{n} ({share:.1%})" for share, n in left_out[:8])
+            warnings.warn(
+                f"in-batch alignment with coverage='partial': the covered parameters hold only "
+                f"{self._target_share:.1%} of ||g||^2 (below {MIN_TARGET_SHARE:.0%}), so every score leaves out the "
+                f"rest of the target gradient; not covered ({len(left_out)}, share of ||g||^2): {shown}"
+                f"{' ...' if len(left_out) > 8 else ''}. Express them as supported modules "
+                f"({', '.join(SUPPORTED_MODULES)}) or freeze them", UserWarning, stacklevel=2)
         self._refresh_factors()
 
     def _refresh_factors(self) -> None:
@@ -243,9 +326,11 @@ class InBatchAlignment:
         if self.rank is None:
             return
         for tap in self._taps:
-            if tap.kind == "linear" and tap.weight is not None and \
+            if tap.kind in ("linear", "conv1d") and tap.weight is not None and \
                     self._blocks[tap.weight].numel() >= self.low_rank_min_params:
-                us, v, captured = low_rank_factors(self._blocks[tap.weight], self.rank, seed=self.seed)
+                block = self._blocks[tap.weight]
+                us, v, captured = low_rank_factors(block if tap.kind == "linear" else block.T, self.rank,
+                                                   seed=self.seed)
                 self._factors[tap.name] = (us, v)
                 self.low_rank_layers[tap.name] = {"rank": us.shape[1], "captured": captured}
 
@@ -273,20 +358,39 @@ class InBatchAlignment:
         finally:
             self.enabled = enabled
 
-    def _forward_hook(self, tap: _Tap, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+    def _forward_hook(self, tap: _Tap, module: nn.Module, args: tuple, kwargs: dict,
+                      output: object) -> torch.Tensor | None:
         if not (self.enabled and self._blocks is not None and torch.is_grad_enabled()):
-            return
+            return None
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
-            return
+            return None
         if self._terms:  # a backward has delivered terms that nobody collected: they would mix with this batch's
             raise RuntimeError("in-batch alignment: a forward started after a backward whose per-sequence scores "
                                "were not collected; call tracker.collect(loss_scale=...) after each backward, or "
                                "run other differentiated forwards inside tracker.paused()")
         # The input is kept by reference, not copied: autograd saves the same tensor for the weight gradient.
-        # Linear, Embedding and LayerNorm all name their one argument `input`.
-        pending = _Pending(tap, (args[0] if args else kwargs["input"]).detach())
+        # Every supported module takes one tensor (named input, x or hidden_states).
+        saved = (args[0] if args else next(iter(kwargs.values()))).detach()
+        replaced = None
+        one_row = tap.kind == "embedding" and saved.dim() >= 2 and saved.shape[0] == 1
+        if one_row and output.shape[0] > 1 and tuple(output.shape[1:-1]) == tuple(saved.shape[1:]):
+            # A hook before this one (a second tracker on the model) already expanded the lookup: the ids follow.
+            saved = saved.expand(output.shape[0], *saved.shape[1:])
+        elif one_row and self.expand_shared and output.shape[0] == 1 and (rows := self._batch_rows() or 1) > 1:
+            # One row of ids (positions (1, T)) broadcast over B sequences: the broadcast's backward would sum the
+            # sequences' gradients before any hook sees them. expand is the same broadcast made explicit (a view;
+            # its backward is the same sum_to), so the hook below sees one delta per sequence.
+            output = replaced = output.expand(rows, *output.shape[1:])
+            saved = saved.expand(rows, *saved.shape[1:])
+        pending = _Pending(tap, saved, output.shape[0])
         pending.handle = output.register_hook(functools.partial(self._backward_hook, pending))
         self._pending.append(pending)
+        return replaced
+
+    def _batch_rows(self) -> int | None:
+        """B, the dim 0 that every output tracked so far in this forward has; None before any or if they differ."""
+        rows = {pending.rows for pending in self._pending}
+        return rows.pop() if len(rows) == 1 else None
 
     def _backward_hook(self, pending: _Pending, delta: torch.Tensor) -> None:
         saved, pending.saved = pending.saved, None  # drop the activation as soon as it is used
@@ -302,12 +406,16 @@ class InBatchAlignment:
         blocks, module = self._blocks, tap.module
         weight = blocks[tap.weight] if tap.weight is not None else None
         bias = blocks[tap.bias] if tap.bias is not None else None
-        if tap.kind == "linear":
+        if tap.kind in ("linear", "conv1d"):
             if tap.name in self._factors:
                 return low_rank_linear_dots(saved, delta, *self._factors[tap.name], bias)
-            return linear_dots(saved, delta, weight, bias)
+            # Conv1D keeps W as (in, out): its G_W transposed (a view) is the (out, in) block of a Linear.
+            return linear_dots(saved, delta, weight if tap.kind == "linear" or weight is None else weight.T, bias)
         if tap.kind == "embedding":
             return embedding_dots(saved, delta, weight, module.padding_idx)
+        if tap.kind == "rms_norm":
+            shape = tuple(weight.shape) if weight is not None else tuple(module.normalized_shape)
+            return rms_norm_dots(saved, delta, shape, _rms_eps(module, saved), weight)
         return layer_norm_dots(saved, delta, tuple(module.normalized_shape), module.eps, weight, bias)
 
     # ---- results --------------------------------------------------------------------------------------------
@@ -342,7 +450,10 @@ class InBatchAlignment:
                              f"{sizes}{f', expected {n_sequences}' if n_sequences is not None else ''}. Each "
                              "module's output must have one row per sequence; an output shared by the batch (e.g. "
                              "a position embedding of shape (T, D) broadcast over it) hides per-sequence gradients: "
-                             "give it batch-shaped input (positions expanded to (B, T))")
+                             "give it batch-shaped input, position ids of shape (B, T) (for a transformers model, "
+                             "model(input_ids, position_ids=torch.arange(T).expand(B, T)); one row of ids (1, T) "
+                             "is expanded for you when expand_shared=True and the lookup follows a batch-shaped "
+                             "tracked output in the forward, as GPT-2's wpe follows wte)")
         device = terms[0][1].device
         grad_scale = float(grad_scaler.get_scale()) if grad_scaler is not None else 1.0
         scale = (loss_scale.to(device=device, dtype=torch.float64) if isinstance(loss_scale, torch.Tensor)

@@ -8,8 +8,10 @@ shape (B,), in fp32 whatever the activations' dtype (bf16 products would lose th
 sequences that the scores are about):
 
     Linear     y = a W^T + b      delta_t^T G_W a_t + delta_t . G_b
+    Conv1D     y = a W + b         the Linear term with G_W^T (transformers' GPT-2 layers: W is (d_in, d_out))
     Embedding  e = E[id]           delta_t . G_E[id_t]               (rows at padding_idx get no gradient)
     LayerNorm  y = gamma * x^ + beta   (delta_t * x^_t) . G_gamma + delta_t . G_beta
+    RMSNorm    y = w * x / rms(x)  (delta_t * x^_t) . G_w             (x^_t = x_t / sqrt(mean(x_t^2) + eps))
 
 The result is in the scale of delta: the caller divides by the weight each sequence's loss had in the loss that
 was backpropagated.
@@ -71,6 +73,17 @@ def layer_norm_dots(x: torch.Tensor, delta: torch.Tensor, normalized_shape: tupl
     if weight_grad is None and bias_grad is None:
         return delta.new_zeros(delta.shape[0], dtype=torch.float32)
     return per_sequence_dot(F.layer_norm(x.float(), normalized_shape, weight_grad, bias_grad, eps), delta.float())
+
+
+def rms_norm_dots(x: torch.Tensor, delta: torch.Tensor, normalized_shape: tuple[int, ...], eps: float,
+                  weight_grad: torch.Tensor | None) -> torch.Tensor:
+    """Per-sequence sum_t (delta_t * x^_t) . G_w for y = w * x^, x^ = x / sqrt(mean(x^2) + eps) over
+    `normalized_shape`: x^ G_w is itself an RMS norm of x with G_w as its weight (one fused op from the input the
+    hook kept). x^ is recomputed in fp32 (transformers' Llama norm rounds it to the input dtype before scaling: an
+    fp32 model loses nothing, a bf16 one differs by that rounding, far below the spread between sequences)."""
+    if weight_grad is None:
+        return delta.new_zeros(delta.shape[0], dtype=torch.float32)
+    return per_sequence_dot(F.rms_norm(x.float(), normalized_shape, weight_grad, eps), delta.float())
 
 
 def low_rank_factors(matrix: torch.Tensor, rank: int, seed: int = 0, oversample: int = 8,
