@@ -35,7 +35,7 @@ def params(backend: str = "openvino", corpus: Path = CORPUS, workdir: Path = WOR
     return {
         "ingest": {"inputs": [str(corpus / "generic" / "part-*")], "source_field": "meta.domain",
                    "output": str(workdir / "docs"), "rejects": str(workdir / "rejects.parquet"),
-                   "metrics": str(workdir / "ingest.json")},
+                   "metrics": str(workdir / "ingest.json"), "report": str(workdir / "report.json")},
         "embed": {"docs": str(workdir / "docs"), "output": str(workdir / "embeddings"), "max_tokens": 128,
                   "backend": backend, **(embed or {})},
     }

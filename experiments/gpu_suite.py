@@ -166,6 +166,9 @@ def timed_stages(layout: experiments.Layout, levels: list[int], target: str, dev
     # Larger batches keep the GPU busy (MiniLM in fp16); on the CPU the stage's default is as fast.
     corpus_params = prepare_corpus.params("torch", layout.corpus, layout.generic,
                                           {"device": device, "batch_size": 256 if device == "cuda" else 64})
+    # Every path of the stage in the scratch folder: the report's default is relative (data/ingest/report.json), and
+    # run from the repository it replaced the project's own ingest report.
+    corpus_params["ingest"]["report"] = str(layout.generic / "report.json")
 
     def stage(key: str, done: Path, fn: Any) -> None:
         if done.exists() and key in figures:

@@ -1,11 +1,15 @@
-"""Shared fixtures: a small real corpus cut from data/sample, embedded once per session with the real MiniLM."""
+"""Shared fixtures: a small real corpus cut from data/sample, embedded once per session with the real MiniLM; and a
+session guard that fails the run when a test wrote into the checkout (`checkout_is_left_alone`)."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -38,6 +42,77 @@ def brute_force_gradient(model, loss_fn, micro: list) -> "torch.Tensor":
 def write_jsonl_zst(records: list[dict], path: Path) -> None:
     payload = b"".join(json.dumps(r).encode() + b"\n" for r in records)
     path.write_bytes(zstandard.ZstdCompressor().compress(payload))
+
+
+# ---- no test writes into the checkout ----------------------------------------------------------------------------
+HASH_LIMIT = 1 << 20  # bytes: files up to this size are hashed, larger ones (corpus shards) compared by size and mtime
+GUARD_OFF = "DGAMIX_CHECKOUT_GUARD"  # set to 0 to edit the checkout while the suite runs, knowingly
+
+
+def _file_stamp(path: Path) -> tuple | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    if stat.st_size > HASH_LIMIT:
+        return ("size+mtime", stat.st_size, stat.st_mtime_ns)
+    try:
+        return ("blake2b", hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest())
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+
+
+def dvc_lock_outputs(root: Path) -> list[str]:
+    """The outputs dvc.lock records, as paths relative to the root (none without a dvc.lock)."""
+    lock = root / "dvc.lock"
+    if not lock.exists():
+        return []
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    return sorted({out["path"] for stage in stages.values() for out in stage.get("outs", [])})
+
+
+def checkout_snapshot(root: Path) -> dict[str, tuple | None]:
+    """Relative path -> stamp of every file git tracks and of every DVC output dvc.lock lists (each file of an output
+    folder; None for an output that does not exist, so creating one counts). The stamp is a content hash up to
+    HASH_LIMIT bytes and (size, mtime) above: a run of the suite pays a fraction of a second for it."""
+    try:
+        tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True)
+        paths = set(tracked.stdout.decode().split("\0")) - {""} if tracked.returncode == 0 else set()
+    except OSError:  # no git (an unpacked source archive): the DVC outputs are still guarded
+        paths = set()
+    snapshot: dict[str, tuple | None] = {}
+    for out in dvc_lock_outputs(root):
+        if (root / out).is_dir():
+            paths |= {str(p.relative_to(root)) for p in (root / out).rglob("*") if p.is_file()}
+        else:
+            snapshot[out] = None  # the stamp below replaces it when the file exists
+            paths.add(out)
+    for rel in paths:
+        snapshot[rel] = _file_stamp(root / rel)
+    return snapshot
+
+
+def changed_paths(before: dict[str, tuple | None], after: dict[str, tuple | None]) -> list[str]:
+    """Paths whose stamp differs: written, created (an output folder's new file, a missing output) or deleted."""
+    return sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkout_is_left_alone() -> Iterator[None]:
+    """Fails the run when a test wrote into the checkout: a tracked file, or a DVC output of the project's own
+    pipeline (a test run must never replace `dvc repro`'s results with a toy corpus's). Tests write under tmp_path.
+    Set DGAMIX_CHECKOUT_GUARD=0 when you edit files of the checkout while the suite runs."""
+    if os.environ.get(GUARD_OFF) == "0":
+        yield
+        return
+    before = checkout_snapshot(ROOT)
+    yield
+    changed = changed_paths(before, checkout_snapshot(ROOT))
+    if changed:
+        shown = ", ".join(changed[:20]) + (f" and {len(changed) - 20} more" if len(changed) > 20 else "")
+        pytest.fail(f"the test run changed files of the checkout (tracked files or DVC outputs): {shown}. Tests must "
+                    f"write under tmp_path (if you edited these files yourself meanwhile, {GUARD_OFF}=0 turns this "
+                    "check off)", pytrace=False)
 
 
 @pytest.fixture(scope="session")

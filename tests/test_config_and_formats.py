@@ -169,3 +169,28 @@ def test_every_error_type_is_defined_once_in_core_errors():
     assert (params.ParamError, FormatError, engine.StageFailed) == (
         errors.ParamError, errors.FormatError, errors.StageFailed)
     assert issubclass(errors.FormatError, errors.InputError) and issubclass(errors.StateMismatchError, ValueError)
+
+
+def test_a_domains_shard_of_another_version_is_refused_by_every_reader(tmp_path):
+    """The manifest is not the only stamp checked: a shard stamped with another version (or holding another
+    artifact) is refused by each way of reading shards, naming the shard, while its manifest is current."""
+    import pyarrow as pa
+
+    table = docs.docs_table(["a" * 32, "b" * 32], ["x", "y"], ["s", "s"])
+    table = table.append_column("cluster", pa.array([0, 1], pa.int32()))
+    shard = tmp_path / "part-00000.parquet"
+    groups = domains.write_shard(table, shard)
+    domains.write_manifest(domains.build_manifest([(shard.name, g) for g in groups], 2, [2]), tmp_path)
+    _rewrite_parquet_metadata(shard, b"2")
+    assert domains.read_manifest(tmp_path).num_rows == 2  # the manifest itself is fine
+    readers = {"read_shard": lambda: domains.read_shard(shard),
+               "open_shard": lambda: domains.open_shard(shard).close(),
+               "read_cluster": lambda: domains.read_cluster(tmp_path, 1),
+               "iter_clusters": lambda: list(domains.iter_clusters(tmp_path))}
+    for name, read in readers.items():
+        with pytest.raises(FormatError, match=rf"{re.escape(str(shard))} is domains format version 2; this dgamix "
+                                              r"reads versions \[1\] \(re-run the assign stage"):
+            read()
+    docs.write_shard(docs.docs_table(["c" * 32], ["z"], ["s"]), shard)  # a docs shard where a domains shard belongs
+    with pytest.raises(FormatError, match="holds a dgamix 'docs' artifact, expected 'domains'"):
+        domains.read_shard(shard)

@@ -40,6 +40,7 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
                        "strategy.dga.batch_size": 2, "strategy.inbatch.target_batch_size": 2})
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     dvc(["init", "--no-scm", "-q"], project)
+    shutil.copy(ROOT / ".dvcignore", project / ".dvcignore")  # the project's, over the one init writes
 
     dvc(["repro"], project)
 
@@ -66,6 +67,11 @@ def test_dvc_repro_runs_every_stage(tmp_path, sample_records):
     assert {"runs/plots/spec_loss.csv", "runs/plots/generic_loss.csv", "runs/plots/losses.png",
             "data/bases/plots/entropy.csv"} <= set(plots), sorted(plots)
 
+    status = dvc(["status"], project).stdout
+    assert "up to date" in status.lower() or status.strip() == "", status
+    # Bytecode in the stages' code folders (what importing the package, e.g. a test run, writes) changes no stage.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "dgamix"], cwd=project, check=True)
+    assert any((project / "dgamix/core/__pycache__").iterdir())
     status = dvc(["status"], project).stdout
     assert "up to date" in status.lower() or status.strip() == "", status
 

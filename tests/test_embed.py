@@ -109,3 +109,27 @@ def test_killed_embed_resumes_to_identical_bytes(workspace, embedded_workspace):
     assert sorted(p.name for p in emb.iterdir()) == sorted(p.name for p in reference.iterdir())
     for p in reference.iterdir():
         assert (emb / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_resume_re_embeds_a_shard_whose_documents_changed_but_not_its_row_count(workspace, encoder):
+    """The resume check is the sidecar's fingerprint of the shard's doc ids (the hashes of its texts), not its row
+    count: a docs shard re-ingested with one document replaced is embedded again, the untouched one skipped."""
+    from dgamix.formats import docs
+    from dgamix.pipeline import ingest
+
+    shard = workspace / "data/docs/part-00000.parquet"
+    table = docs.read_shard(shard)
+    texts = table.column("text").to_pylist()
+    old_rows = np.load(workspace / "data/embeddings/part-00000.npy")
+    texts[3] = "A replacement document about sailing boats, tides and harbour charts."
+    docs.write_shard(docs.docs_table([ingest.content_hash(t) for t in texts], texts,
+                                     table.column("source").to_pylist()), shard)
+
+    assert embed.run(load_params(workspace)) == {"shards": 2, "embedded": 1, "skipped": 1, "backend": "torch",
+                                                 "engine": "local"}
+    rows = np.load(workspace / "data/embeddings/part-00000.npy")
+    assert rows.shape == old_rows.shape
+    expected = embed.embed_texts(encoder, [texts[3]], max_tokens=128).astype(np.float32)[0]
+    np.testing.assert_allclose(rows[3].astype(np.float32), expected, atol=2e-3)
+    assert not np.allclose(rows[3].astype(np.float32), old_rows[3].astype(np.float32), atol=0.05)
+    assert len(embeddings.load(workspace / "data/embeddings", workspace / "data/docs")) == 2  # consistent again

@@ -56,6 +56,8 @@ def test_gpu_suite_toy_runs_every_method_and_seed(tmp_path):
     assert figures["training"]["uniform"]["overhead_vs_uniform"] == 0
     assert set(figures["calibration"]) == set(METHODS) and figures["estimate_s"] > 0
     assert "documents/s" in (out / "figures.md").read_text()
+    # Every stage wrote in the scratch folder (the checkout's own outputs are the suite-wide guard's, conftest.py).
+    assert json.loads((tmp_path / "work" / "generic" / "report.json").read_text())["kept"] == 300
 
     # Again, asking for far more than the budget: the stages are reused, the estimate stops it before training.
     again = suite(tmp_path, "--seeds", "3", "--steps", "1000000", "--budget-minutes", "1")

@@ -412,3 +412,39 @@ def test_a_retried_commit_after_success_is_a_no_op(tmp_path):
     first = (tmp_path / "part-00000.parquet").read_bytes()
     assert ingest.CommitShard()(task) == 3  # what a Ray retry of a task killed after committing does
     assert (tmp_path / "part-00000.parquet").read_bytes() == first
+
+
+@pytest.mark.parametrize("bits", [0, 1, 3, 8])
+def test_digests_on_partition_bounds_are_deduplicated_once(tmp_path, bits):
+    """Duplicates planted at each partition's first and last prefix value (0 and 2**64 - 1 among them): each digest
+    belongs to exactly one partition, whose task drops the later copies; a partition that read a bound of its
+    neighbour's, or missed one of its own, would keep a duplicate or drop a first copy."""
+    rng = np.random.default_rng(3)
+    shift = 64 - bits
+    bounds = [v for p in range(1 << bits) for v in (p << shift, ((p + 1) << shift) - 1)]
+    assert bounds[0] == 0 and bounds[-1] == 2**64 - 1
+
+    def digest(high: int) -> bytes:
+        return high.to_bytes(8, "big") + bytes(rng.integers(0, 256, 8, dtype=np.uint8))
+
+    planted = [digest(v) for v in bounds]
+    noise = [[digest(int(rng.integers(0, 2**63)) * 2 + 1) for _ in range(50)] for _ in range(3)]
+    files = [planted + noise[0],  # the first copies
+             noise[1] + [planted[i] for i in rng.permutation(len(planted))],  # every one again, in another order
+             planted[1::2] + noise[2] + noise[0][:5]]  # some a third time, and repeats of file 0's noise
+    for f, digests in enumerate(files):
+        dedup.write_digests(digests, dedup.digests_path(tmp_path, f))
+    task = dedup.DedupPartition(tmp_path, np.arange(len(files)), bits)
+    dropped = np.zeros(len(files), dtype=np.int64)
+    read = 0
+    for p in range(1 << bits):
+        part = task(p)
+        read += part["digests"]
+        dropped[part["files"]] += part["dropped"]
+    assert read == sum(map(len, files))  # every digest read by exactly one partition
+    seen: set[bytes] = set()
+    for f, digests in enumerate(files):
+        expected = [row for row, d in enumerate(digests) if d in seen]
+        seen.update(digests)
+        assert dedup.dropped_rows(tmp_path, f, int(dropped[f])).tolist() == expected, f"file {f}"
+    assert dropped.tolist() == [0, len(planted), len(planted[1::2]) + 5]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dgamix.mixer import DGA, ODM, ClusterStore, DoGE, InBatchDGA, Mixer, StateMismatchError, Static
+from dgamix.mixer import DGA, ODM, ClusterStore, DoGE, InBatchDGA, Mixer, Mixture, StateMismatchError, Static
 from dgamix.mixer.mixer import purpose_seed
 from dgamix.trainer.model import GPT, GPTConfig
 
@@ -195,3 +195,23 @@ def test_in_batch_scores_divide_out_a_grad_scaler_and_skip_an_overflowed_backwar
     np.testing.assert_allclose(scaled.window.total, plain.window.total, rtol=1e-5, atol=1e-12)
     overflowed = window_after(1e38)  # the scaled loss is inf in fp32: every gradient overflows
     assert overflowed.overflowed == 1 and overflowed.window.sequences == 0
+
+
+def test_a_target_tokenized_with_another_tokenizer_is_refused(tmp_path):
+    """The Mixer compares the corpus's and the target's tokenizer fingerprints (store.json): the same ids would be
+    other text, and alignment with such a target is noise."""
+    from dgamix.core.errors import InputError
+    from dgamix.formats import token_store
+
+    def store(directory, fingerprint):
+        directory.mkdir()
+        tokens = np.r_[np.arange(1, 40), 0].astype(np.uint16)
+        token_store.write(directory, [(tokens, np.array([40]))], np.array([1]),
+                          {"vocab_size": 64, "eos_id": 0, token_store.TOKENIZER_KEY: fingerprint})
+        return directory
+
+    corpus = ClusterStore(store(tmp_path / "corpus", "aaaa"))
+    Mixer(corpus, Mixture.identity(corpus.available), seq_len=8, batch_size=2, target=store(tmp_path / "same", "aaaa"))
+    with pytest.raises(InputError, match="different tokenizers"):
+        Mixer(corpus, Mixture.identity(corpus.available), seq_len=8, batch_size=2,
+              target=store(tmp_path / "other", "bbbb"))

@@ -176,3 +176,160 @@ def test_held_out_eval_set_is_tokenized_apart(tokenized):
     params["targets"]["sets"]["eval"] = ["nowhere.jsonl"]
     with pytest.raises(ParamError, match="targets.sets.eval: 'nowhere.jsonl' matches no file"):
         run_stage(params, "eval", "ingest", ingest)
+
+
+# ---- bases on a corpus of small sources ------------------------------------------------------------------------
+PLANTED_SOURCE = "tiny-source"
+
+
+def held_out_text(fraction: float, seed: int) -> str:
+    """A document unlike the sample's (so it sits alone in its cluster) that tokenize holds out at this fraction."""
+    for i in range(10_000):
+        text = (f"Recette {i}: battre six oeufs avec du sucre, ajouter la farine et cuire quarante minutes au four; "
+                "servir la tarte aux pommes tiede avec de la creme.")
+        if tokens.held_out([ingest.content_hash(text)], fraction, seed)[0]:
+            return text
+    raise AssertionError("no held-out text found")
+
+
+@pytest.fixture
+def small_sources(tmp_path, sample_records):
+    """Eighty sample documents (most packages once or a few times) and one planted source whose only document
+    tokenize holds out, one cluster a document: ingest, embed, cluster, assign and tokenize run for real."""
+    from .conftest import chdir, make_params, write_jsonl_zst
+
+    fraction, seed = 0.25, 0
+    planted = held_out_text(fraction, seed)
+    (tmp_path / "raw").mkdir()
+    records = sample_records[0][:40] + sample_records[1][:40] + [{"text": planted, "meta": {"source": PLANTED_SOURCE}}]
+    write_jsonl_zst(records, tmp_path / "raw" / "part-0.jsonl.zst")
+    params = make_params(tmp_path, ["raw/*.jsonl.zst"], [len(records)])  # one cluster a document
+    params["tokenize"].update(vocab_size=300, holdout_fraction=fraction, seed=seed)
+    params["bases"]["target"] = "data/domains"  # the corpus as its own specialized set: no target stages needed
+    with chdir(tmp_path):
+        from dgamix.pipeline import embed
+
+        for stage in (ingest, embed, cluster, assign, tokens):
+            stage.run(params)
+        yield tmp_path, params, ingest.content_hash(planted)
+
+
+def test_bases_leave_out_a_source_whose_only_document_is_held_out(small_sources, caplog):
+    work, params, planted_id = small_sources
+    table = pl.read_parquet(work / "data/domains/part-*.parquet")
+    mine = table.filter(pl.col("doc_id") == planted_id)
+    assert mine["source"].to_list() == [PLANTED_SOURCE]
+    assert table.filter(pl.col("cluster") == mine["cluster"][0]).height == 1  # alone in its cluster: now empty
+    with caplog.at_level("WARNING", logger="dgamix.pipeline.bases"):
+        summary = bases.run(params)
+    names = json.loads((work / "data/bases/names.json").read_text())
+    assert f"reference:{PLANTED_SOURCE}" not in names and any(n.startswith("reference:") for n in names)
+    assert "importance" in names and "natural" in names
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    left_out = [m for m in messages if f"leaving out basis 'reference:{PLANTED_SOURCE}'" in m]
+    assert len(left_out) == 1 and "held out" in left_out[0], messages
+    assert "held out" in summary["dropped_bases"][f"reference:{PLANTED_SOURCE}"]
+    # Every basis left out is a source none of whose documents reached the training store.
+    store = ClusterStore(work / "data/tokens")
+    for name in summary["dropped_bases"]:
+        clusters_ = table.filter(pl.col("source") == name.removeprefix("reference:"))["cluster"].to_numpy()
+        assert (store.cluster_tokens[clusters_] == 0).all(), name
+    # The two other warnings: clusters of about one document, and more bases than exact DGA can afford.
+    assert any("of the 81 fine clusters hold at most 2 documents" in m for m in messages), messages
+    assert len(names) + 1 > bases.EXACT_DGA_MAX_PASSES
+    assert any(f"{len(names)} bases: exact DGA" in m and f"costs {len(names) + 1} backward passes" in m
+               for m in messages), messages
+    Mixture.from_bases_dir(work / "data/bases").check_store(store.available)
+
+
+def test_clustering_warnings_thresholds():
+    roomy = np.full(16, 15)
+    assert bases.clustering_warnings(bases.EXACT_DGA_MAX_PASSES - 1, roomy) == []
+    [cost] = bases.clustering_warnings(bases.EXACT_DGA_MAX_PASSES, roomy)
+    assert f"costs {bases.EXACT_DGA_MAX_PASSES + 1} backward passes" in cost
+    half = np.array([1] * 8 + [5] * 8)  # half the clusters with about one document: not most of them
+    assert bases.clustering_warnings(3, half) == []
+    [sparse] = bases.clustering_warnings(3, np.array([1] * 9 + [5] * 7))
+    assert "9 of the 16 fine clusters hold at most 2 documents" in sparse
+
+
+def test_usable_references_keep_a_source_with_any_training_token():
+    tokens_ = np.array([10, 0, 5, 0])
+    docs_ = np.array([3, 1, 2, 0])
+    reference = {"a": np.array([2.0, 1.0, 0.0, 0.0]), "b": np.array([0.0, 1.0, 0.0, 0.0])}
+    kept, dropped = bases.usable_references(reference, tokens_, docs_)
+    assert list(kept) == ["a"] and list(dropped) == ["reference:b"] and "held out" in dropped["reference:b"]
+
+
+# ---- every store records its tokenizer; stores read together must share it -----------------------------------
+def test_target_store_from_another_tokenizer_is_refused(tokenized, caplog):
+    from dgamix.formats import token_store
+    from dgamix.mixer.store import check_same_tokenizer
+
+    work, params = tokenized
+    stores = {"corpus": work / "data/tokens", "heldout": work / "data/tokens/heldout",
+              "spec": work / "data/targets/spec/tokens", "eval": work / "data/targets/eval/tokens"}
+    expected = token_store.tokenizer_fingerprint((work / "data/tokens/tokenizer.json").read_text())
+    for name, directory in stores.items():
+        assert json.loads((directory / "store.json").read_text())["tokenizer_fingerprint"] == expected, name
+    corpus = ClusterStore(stores["corpus"])
+    check_same_tokenizer(corpus, stores["spec"], stores["eval"], names=["tokens", "target", "target_eval"])
+
+    # The spec set tokenized with another BPE of the same vocabulary size (same EOS id): only the fingerprint tells.
+    other = {**params, "tokenize": {**params["tokenize"], "output": "data/other_tokens", "train_docs": 40}}
+    tokens.run(other)
+    run_stage(other, "spec", "tokenize", tokens)
+    spec = ClusterStore(stores["spec"])
+    assert (spec.vocab_size, spec.eos_id) == (corpus.vocab_size, corpus.eos_id)
+    assert spec.meta["tokenizer_fingerprint"] != expected
+    with pytest.raises(InputError, match=r"token stores tokens = '.*data/tokens' \(tokenizer [0-9a-f]{32}\) and "
+                                         r"target = '.*data/targets/spec/tokens' \(tokenizer [0-9a-f]{32}\) were "
+                                         r"tokenized with different tokenizers; rebuild target = .* re-run the "
+                                         r"specialized set's tokenize stage"):
+        check_same_tokenizer(corpus, spec, stores["eval"], names=["tokens", "target", "target_eval"])
+    with pytest.raises(InputError, match="different tokenizers"):
+        check_same_tokenizer(stores["corpus"], stores["eval"], stores["spec"])  # by folder, in any order after the first
+
+    # A store written before the fingerprint existed is accepted, with a warning (a different vocabulary is not).
+    meta = json.loads((stores["spec"] / "store.json").read_text())
+    del meta["tokenizer_fingerprint"]
+    (stores["spec"] / "store.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="dgamix.mixer.store"):
+        check_same_tokenizer(corpus, stores["spec"])
+    assert any("has no tokenizer fingerprint" in r.getMessage() for r in caplog.records)
+    (stores["spec"] / "store.json").write_text(json.dumps({**meta, "vocab_size": 4096}))
+    with pytest.raises(InputError, match=r"different tokenizers \(vocab_size 1024 vs 4096\)"):
+        check_same_tokenizer(corpus, stores["spec"])
+
+
+def restamp_keeping_row_groups(path, version: bytes) -> None:
+    """Rewrite a Parquet file with another dgamix format version, its row groups (one per cluster) as they were."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path)
+    metadata = {**parquet.schema_arrow.metadata, b"dgamix.format_version": version}
+    parts = [parquet.read_row_group(i).replace_schema_metadata(metadata) for i in range(parquet.num_row_groups)]
+    parquet.close()
+    with pq.ParquetWriter(path, parts[0].schema) as writer:
+        for part in parts:
+            writer.write_table(part)
+
+
+def test_stages_refuse_a_domains_shard_of_another_version(workspace):
+    """tokenize, stats and bases read the domains shards themselves, not only the manifest: one shard stamped with
+    another format version stops each of them, naming that shard."""
+    from dgamix.core.errors import FormatError
+    from dgamix.pipeline import stats
+
+    params = load_params(workspace)
+    params["tokenize"]["vocab_size"] = 300
+    params["bases"]["target"] = "data/domains"
+    for stage in (cluster, assign, tokens):
+        stage.run(params)
+    shard = workspace / "data/domains/part-00001.parquet"
+    restamp_keeping_row_groups(shard, b"2")
+    domains.read_manifest(workspace / "data/domains")  # the manifest is still current
+    for stage in (tokens, stats, bases):
+        with pytest.raises(FormatError, match=r"part-00001.parquet is domains format version 2; this dgamix reads "
+                                              r"versions \[1\]"):
+            stage.run(params)

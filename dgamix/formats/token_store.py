@@ -8,8 +8,11 @@ Layout of a store directory:
   its EOS included;
 - `cluster_offsets.npy`: int64, clusters + 1 document offsets: cluster c holds documents `cluster_offsets[c]` …
   `cluster_offsets[c+1] - 1` (a cluster may be empty);
-- `store.json`: `format_version` (1), `dtype`, `vocab_size`, `eos_id`, `documents`, `tokens`, `clusters` and
-  `fingerprint` (BLAKE2b-128 over the token bytes, then the two offset arrays' bytes);
+- `store.json`: `format_version` (1), `dtype`, `vocab_size`, `eos_id`, `documents`, `tokens`, `clusters`,
+  `fingerprint` (BLAKE2b-128 over the token bytes, then the two offset arrays' bytes) and `tokenizer_fingerprint`
+  (BLAKE2b-128 of the tokenizer's JSON, keys sorted and whitespace dropped: `tokenizer_fingerprint()`; absent from
+  stores written before it existed). Stores read together (the corpus's, the specialized sets') must share it:
+  `dgamix.mixer.store.check_same_tokenizer`;
 - optionally `tokenizer.json` (the Hugging Face tokenizer the ids come from) and `heldout/` (a one-cluster store of
   the same layout).
 Reading cluster c's token stream takes two array lookups and a slice; nothing is parsed.
@@ -42,6 +45,14 @@ DOC_OFFSETS = "doc_offsets.npy"
 CLUSTER_OFFSETS = "cluster_offsets.npy"
 TOKENIZER = "tokenizer.json"
 HELDOUT = "heldout"
+TOKENIZER_KEY = "tokenizer_fingerprint"
+
+
+def tokenizer_fingerprint(tokenizer_json: str) -> str:
+    """Identifies a tokenizer by its content: the same tokenizer saved again, or loaded and saved, gives the same
+    fingerprint (keys sorted, whitespace dropped), while any other vocabulary, merges or normalizer does not."""
+    canonical = json.dumps(json.loads(tokenizer_json), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.blake2b(canonical.encode("utf-8"), digest_size=16).hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -37,7 +37,7 @@ from ..core.errors import StateMismatchError
 from .distributed import rank_and_world_size
 from .loader import MixtureLoader
 from .mixture import Mixture
-from .store import ClusterStore
+from .store import ClusterStore, check_same_tokenizer
 from .strategies import Attachment, Evidence, Static, Strategy, StrategySpec, UpdateRecord
 from .strategies.base import NEEDS
 from .stream import MixtureStream, TargetSampler
@@ -124,6 +124,8 @@ class Mixer:
         if isinstance(target, (str, Path)):
             target = ClusterStore(target, seed=alignment_seed)
         self.target = TargetSampler(target, seq_len) if isinstance(target, ClusterStore) else target
+        if self.target is not None:  # the same ids must mean the same text in both stores
+            check_same_tokenizer(store, self.target.store, names=["the corpus's token store", "target"])
         if "model" in strategy.needs and self.target is None:
             raise ValueError(f"{type(strategy).__name__} aligns with the specialized set: give Mixer(..., target=<its "
                              "token store, e.g. data/targets/spec/tokens>)")

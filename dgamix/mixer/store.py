@@ -9,15 +9,29 @@ order; the last document cut) exist: the cluster repeats after that many tokens,
 """
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
+from ..core.errors import InputError
 from ..formats import token_store
+
+log = logging.getLogger(__name__)
 
 
 class ClusterStore:
+    """The tokenize stage's token store (`directory`), memory-mapped: each cluster's documents read as one endless
+    stream of epochs, the documents reshuffled per epoch from (`seed`, cluster, epoch).
+
+    token_cap: keep only each cluster's first `token_cap` tokens (the token-limited regime: the cluster repeats
+    after them); None keeps every token. cache_clusters: how many shuffled document orders (one per cluster and
+    epoch) are kept in memory. `vocab_size` and `eos_id` come from the store's metadata; `available` is the mask of
+    the clusters that have tokens.
+    Pickles by reference (the directory, not the tokens), so DataLoader workers reopen the memory map."""
+
     def __init__(self, directory: str | Path, token_cap: int | None = None, seed: int = 0, cache_clusters: int = 8192):
         directory = Path(directory)
         if token_cap is not None and (isinstance(token_cap, bool) or not isinstance(token_cap, (int, np.integer))
@@ -124,3 +138,44 @@ class ClusterStore:
                 offset += take
                 doc += 1
         return out
+
+
+def check_same_tokenizer(*stores: ClusterStore | str | Path, names: Sequence[str] | None = None) -> None:
+    """Refuse token stores read together (the corpus's, then the specialized sets': train.paths.tokens, target,
+    target_eval) that come from different tokenizers: the same ids would be other text, and training would align
+    with noise without any error. Stores are compared with the first (the corpus's) by their store.json's
+    `tokenizer_fingerprint`; a store written before fingerprints existed is accepted with a warning, unless its
+    vocabulary size or EOS id already differ. `names` labels the stores in messages (default: their folders)."""
+    if names is not None and len(names) != len(stores):
+        raise ValueError(f"names = {list(names)}: expected one name per store ({len(stores)})")
+    labelled: list[tuple[str, dict[str, Any]]] = []
+    for i, store in enumerate(stores):
+        if isinstance(store, ClusterStore):
+            directory, meta = store.directory, store.meta
+        else:
+            directory = Path(store)
+            meta = token_store.read_meta(directory, names[i] if names else "check_same_tokenizer")
+        labelled.append((f"{names[i]} = '{directory}'" if names else f"'{directory}'", meta))
+    if len(labelled) < 2:
+        return
+    reference, ref_meta = labelled[0]
+    ref_print = ref_meta.get(token_store.TOKENIZER_KEY)
+    for label, meta in labelled[1:]:
+        printed = meta.get(token_store.TOKENIZER_KEY)
+        rebuild = (f"rebuild {label} with the tokenizer of {reference} (its {token_store.TOKENIZER}): re-run the "
+                   "specialized set's tokenize stage (`dgamix tokenize --target <set>`, dvc stage target_tokenize) "
+                   "after the corpus's")
+        if ref_print is not None and printed is not None:
+            if printed != ref_print:
+                raise InputError(f"the token stores {reference} (tokenizer {ref_print}) and {label} (tokenizer "
+                                 f"{printed}) were tokenized with different tokenizers; {rebuild}")
+            continue
+        differs = [key for key in ("vocab_size", "eos_id") if meta.get(key) != ref_meta.get(key)]
+        if differs:
+            raise InputError(f"the token stores {reference} and {label} were tokenized with different tokenizers "
+                             + ", ".join(f"({key} {ref_meta.get(key)} vs {meta.get(key)})" for key in differs)
+                             + f"; {rebuild}")
+        older = label if printed is None else reference
+        log.warning("token store %s has no tokenizer fingerprint (written by an older dgamix): whether %s and %s "
+                    "share a tokenizer is not checked; re-run its tokenize stage to record one", older, reference,
+                    label)

@@ -9,7 +9,11 @@ Families (bases.families):
 - `natural` (proportional to cluster tokens), `uniform` (over non-empty clusters), `coarse:<id>` (one per
   top-level cluster of the tree that has tokens, natural within it; with a flat clustering, one per cluster).
 A cluster with no tokens can never be drawn, so mass a histogram puts there is dropped and the row renormalized
-(reported in the summary); a basis with all its mass on empty clusters is an error.
+(reported in the summary). A reference group whose documents all fall in clusters with no tokens (a small source
+whose documents tokenize held out) has nothing to sample: its basis is left out, with a warning naming it and in the
+summary's `dropped_bases`; any other basis with all its mass on empty clusters is an error. The stage also warns
+when most fine clusters hold about one document (the clustering is too fine for the corpus) and when the bases make
+exact DGA cost more than EXACT_DGA_MAX_PASSES backward passes per update.
 
 Outputs (bases.output): the bases table (`dgamix.formats.bases`), `summary.json` (entropy of every basis, mass
 dropped, the importance basis's coverage), `plots/` (bases.png, importance_top.png, entropy.csv); the DVC metrics
@@ -32,6 +36,13 @@ from ..formats import bases as bases_format
 from ..formats import clusters, domains, token_store
 
 log = logging.getLogger(__name__)
+
+# Exact DGA scores every basis with its own backward pass, plus one for the target: past this many passes per
+# update the strategy costs more than tens of training steps each time it updates.
+EXACT_DGA_MAX_PASSES = 50
+# A cluster holding at most this many documents counts as "about one document": a basis over such clusters is a
+# histogram of single documents, and held-out documents empty whole clusters.
+SPARSE_CLUSTER_DOCS = 2
 
 
 def histogram(clusters_: np.ndarray, n_clusters: int, weights: np.ndarray | None = None) -> np.ndarray:
@@ -104,6 +115,47 @@ def build_bases(families: list[str], target_counts: np.ndarray, cluster_tokens: 
     return names, matrix, dropped
 
 
+def usable_references(reference: dict[str, np.ndarray], cluster_tokens: np.ndarray, cluster_docs: np.ndarray
+                      ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Pure: the reference histograms that put some mass on clusters with tokens, and, by basis name, why each other
+    one was left out. A cluster that holds documents but no tokens had all its documents held out by tokenize: a
+    small source can lose its only documents that way, and one missing source must not stop the stage."""
+    available = cluster_tokens > 0
+    kept: dict[str, np.ndarray] = {}
+    dropped: dict[str, str] = {}
+    for label, counts in reference.items():
+        if counts[available].sum() > 0:
+            kept[label] = counts
+            continue
+        documents = int(counts.sum())
+        held_out = bool(documents) and bool((cluster_docs[counts > 0] > 0).all())
+        dropped[f"reference:{label}"] = (
+            f"its {documents} document(s) are all in clusters whose documents were all held out by tokenize "
+            "(tokenize.holdout_fraction): no training token to sample" if held_out
+            else f"its {documents} document(s) fall only in clusters with no tokens: nothing to sample")
+    return kept, dropped
+
+
+def clustering_warnings(n_bases: int, cluster_docs: np.ndarray) -> list[str]:
+    """Pure: what the stage warns about a usable but doubtful setup: a clustering that leaves most fine clusters with
+    about one document, and more bases than exact DGA can score at a reasonable cost."""
+    warnings: list[str] = []
+    k = len(cluster_docs)
+    sparse = int((cluster_docs <= SPARSE_CLUSTER_DOCS).sum())
+    if k and sparse > k / 2:
+        warnings.append(
+            f"{sparse} of the {k} fine clusters hold at most {SPARSE_CLUSTER_DOCS} documents "
+            f"({int(cluster_docs.sum())} documents in all): the clustering is too fine for this corpus, so the bases "
+            "are histograms of single documents and held-out documents leave clusters empty; use fewer clusters "
+            "(cluster.levels)")
+    if n_bases + 1 > EXACT_DGA_MAX_PASSES:
+        warnings.append(
+            f"{n_bases} bases: exact DGA (strategy.dga.estimator: exact) costs {n_bases + 1} backward passes per "
+            f"update (one per basis and one for the target), more than {EXACT_DGA_MAX_PASSES}; use fewer bases "
+            "(bases.families, bases.reference_column), a cheaper estimator, or the in-batch strategies")
+    return warnings
+
+
 def reference_histograms(domains_dir: Path, column: str, n_clusters: int) -> dict[str, np.ndarray]:
     """The corpus's histogram over the clusters for each value of `column`, by label."""
     shards = domains.list_shards(domains_dir)
@@ -146,17 +198,26 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     cluster_tokens = token_store.read(cfg.tokens, "bases.tokens").cluster_tokens
     target_counts = domains.read_manifest(cfg.target, ["docs"], "bases.target") \
         .column("docs").to_numpy().astype(np.float64)
-    domains.read_manifest(domains_dir, ["docs"], "bases.domains")  # a missing corpus fails before any work
+    # Read first: a missing corpus fails before any work; its counts say which clusters lost every document.
+    cluster_docs = domains.read_manifest(domains_dir, ["docs"], "bases.domains").column("docs").to_numpy()
     for what, n in (("the token store (bases.tokens)", len(cluster_tokens)),
-                    ("the target's domains (bases.target)", len(target_counts))):
+                    ("the target's domains (bases.target)", len(target_counts)),
+                    ("the corpus's domains (bases.domains)", len(cluster_docs))):
         if n != tree.n_clusters:
             raise InputError(f"{what} has {n} clusters but the clustering has {tree.n_clusters}: build them from "
-                             "the same clustering (re-run tokenize and the target stages)")
+                             "the same clustering (re-run assign, tokenize and the target stages)")
     reference = (reference_histograms(domains_dir, cfg.reference_column, tree.n_clusters)
                  if "reference" in families else {})
+    reference, left_out = usable_references(reference, cluster_tokens, cluster_docs)
+    for name, why in left_out.items():
+        log.warning("bases: leaving out basis '%s': %s", name, why)
     names, matrix, dropped = build_bases(families, target_counts, cluster_tokens, reference, tree.levels,
                                          cfg.smoothing)
+    for warning in clustering_warnings(len(names), cluster_docs):
+        log.warning("bases: %s", warning)
     summary = summarize(names, matrix, dropped, target_counts, cluster_tokens > 0)
+    if left_out:
+        summary["dropped_bases"] = left_out
     with atomic_path(cfg.output) as tmp:
         write_outputs(tmp, names, matrix, summary)
     # target_clusters: the clusters the specialized set falls in (the importance basis's support before smoothing).

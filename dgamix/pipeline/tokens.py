@@ -210,6 +210,13 @@ def tokenizer_for(cfg: TokenizeConfig) -> Any:
                                   domains.read_shard), cfg.vocab_size)
 
 
+def store_meta(tokenizer: Any, eos: int) -> dict[str, Any]:
+    """What store.json records of the tokenizer: its vocabulary, EOS id and fingerprint (so that a target store
+    tokenized with another tokenizer is refused where the stores are read together)."""
+    return {"vocab_size": int(tokenizer.get_vocab_size(with_added_tokens=True)), "eos_id": eos,
+            token_store.TOKENIZER_KEY: token_store.tokenizer_fingerprint(tokenizer.to_str())}
+
+
 def tokenize_clusters(tmp: Path, domains_dir: Path, tokenizer: Any, eos: int, holdout: float, seed: int,
                       engine: Engine) -> dict[str, Any]:
     """The corpus: every domains shard tokenized (on the engine), interleaved cluster by cluster into the training
@@ -217,7 +224,7 @@ def tokenize_clusters(tmp: Path, domains_dir: Path, tokenizer: Any, eos: int, ho
     manifest = domains.read_manifest(domains_dir, ["docs"], "tokenize.domains").column("docs").to_numpy()
     shards = domains.list_shards(domains_dir)
     dtype = token_dtype(tokenizer.get_vocab_size(with_added_tokens=True))
-    meta = {"vocab_size": int(tokenizer.get_vocab_size(with_added_tokens=True)), "eos_id": eos}
+    meta = store_meta(tokenizer, eos)
     staging = tmp / "staged"
     staging.mkdir(parents=True)
     tasks = [TokenizeTask(shard=str(shard.resolve()), staged=str((staging / shard.stem).resolve())) for shard in shards]
@@ -249,7 +256,7 @@ def tokenize_documents(tmp: Path, docs_dir: Path, tokenizer: Any, eos: int) -> d
         raise InputError(f"tokenize.docs = '{docs_dir}' holds no document")
     chunk = tokenize_texts(tokenizer, texts, eos, token_dtype(vocab))
     tmp.mkdir(parents=True)
-    return token_store.write(tmp, [chunk], np.array([len(texts)]), {"vocab_size": vocab, "eos_id": eos})
+    return token_store.write(tmp, [chunk], np.array([len(texts)]), store_meta(tokenizer, eos))
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from ..core.atomic import atomic_path
 from ..core.errors import ParamError, StateMismatchError
 from ..formats import token_store
 from ..mixer import ClusterStore, Mixer, Mixture, TargetSampler
+from ..mixer.store import check_same_tokenizer
 from .config import RunConfig, read_config, seeds_for
 from .hardware import make_optimizer, resolve_device, torch_threads, training_forward
 from .model import GPT, GPTConfig
@@ -129,6 +130,7 @@ def load_eval_sets(config: RunConfig) -> EvalSets:
     seed, data, paths, n = eval_seed(config), config.train.data, config.train.paths, config.train.eval.batches
     spec = TargetSampler(open_store(paths.target_eval, "train.paths.target_eval", TARGET_HINT.format(name="eval"),
                                     seed), data.seq_len)
+    check_same_tokenizer(paths.tokens, spec.store, names=["train.paths.tokens", "train.paths.target_eval"])
     spec_batches = [spec.sample(data.batch_size) for _ in range(n)]
     generic = TargetSampler(open_store(paths.tokens / token_store.HELDOUT, "train.paths.tokens (its heldout/ store)",
                                        "run the tokenize stage with tokenize.holdout_fraction > 0",
