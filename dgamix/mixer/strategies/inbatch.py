@@ -29,7 +29,7 @@ class InBatchDGA:
     """In-batch DGA's settings (README, "In-batch DGA")."""
 
     rule: str = setting("anchored", "anchored (softmax(log alpha_0 + eta * relative gains)) | paper (compounding)")
-    eta: float = setting(4.0, "anchored: log-odds per unit of relative gain; paper: step size on the scaled scores")
+    eta: float = setting(2.0, "anchored: log-odds per unit of relative gain; paper: step size on the scaled scores")
     beta: float = setting(1.0, "weight of the new scores in their average (anchored) or of the new alpha (paper)")
     every: int = setting(1, "optimizer steps between weight updates")
     score_every: int = setting(1, "score every k-th step's sequences (k > 1: cheaper, fewer samples)")
