@@ -3,6 +3,7 @@
     .venv/bin/python experiments/render_results.py
     .venv/bin/python experiments/render_results.py --only inbatch   # just results/inbatch/RESULTS_section.md
     .venv/bin/python experiments/render_results.py --only long      # just the long runs' section (results/long)
+    .venv/bin/python experiments/render_results.py --only anchored_pilot   # the pilot of the anchored rule's defaults
 
 Reads results/<experiment>/<target>/<variant>/seed<k>/<method>/{metrics.json,log.csv} (experiments.py),
 writes results/<experiment>/<target>/<variant>/table.md (mean ± std over seeds, per method), the plots of seed 0
@@ -590,6 +591,71 @@ def write_long_section() -> str | None:
     return section
 
 
+# ---- the anchored rule's pilot -------------------------------------------------------------------------------------
+# The criterion: both losses count (a mixer that buys specialized loss with generic loss only
+# trades along the line importance sampling already offers), so each setting is scored by the sum of its paired
+# differences from uniform, specialized plus generic, averaged over the targets; lower is better.
+PILOT_SETTINGS = {"dga_ema": "strategy.dga", "inbatch": "strategy.inbatch"}
+
+
+def pilot_setting(method: str) -> tuple[str, str] | None:
+    """("dga_ema" or "inbatch", its setting label such as "eta4") of a pilot method, None for the baselines."""
+    for prefix in PILOT_SETTINGS:
+        if method.startswith(prefix + "_"):
+            return prefix, method.removeprefix(prefix + "_")
+    return None
+
+
+def anchored_pilot_section(pilot_dir: Path) -> str:
+    """Per target (seed 0): each method's final losses, paired differences from uniform, their sum, and how far its
+    weights moved; then each setting's mean over the targets and the choice the criterion makes."""
+    lines = ["| target | method | specialized loss | Δ spec vs uniform | generic loss | Δ generic vs uniform | "
+             "Δ sum | TV from start | largest weight |", "|---|---|---|---|---|---|---|---|---|"]
+    sums: dict[tuple[str, str], list[float]] = {}
+    targets = []
+    for tdir in sorted(p for p in pilot_dir.iterdir() if (p / "default").is_dir()):
+        by_method = collect(tdir / "default")
+        if "uniform" not in by_method:
+            continue
+        targets.append(tdir.name)
+        base = by_method["uniform"][0]
+        for method in sorted(by_method, key=lambda m: (pilot_setting(m) is not None, m)):
+            run = by_method[method][0]
+            d_spec = run["final_spec_loss"] - base["final_spec_loss"]
+            d_gen = run["final_generic_loss"] - base["final_generic_loss"]
+            tv, _ = weight_moves(run)
+            largest = max(run["final_weights"])
+            setting = pilot_setting(method)
+            if setting is not None:
+                sums.setdefault(setting, []).append(d_spec + d_gen)
+            lines.append(f"| {tdir.name} | {method} | {run['final_spec_loss']:.4f} | {d_spec:+.3f} | "
+                         f"{run['final_generic_loss']:.4f} | {d_gen:+.3f} | {d_spec + d_gen:+.3f} | {tv:.3f} | "
+                         f"{largest:.3f} |")
+    lines += ["", "| strategy | setting | mean Δ sum over the targets | targets |", "|---|---|---|---|"]
+    for (strategy, label), values in sorted(sums.items()):
+        lines.append(f"| {strategy} | {label} | {np.mean(values):+.3f} | {len(values)} |")
+    complete = {k: v for k, v in sums.items() if len(v) == len(targets)}
+    if complete:
+        lines.append("")
+        for strategy in PILOT_SETTINGS:
+            mine = {label: np.mean(v) for (s, label), v in complete.items() if s == strategy}
+            if mine:
+                best = min(mine, key=mine.get)
+                lines.append(f"- {strategy}: lowest mean Δ sum at {best} ({mine[best]:+.3f}; "
+                             + ", ".join(f"{label} {value:+.3f}" for label, value in sorted(mine.items())) + ").")
+    return "\n".join(lines)
+
+
+def write_anchored_pilot_section() -> str | None:
+    pilot_dir = RESULTS / "anchored" / "pilot"
+    if not any(pilot_dir.glob("**/metrics.json")):
+        return None
+    section = anchored_pilot_section(pilot_dir)
+    (pilot_dir / "RESULTS_section.md").write_text(section + "\n")
+    print(section)
+    return section
+
+
 def splice(text: str, name: str, section: str) -> str:
     """RESULTS.md with `section` between `<!-- section:NAME -->` and the next `<!-- end -->`."""
     return re.sub(rf"(<!-- section:{re.escape(name)} -->\n).*?(<!-- end -->)",
@@ -598,11 +664,16 @@ def splice(text: str, name: str, section: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["inbatch", "long"], default=None,
+    parser.add_argument("--only", choices=["inbatch", "long", "anchored_pilot"], default=None,
                         help="inbatch: render only results/inbatch/RESULTS_section.md (RESULTS.md untouched); long: "
                              "only the long runs' section (results/long/RESULTS_section.md, spliced into RESULTS.md "
                              "between <!-- section:long --> and <!-- end -->); no other experiment's tables or plots")
     args = parser.parse_args()
+    if args.only == "anchored_pilot":
+        section = write_anchored_pilot_section()
+        if section is not None and REPORT.exists():
+            REPORT.write_text(splice(REPORT.read_text(), "anchored_pilot", section))
+        return
     if args.only == "long":
         section = write_long_section()
         if section is not None and REPORT.exists():

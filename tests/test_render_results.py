@@ -121,3 +121,23 @@ def test_long_section_writes_tables_plots_and_links(tmp_path, render):
         assert f"](token_limited/medical/default/{png})" in section  # outside the repository: shown()'s path
     markdown = render.long_markdown("x", render.collect_curves(variant_dir), "results/long/x/default")
     assert "![specialized loss](results/long/x/default/spec_curves.png)" in markdown  # relative to RESULTS.md
+
+
+def test_anchored_pilot_scores_each_setting_by_its_mean_paired_sum(tmp_path, render):
+    """The pilot's table: differences from uniform within each target, their sum, and each setting's mean over the
+    targets; the lowest mean is named per strategy."""
+    bases = ["uniform", "importance"]
+    for target, (eta2, eta4) in {"a": ((7.0, 6.0), (6.5, 6.5)), "b": ((7.2, 6.1), (6.9, 6.4))}.items():
+        seed = tmp_path / target / "default" / "seed0"
+        write_run(seed / "uniform", "uniform", [7.0], [6.0], [0.5, 0.5], bases)
+        write_run(seed / "inbatch_eta2", "inbatch", [eta2[0]], [eta2[1]], [0.4, 0.6], bases)
+        write_run(seed / "inbatch_eta4", "inbatch", [eta4[0]], [eta4[1]], [0.2, 0.8], bases)
+    section = render.anchored_pilot_section(tmp_path)
+    # a: both sums 0; b: both +0.3. Then eta4 improves on b (sum -0.2): its mean falls to -0.1 and it is named
+    assert "| a | inbatch_eta4 | 6.5000 | -0.500 | 6.5000 | +0.500 | +0.000 | 0.300 | 0.800 |" in section
+    assert "| inbatch | eta2 | +0.150 | 2 |" in section and "| inbatch | eta4 | +0.150 | 2 |" in section
+    (tmp_path / "b" / "default" / "seed0" / "inbatch_eta4" / "metrics.json").write_text(json.dumps({
+        "bases": bases, "final_spec_loss": 6.8, "final_generic_loss": 6.0, "final_weights": [0.2, 0.8]}))
+    section = render.anchored_pilot_section(tmp_path)
+    assert "| inbatch | eta4 | -0.100 | 2 |" in section
+    assert "- inbatch: lowest mean Δ sum at eta4 (-0.100; eta2 +0.150, eta4 -0.100)." in section
