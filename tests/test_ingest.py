@@ -448,3 +448,12 @@ def test_digests_on_partition_bounds_are_deduplicated_once(tmp_path, bits):
         seen.update(digests)
         assert dedup.dropped_rows(tmp_path, f, int(dropped[f])).tolist() == expected, f"file {f}"
     assert dropped.tolist() == [0, len(planted), len(planted[1::2]) + 5]
+
+
+def test_a_json_error_reads_as_one_sentence():
+    """json's messages can end in "at" ("Unterminated string starting at"): the reason must not say "at at"."""
+    from dgamix.pipeline.readers import _parse_line
+
+    reject = _parse_line(b'{"text": "no end', "f.jsonl", 3, "text", None)
+    assert reject.reason == "invalid JSON: Unterminated string starting at column 10"
+    assert " at at " not in reject.reason

@@ -117,7 +117,9 @@ def _parse_line(raw: bytes, file: str, line: int, text_field: str, source_field:
     try:
         obj = json.loads(decoded)
     except json.JSONDecodeError as err:
-        return Reject(file, line, f"invalid JSON: {err.msg} at column {err.colno}")
+        # json's own messages may end in "at" ("Unterminated string starting at"): then the column follows directly
+        where = f"column {err.colno}" if err.msg.endswith(" at") else f"at column {err.colno}"
+        return Reject(file, line, f"invalid JSON: {err.msg} {where}")
     return validate_record(obj, file, line, text_field, source_field)
 
 
