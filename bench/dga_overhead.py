@@ -180,6 +180,17 @@ def timed_steps(run: Any, steps: int) -> None:
         run.step += 1
 
 
+def run_interleaved(configs: dict[str, Any], rounds: int, per_round: int) -> None:
+    """Two warm-up steps each (not timed), then `rounds` rounds of `per_round` timed steps per configuration, in
+    turn: each round gives every configuration the same machine, so its drift hits them alike."""
+    for run in configs.values():
+        run.run(2)
+        run.times.clear()
+    for _ in range(rounds):
+        for run in configs.values():
+            run.run(per_round)
+
+
 def inbatch_table(store: ClusterStore, target_store: ClusterStore, rounds: int, per_round: int) -> list[dict]:
     big = round_robin_store(store, 4096, ROOT / "bench/work/store4096")
     configs = {"static (256 clusters)": Run("static", store, target_store),
@@ -190,12 +201,7 @@ def inbatch_table(store: ClusterStore, target_store: ClusterStore, rounds: int, 
                "in-batch, 4096 clusters, every 10 steps": Run("inbatch", big, target_store, every=10),
                "exact DGA, m = 19, T_r = 20": Run("exact", store, target_store, m=19, every=20),
                "exact DGA, m = 64, T_r = 20": Run("exact", store, target_store, m=64, every=20)}
-    for run in configs.values():  # warm-up
-        run.run(2)
-        run.times.clear()
-    for _ in range(rounds):  # interleaved: each round gives every configuration the same machine
-        for run in configs.values():
-            run.run(per_round)
+    run_interleaved(configs, rounds, per_round)
     n_weights = sum(p.numel() for p in configs["static (256 clusters)"].model.parameters())
     rows = []
     for name, run in configs.items():
@@ -225,12 +231,7 @@ def rules_table(store: ClusterStore, target_store: ClusterStore, rounds: int, pe
     for rule in ("paper", "anchored"):
         configs[f"exact DGA, m = 19, T_r = 20, {rule}"] = Run("exact", store, target_store, m=19, every=20, rule=rule)
         configs[f"in-batch, 256 clusters, every step, {rule}"] = Run("inbatch", store, target_store, rule=rule)
-    for run in configs.values():  # warm-up
-        run.run(2)
-        run.times.clear()
-    for _ in range(rounds):
-        for run in configs.values():
-            run.run(per_round)
+    run_interleaved(configs, rounds, per_round)
     base = float(np.mean(configs["static"].times))
     return [{"configuration": name, "s_per_step": float(np.mean(run.times)),
              "overhead": float(np.mean(run.times)) / base - 1,

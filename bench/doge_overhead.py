@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from common import ROOT, print_table, write_result
-from dga_overhead import grouped_bases, timed_steps
+from dga_overhead import grouped_bases, run_interleaved, timed_steps
 
 from dgamix.formats import token_store
 from dgamix.mixer import ClusterStore, MixtureStream, TargetSampler
@@ -85,12 +85,7 @@ def table(store, target_store, bases, rounds, per_round) -> list[dict]:
         configs[f"uniform, m = {m}"] = Run("uniform", store, target_store, m)
         configs[f"DoGE every step, m = {m}"] = Run("doge", store, target_store, m)
         configs[f"exact DGA T_r = {DGA_EVERY}, m = {m}"] = Run("dga", store, target_store, m)
-    for run in configs.values():  # warm-up
-        run.run(2)
-        run.times.clear()
-    for _ in range(rounds):
-        for run in configs.values():
-            run.run(per_round)
+    run_interleaved(configs, rounds, per_round)
     rows = []
     for name, run in configs.items():
         base = configs[f"uniform, m = {run.m}"]
