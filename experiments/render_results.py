@@ -210,7 +210,7 @@ def loss_curves(variant_dir: Path, methods: list[str], column: str, name: str | 
 
 # ---- the in-batch DGA experiment ----------------------------------------------------------------------------------
 INBATCH_METHODS = ["uniform", "importance", "inbatch", "inbatch_domains", "dga_ema"]
-STATIC = ("uniform", "natural", "importance")  # strategies whose weights never move
+STATIC = ("uniform", "natural", "importance", "blend")  # strategies whose weights never move
 BAR_SPEC, BAR_GENERIC = 0.1, 0.1  # within 0.1 of importance (or better) on spec; no worse than uniform + 0.1 generic
 
 

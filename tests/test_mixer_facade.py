@@ -215,3 +215,15 @@ def test_a_target_tokenized_with_another_tokenizer_is_refused(tmp_path):
     with pytest.raises(InputError, match="different tokenizers"):
         Mixer(corpus, Mixture.identity(corpus.available), seq_len=8, batch_size=2,
               target=store(tmp_path / "other", "bbbb"))
+
+
+def test_a_static_blend_puts_its_share_on_one_basis_and_the_rest_uniformly(tmp_path):
+    """Static(basis=..., share=lam): lam on the basis, 1 - lam spread uniformly over all the bases, the static
+    frontier between importance and uniform sampling."""
+    store = ClusterStore(synthetic_store(tmp_path / "tokens", [5, 5, 5, 5]))
+    mixture = Mixture.identity(store.available)
+    mixer = Mixer(store, mixture, seq_len=8, batch_size=2, strategy=Static(basis="cluster:2", share=0.5))
+    np.testing.assert_allclose(mixer.weights, [0.125, 0.125, 0.625, 0.125])
+    assert Mixer(store, mixture, seq_len=8, batch_size=2, strategy=Static(basis="cluster:2")).weights[2] == 1.0
+    with pytest.raises(ValueError, match="strategy.share = 1.5: expected a share of the weights"):
+        Static(basis="cluster:2", share=1.5).validate()

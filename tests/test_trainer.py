@@ -393,3 +393,15 @@ def test_in_batch_runs_use_their_own_target_batch_size(trainer_params):
     before = strategy.target.position  # in tokens: the refresh at construction read 6 sequences of seq_len + 1
     strategy.refresh_target()
     assert strategy.target.position - before == before == 6 * (16 + 1)
+
+
+def test_a_blend_run_mixes_importance_and_uniform_sampling(trainer_params):
+    """train.strategy.blend: the importance basis's share, the rest uniform over the bases."""
+    import numpy as np
+
+    set_train(trainer_params, {"strategy.blend": 0.25})
+    mixer = loop.build_run(read_config(trainer_params, "blend")).mixer
+    names = mixer.names
+    expected = np.full(len(names), 0.75 / len(names))
+    expected[names.index("importance")] += 0.25
+    np.testing.assert_allclose(mixer.weights, expected)

@@ -29,7 +29,8 @@ from ..mixer import DGA, ODM, DoGE, InBatchDGA, Static
 from ..mixer.mixer import ALIGNMENT, STREAM, purpose_seed
 from ..mixer.strategies import StrategySpec
 
-STRATEGIES = ["uniform", "natural", "importance", "dga", "dga_ema", "inbatch", "inbatch_domains", "odm", "doge"]
+STRATEGIES = ["uniform", "natural", "importance", "blend", "dga", "dga_ema", "inbatch", "inbatch_domains", "odm",
+              "doge"]
 # Strategies whose training forward carries the in-batch tracker's module and tensor hooks: torch.compile would
 # trace them into the graph (or break it at every hook), which the tracker was never validated against.
 NOT_COMPILED = ("inbatch", "inbatch_domains")
@@ -100,6 +101,13 @@ class StrategySettings:
     dga: DGA = setting(DGA(), "exact DGA (strategies dga, with beta 1, and dga_ema)")
     inbatch: InBatchDGA = setting(InBatchDGA(), "in-batch DGA (inbatch; inbatch_domains: level clusters)")
     doge: DoGE = setting(DoGE(), "the DoGE baseline (doge)")
+    blend: float = setting(0.5, "blend: the importance basis's share of the weights, the rest uniform over the bases "
+                                "(a point of the static frontier between importance and uniform sampling)")
+
+    def validate(self, section: str) -> None:
+        if isinstance(self.blend, bool) or not isinstance(self.blend, (int, float)) or not 0.0 <= self.blend <= 1.0:
+            raise ValueError(f"{section}.blend = {self.blend!r}: expected the importance basis's share of the "
+                             "weights, 0 <= blend <= 1")
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,8 @@ class RunConfig:
             return Static()
         if name in ("natural", "importance"):
             return Static(basis=name)
+        if name == "blend":
+            return Static(basis="importance", share=settings.blend)
         if name == "inbatch_domains":  # domain reweighting over every fine cluster that has tokens
             return _replace(settings.inbatch, level="clusters")
         if name == "inbatch":

@@ -1,4 +1,5 @@
-"""Fixed weights over the bases: uniform, natural, importance sampling (weight 1 on the importance basis), or any."""
+"""Fixed weights over the bases: uniform, natural, importance sampling (weight 1 on the importance basis), a blend of
+one basis with the uniform weights (the static frontier a mixer has to beat), or any."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,18 +14,21 @@ from .base import Attachment, StrategyBase, setting_error
 
 
 class StaticStrategy(StrategyBase):
-    """Sets the stream's weights once (uniform by default, `weights`, or all on the basis named `basis`); they never
-    change. Its state is empty: the stream saves the weights."""
+    """Sets the stream's weights once (uniform by default, `weights`, or `share` on the basis named `basis` and the
+    rest uniform over all the bases); they never change. Its state is empty: the stream saves the weights."""
 
     def __init__(self, stream: MixtureStream, *, weights: np.ndarray | list[float] | None = None,
-                 basis: str | None = None):
+                 basis: str | None = None, share: float = 1.0):
         names = stream.mixture.names
+        uniform = np.full(len(names), 1 / len(names))
         if basis is not None:
             if basis not in names:
                 raise ValueError(f"basis = '{basis}' is not among the stream's bases {names[:8]}...")
-            weights = np.eye(len(names))[names.index(basis)]
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"share = {share!r}: expected the basis's share of the weights, 0 <= share <= 1")
+            weights = share * np.eye(len(names))[names.index(basis)] + (1.0 - share) * uniform
         self.stream = stream
-        stream.set_weights(np.full(len(names), 1 / len(names)) if weights is None else weights)
+        stream.set_weights(uniform if weights is None else weights)
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,15 @@ class Static:
 
     weights: tuple[float, ...] | None = setting(None, "one weight per basis (normalized), or None")
     basis: str | None = setting(None, "all the weight on this basis, e.g. 'importance' (importance sampling)")
+    share: float = setting(1.0, "with basis: its share of the weights, the rest uniform over all the bases (a blend)")
 
     needs: ClassVar[frozenset[str]] = frozenset()
 
     def validate(self, section: str = "strategy") -> None:
         if self.weights is not None and self.basis is not None:
             raise setting_error(section, "basis", self.basis, "None when weights are given (one or the other)")
+        if isinstance(self.share, bool) or not isinstance(self.share, (int, float)) or not 0.0 <= self.share <= 1.0:
+            raise setting_error(section, "share", self.share, "a share of the weights, 0 <= share <= 1")
         if self.weights is not None:
             try:
                 check_weights(list(self.weights), len(self.weights))
@@ -47,4 +54,5 @@ class Static:
 
     def build(self, stream: MixtureStream, target: TargetSampler | None, attachment: Attachment) -> StaticStrategy:
         self.validate()
-        return StaticStrategy(stream, weights=None if self.weights is None else list(self.weights), basis=self.basis)
+        return StaticStrategy(stream, weights=None if self.weights is None else list(self.weights), basis=self.basis,
+                              share=self.share)
