@@ -6,6 +6,7 @@
     .venv/bin/python experiments/experiments.py run granularity --seeds 0 1 2 [--variants 4x4 32x32]  # levels each
     .venv/bin/python experiments/experiments.py verify token_limited --seed 0 --method dga_ema   # re-run, compare
     OMP_NUM_THREADS=1 .venv/bin/python experiments/experiments.py run inbatch --target T --seeds 0 --threads 1
+    OMP_NUM_THREADS=1 .venv/bin/python experiments/experiments.py run frontier_all_data --target T --threads 1
     .venv/bin/python experiments/render_results.py      # RESULTS.md tables + plots from the metrics
 
 (--threads 1 with OMP_NUM_THREADS=1: one process per core, several side by side.)
@@ -63,6 +64,12 @@ TRAIN = {"steps": 300, "data.seq_len": 64, "data.batch_size": 16, "optim.lr": 3e
 LONG_STEPS = 1000
 LONG_SETTINGS = {"speed.threads": 1, "speed.precision": "auto", "speed.compile": True, "optim.adamw_impl": "fused",
                  "eval.seed": 1000, "eval.batches": 16}
+
+
+# The library's own defaults for the strategies TRAIN pins to the committed runs' settings (the paper's rule, in-batch
+# eta 0.02, DoGE every 20 steps on 8 sequences): the experiments run on the anchored rule start from these.
+ANCHORED_DEFAULTS = {"strategy.dga.rule": "anchored", "strategy.dga.eta": 4.0, "strategy.inbatch.rule": "anchored",
+                     "strategy.inbatch.eta": 2.0, "strategy.doge.every": 1, "strategy.doge.batch_size": None}
 
 
 @dataclass(frozen=True)
@@ -184,6 +191,23 @@ EXPERIMENTS: dict[str, Experiment] = {
                    for eta in (2.0, 4.0, 8.0)),
                  Method("inbatch_tau0.5", "inbatch", "all",
                         {"strategy.inbatch.eta": 4.0, "strategy.inbatch.tau": 0.5}))),
+    # The static frontier: does DGA beat what a user gets for free? Each regime's methods on the anchored rule at the
+    # library's defaults, against uniform, importance and the static blends lam * importance + (1 - lam) * uniform;
+    # DoGE at its reference cadence (an update every step) and exact DGA on the paper's rule at the long runs' eta.
+    # Token-limited: the online methods reweight the coarse clusters (domain reweighting, as the long runs), the
+    # blends mix the importance basis with the uniform weights over all the bases.
+    **{f"frontier_{regime}": Experiment(
+        results_dir=f"frontier/{regime}", levels=[16, 16],
+        train={**cap, "steps": LONG_STEPS, "eval.every": 100, **LONG_SETTINGS, **ANCHORED_DEFAULTS},
+        methods=(Method("uniform", "uniform", "all"), Method("importance", "importance", "all"),
+                 *(Method(f"blend{int(share * 100)}", "blend", "all", {"strategy.blend": share})
+                   for share in (0.25, 0.5, 0.75)),
+                 Method("doge", "doge", online),
+                 Method("dga_paper", "dga_ema", online, {"strategy.dga.rule": "paper", "strategy.dga.eta": 10.0}),
+                 Method("dga_anchored", "dga_ema", online), Method("inbatch", "inbatch", online),
+                 Method("inbatch_domains", "inbatch_domains", "all")))
+       for regime, cap, online in (("token_limited", {"data.token_cap": 4000}, "coarse"),
+                                   ("all_data", {}, "all"))},
 }
 
 

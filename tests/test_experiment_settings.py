@@ -1,0 +1,48 @@
+"""Every method of every experiment resolves to a valid `train` section of the trainer: a mistyped key or value in
+the harness fails here, not hours into a run."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from dgamix.mixer import DGA, DoGE, InBatchDGA
+from dgamix.trainer.config import read_config
+
+from .conftest import ROOT
+
+
+@pytest.fixture()
+def experiments(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import experiments
+
+    return experiments
+
+
+def test_every_method_of_every_experiment_is_a_valid_train_section(experiments):
+    for name, spec in experiments.EXPERIMENTS.items():
+        for variant in spec.variants:
+            _, overrides = experiments.variant_settings(spec, variant)
+            for method in spec.methods:
+                settings = copy.deepcopy(experiments.TRAIN) | spec.train | overrides | method.train
+                config = read_config({"train": experiments.nested_train(settings)}, method.strategy)
+                config.strategy_settings().validate()
+
+
+def test_the_frontier_runs_use_the_anchored_defaults_and_the_static_blends(experiments):
+    """The anchored settings the frontier experiments start from are the library's defaults, so the evidence
+    measures what a user gets."""
+    anchored = experiments.ANCHORED_DEFAULTS
+    assert (anchored["strategy.dga.rule"], anchored["strategy.dga.eta"]) == (DGA().rule, DGA().eta)
+    assert (anchored["strategy.inbatch.rule"], anchored["strategy.inbatch.eta"]) == (InBatchDGA().rule,
+                                                                                   InBatchDGA().eta)
+    assert (anchored["strategy.doge.every"], anchored["strategy.doge.batch_size"]) == (DoGE().every,
+                                                                                     DoGE().batch_size)
+    spec = experiments.EXPERIMENTS["frontier_all_data"]
+    labels = [m.label for m in spec.methods]
+    assert labels == ["uniform", "importance", "blend25", "blend50", "blend75", "doge", "dga_paper", "dga_anchored",
+                      "inbatch", "inbatch_domains"]
+    settings = copy.deepcopy(experiments.TRAIN) | spec.train | spec.methods[labels.index("dga_paper")].train
+    assert read_config({"train": experiments.nested_train(settings)}, "dga_ema").strategy_settings().rule == "paper"
