@@ -182,3 +182,13 @@ def test_post_stratified_estimates_are_calibrated_and_ignore_how_many_sequences_
                                                                          [0.5, 0, 0, 0, 0.5, 0]])))
     assert (a[0], se[0], support[0]) == (2.0, 0.0, 0.0) and a[1] == pytest.approx((1.5 + 3.0) / 2)
     assert a[2] == pytest.approx((1.5 + 2.0) / 2)
+
+
+def test_post_stratified_standard_errors_exist_before_any_cluster_is_seen_twice():
+    """Every cluster seen once: no within-cluster spread yet, so the spread around the mean stands in; a standard
+    error of 0 would let the first, noisiest scores through unshrunk."""
+    stats = AlignmentStats(4)
+    stats.add(np.array([0, 1, 2]), np.array([1.0, -1.0, 3.0]), np.full(3, 0.25))
+    _, se, _ = stats.stratified_estimates(sp.identity(4, format="csr"))
+    assert (se[:3] > 0).all() and se[3] == 0.0
+    np.testing.assert_allclose(se[:3], np.sqrt(np.var([1.0, -1.0, 3.0])))

@@ -202,13 +202,20 @@ def test_split_alignment_is_the_exact_alignment_with_a_standard_error_and_the_ta
 
 
 def test_pooled_standard_errors_count_the_basis_and_the_target_noise():
+    """The noise of each centered score a_j - mean_alpha(a): the halves' differences, centered with the weights,
+    a quarter of their square (the mean of two halves), pooled over the bases."""
     basis = np.array([[1.0, 2.0, 3.0], [1.0, 0.0, 3.0]])  # only the second basis's halves disagree, by 2
-    assert pooled_standard_errors(basis, None, np.ones(3)) == pytest.approx(np.full(3, np.sqrt(1.0 / 3)))
+    # differences (0, 2, 0), centered (-2/3, 4/3, -2/3): variances (1/9, 4/9, 1/9), pooled 2/9
+    np.testing.assert_allclose(pooled_standard_errors(basis, None, np.ones(3)), np.sqrt(2.0 / 9))
     # target halves that differ by the same amount for every basis: common noise, removed by the centering
     target = np.array([[5.0, 5.0, 5.0], [4.0, 4.0, 4.0]])
-    np.testing.assert_allclose(pooled_standard_errors(basis, target, np.ones(3)), np.sqrt(1.0 / 3))
-    target = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # g1 - g2 moves basis 0 alone: it counts
-    assert pooled_standard_errors(basis, target, np.ones(3))[0] > np.sqrt(1.0 / 3)
+    np.testing.assert_allclose(pooled_standard_errors(basis, target, np.ones(3)), np.sqrt(2.0 / 9))
+    # g1 - g2 moves basis 0 alone: (2/3, -1/3, -1/3) centered, variances (1/9, 1/36, 1/36), pooled 1/18 more
+    target = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    np.testing.assert_allclose(pooled_standard_errors(basis, target, np.ones(3)), np.sqrt(2.0 / 9 + 1.0 / 18))
+    # with 0.9 of the weight on the noisy basis, the mixture's mean carries its noise into every other centered
+    # score: differences centered (-1.8, 0.2, -1.8), variances (0.81, 0.01, 0.81)
+    np.testing.assert_allclose(pooled_standard_errors(basis, None, np.array([0.05, 0.9, 0.05])), np.sqrt(1.63 / 3))
 
 
 def test_the_averaged_variance_lets_a_persistent_signal_through_the_shrinkage():

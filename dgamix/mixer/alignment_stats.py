@@ -181,7 +181,10 @@ class AlignmentStats:
         inverse_effective = np.divide(self.count_sq, self.count ** 2, out=np.zeros(self.n_clusters), where=seen)
         # the weighted sums of squares' expectation, sigma^2 (N_c - N2_c / N_c) per cluster (reliability weights)
         dof = float((self.count[seen] - self.count_sq[seen] / self.count[seen]).sum())
-        pooled = max(squares.sum(), 0.0) / dof if dof > 0 else 0.0
+        if dof >= 1.0:
+            pooled = max(squares.sum(), 0.0) / dof
+        else:  # every cluster seen about once: no within-cluster spread yet, take the spread around the mean
+            pooled = max(self.total_sq.sum() / self.count.sum() - overall ** 2, 0.0)
         a = np.asarray(bases @ means).ravel()
         se = np.sqrt(pooled * np.asarray(bases.multiply(bases) @ inverse_effective).ravel())
         return a, se, support

@@ -346,7 +346,8 @@ def pooled_standard_errors(basis_halves: np.ndarray, target_halves: np.ndarray |
     """Pure: the standard error of each centered score a_j - sum_i alpha_i a_i, pooled over the bases.
 
     `basis_halves` (2, m): the alignments of the two halves of each basis batch with the same g; their difference
-    is the basis sampling noise alone, and a_j (their mean) has a quarter of its variance. `target_halves` (2, m):
+    is the basis sampling noise alone, and a_j (their mean) has a quarter of its variance; centered with the
+    weights, as the scores are. `target_halves` (2, m):
     the alignments of the whole basis batches with each half's target gradient g1 and g2; their difference is the
     noise of g_spe, which every basis shares (the centering removes its common part, so it is centered first) and
     which more basis sequences never average away. One half-split gives one degree of freedom per basis: the
@@ -354,11 +355,14 @@ def pooled_standard_errors(basis_halves: np.ndarray, target_halves: np.ndarray |
     equally noisy, which is what a no-signal test needs: no basis's score is let through by a lucky small
     estimate of its own noise."""
     basis_halves = np.asarray(basis_halves, dtype=np.float64)
-    variance = (basis_halves[0] - basis_halves[1]) ** 2 / 4.0
+    w = np.asarray(weights, dtype=np.float64)
+
+    def centered(difference: np.ndarray) -> np.ndarray:  # the noise of a_j - sum_i alpha_i a_i, not of a_j
+        return difference - np.dot(w, difference) / w.sum()
+
+    variance = centered(basis_halves[0] - basis_halves[1]) ** 2 / 4.0
     if target_halves is not None:
-        difference = np.asarray(target_halves[0] - target_halves[1], dtype=np.float64)
-        w = np.asarray(weights, dtype=np.float64)
-        variance = variance + (difference - np.dot(w, difference) / w.sum()) ** 2 / 4.0
+        variance = variance + centered(np.asarray(target_halves[0] - target_halves[1], dtype=np.float64)) ** 2 / 4.0
     return np.full(basis_halves.shape[1], np.sqrt(variance.mean()))
 
 

@@ -157,8 +157,8 @@ class DGAStrategy(StrategyBase):
         updates, shrink, move the weights. Returns (the shrunk averaged scores that set the weights, skipped).
         Separate from the measurement so that tests can replay it on alignments of known distribution."""
         gains = relative_gains(measured.alignments, self.weights, measured.gain)
-        if not np.isfinite(gains).all():  # G <= 0: the target batch's halves disagree, no unit to score in
-            return gains, True
+        if not (np.isfinite(gains).all() and np.isfinite(measured.standard_errors).all()):
+            return gains, True  # G <= 0 (the target batch's halves disagree: no unit to score in), or a NaN
         self.score_average = average_scores(self.score_average, gains, self.beta)
         self.score_variance = averaged_variance(self.score_variance, (measured.standard_errors / measured.gain) ** 2,
                                                 self.beta)
