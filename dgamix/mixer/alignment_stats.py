@@ -15,13 +15,14 @@ Per basis j (distribution reweighting), the importance-weighted estimate of a_j 
     ahat_j = (1/n) sum_x z_jx,   z_jx = P_j(c_x) d_x / p_t(c_x),   n = sum_x lambda^(age_x) (decayed as above),
 unbiased for a_j while p_t > 0 wherever P_j > 0 (a mixture always covers its bases' supports: p = alpha^T P with
 alpha > 0). Its variance is Var(z_j) n2 / n^2 (n2 = sum_x lambda^(2 age_x), as for the clusters), estimated by
-    se_j^2 = ( (1/n) sum_x z_jx^2 - ahat_j^2 ) n2 / n^2,   sum_x z_jx^2 = sum_c P_j(c)^2 Q_c,  Q_c = sum_x d_x^2 / p_t(c_x)^2,
+    se_j^2 = ( (1/n) sum_x z_jx^2 - ahat_j^2 ) n2 / n^2,
+    sum_x z_jx^2 = sum_c P_j(c)^2 Q_c,   Q_c = sum_x d_x^2 / p_t(c_x)^2,
 so only three k-vectors are kept (S/p, Q and the counts): memory does not grow with the number of bases, and
 every basis is scored from every sequence that falls in its support. The variance grows as P_j departs from p
 (the weights P_j/p are large where p is small): a basis the mixture rarely visits is scored with a large se.
-Post-stratified (`stratified_estimates`, what the anchored rule uses): ahat_j = sum_c P_j(c) abar_c (unseen clusters
-at the mean of all recent sequences) removes the variance of how many sequences each cluster happened to draw, times the clusters' mean
-alignments. `bench/stratified_estimates.py` measures both on the same sequences: at the magnitudes recorded on the
+Post-stratified (`stratified_estimates`, what the anchored rule uses): ahat_j = sum_c P_j(c) abar_c (unseen
+clusters at the mean of all recent sequences) removes the variance of how many sequences each cluster happened to
+draw, times the clusters' mean alignments. `bench/stratified_estimates.py` measures both on the same sequences: at the magnitudes recorded on the
 development corpus (per-sequence spread far above the clusters' means) the mean squared error falls by 7%; with a
 large common part or large cluster offsets by 4.9x or 1.8x; it was never worse.
 
