@@ -3,6 +3,7 @@ the stream itself is refused), and under two real gloo ranks."""
 from __future__ import annotations
 
 import hashlib
+import pickle
 import socket
 
 import numpy as np
@@ -16,6 +17,15 @@ from .mixer_fixtures import synthetic_store
 
 DOCS = [30, 20, 10, 25]
 
+
+
+def gather_to_file(value, out, rank: int, world_size: int) -> None:
+    """Every rank's `value`, pickled by rank 0 into `out` (what the spawning test reads back)."""
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, value)
+    if rank == 0:
+        with open(out, "wb") as fh:
+            pickle.dump(gathered, fh)
 
 def make_stream(directory, rank=0, world_size=1, max_steps=None):
     store = ClusterStore(directory, seed=1)
@@ -197,12 +207,8 @@ def _inbatch_rank_main(rank: int, world_size: int, port: int, directory: str, ta
         optimizer.step()
         dga.on_step(step)
         history.append(stream.weights.tolist())
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, {"history": history, "local": local, "sequences": dga.stats.sequences,
-                                      "decay": dga.decay})
-    if rank == 0:
-        with open(out, "wb") as fh:
-            pickle.dump(gathered, fh)
+    gather_to_file({"history": history, "local": local, "sequences": dga.stats.sequences, "decay": dga.decay},
+                   out, rank, world_size)
     dist.destroy_process_group()
 
 
@@ -293,11 +299,7 @@ def _inbatch_target_rank_main(rank: int, world_size: int, port: int, directory: 
             result["errors"].append((None, target.position))
         except ValueError as error:
             result["errors"].append((str(error), target.position))
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        with open(out, "wb") as fh:
-            pickle.dump(gathered, fh)
+    gather_to_file(result, out, rank, world_size)
     dist.destroy_process_group()
 
 
@@ -464,11 +466,7 @@ def _sharded_rank_main(rank: int, world_size: int, port: int, directory: str, ta
             except ValueError as error:
                 errors.append(str(error))
         result["errors"] = errors
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        with open(out, "wb") as fh:
-            pickle.dump(gathered, fh)
+    gather_to_file(result, out, rank, world_size)
     dist.destroy_process_group()
 
 
