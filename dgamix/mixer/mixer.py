@@ -118,9 +118,7 @@ class Mixer:
         self.seed = int(seed)
         alignment_seed = purpose_seed(seed, ALIGNMENT)
         self.stream = MixtureStream(store, mixture, seq_len, batch_size, seed=purpose_seed(seed, STREAM), rank=rank,
-                                    world_size=world_size, max_steps=max_steps)
-        # The stream seeds its basis sampler with its own seed; the alignment draws have theirs.
-        self.stream.basis_sampler.seed = alignment_seed
+                                    world_size=world_size, max_steps=max_steps, alignment_seed=alignment_seed)
         if isinstance(target, (str, Path)):
             target = ClusterStore(target, seed=alignment_seed)
         self.target = TargetSampler(target, seq_len) if isinstance(target, ClusterStore) else target

@@ -59,14 +59,15 @@ class MixtureStream:
     """Batches of `batch_size` sequences of `seq_len + 1` tokens drawn from `store`'s clusters under a mixture of
     `mixture`'s bases, exactly resumable; the one owner of the weights over the bases (`weights`, `set_weights`).
 
-    seed: the stream's draws (step t is planned from (seed, t) and the weights in force). rank / world_size: this
+    seed: the stream's draws (step t is planned from (seed, t) and the weights in force); alignment_seed: the
+    alignment draws' (`sample_basis`; default `seed`). rank / world_size: this
     process's slice of each global step under data parallelism. max_steps: where the stream ends (None: never).
     weights: the starting weights (default uniform over the bases). Batches come from `next_batch()` in-process or
     from `MixtureLoader(stream, num_workers=N)`; `state_dict()` / `load_state_dict()` save and restore it."""
 
     def __init__(self, store: ClusterStore, mixture: Mixture, seq_len: int, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, max_steps: int | None = None,
-                 weights: np.ndarray | list[float] | None = None):
+                 weights: np.ndarray | list[float] | None = None, alignment_seed: int | None = None):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
             _check_positive_int(name, value)
         if not 0 <= rank < world_size:
@@ -77,7 +78,7 @@ class MixtureStream:
         self.rank, self.world_size, self.max_steps = rank, world_size, max_steps
         self.planner = Planner(store.n_clusters, seed, self.sequence_tokens)
         self.reader = SequenceReader(store, self.sequence_tokens)
-        self.basis_sampler = BasisSampler(mixture, self.reader, seed)
+        self.basis_sampler = BasisSampler(mixture, self.reader, seed if alignment_seed is None else alignment_seed)
         # The first step a MixtureLoader has not handed out while it had planned further (prefetching), kept until
         # the next step is planned or a state is loaded: what a new pass, a new loader or next_batch() starts from.
         self._handed_out: int | None = None
