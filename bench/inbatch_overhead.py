@@ -44,9 +44,11 @@ from dgamix.trainer.model import GPT, GPTConfig
 
 BATCH, SEQ, VOCAB, RANK = 16, 64, 8192, 8
 MODELS = ("gpt", "gpt2", "llama", "gpt_neox")
-# rank8_head: the default size threshold picks the output head only; rank8_all: every Linear at rank 8.
-MODES = ("train", "exact", f"rank{RANK}_head", f"rank{RANK}_all")
-TRACKER_OPTIONS = {"exact": {}, f"rank{RANK}_head": {"rank": RANK},
+# rank8_head: the default size threshold picks the output head only; rank8_all: every Linear at rank 8;
+# exact_noise: exact, plus the second dot product along the noise direction h that anchored in-batch DGA sets
+# (`set_target(g, noise=h)`: its standard errors count the noise of g_spe).
+MODES = ("train", "exact", "exact_noise", f"rank{RANK}_head", f"rank{RANK}_all")
+TRACKER_OPTIONS = {"exact": {}, "exact_noise": {}, f"rank{RANK}_head": {"rank": RANK},
                    f"rank{RANK}_all": {"rank": RANK, "low_rank_min_params": 0}}
 
 
@@ -58,9 +60,9 @@ class TimedTracker(InBatchAlignment):
         super().__init__(*args, **kwargs)
         self.spent = 0.0
 
-    def _term(self, tap, saved, delta):
+    def _term(self, tap, saved, delta, *blocks_and_factors):
         start = time.perf_counter()
-        term = super()._term(tap, saved, delta)
+        term = super()._term(tap, saved, delta, *blocks_and_factors)
         self.spent += time.perf_counter() - start
         return term
 
@@ -151,7 +153,9 @@ def main() -> None:
         if step in (0, total // 2):  # T_r: refreshed twice, outside the timed step
             for mode, tracker in trackers.items():
                 start = time.perf_counter()
-                tracker.refresh_target(losses[mode], target)
+                g = tracker.refresh_target(losses[mode], target)
+                if mode == "exact_noise":  # any dense direction costs the same; in-batch DGA's is (g1 - g2) / 2
+                    tracker.set_target(g, noise=-0.5 * g)
                 refresh[mode].append(time.perf_counter() - start)
         batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=gen)
         for mode in MODES[step % len(MODES):] + MODES[:step % len(MODES)]:  # rotated: no mode always runs first

@@ -192,3 +192,78 @@ def test_post_stratified_standard_errors_exist_before_any_cluster_is_seen_twice(
     _, se, _ = stats.stratified_estimates(sp.identity(4, format="csr"))
     assert (se[:3] > 0).all() and se[3] == 0.0
     np.testing.assert_allclose(se[:3], np.sqrt(np.var([1.0, -1.0, 3.0])))
+
+
+@pytest.mark.parametrize("level", ["clusters", "bases"])
+def test_standard_errors_count_the_noise_of_g_spe_shared_within_a_refresh_window(level):
+    """Every sequence of a refresh window is scored along the same noisy g = g_spe + e: its share <f_x, e> is common
+    to the window and does not average away over more sequences. With the split-half direction h (an independent
+    draw of e's distribution, u_x = <f_x, h>), the reported standard errors (per-sequence part plus the pooled g-noise
+    variance) match the spread of the centered estimates over repetitions (observed 0.95-0.96 of it); without the g-noise part
+    they are about half of it (these settings: the g-noise variance is about twice the per-sequence one)."""
+    k, dim, refresh, decay = 16, 16, 5, 0.9
+    rng = np.random.default_rng(11)
+    centers = rng.standard_normal((k, dim)) + 1.0  # each cluster's mean gradient (a common part too)
+    g_spe = 0.2 * rng.standard_normal(dim)
+    bases = sp.csr_matrix(np.vstack([np.repeat(np.eye(8), 2, axis=1) / 2.0, np.full((1, k), 1.0 / k)]))
+    mapping = None if level == "clusters" else bases
+    p = np.full(k, 1.0 / k)
+    estimates, with_noise, without = [], [], []
+    for _ in range(300):
+        stats = AlignmentStats(k, decay=decay)
+        for update in range(60):
+            if update % refresh == 0:
+                if update:
+                    stats.fold_noise(mapping, np.ones(k if mapping is None else bases.shape[0], dtype=bool))
+                e, h = 0.2 * rng.standard_normal((2, dim))
+            clusters = rng.integers(0, k, 32)
+            f = centers[clusters] + rng.standard_normal((32, dim))
+            stats.add(clusters, f @ (g_spe + e), p[clusters], noise=f @ h)
+            stats.age()
+        center = stats.total.sum() / stats.count.sum()
+        if mapping is None:
+            a, se, _ = stats.cluster_means()
+        else:
+            a, se, _ = stats.stratified_estimates(bases)
+        shared = stats.shared_noise_variance(mapping, np.ones(len(a), dtype=bool))
+        estimates.append(a - center), with_noise.append(np.sqrt(se ** 2 + shared)), without.append(se)
+    spread = np.sqrt(np.mean(np.var(estimates, axis=0)))  # pooled over the items, as the g-noise part is
+    reported = np.sqrt(np.mean(np.square(with_noise)))
+    print(f"\nreported {reported:.4f}, without the g-noise {np.sqrt(np.mean(np.square(without))):.4f}, "
+          f"spread {spread:.4f}")
+    assert reported == pytest.approx(spread, rel=0.15), (reported, spread)
+    assert np.sqrt(np.mean(np.square(without))) < 0.6 * spread
+
+
+def test_the_window_noise_is_the_sum_over_pairs_of_distinct_sequences():
+    """v_j^2 - sum_c b_jc^2 Q_c is the sum over ordered pairs of distinct sequences x != y of b_j(c_x) b_j(c_y)
+    w_x w_y u_x u_y (brute force over one window, with decay and an unseen cluster): a sequence's own u_x^2 stays
+    out, since the per-sequence spread already counts it."""
+    rng = np.random.default_rng(5)
+    k = 5
+    bases = sp.csr_matrix(np.array([[0.5, 0.5, 0, 0, 0], [0.2, 0.2, 0.2, 0.2, 0.2], [0, 0, 0.3, 0, 0.7]]))
+    stats = AlignmentStats(k, decay=0.8)
+    sequences = []  # (cluster, weight at the end, u)
+    for batch in range(3):
+        clusters = rng.choice([0, 1, 2, 3], size=4)  # cluster 4 never seen
+        u = rng.standard_normal(4)
+        stats.add(clusters, rng.standard_normal(4), np.full(4, 0.25), noise=u)
+        stats.age()
+        sequences += [(c, 0.8 ** (3 - batch), value) for c, value in zip(clusters, u)]
+    count = np.array([sum(w for c, w, _ in sequences if c == cluster) for cluster in range(k)])
+    total = count.sum()
+    dense = bases.toarray()
+    pooled = []
+    for mapping, rows in ((bases, dense), (None, np.eye(k))):
+        unseen = rows @ (count == 0)
+        b = np.where(count > 0, rows / np.where(count > 0, count, 1.0), 0.0) - ((1 - unseen) / total)[:, None]
+        b[:, count == 0] = 0.0
+        expected = [sum(b[j, cx] * b[j, cy] * wx * wy * ux * uy
+                        for i, (cx, wx, ux) in enumerate(sequences) for m, (cy, wy, uy) in enumerate(sequences)
+                        if i != m) for j in range(len(rows))]
+        np.testing.assert_allclose(stats.window_noise(mapping), expected, rtol=1e-9, atol=1e-12)
+        pooled.append(np.mean(expected))
+    stats.fold_noise(bases, np.ones(3, dtype=bool))  # the window joins the past ones; the next one starts empty
+    assert stats.noise_variance == pytest.approx(pooled[0]) and not stats.noise.any() and not stats.noise_sq.any()
+    stats.age()
+    assert stats.noise_variance == pytest.approx(0.64 * pooled[0])  # its sequences' weights aged by 0.8

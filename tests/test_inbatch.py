@@ -89,6 +89,37 @@ def test_scores_match_exact_per_sequence_gradients_in_fp32(setup):
         assert float(scores.sum()) / BATCH == pytest.approx(tracker.gradient_dot(), rel=1e-5)
 
 
+def test_a_noise_direction_is_scored_alongside_the_target(setup):
+    """set_target(g, noise=h): the same backward also gives every sequence's <grad l(x), h> (torch.func's, to
+    1e-3), while the scores along g stay those of a tracker without h; with low rank, each direction gets its own
+    factors (at full rank: the exact dots)."""
+    model, batch, _, g, exact = setup
+    h = torch.randn(g.shape, generator=torch.Generator().manual_seed(7)) * g.abs().mean()
+    from torch.func import functional_call, grad, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def sequence_loss(p, sequence):
+        logits = functional_call(model, p, (sequence[None, :-1],))
+        return F.cross_entropy(logits[0], sequence[1:])
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        per_sequence = vmap(grad(sequence_loss), in_dims=(None, 0))(params, batch)
+    exact_noise = torch.cat([per_sequence[name].reshape(BATCH, -1) for name in params], dim=1).double() @ h.double()
+    for rank in (None, 10 ** 6):
+        with InBatchAlignment(model, rank=rank, low_rank_min_params=0) as tracker:
+            tracker.set_target(g, noise=h)
+            scores = _scores(model, tracker, batch)
+            noise = tracker.last_noise_scores
+            assert ((scores - exact).abs() / exact.abs()).max().item() <= 1e-3
+            assert noise.shape == (BATCH,) and ((noise - exact_noise).abs().max() / exact_noise.abs().max()) <= 1e-3
+            tracker.set_target(g)  # without h: no noise scores
+            _scores(model, tracker, batch)
+            assert tracker.last_noise_scores is None
+    model.zero_grad(set_to_none=True)
+
+
 def test_every_trainable_parameter_of_the_gpt_is_covered(setup):
     model, _, _, g, _ = setup
     with InBatchAlignment(model, coverage="exact") as tracker:

@@ -238,3 +238,20 @@ def test_statistics_decay_once_per_update(stores, every):
     assert strategy.stats.count.sum() == pytest.approx(expected, rel=1e-12)
     assert strategy.stats.sequences_sq == pytest.approx(expected_sq, rel=1e-12)
     assert strategy.stats.count_sq.sum() == pytest.approx(expected_sq, rel=1e-12)
+
+
+@pytest.mark.parametrize("level", ["bases", "clusters"])
+def test_the_anchored_standard_errors_count_the_measured_noise_of_g_spe(stores, level):
+    """On a real model: under the anchored rule every scored sequence also carries <grad l(x), h> (h from the
+    target's split halves), folded at each refresh into the variance g_spe's noise adds to the scores; with
+    target_noise=False the second dot product is skipped and nothing is folded."""
+    _, _, measured = train(stores, 14, level)  # refresh = 4: three windows folded, one open
+    assert measured._noise_direction is not None and measured.tracker.last_noise_scores is not None
+    # each window's share is an unbiased U-statistic (one draw; it may be negative), their total floored at 0
+    assert measured.stats.noise_variance != 0 and measured.stats.noise_sq.any()
+    bases = measured.stream.mixture.bases if level == "bases" else None
+    everything = np.ones(measured.stream.mixture.n_bases if level == "bases" else 4, dtype=bool)
+    assert measured.stats.shared_noise_variance(bases, everything) >= 0
+    _, _, unmeasured = train(stores, 14, level, target_noise=False)
+    assert unmeasured.tracker.last_noise_scores is None
+    assert unmeasured.stats.noise_variance == 0 and not unmeasured.stats.noise.any()

@@ -26,6 +26,24 @@ draw, times the clusters' mean alignments. `bench/stratified_estimates.py` measu
 development corpus (per-sequence spread far above the clusters' means) the mean squared error falls by 7%; with a
 large common part or large cluster offsets by 4.9x or 1.8x; it was never worse.
 
+The noise of g_spe. Every sequence of one refresh window is scored along the same estimate g = g_spe + e, so the
+per-sequence spread above misses a part of the error that more training sequences never average away:
+<grad l(x), e> is shared by the whole window (and its common part, shared by every cluster, cancels in the
+centered scores; the rest does not). It is measured with the split halves of the target batch, as exact DGA does:
+with h = sqrt(n1 n2) / n (g1 - g2) (equal halves: (g1 - g2) / 2), an independent vector with the covariance of e,
+each sequence also carries u_x = <grad l(x), h> (`add(..., noise=u)`). Within a window the decayed per-cluster sums
+U_c = sum_x lambda^(age_x) u_x [c_x = c] give one draw of each centered estimate's g-noise,
+    v_j = sum_c b_jc U_c,  b_jc = P_j(c) / N_c - (1 - m_j) / N   (clusters: v_c = U_c / N_c - U / N),
+m_j being P_j's mass on unseen clusters (counted at the mean U / N, as the estimates count them). v_j^2 also holds
+each sequence's own <grad l(x) - mean, e>, which the per-sequence spread already counts; the products of distinct
+sequences hold only the shared part, so the window's share of the variance is estimated without bias by
+    v_j^2 - sum_c b_jc^2 Q_c,   Q_c = sum_x lambda^(2 age_x) u_x^2 [c_x = c]
+(a U-statistic: may be negative in one window, the total is floored at 0). At each refresh the window is folded
+(`fold_noise`: the mean over the scored items, pooled as exact DGA pools, into a decayed sum that ages by lambda^2
+as its window's sequences age by lambda) and U, Q restart; `shared_noise_variance` adds the current window.
+The fold uses the counts N_c at the refresh, which equal the later ones in steady state (early on, while N_c still
+grows, it overstates an old window's share: the error errs on the side of caution).
+
 A cluster or basis with fewer than `min_sequences` (effective) recent sequences in its support gets score 0: it does
 not move on one noisy sample. Under a uniform mixture of m bases (or clusters) and B sequences per update, each holds
 about B / m / (1 - lambda) recent sequences in steady state; `auto_decay` picks lambda so that this is twice
@@ -66,12 +84,14 @@ def auto_decay(sequences_per_update: float, n_scored: int, min_sequences: float)
 class AlignmentStats:
     """Decayed per-cluster sums of the per-sequence alignments d_x, enough for cluster means and basis estimates.
 
-    Six k-vectors: sequences, their squared weights (the effective sample size), sum d, sum d^2 (cluster means and
-    their standard errors), sum d/p and sum d^2/p^2 (the importance-weighted basis estimates); plus n and n2, the
-    decayed number of sequences and the sum of their squared weights.
+    Eight k-vectors: sequences, their squared weights (the effective sample size), sum d, sum d^2 (cluster means and
+    their standard errors), sum d/p and sum d^2/p^2 (the importance-weighted basis estimates), and sum u, sum u^2
+    over the current refresh window (the noise of g_spe); plus n and n2, the decayed number of sequences and the sum of their
+    squared weights, and the folded variance of g_spe's noise of the past windows.
     """
 
-    FIELDS = ("count", "count_sq", "total", "total_sq", "weighted", "weighted_sq")
+    FIELDS = ("count", "count_sq", "total", "total_sq", "weighted", "weighted_sq", "noise", "noise_sq")
+    SQUARED = ("count_sq", "noise_sq")  # sums of squared weights: they age by decay^2
 
     def __init__(self, n_clusters: int, decay: float = 1.0):
         if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
@@ -84,23 +104,28 @@ class AlignmentStats:
             setattr(self, name, np.zeros(n_clusters))
         self.sequences = 0.0
         self.sequences_sq = 0.0
+        self.noise_variance = 0.0  # the folded windows' pooled variance of g_spe's noise, decayed by decay^2
 
-    def add(self, clusters: np.ndarray, alignments: np.ndarray, probs: np.ndarray) -> None:
-        """One batch: each sequence's cluster, its d_x, and the probability its cluster had when it was drawn."""
+    def add(self, clusters: np.ndarray, alignments: np.ndarray, probs: np.ndarray,
+            noise: np.ndarray | None = None) -> None:
+        """One batch: each sequence's cluster, its d_x, the probability its cluster had when it was drawn, and
+        (optional) its u_x = <grad l(x), h>, h the split-half direction of g_spe's noise (module docstring)."""
         clusters = np.asarray(clusters, dtype=np.int64)
         d = np.asarray(alignments, dtype=np.float64)
         p = np.asarray(probs, dtype=np.float64)
-        if not (clusters.shape == d.shape == p.shape) or clusters.ndim != 1:
-            raise ValueError(f"clusters {clusters.shape}, alignments {d.shape} and probs {p.shape}: expected three "
-                             "vectors with one entry per sequence")
+        u = np.zeros_like(d) if noise is None else np.asarray(noise, dtype=np.float64)
+        if not (clusters.shape == d.shape == p.shape == u.shape) or clusters.ndim != 1:
+            raise ValueError(f"clusters {clusters.shape}, alignments {d.shape}, probs {p.shape} and noise "
+                             f"{u.shape}: expected vectors with one entry per sequence")
         if len(clusters) and (clusters.min() < 0 or clusters.max() >= self.n_clusters):
             raise ValueError(f"cluster ids must lie in [0, {self.n_clusters}); got {clusters.min()}..{clusters.max()}")
-        if not np.isfinite(d).all():
-            raise ValueError("alignments contain NaN or inf")
+        if not (np.isfinite(d).all() and np.isfinite(u).all()):
+            raise ValueError("alignments or noise contain NaN or inf")
         if (p <= 0).any():
             raise ValueError("a sequence was drawn from a cluster of probability 0: expected p > 0 for every sequence")
         for name, values in (("count", np.ones_like(d)), ("count_sq", np.ones_like(d)), ("total", d),
-                             ("total_sq", d * d), ("weighted", d / p), ("weighted_sq", (d / p) ** 2)):
+                             ("total_sq", d * d), ("weighted", d / p), ("weighted_sq", (d / p) ** 2),
+                             ("noise", u), ("noise_sq", u * u)):
             np.add.at(getattr(self, name), clusters, values)
         self.sequences += len(d)
         self.sequences_sq += len(d)
@@ -113,9 +138,10 @@ class AlignmentStats:
             getattr(self, name).__iadd__(getattr(other, name))
         self.sequences += other.sequences
         self.sequences_sq += other.sequences_sq
+        self.noise_variance += other.noise_variance
 
     def merge_across_ranks(self, device: torch.device | str = "cpu") -> None:
-        """Sum the statistics of every rank (one all-reduce of 6k + 2 numbers, on `device`: NCCL has no CPU path), so
+        """Sum the statistics of every rank (one all-reduce of 8k + 2 numbers, on `device`: NCCL has no CPU path), so
         every rank holds the same statistics and computes the same scores."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return
@@ -132,9 +158,47 @@ class AlignmentStats:
         """Discount everything seen so far by `decay` (called after each weight update); the squared weights by its
         square."""
         for name in self.FIELDS:
-            getattr(self, name).__imul__(self.decay ** 2 if name == "count_sq" else self.decay)
+            getattr(self, name).__imul__(self.decay ** 2 if name in self.SQUARED else self.decay)
         self.sequences *= self.decay
         self.sequences_sq *= self.decay ** 2
+        self.noise_variance *= self.decay ** 2
+
+    # ---- the noise of g_spe ---------------------------------------------------------------------------------------
+    def window_noise(self, bases: sp.spmatrix | None) -> np.ndarray:
+        """Each centered estimate's g_spe-noise variance measured in the current refresh window, v_j^2 - sum_c
+        b_jc^2 Q_c (module docstring): per basis (rows of `bases`, post-stratified as `stratified_estimates`) or
+        per cluster (bases None)."""
+        total = self.count.sum()
+        n_items = self.n_clusters if bases is None else bases.shape[0]
+        if total <= 0:
+            return np.zeros(n_items)
+        seen = self.count > 0
+        inverse = np.divide(1.0, self.count, out=np.zeros(self.n_clusters), where=seen)
+        if bases is None:
+            coefficients = sp.diags(inverse).tocsr()
+            unseen_mass = (~seen).astype(np.float64)  # an unseen cluster sits at the mean: no noise of its own
+        else:
+            bases = sp.csr_matrix(bases)
+            coefficients = bases @ sp.diags(inverse)
+            unseen_mass = np.asarray(bases @ (~seen).astype(np.float64)).ravel()
+        # b = coefficients - (1 - m) / N on the seen clusters (sparse part, then the dense rank-one part)
+        shift = (1.0 - unseen_mass) / total
+        values = np.asarray(coefficients @ self.noise).ravel() - shift * self.noise.sum()
+        diagonal = (np.asarray(coefficients.multiply(coefficients) @ self.noise_sq).ravel()
+                    - 2.0 * shift * np.asarray(coefficients @ self.noise_sq).ravel()
+                    + shift ** 2 * self.noise_sq.sum())
+        return values ** 2 - diagonal
+
+    def fold_noise(self, bases: sp.spmatrix | None, scored: np.ndarray) -> None:
+        """At a refresh of g_spe: the ending window's pooled noise variance joins the decayed sum; U, Q restart."""
+        self.noise_variance += pooled_mean(self.window_noise(bases), scored)
+        self.noise = np.zeros(self.n_clusters)
+        self.noise_sq = np.zeros(self.n_clusters)
+
+    def shared_noise_variance(self, bases: sp.spmatrix | None, scored: np.ndarray) -> float:
+        """The variance, pooled over the scored items, that g_spe's noise adds to every centered estimate: the
+        folded windows and the current one (at least 0)."""
+        return max(self.noise_variance + pooled_mean(self.window_noise(bases), scored), 0.0)
 
     # ---- estimates ----------------------------------------------------------------------------------------------
     def cluster_means(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -194,7 +258,7 @@ class AlignmentStats:
     def state_dict(self) -> dict[str, Any]:
         # Plain Python (torch.load's default, weights_only, refuses numpy); float64 values round-trip exactly.
         return plain({"n_clusters": self.n_clusters, "decay": self.decay, "sequences": self.sequences,
-                      "sequences_sq": self.sequences_sq, **{name: getattr(self, name) for name in self.FIELDS}})
+                      "sequences_sq": self.sequences_sq, "noise_variance": self.noise_variance, **{name: getattr(self, name) for name in self.FIELDS}})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["n_clusters"]) != self.n_clusters or float(state["decay"]) != self.decay:
@@ -204,9 +268,20 @@ class AlignmentStats:
             if name == "count_sq" and name not in state:  # saved before it was kept: its n as n2 (the old se)
                 self.count_sq = array(state["count"], np.float64)
                 continue
+            if name in ("noise", "noise_sq") and name not in state:  # saved before they were kept: none measured
+                setattr(self, name, np.zeros(self.n_clusters))
+                continue
             setattr(self, name, array(state[name], np.float64))  # a list, a tensor or an array
         self.sequences = float(state["sequences"])
         self.sequences_sq = float(state.get("sequences_sq", self.sequences))
+        self.noise_variance = float(state.get("noise_variance", 0.0))
+
+
+def pooled_mean(values: np.ndarray, scored: np.ndarray) -> float:
+    """Pure: the mean of values over the scored entries (over all when none is scored), 0 when empty."""
+    values, scored = np.asarray(values, dtype=np.float64), np.asarray(scored, dtype=bool)
+    chosen = values[scored] if scored.any() else values
+    return float(np.mean(chosen)) if len(chosen) else 0.0
 
 
 def scale_scores(scores: np.ndarray, se: np.ndarray, sequences: np.ndarray, scale: str,

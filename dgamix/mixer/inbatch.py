@@ -264,45 +264,61 @@ class InBatchAlignment:
                 "coverage='partial' to score with the covered parameters only")
         self.enabled = True
         self._blocks: dict[int, torch.Tensor] | None = None  # id(param) -> its fp32 block of g
+        self._noise_blocks: dict[int, torch.Tensor] | None = None  # the same for the noise direction, if any
         self._factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # tap name -> (us, v)
+        self._noise_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.low_rank_layers: dict[str, dict[str, float]] = {}  # tap name -> {"rank", "captured"}
         self._target_share: float | None = None
         self._warned_share = False
         self._pending: list[_Pending] = []
-        self._terms: list[tuple[str, torch.Tensor]] = []
+        self._terms: list[tuple[str, torch.Tensor, torch.Tensor | None]] = []  # (tap, term along g, along h)
         self._refired = False
         self._results: list[torch.Tensor] = []
+        self.last_noise_scores: torch.Tensor | None = None  # the last collect's <grad l(x), h>, when h is set
         self.last_layer_terms: dict[str, torch.Tensor] = {}  # the last collect's d_x split by module (diagnostics)
         self._handles = [tap.module.register_forward_hook(functools.partial(self._forward_hook, tap), with_kwargs=True)
                          for tap in self._taps]
 
     # ---- target ---------------------------------------------------------------------------------------------
-    def set_target(self, target: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+    def set_target(self, target: torch.Tensor | Mapping[str, torch.Tensor],
+                   noise: torch.Tensor | Mapping[str, torch.Tensor] | None = None) -> None:
         """Set g: a flat tensor in `self.params` order (as `target_gradient` returns) or {parameter name: tensor}
-        over every trainable parameter. Held in fp32; the low-rank factors, if any, are refreshed from it."""
+        over every trainable parameter. Held in fp32; the low-rank factors, if any, are refreshed from it.
+
+        `noise`: a second direction h of the same shape (e.g. the split-half difference of g's two halves, whose
+        spread is that of g's own sampling noise); every collect then also computes <grad l(theta; x), h> per
+        sequence (`last_noise_scores`), at the cost of a second dot product per layer. None: g only."""
+        self._blocks = self._as_blocks(target, "target")
+        self._noise_blocks = None if noise is None else self._as_blocks(noise, "noise")
+        squares = {i: float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2 for i, b in self._blocks.items()}
+        self._check_share(squares)
+        self._refresh_factors()
+
+    def _as_blocks(self, target: torch.Tensor | Mapping[str, torch.Tensor], what: str) -> dict[int, torch.Tensor]:
+        """id(param) -> its fp32 block of a flat or by-name vector over the trainable parameters."""
         if isinstance(target, torch.Tensor):
             expected = sum(p.numel() for _, p in self.params)
             if target.dim() != 1 or target.numel() != expected:
-                raise ValueError(f"target of shape {tuple(target.shape)}: expected a flat tensor of {expected} "
+                raise ValueError(f"{what} of shape {tuple(target.shape)}: expected a flat tensor of {expected} "
                                  "entries, the trainable parameters in model.named_parameters() order")
             pieces = torch.split(target, [p.numel() for _, p in self.params])
             blocks = {id(p): piece.view(p.shape) for (_, p), piece in zip(self.params, pieces)}
         else:
             missing = [n for n, _ in self.params if n not in target]
             if missing:
-                raise ValueError(f"target lacks trainable parameters {missing[:8]}: expected one tensor per name "
+                raise ValueError(f"{what} lacks trainable parameters {missing[:8]}: expected one tensor per name "
                                  "of model.named_parameters() that requires grad")
             blocks = {}
             for name, p in self.params:
                 if tuple(target[name].shape) != tuple(p.shape):
-                    raise ValueError(f"target['{name}'] has shape {tuple(target[name].shape)}, expected "
+                    raise ValueError(f"{what}['{name}'] has shape {tuple(target[name].shape)}, expected "
                                      f"{tuple(p.shape)}")
                 blocks[id(p)] = target[name]
         # Held by reference where already fp32 on the parameter's device (no second copy of g): do not modify g in
         # place afterwards.
-        self._blocks = {id(p): blocks[id(p)].detach().to(device=p.device, dtype=torch.float32)
-                        for _, p in self.params}
-        squares = {i: float(torch.linalg.vector_norm(b, dtype=torch.float64)) ** 2 for i, b in self._blocks.items()}
+        return {id(p): blocks[id(p)].detach().to(device=p.device, dtype=torch.float32) for _, p in self.params}
+
+    def _check_share(self, squares: dict[int, float]) -> None:
         covered = {id(p) for n, p in self.params if n in self._covered}
         total = sum(squares.values())
         self._target_share = sum(squares[i] for i in covered) / total if total > 0 else 1.0
@@ -318,21 +334,24 @@ class InBatchAlignment:
                 f"{self._target_share:.1%} of ||g||^2 (below {MIN_TARGET_SHARE:.0%}), so every score leaves out the "
                 f"rest of the target gradient; not covered ({len(left_out)}, share of ||g||^2): {shown}"
                 f"{' ...' if len(left_out) > 8 else ''}. Express them as supported modules "
-                f"({', '.join(SUPPORTED_MODULES)}) or freeze them", UserWarning, stacklevel=2)
-        self._refresh_factors()
+                f"({', '.join(SUPPORTED_MODULES)}) or freeze them", UserWarning, stacklevel=3)
 
     def _refresh_factors(self) -> None:
-        self._factors, self.low_rank_layers = {}, {}
+        self._factors, self._noise_factors, self.low_rank_layers = {}, {}, {}
         if self.rank is None:
             return
         for tap in self._taps:
             if tap.kind in ("linear", "conv1d") and tap.weight is not None and \
                     self._blocks[tap.weight].numel() >= self.low_rank_min_params:
-                block = self._blocks[tap.weight]
-                us, v, captured = low_rank_factors(block if tap.kind == "linear" else block.T, self.rank,
-                                                   seed=self.seed)
-                self._factors[tap.name] = (us, v)
-                self.low_rank_layers[tap.name] = {"rank": us.shape[1], "captured": captured}
+                for blocks, factors in ((self._blocks, self._factors), (self._noise_blocks, self._noise_factors)):
+                    if blocks is None:
+                        continue
+                    block = blocks[tap.weight]
+                    us, v, captured = low_rank_factors(block if tap.kind == "linear" else block.T, self.rank,
+                                                       seed=self.seed)
+                    factors[tap.name] = (us, v)
+                    if blocks is self._blocks:
+                        self.low_rank_layers[tap.name] = {"rank": us.shape[1], "captured": captured}
 
     def refresh_target(self, loss_fn: Callable[[object], torch.Tensor], target_batches: Iterable[object],
                        share: float | None = None) -> torch.Tensor:
@@ -399,16 +418,20 @@ class InBatchAlignment:
             return None
         # The backward may run inside the caller's autocast region: the dot products stay in fp32.
         with torch.no_grad(), torch.autocast(delta.device.type, enabled=False):
-            self._terms.append((pending.tap.name, self._term(pending.tap, saved, delta)))
+            tap = pending.tap
+            noise = (self._term(tap, saved, delta, self._noise_blocks, self._noise_factors)
+                     if self._noise_blocks is not None else None)
+            self._terms.append((tap.name, self._term(tap, saved, delta, self._blocks, self._factors), noise))
         return None  # never changes the gradient
 
-    def _term(self, tap: _Tap, saved: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        blocks, module = self._blocks, tap.module
+    def _term(self, tap: _Tap, saved: torch.Tensor, delta: torch.Tensor, blocks: dict[int, torch.Tensor],
+              factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        module = tap.module
         weight = blocks[tap.weight] if tap.weight is not None else None
         bias = blocks[tap.bias] if tap.bias is not None else None
         if tap.kind in ("linear", "conv1d"):
-            if tap.name in self._factors:
-                return low_rank_linear_dots(saved, delta, *self._factors[tap.name], bias)
+            if tap.name in factors:
+                return low_rank_linear_dots(saved, delta, *factors[tap.name], bias)
             # Conv1D keeps W as (in, out): its G_W transposed (a view) is the (out, in) block of a Linear.
             return linear_dots(saved, delta, weight if tap.kind == "linear" or weight is None else weight.T, bias)
         if tap.kind == "embedding":
@@ -431,8 +454,8 @@ class InBatchAlignment:
         n_sequences: B, checked against the outputs' dim 0."""
         _check_loss_scale(loss_scale)
         terms, refired = self._terms, self._refired
-        sizes = {name: term.shape[0] for name, term in terms}  # for the message
-        counts = {term.shape[0] for _, term in terms}  # every call's, a module called twice included
+        sizes = {name: term.shape[0] for name, term, _ in terms}  # for the message
+        counts = {term.shape[0] for _, term, _ in terms}  # every call's, a module called twice included
         if terms and not refired and len(counts) == 1 and isinstance(loss_scale, torch.Tensor) \
                 and loss_scale.numel() != terms[0][1].shape[0]:  # a caller's mistake: the terms stay for a retry
             raise ValueError(f"loss_scale has {loss_scale.numel()} weights for a micro-batch of "
@@ -459,10 +482,12 @@ class InBatchAlignment:
         scale = (loss_scale.to(device=device, dtype=torch.float64) if isinstance(loss_scale, torch.Tensor)
                  else float(loss_scale)) * grad_scale
         by_layer: dict[str, torch.Tensor] = {}
-        for name, term in terms:  # summed in float64: layers' terms of opposite signs cancel
+        for name, term, _ in terms:  # summed in float64: layers' terms of opposite signs cancel
             by_layer[name] = by_layer[name] + term.double() if name in by_layer else term.double()
         self.last_layer_terms = {name: term / scale for name, term in by_layer.items()}
         scores = torch.stack(list(self.last_layer_terms.values())).sum(dim=0)
+        noise = [term.double() for _, _, term in terms if term is not None]
+        self.last_noise_scores = torch.stack(noise).sum(dim=0) / scale if len(noise) == len(terms) else None
         self._results.append(scores)
         return scores
 

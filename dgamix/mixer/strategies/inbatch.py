@@ -44,6 +44,8 @@ class InBatchDGA:
     rank: int | None = setting(None, "None: exact target gradient; an int: low-rank per large layer (faster)")
     tau: float = setting(0.25, "anchored: prior scale of a relative gain; noisier estimates shrink toward 0")
     kl_cap: float | None = setting(None, "anchored: at most this KL(alpha || alpha_0) in nats (None: no cap)")
+    target_noise: bool = setting(True, "anchored: standard errors count the noise of g_spe (a second dot product "
+                                       "per sequence, along the split-half difference)")
 
     needs: ClassVar[frozenset[str]] = frozenset({"model", "backward_hooks"})
 
@@ -74,7 +76,8 @@ class InBatchDGA:
                                   score_every=self.score_every, refresh=self.refresh,
                                   target_batch_size=self.target_batch_size, decay=self.decay,
                                   min_sequences=self.min_sequences, scale=self.scale, level=self.level,
-                                  floor=self.floor, rule=self.rule, tau=self.tau, kl_cap=self.kl_cap)
+                                  floor=self.floor, rule=self.rule, tau=self.tau, kl_cap=self.kl_cap,
+                                  target_noise=self.target_noise)
 
 
 @dataclass
@@ -119,12 +122,13 @@ class InBatchDGAStrategy(StrategyBase):
     rule: str = InBatchDGA.rule
     tau: float = InBatchDGA.tau
     kl_cap: float | None = InBatchDGA.kl_cap
+    target_noise: bool = InBatchDGA.target_noise
 
     needs: ClassVar[frozenset[str]] = InBatchDGA.needs
 
     SETTINGS: ClassVar[tuple[str, ...]] = ("eta", "beta", "every", "score_every", "refresh", "target_batch_size",
                                            "decay", "min_sequences", "scale", "level", "floor", "rule", "tau",
-                                           "kl_cap")
+                                           "kl_cap", "target_noise")
 
     def __post_init__(self) -> None:
         check_dga_params(self.eta, self.beta, self.every)
@@ -216,6 +220,7 @@ class InBatchDGAStrategy(StrategyBase):
 
         with own_rng(p for _, p in self.tracker.params):
             if self.rule == "paper":
+                self._noise_direction = None
                 batch = self.target.sample(n, rank, world)
                 self._target_gradient = self.tracker.refresh_target(self.loss_fn, [batch], share(n))
                 return
@@ -230,7 +235,11 @@ class InBatchDGAStrategy(StrategyBase):
                 second = target_gradient(self.loss_fn, params, [second_batch], share(n - half))
             self.gain = float(torch.dot(first.double(), second.double()))
             self._target_gradient = (first * half + second * (n - half)) / n
-            self.tracker.set_target(self._target_gradient)
+            # h: the halves' difference scaled to the covariance of g's own noise, (g1 - g2) / 2 for equal halves
+            # (alignment_stats: the noise of g_spe)
+            self._noise_direction = ((first - second).mul_((half * (n - half)) ** 0.5 / n) if self.target_noise
+                                     else None)
+            self.tracker.set_target(self._target_gradient, self._noise_direction)
 
     def scores_step(self, step: int) -> bool:
         """Whether step `step`'s sequences are scored: every `score_every`-th step (fewer scored steps cost less and
@@ -254,11 +263,13 @@ class InBatchDGAStrategy(StrategyBase):
         scale = 1.0 / len(clusters) if evidence.loss_scale is None else evidence.loss_scale
         scores = self.tracker.collect(loss_scale=scale, grad_scaler=evidence.grad_scaler,
                                       n_sequences=len(clusters)).cpu().numpy()
+        noise = self.tracker.last_noise_scores
+        noise = None if noise is None else noise.cpu().numpy()
         self.tracker.take()  # the strategy keeps its own statistics; nothing accumulates in the tracker
-        if not np.isfinite(scores).all():  # an overflowed fp16 backward: the GradScaler skips the step; so do we
-            self.overflowed += 1
+        if not np.isfinite(scores).all() or (noise is not None and not np.isfinite(noise).all()):
+            self.overflowed += 1  # an overflowed fp16 backward: the GradScaler skips the step; so do we
             return
-        self.window.add(clusters, scores, as_numpy(batch["prob"]))
+        self.window.add(clusters, scores, as_numpy(batch["prob"]), noise)
 
     def scores(self) -> np.ndarray:
         """The score of every basis, from the statistics so far: relative gains (anchored rule), or the scaled
@@ -269,10 +280,14 @@ class InBatchDGAStrategy(StrategyBase):
             center = self.stats.total.sum() / self.stats.count.sum() if self.stats.count.sum() > 0 else 0.0
             if self.level == "bases":  # post-stratified: the luck of each cluster's draw count drops out
                 a, se, seen = self.stats.stratified_estimates(bases)
-                return relative_gains(a, self.weights, self.gain, se, self.tau, seen >= self.min_sequences, center)
+                scored = seen >= self.min_sequences
+                se = np.sqrt(se ** 2 + self.stats.shared_noise_variance(bases, scored))
+                return relative_gains(a, self.weights, self.gain, se, self.tau, scored, center)
             means, se, seen = self.stats.cluster_means()
+            scored = seen >= self.min_sequences
+            se = np.sqrt(se ** 2 + self.stats.shared_noise_variance(None, scored))
             probs = self.stream.mixture.cluster_probs(self.weights)
-            per_cluster = relative_gains(means, probs, self.gain, se, self.tau, seen >= self.min_sequences, center)
+            per_cluster = relative_gains(means, probs, self.gain, se, self.tau, scored, center)
             return np.asarray(bases @ per_cluster).ravel()
         if self.level == "bases":
             a, se, seen = self.stats.basis_estimates(bases)
@@ -288,8 +303,17 @@ class InBatchDGAStrategy(StrategyBase):
         if (step + 1) % self.every == 0:
             record = self._update(step)  # None when no sequence was scored since the last update
         if (step + 1) % self.refresh == 0:
+            if self.rule == "anchored":  # the ending window's g_spe noise joins the past windows' (alignment_stats)
+                self._fold_noise()
             self.refresh_target()
         return record
+
+    def _fold_noise(self) -> None:
+        """Sequences scored since the last update (`every` not dividing `refresh`) are not in `stats` yet: their
+        u_x, taken along the ending window's h, join the next window's sum (a small mix of two windows)."""
+        bases = self.stream.mixture.bases if self.level == "bases" else None
+        seen = self.stats.stratified_estimates(bases)[2] if bases is not None else self.stats.count
+        self.stats.fold_noise(bases, seen >= self.min_sequences)
 
     def _update(self, step: int) -> UpdateRecord | None:
         device = next(iter(p.device for _, p in self.tracker.params), "cpu")
@@ -332,6 +356,8 @@ class InBatchDGAStrategy(StrategyBase):
                       "stats": self.stats.state_dict(), "window": self.window.state_dict(),
                       # g_spe as last refreshed: a run resumed between two refreshes scores with the same g.
                       "target_gradient": self._target_gradient.detach().cpu(), "gain": self.gain,
+                      "noise_direction": (None if self._noise_direction is None
+                                          else self._noise_direction.detach().cpu()),
                       "prior": self.prior, "score_average": self.score_average,
                       "target": self.target.state_dict(), **self.settings()})
 
@@ -343,7 +369,9 @@ class InBatchDGAStrategy(StrategyBase):
         self.stats.load_state_dict(state["stats"])
         self.window.load_state_dict(state["window"])
         self._target_gradient = torch.as_tensor(state["target_gradient"])
-        self.tracker.set_target(self._target_gradient)
+        noise = state.get("noise_direction")
+        self._noise_direction = None if noise is None else torch.as_tensor(noise)
+        self.tracker.set_target(self._target_gradient, self._noise_direction)
         self.gain = float(state["gain"])
         self.prior = array(state["prior"], np.float64)
         average = state["score_average"]
