@@ -4,6 +4,7 @@
     .venv/bin/python experiments/render_results.py --only inbatch   # just results/inbatch/RESULTS_section.md
     .venv/bin/python experiments/render_results.py --only long      # just the long runs' section (results/long)
     .venv/bin/python experiments/render_results.py --only anchored_pilot   # the pilot of the anchored rule's defaults
+    .venv/bin/python experiments/render_results.py --only frontier  # the static frontier (render_frontier.py)
 
 Reads results/<experiment>/<target>/<variant>/seed<k>/<method>/{metrics.json,log.csv} (experiments.py),
 writes results/<experiment>/<target>/<variant>/table.md (mean ± std over seeds, per method), the plots of seed 0
@@ -32,6 +33,7 @@ import polars as pl  # noqa: E402
 from common import ROOT  # noqa: E402
 
 from dgamix.trainer.plot import plot_runs  # noqa: E402
+from render_frontier import write_frontier_section  # noqa: E402
 
 RESULTS = ROOT / "results"
 REPORT = ROOT / "RESULTS.md"
@@ -664,11 +666,16 @@ def splice(text: str, name: str, section: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["inbatch", "long", "anchored_pilot"], default=None,
+    parser.add_argument("--only", choices=["inbatch", "long", "anchored_pilot", "frontier"], default=None,
                         help="inbatch: render only results/inbatch/RESULTS_section.md (RESULTS.md untouched); long: "
                              "only the long runs' section (results/long/RESULTS_section.md, spliced into RESULTS.md "
                              "between <!-- section:long --> and <!-- end -->); no other experiment's tables or plots")
     args = parser.parse_args()
+    if args.only == "frontier":
+        section = write_frontier_section(RESULTS)
+        if section is not None and REPORT.exists():
+            REPORT.write_text(splice(REPORT.read_text(), "frontier", section))
+        return
     if args.only == "anchored_pilot":
         section = write_anchored_pilot_section()
         if section is not None and REPORT.exists():
@@ -723,7 +730,8 @@ def main() -> None:
                         f"{r['recorded_final_generic_loss']!r} | {r['rerun_final_generic_loss']!r} | "
                         f"{'yes' if r['identical'] else 'NO'} |")
         tables["reproduced"] = "\n".join(rows)
-    sections = {"inbatch": write_inbatch_section(), "long": write_long_section()}
+    sections = {"inbatch": write_inbatch_section(), "long": write_long_section(),
+                "frontier": write_frontier_section(RESULTS)}
     if REPORT.exists():
         text = REPORT.read_text()
         for name, section in sections.items():

@@ -141,3 +141,50 @@ def test_anchored_pilot_scores_each_setting_by_its_mean_paired_sum(tmp_path, ren
     section = render.anchored_pilot_section(tmp_path)
     assert "| inbatch | eta4 | -0.100 | 2 |" in section
     assert "- inbatch: lowest mean Δ sum at eta4 (-0.100; eta2 +0.150, eta4 -0.100)." in section
+
+
+# ---- the static frontier (render_frontier.py) ---------------------------------------------------------------------
+@pytest.fixture()
+def frontier(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "experiments"))
+    import render_frontier
+
+    return render_frontier
+
+
+def test_the_frontier_interpolates_takes_the_lowest_segment_and_refuses_worse_generic_losses(frontier):
+    # uniform (7.0, 7.0) ... importance (7.6, 6.0), in the order of lambda; the middle blend is noisy (left of 0.25's)
+    static = [(7.0, 7.0), (7.2, 6.6), (7.1, 6.4), (7.4, 6.2), (7.6, 6.0)]
+    assert frontier.frontier_spec_at(static, 7.5) == pytest.approx(6.1)
+    # 7.15 is spanned by (7.0-7.2), (7.2-7.1) and (7.1-7.4) segments: the lowest static choice counts
+    assert frontier.frontier_spec_at(static, 7.15) == pytest.approx(min(6.8, 6.5, 6.4 - 0.2 * 0.05 / 0.3))
+    assert frontier.frontier_spec_at(static, 6.5) == 7.0  # left of every static point: the leftmost one's
+    assert frontier.frontier_spec_at(static, 7.7) is None  # a worse generic loss than every static mixture
+    assert frontier.frontier_distance(static, 7.5, 5.9) == pytest.approx(-0.2)
+    assert frontier.below_by_more_than_spread([-0.2, -0.1, -0.15])
+    assert not frontier.below_by_more_than_spread([-0.2, 0.1, -0.15])
+    assert not frontier.below_by_more_than_spread([-0.2])  # one seed: no spread known
+
+
+def test_the_frontier_section_reads_the_runs_and_says_what_they_show(frontier, tmp_path):
+    """Three seeds of a target with all the data: a method below every seed's frontier is said to lie below it;
+    one above it is said not to; a 256-cluster run whose largest weight stays below 0.5 with a lower specialized
+    loss than uniform meets that question."""
+    bases = ["importance", "natural", "uniform"]
+    variant = tmp_path / "results" / "frontier" / "all_data" / "medical_abstracts" / "default"
+    for k in range(3):
+        noise = 0.01 * k
+        points = {"uniform": (7.0, 7.0), "blend25": (7.1, 6.7), "blend50": (7.2, 6.4), "blend75": (7.3, 6.2),
+                  "importance": (7.5, 6.0), "dga_anchored": (7.2, 6.2 + noise), "inbatch": (7.2, 6.5 + noise),
+                  "inbatch_domains": (7.1, 6.9 + noise)}
+        for method, (generic, spec) in points.items():
+            static = method in frontier.STATIC_ORDER
+            weights = [0.5, 0.25, 0.25] if method != "inbatch_domains" else [0.4, 0.3, 0.3]
+            write_run(variant / f"seed{k}" / method, "blend" if static else method, [spec], [generic], weights, bases)
+    section = frontier.write_frontier_section(tmp_path / "results")
+    assert "exact DGA, anchored lies below the static frontier by more than the seed spread" in section
+    assert "in-batch DGA, bases does not lie below the static frontier" in section
+    assert "lies below the static frontier by more than the seed spread**: 1 of 1" in section
+    assert "largest cluster weight in any seed 0.400 (below 0.5)" in section
+    assert (variant / "frontier.png").stat().st_size > 0
+    assert (tmp_path / "results" / "frontier" / "RESULTS_section.md").read_text() == section

@@ -1,0 +1,285 @@
+"""The static frontier section of RESULTS.md: does DGA beat what a user gets for free?
+
+Reads results/frontier/<regime>/<target>/default/seed<k>/<method>/metrics.json (experiments.py's frontier_*
+experiments) and writes, per regime and target, a figure (final generic loss against final specialized loss, each
+method a point with its seed spread as error bars, the static blends joined as the frontier) and a table (paired
+differences within seeds, each method's distance to the frontier at its own generic loss, how far its weights
+moved), then statements generated from those numbers. The frontier math is pure (`frontier_spec_at`,
+`frontier_distance`); rendering reads files and draws.
+
+The static frontier of one seed: the points (generic loss, specialized loss) of uniform, the blends
+lambda * importance + (1 - lambda) * uniform at lambda 0.25, 0.5, 0.75, and importance, joined in the order of lambda
+by straight segments: what a user gets by choosing lambda, for free. A method's distance is its specialized loss
+minus the frontier's at the method's own generic loss (negative: below the frontier, better than any static blend at
+that generic loss). Computed seed by seed against that seed's frontier (the same model initialisation and evaluation
+batches), then mean ± std over seeds; "below the frontier by more than the seed spread" means mean + std < 0.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+STATIC_ORDER = ("uniform", "blend25", "blend50", "blend75", "importance")  # lambda = 0, 0.25, 0.5, 0.75, 1
+ONLINE_ORDER = ("doge", "dga_paper", "dga_anchored", "inbatch", "inbatch_domains")
+LABELS = {"uniform": "uniform", "blend25": "blend λ 0.25", "blend50": "blend λ 0.5", "blend75": "blend λ 0.75",
+          "importance": "importance", "doge": "DoGE (every step)", "dga_paper": "exact DGA, paper rule (η 10)",
+          "dga_anchored": "exact DGA, anchored", "inbatch": "in-batch DGA, bases",
+          "inbatch_domains": "in-batch DGA, 256 clusters"}
+ANCHORED = ("dga_anchored", "inbatch")  # the anchored DGA over the bases the goals name
+STATIC_STRATEGIES = ("uniform", "importance", "blend")
+REGIMES = {"all_data": "all the data", "token_limited": "token limit 4,000 per fine cluster"}
+
+
+# ---- the frontier (pure) ------------------------------------------------------------------------------------------
+def frontier_spec_at(static: list[tuple[float, float]], generic: float) -> float | None:
+    """The static frontier's specialized loss at generic loss `generic`. `static`: (generic, specialized) points in
+    the order of lambda, joined by straight segments; where several segments span `generic`, the lowest (the best
+    static choice at that generic loss). Below every static generic loss: the specialized loss of the static point
+    with the lowest generic loss (the frontier would rise further left, so this bar is the harder one to beat).
+    Above every static generic loss: None (a generic loss worse than every static mixture's is not comparable)."""
+    if not static:
+        return None
+    xs = [g for g, _ in static]
+    if generic < min(xs):
+        return min(static)[1]
+    if generic > max(xs):
+        return None
+    candidates = [s for g, s in static if g == generic]
+    for (g0, s0), (g1, s1) in zip(static, static[1:]):
+        low, high = min(g0, g1), max(g0, g1)
+        if low <= generic <= high and high > low:
+            candidates.append(s0 + (s1 - s0) * (generic - g0) / (g1 - g0))
+    return min(candidates)
+
+
+def frontier_distance(static: list[tuple[float, float]], generic: float, spec: float) -> float | None:
+    """spec minus the frontier's specialized loss at `generic` (negative: below the frontier); None where the
+    frontier does not reach `generic`."""
+    bar = frontier_spec_at(static, generic)
+    return None if bar is None else spec - bar
+
+
+def below_by_more_than_spread(distances: list[float]) -> bool:
+    """mean + std < 0 over seeds (with one seed: the distance itself < 0 is not enough, no spread is known)."""
+    return len(distances) > 1 and float(np.mean(distances) + np.std(distances, ddof=1)) < 0
+
+
+def fmt(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:+.{digits}f} (1 seed)"
+    return f"{np.mean(values):+.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+
+
+def plain(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+# ---- reading the runs ---------------------------------------------------------------------------------------------
+def load_runs(variant_dir: Path) -> dict[str, dict[str, dict]]:
+    """{method: {seed name: metrics (with summary.json's fields)}}."""
+    runs: dict[str, dict[str, dict]] = {}
+    for path in sorted(variant_dir.glob("seed*/*/metrics.json")):
+        metrics = json.loads(path.read_text())
+        summary = path.with_name("summary.json")
+        metrics = (json.loads(summary.read_text()) if summary.exists() else {}) | metrics
+        runs.setdefault(path.parent.name, {})[path.parent.parent.name] = metrics
+    return runs
+
+
+def static_points(runs: dict[str, dict[str, dict]], seed: str) -> list[tuple[float, float]]:
+    """One seed's frontier points in the order of lambda (the static methods that seed has)."""
+    return [(runs[m][seed]["final_generic_loss"], runs[m][seed]["final_spec_loss"])
+            for m in STATIC_ORDER if seed in runs.get(m, {})]
+
+
+def weight_summary(run: dict) -> tuple[float, float, float | None]:
+    """(TV from the starting weights, largest weight, the importance basis's weight or None). Online methods start
+    uniform over their bases (or clusters); static methods never move."""
+    final = np.asarray(run["final_weights"], dtype=float)
+    moved = run.get("strategy") not in STATIC_STRATEGIES
+    tv = 0.5 * float(np.abs(final - 1.0 / len(final)).sum()) if moved else 0.0
+    names = run.get("bases", [])
+    importance = float(final[names.index("importance")]) if "importance" in names else None
+    return tv, float(final.max()), importance
+
+
+def method_rows(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, list[float]]]:
+    """Per method, per-seed lists: losses, paired differences, distance to the frontier, weight moves."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for method in [m for m in STATIC_ORDER + ONLINE_ORDER if m in runs]:
+        row: dict[str, list[float]] = {k: [] for k in ("spec", "generic", "d_spec_uniform", "d_spec_importance",
+                                                       "d_generic_uniform", "distance", "tv", "largest",
+                                                       "importance_weight")}
+        row["outside"] = []
+        for seed, run in sorted(runs[method].items()):
+            row["spec"].append(run["final_spec_loss"])
+            row["generic"].append(run["final_generic_loss"])
+            for base, key in (("uniform", "d_spec_uniform"), ("importance", "d_spec_importance")):
+                if seed in runs.get(base, {}):
+                    row[key].append(run["final_spec_loss"] - runs[base][seed]["final_spec_loss"])
+            if seed in runs.get("uniform", {}):
+                row["d_generic_uniform"].append(run["final_generic_loss"] - runs["uniform"][seed]["final_generic_loss"])
+            if method not in STATIC_ORDER:
+                distance = frontier_distance(static_points(runs, seed), run["final_generic_loss"],
+                                             run["final_spec_loss"])
+                (row["distance"] if distance is not None else row["outside"]).append(distance or 0.0)
+            tv, largest, importance = weight_summary(run)
+            row["tv"].append(tv), row["largest"].append(largest)
+            if importance is not None:
+                row["importance_weight"].append(importance)
+        out[method] = row
+    return out
+
+
+# ---- rendering ----------------------------------------------------------------------------------------------------
+def frontier_plot(variant_dir: Path, runs: dict[str, dict[str, dict]], title: str) -> Path:
+    """frontier.png: final generic (x) against final specialized loss (y), mean ± std over seeds per method, the
+    static methods joined in the order of lambda."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    means = {}
+    for method in [m for m in STATIC_ORDER + ONLINE_ORDER if m in runs]:
+        gen = [r["final_generic_loss"] for r in runs[method].values()]
+        spec = [r["final_spec_loss"] for r in runs[method].values()]
+        means[method] = (float(np.mean(gen)), float(np.mean(spec)))
+        spread = (np.std(gen, ddof=1), np.std(spec, ddof=1)) if len(gen) > 1 else (0.0, 0.0)
+        static = method in STATIC_ORDER
+        ax.errorbar(*means[method], xerr=spread[0], yerr=spread[1], fmt="s" if static else "o",
+                    color="0.45" if static else None, capsize=3, ms=5,
+                    label=f"{LABELS.get(method, method)} ({len(gen)} seeds)")
+    line = [means[m] for m in STATIC_ORDER if m in means]
+    if len(line) > 1:
+        ax.plot(*zip(*line), color="0.45", lw=1, ls="--", zorder=0)
+    ax.set_xlabel("final generic loss (held out)")
+    ax.set_ylabel("final specialized loss")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6.5, loc="best")
+    fig.tight_layout()
+    path = variant_dir / "frontier.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def target_table(rows: dict[str, dict[str, list[float]]]) -> str:
+    lines = ["| method | seeds | specialized loss | Δ spec vs uniform | Δ spec vs importance | generic loss | "
+             "Δ generic vs uniform | distance to the frontier | TV from start | largest weight | importance weight |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for method, row in rows.items():
+        distance = "–" if method in STATIC_ORDER else fmt(row["distance"])
+        if row["outside"]:
+            distance += f" ({len(row['outside'])} seed(s) right of the frontier)"
+        lines.append(
+            f"| {LABELS.get(method, method)} | {len(row['spec'])} | {plain(row['spec'])} | "
+            f"{'–' if method == 'uniform' else fmt(row['d_spec_uniform'])} | "
+            f"{'–' if method == 'importance' else fmt(row['d_spec_importance'])} | {plain(row['generic'])} | "
+            f"{'–' if method == 'uniform' else fmt(row['d_generic_uniform'])} | {distance} | "
+            f"{plain(row['tv']) if method not in STATIC_ORDER else '0'} | {plain(row['largest'])} | "
+            f"{plain(row['importance_weight'])} |")
+    return "\n".join(lines)
+
+
+def beats(diffs: list[float]) -> bool:
+    """Lower by more than the seed spread: mean + std < 0 over at least two seeds."""
+    return below_by_more_than_spread(diffs)
+
+
+def target_statements(regime: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
+    """Plain statements from one regime and target's numbers."""
+    out = []
+    for method in [m for m in ANCHORED if m in rows]:
+        row, name = rows[method], LABELS[method]
+        if regime == "all_data":
+            if row["outside"]:
+                out.append(f"{name}: in {len(row['outside'])} seed(s) its generic loss is worse than every static "
+                           "mixture's, so it is not below the frontier there.")
+            verdict = ("lies below the static frontier by more than the seed spread"
+                       if beats(row["distance"]) and not row["outside"] else
+                       "does not lie below the static frontier by more than the seed spread")
+            out.append(f"{name} {verdict} (distance {fmt(row['distance'])}).")
+        else:
+            for base in ("importance", "uniform"):
+                diffs = row[f"d_spec_{base}"]
+                word = "beats" if beats(diffs) else "does not beat"
+                out.append(f"{name} {word} {base} sampling on the specialized loss by more than the seed spread "
+                           f"(Δ {fmt(diffs)}).")
+    if "inbatch_domains" in rows:
+        row = rows["inbatch_domains"]
+        largest = max(row["largest"]) if row["largest"] else float("nan")
+        no_worse = bool(row["d_spec_uniform"]) and float(np.mean(row["d_spec_uniform"])) <= 0
+        out.append(f"In-batch DGA over the 256 clusters: largest cluster weight in any seed {largest:.3f} "
+                   f"({'below' if largest < 0.5 else 'not below'} 0.5); specialized loss "
+                   f"{'no worse than' if no_worse else 'worse than'} uniform's on average "
+                   f"(Δ {fmt(row['d_spec_uniform'])}).")
+    return out
+
+
+def frontier_section(frontier_dir: Path) -> str:
+    """The whole section: per regime and target a figure, a table and statements; then the goals, counted."""
+    parts: list[str] = []
+    goals = {"below": [], "beats_token_limited": [], "clusters": []}
+    for regime in REGIMES:
+        regime_dir = frontier_dir / regime
+        if not regime_dir.is_dir():
+            continue
+        for target_dir in sorted(p for p in regime_dir.iterdir() if (p / "default").is_dir()):
+            variant_dir = target_dir / "default"
+            runs = load_runs(variant_dir)
+            if "uniform" not in runs:
+                continue
+            rows = method_rows(runs)
+            title = f"{target_dir.name}, {REGIMES[regime]} (mean ± std over seeds)"
+            plot = frontier_plot(variant_dir, runs, title)
+            statements = target_statements(regime, rows)
+            parts += [f"### {target_dir.name}, {REGIMES[regime]}", "",
+                      f"![{title}]({plot.relative_to(frontier_dir.parent.parent).as_posix()})", "",
+                      target_table(rows), "", *(f"- {s}" for s in statements), ""]
+            anchored = [rows[m] for m in ANCHORED if m in rows]
+            if regime == "all_data" and anchored:
+                goals["below"].append((target_dir.name, any(beats(r["distance"]) and not r["outside"]
+                                                            for r in anchored)))
+            if regime == "token_limited" and anchored:
+                goals["beats_token_limited"].append((target_dir.name, any(
+                    beats(r["d_spec_importance"]) and beats(r["d_spec_uniform"]) for r in anchored)))
+            if "inbatch_domains" in rows:
+                r = rows["inbatch_domains"]
+                goals["clusters"].append((f"{target_dir.name} ({REGIMES[regime]})",
+                                          bool(r["largest"]) and max(r["largest"]) < 0.5
+                                          and float(np.mean(r["d_spec_uniform"] or [np.inf])) <= 0))
+    summary = ["### The questions, answered from these runs", ""]
+    for key, question, goal in (
+            ("below", "All the data: anchored DGA (exact or in-batch over the bases) lies below the static frontier "
+                      "by more than the seed spread", "goal: 2 of 3"),
+            ("beats_token_limited", "Token limit: anchored DGA (exact or in-batch over the bases) beats importance "
+                                    "and uniform sampling on the specialized loss by more than the seed spread",
+             "goal: 3 of 3"),
+            ("clusters", "In-batch DGA over 256 clusters keeps every cluster below 0.5 of the weight with a "
+                         "specialized loss no worse than uniform's (mean paired difference ≤ 0)", "")):
+        answered = goals[key]
+        yes = [name for name, ok in answered if ok]
+        no = [name for name, ok in answered if not ok]
+        summary.append(f"- **{question}**: {len(yes)} of {len(answered)}{f' ({goal})' if goal else ''}"
+                       f"{'; yes: ' + ', '.join(yes) if yes else ''}{'; no: ' + ', '.join(no) if no else ''}.")
+    return "\n".join(summary + [""] + parts).rstrip() + "\n"
+
+
+def write_frontier_section(results: Path) -> str | None:
+    """Render results/frontier into results/frontier/RESULTS_section.md; None when there are no runs."""
+    frontier_dir = results / "frontier"
+    if not any(frontier_dir.glob("*/*/default/seed*/*/metrics.json")):
+        return None
+    section = frontier_section(frontier_dir)
+    (frontier_dir / "RESULTS_section.md").write_text(section)
+    return section
