@@ -10,15 +10,19 @@ repository; the embedded sample's layout, target/{spec,eval}.jsonl.zst, is read 
 What it runs, with the project's own stages (pipeline.build_corpus, as experiments.py's `prepare` runs them):
 ingest and embed the generic corpus (MiniLM, torch backend, fp16 on CUDA), fit the 64 x 64 = 4,096-cluster tree,
 assign, tokenize (8,192-token BPE), the target's stages and the bases; then the reference GPT (8 layers, 8 heads,
-512 wide: 29.7 M parameters; sequences of 512 tokens, bf16 autocast) under uniform, importance, doge, dga_ema
-(exact estimator, eta 10), inbatch and inbatch_domains, seeds 0 1 2, every run evaluated on the same fixed batches
-(train.eval.seed). Before training it times each method's step after a warm-up and prints the estimate; it stops
+512 wide: 29.7 M parameters; sequences of 512 tokens, bf16 autocast) under the methods of experiments.py's
+frontier experiments: uniform, importance, the static blends lambda * importance + (1 - lambda) * uniform at lambda
+0.25, 0.5, 0.75, DoGE at its reference cadence (every step), exact DGA on the paper's rule (eta 10), anchored exact
+DGA, anchored in-batch DGA over the bases and over the 4,096 fine clusters, all at the library's defaults
+(experiments.ANCHORED_DEFAULTS), seeds 0 1 2, every run evaluated on the same fixed batches (train.eval.seed).
+Before training it times each method's step after a warm-up and prints the estimate; it stops
 there when the estimate does not fit --budget-minutes (--force runs anyway).
 
 Outputs: results/gpu_suite/<target>/default/seed<k>/<method>/{metrics.json,summary.json,log.csv,...} (as
 experiments.py writes them), the table (default/table.md, render_results.py's comparison: paired Δ
 against importance and uniform at the end and halfway, how far each method's weights moved), its plain statements
-(default/statements.md) and curves (default/spec_curves.png, default/generic_loss_curves.png), and the GPU
+(default/statements.md) and curves (default/spec_curves.png, default/generic_loss_curves.png), the static
+frontier's figure, table and statements (default/frontier.png, default/frontier.md: render_frontier.py), and the GPU
 figures (<target>/figures.{json,md}: embedding documents/s, k-means seconds, training tokens/s per method, each
 method's time over uniform's: the overhead of exact and in-batch DGA). --toy writes under its scratch folder
 (bench/work/gpu_suite_toy/results) unless --results says otherwise.
@@ -46,38 +50,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # ben
 
 from common import CORPUS, ROOT, WORK, machine  # noqa: E402
 import experiments  # noqa: E402
-from experiments import Experiment, Method  # noqa: E402
+from experiments import ANCHORED_DEFAULTS, Experiment, Method  # noqa: E402
 from pipeline import build_corpus  # noqa: E402
 
 NAME = "gpu_suite"
-# Exact DGA at the step size of results/inbatch's dga_ema (eta 10); every method over the same bases (importance,
+# The all-data frontier experiment's methods (experiments.py): every online method over the same bases (importance,
 # natural, uniform and the 64 coarse clusters), inbatch_domains over the 4,096 fine clusters.
-METHODS: tuple[Method, ...] = (
-    Method("uniform", "uniform", "all"), Method("importance", "importance", "all"), Method("doge", "doge", "all"),
-    Method("dga_ema", "dga_ema", "all", {"strategy.dga.eta": 10.0}), Method("inbatch", "inbatch", "all"),
-    Method("inbatch_domains", "inbatch_domains", "all"))
+METHODS: tuple[Method, ...] = experiments.EXPERIMENTS["frontier_all_data"].methods
 EVAL_SEED = 1000  # one set of evaluation batches for every seed and method: the spread over seeds is training's
 
 # GPU size. Sizing (one H100/H200, bf16): a step is 32 x 512 = 16,384 tokens, ~6 x 29.7 M x 16,384 = 2.9 TFLOP
 # forward + backward, tens of ms eagerly; exact DGA adds (67 bases x 8 + 16) sequences of fwd+bwd every 20 steps
-# = 552 / (20 x 32) ~ 0.86 of the training compute (doge the same), the in-batch strategies ~0.25-0.5. 600 steps
-# x (2 x 1 + 2 x 1.86 + 2 x ~1.4) ~ 8.5 uniform-run equivalents per seed: at ~25 ms/step, 600 x 0.025 x 8.5 x 3
-# ~ 380 s of training, plus ~1-2 min of corpus stages. The measured estimate is what decides.
+# = 552 / (20 x 32) ~ 0.86 of the training compute; DoGE at every step one sequence per basis and the target's,
+# 68 / 32 ~ 2.1; the in-batch strategies ~0.4-0.8 (the second dot product of the anchored rule). 400 steps x
+# (5 x 1 + 3.1 + 2 x 1.86 + 2 x ~1.6) ~ 15 uniform-run equivalents per seed: at ~25 ms/step, 400 x 0.025 x 15 x 3
+# ~ 450 s of training, plus ~1-2 min of corpus stages. The measured estimate is what decides.
 GPU_TRAIN: dict[str, Any] = {  # dotted keys of the train section, as experiments.py's
-    "steps": 600, "data.seq_len": 512, "data.batch_size": 32, "optim.lr": 1e-3, "model.n_layer": 8,
+    "steps": 400, "data.seq_len": 512, "data.batch_size": 32, "optim.lr": 1e-3, "model.n_layer": 8,
     "model.n_head": 8, "model.n_embd": 512, "eval.every": 100, "eval.batches": 8, "checkpoint_every": 100000,
     "data.token_cap": None, "strategy.dga.eta": 0.3, "strategy.dga.beta": 0.1, "strategy.dga.every": 20,
     "strategy.dga.batch_size": 8, "strategy.dga.target_batch_size": 16, "strategy.dga.estimator": "exact",
     "strategy.doge.every": 20, "strategy.doge.batch_size": 8, "strategy.doge.target_batch_size": 16,
     "strategy.inbatch.target_batch_size": 8, "strategy.dga.rule": "paper", "strategy.inbatch.rule": "paper",
     "strategy.inbatch.eta": 0.02, "eval.seed": EVAL_SEED, "speed.precision": "bf16",
-    "speed.compile": False, "optim.adamw_impl": "fused", "speed.threads": None}
+    "speed.compile": False, "optim.adamw_impl": "fused", "speed.threads": None,
+    **ANCHORED_DEFAULTS}  # the anchored rule and DoGE's reference cadence, at the library's defaults
 # Toy size: every code path of the GPU run (same methods, stages and outputs), small enough for 2 CPU cores.
 TOY_TRAIN: dict[str, Any] = GPU_TRAIN | {
     "steps": 12, "data.seq_len": 32, "data.batch_size": 4, "optim.lr": 3e-3, "model.n_layer": 1, "model.n_head": 2,
     "model.n_embd": 32, "eval.every": 6, "eval.batches": 1, "strategy.dga.every": 4, "strategy.dga.batch_size": 2,
-    "strategy.dga.target_batch_size": 2, "strategy.doge.every": 4, "strategy.doge.batch_size": 2,
-    "strategy.doge.target_batch_size": 2, "strategy.inbatch.target_batch_size": 2, "strategy.inbatch.refresh": 4,
+    "strategy.dga.target_batch_size": 2, "strategy.doge.target_batch_size": 2,
+    "strategy.inbatch.target_batch_size": 2, "strategy.inbatch.refresh": 4,
     "strategy.inbatch.min_sequences": 1, "speed.precision": "fp32", "optim.adamw_impl": None}
 GPU_LEVELS, TOY_LEVELS = [64, 64], [4, 4]
 TOY_DOCS_PER_SHARD = 150  # 300 documents from the sample's two shards: 16 clusters of ~19 documents
@@ -332,7 +335,8 @@ def figures_markdown(figures: dict[str, Any]) -> str:
                      f"{'–' if calibrated is None else f'{1000 * calibrated:.1f}'} |")
     lines += ["", f"Estimated before training: {figures['estimate_s']:.0f} s for the runs to do; total wall time "
               f"{figures['total_s']:.0f} s (budget {figures['budget_minutes']} min). Overhead: a method's seconds "
-              "per run over uniform's on the same seed, minus 1 (dga_ema and doge: exact per-basis gradients; "
+              "per run over uniform's on the same seed, minus 1 (dga_paper, dga_anchored and doge: per-basis "
+              "gradients; "
               "inbatch, inbatch_domains: in-batch alignment)."]
     return "\n".join(lines)
 
@@ -350,7 +354,22 @@ def render(variant_dir: Path, steps: int, eval_every: int) -> str:
     (variant_dir / "statements.md").write_text("".join(f"- {s}\n" for s in statements))
     render_results.spec_curves(variant_dir, list(by_method))
     render_results.loss_curves(variant_dir, list(by_method), "generic_loss")
-    return table + "\n\n" + "\n".join(f"- {s}" for s in statements)
+    frontier = frontier_report(variant_dir)
+    return table + "\n\n" + "\n".join(f"- {s}" for s in statements) + "\n\n" + frontier
+
+
+def frontier_report(variant_dir: Path) -> str:
+    """The static frontier as the development runs show it (render_frontier.py, all the data): frontier.png, and
+    the table and statements in frontier.md."""
+    import render_frontier
+
+    runs = render_frontier.load_runs(variant_dir)
+    rows = render_frontier.method_rows(runs)
+    render_frontier.frontier_plot(variant_dir, runs, f"{variant_dir.parent.name}, GPU suite (mean ± std over seeds)")
+    report = (render_frontier.target_table(rows) + "\n\n"
+              + "".join(f"- {s}\n" for s in render_frontier.target_statements("all_data", rows)))
+    (variant_dir / "frontier.md").write_text(report)
+    return report
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------

@@ -380,8 +380,9 @@ def write_inbatch_section() -> str | None:
 
 # ---- the long runs ------------------------------------------------------------------------------------------------
 LONG_METHODS = ("uniform", "importance", "doge", "dga_ema", "inbatch")
-ONLINE = ("doge", "dga_ema", "inbatch", "inbatch_domains", "dga", "odm")  # the methods whose weights move
-DGA_VARIANTS = ("dga", "dga_ema", "inbatch", "inbatch_domains")  # the statements pick the best of these
+# the methods whose weights move (dga_paper, dga_anchored: the frontier experiments' exact DGA on each rule)
+ONLINE = ("doge", "dga_ema", "dga_paper", "dga_anchored", "inbatch", "inbatch_domains", "dga", "odm")
+DGA_VARIANTS = ("dga", "dga_ema", "dga_paper", "dga_anchored", "inbatch", "inbatch_domains")  # the best of these
 EARLY_STEP = 300  # the 300-step experiments' length: the comparison at this step is read from the long runs' logs
 LAST_EVALS = 3  # the end of a run: the mean of its last evaluations (one evaluation swings by ~0.1)
 RISE = 0.1  # the end this far above the run's best evaluation counts as a rise of the specialized loss

@@ -199,8 +199,8 @@ def test_standard_errors_count_the_noise_of_g_spe_shared_within_a_refresh_window
     """Every sequence of a refresh window is scored along the same noisy g = g_spe + e: its share <f_x, e> is common
     to the window and does not average away over more sequences. With the split-half direction h (an independent
     draw of e's distribution, u_x = <f_x, h>), the reported standard errors (per-sequence part plus the pooled g-noise
-    variance) match the spread of the centered estimates over repetitions (observed 0.95-0.96 of it); without the g-noise part
-    they are about half of it (these settings: the g-noise variance is about twice the per-sequence one)."""
+    variance) match the spread of the centered estimates over repetitions (observed 0.95-0.96 of it); without the
+    g-noise part they are about half of it (these settings: the g-noise variance is about twice the per-sequence one)."""
     k, dim, refresh, decay = 16, 16, 5, 0.9
     rng = np.random.default_rng(11)
     centers = rng.standard_normal((k, dim)) + 1.0  # each cluster's mean gradient (a common part too)

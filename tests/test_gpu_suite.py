@@ -1,5 +1,5 @@
-"""experiments/gpu_suite.py --toy end to end on the embedded sample: every stage, 3 seeds x 6 methods, table and
-figures."""
+"""experiments/gpu_suite.py --toy end to end on the embedded sample: every stage, 2 seeds x the frontier
+experiments' 10 methods, table, frontier figure and figures."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,8 @@ import pytest
 
 from .conftest import ROOT
 
-METHODS = ["uniform", "importance", "doge", "dga_ema", "inbatch", "inbatch_domains"]
+METHODS = ["uniform", "importance", "blend25", "blend50", "blend75", "doge", "dga_paper", "dga_anchored", "inbatch",
+           "inbatch_domains"]
 
 
 def suite(tmp_path, *extra: str) -> subprocess.CompletedProcess:
@@ -25,15 +26,15 @@ def suite(tmp_path, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_gpu_suite_toy_runs_every_method_and_seed(tmp_path):
-    run = suite(tmp_path)
+    run = suite(tmp_path, "--seeds", "0", "1")  # two seeds: a spread, at two thirds of the suite's time
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Budget estimate: 18 runs x 12 steps" in run.stdout
+    assert "Budget estimate: 20 runs x 12 steps" in run.stdout
 
     out = tmp_path / "results" / "gpu_suite" / "sample"  # the sample's single target is named `sample`
     metrics = sorted(out.glob("default/seed*/*/metrics.json"))
-    assert len(metrics) == 3 * len(METHODS)  # one per seed x method, nothing else
+    assert len(metrics) == 2 * len(METHODS)  # one per seed x method, nothing else
     assert {p.parent.name for p in metrics} == set(METHODS)
-    assert {p.parent.parent.name for p in metrics} == {"seed0", "seed1", "seed2"}
+    assert {p.parent.parent.name for p in metrics} == {"seed0", "seed1"}
     eval_seeds = set()
     for path in metrics:
         summary = json.loads(path.with_name("summary.json").read_text())
@@ -44,15 +45,18 @@ def test_gpu_suite_toy_runs_every_method_and_seed(tmp_path):
     assert eval_seeds == {1000}  # the same evaluation batches for every seed and method
 
     table = (out / "default" / "table.md").read_text().splitlines()
-    assert len(table) == 2 + len(METHODS) and all(f"| {m} | 3 |" in "\n".join(table) for m in METHODS)
+    assert len(table) == 2 + len(METHODS) and all(f"| {m} | 2 |" in "\n".join(table) for m in METHODS)
     assert "TV of weights from initial" in table[0] and "Δ spec vs importance at step 6" in table[0]  # halfway
     assert "Best DGA variant on the specialized loss" in (out / "default" / "statements.md").read_text()
     assert (out / "default" / "spec_curves.png").exists() and (out / "default" / "generic_loss_curves.png").exists()
+    frontier = (out / "default" / "frontier.md").read_text()  # the static frontier, as the development runs show it
+    assert (out / "default" / "frontier.png").exists() and "distance to the frontier" in frontier
+    assert "exact DGA, anchored" in frontier and "the static frontier by more than the seed spread" in frontier
     figures = json.loads((out / "figures.json").read_text())
     assert figures["stages"]["ingest"]["documents"] == 300 and figures["stages"]["embed"]["docs_per_s"] > 0
     assert figures["stages"]["kmeans"]["levels"] == [4, 4] and figures["stages"]["kmeans"]["seconds"] > 0
     assert list(figures["training"]) == METHODS
-    assert all(figures["training"][m]["runs"] == 3 and figures["training"][m]["tokens_per_s"] > 0 for m in METHODS)
+    assert all(figures["training"][m]["runs"] == 2 and figures["training"][m]["tokens_per_s"] > 0 for m in METHODS)
     assert figures["training"]["uniform"]["overhead_vs_uniform"] == 0
     assert set(figures["calibration"]) == set(METHODS) and figures["estimate_s"] > 0
     assert "documents/s" in (out / "figures.md").read_text()

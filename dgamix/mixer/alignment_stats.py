@@ -22,9 +22,9 @@ every basis is scored from every sequence that falls in its support. The varianc
 (the weights P_j/p are large where p is small): a basis the mixture rarely visits is scored with a large se.
 Post-stratified (`stratified_estimates`, what the anchored rule uses): ahat_j = sum_c P_j(c) abar_c (unseen
 clusters at the mean of all recent sequences) removes the variance of how many sequences each cluster happened to
-draw, times the clusters' mean alignments. `bench/stratified_estimates.py` measures both on the same sequences: at the magnitudes recorded on the
-development corpus (per-sequence spread far above the clusters' means) the mean squared error falls by 7%; with a
-large common part or large cluster offsets by 4.9x or 1.8x; it was never worse.
+draw, times the clusters' mean alignments. `bench/stratified_estimates.py` measures both on the same sequences:
+at the magnitudes recorded on the development corpus (per-sequence spread far above the clusters' means) the mean
+squared error falls by 7%; with a large common part or large cluster offsets by 4.9x or 1.8x; it was never worse.
 
 The noise of g_spe. Every sequence of one refresh window is scored along the same estimate g = g_spe + e, so the
 per-sequence spread above misses a part of the error that more training sequences never average away:
@@ -86,8 +86,8 @@ class AlignmentStats:
 
     Eight k-vectors: sequences, their squared weights (the effective sample size), sum d, sum d^2 (cluster means and
     their standard errors), sum d/p and sum d^2/p^2 (the importance-weighted basis estimates), and sum u, sum u^2
-    over the current refresh window (the noise of g_spe); plus n and n2, the decayed number of sequences and the sum of their
-    squared weights, and the folded variance of g_spe's noise of the past windows.
+    over the current refresh window (the noise of g_spe); plus n and n2, the decayed number of sequences and the sum
+    of their squared weights, and the folded variance of g_spe's noise of the past windows.
     """
 
     FIELDS = ("count", "count_sq", "total", "total_sq", "weighted", "weighted_sq", "noise", "noise_sq")
@@ -258,7 +258,8 @@ class AlignmentStats:
     def state_dict(self) -> dict[str, Any]:
         # Plain Python (torch.load's default, weights_only, refuses numpy); float64 values round-trip exactly.
         return plain({"n_clusters": self.n_clusters, "decay": self.decay, "sequences": self.sequences,
-                      "sequences_sq": self.sequences_sq, "noise_variance": self.noise_variance, **{name: getattr(self, name) for name in self.FIELDS}})
+                      "sequences_sq": self.sequences_sq, "noise_variance": self.noise_variance,
+                      **{name: getattr(self, name) for name in self.FIELDS}})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if int(state["n_clusters"]) != self.n_clusters or float(state["decay"]) != self.decay:
