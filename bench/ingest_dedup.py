@@ -1,4 +1,4 @@
-"""Ingest memory per document (issue 14): what deduplication costs as the corpus grows.
+"""Ingest memory per document: what deduplication costs as the corpus grows.
 
     python bench/ingest_dedup.py --sizes 100000 1000000                          # default partitions
     python bench/ingest_dedup.py --sizes 100000 1000000 --partition-docs 131072  # forced: 8 partitions at 1M

@@ -1,4 +1,4 @@
-"""Scale run (issue 6): the offline pipeline and the mixer stream at 100k and 1M synthetic documents.
+"""Scale run: the offline pipeline and the mixer stream at 100k and 1M synthetic documents.
 
     .venv/bin/python bench/scale_run.py generate --docs 100000       # synthetic corpus (bench/synthetic_corpus.py)
     .venv/bin/python bench/scale_run.py run --docs 100000             # every stage (embed for real) and the mixer
@@ -387,7 +387,7 @@ def print_markdown(rows: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="issue 6 scale run")
+    parser = argparse.ArgumentParser(description="the scale run")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="write the synthetic corpus of --docs documents")
     run = sub.add_parser("run", help="every stage at --docs documents (generates the corpus first)")
