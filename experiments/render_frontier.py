@@ -26,7 +26,7 @@ ONLINE_ORDER = ("doge", "dga_paper", "dga_anchored", "inbatch", "inbatch_domains
 LABELS = {"uniform": "uniform", "blend25": "blend λ 0.25", "blend50": "blend λ 0.5", "blend75": "blend λ 0.75",
           "importance": "importance", "doge": "DoGE (every step)", "dga_paper": "exact DGA, paper rule (η 10)",
           "dga_anchored": "exact DGA, anchored", "inbatch": "in-batch DGA, bases",
-          "inbatch_domains": "in-batch DGA, 256 clusters"}
+          "inbatch_domains": "in-batch DGA, fine clusters"}
 ANCHORED = ("dga_anchored", "inbatch")  # the anchored DGA over the bases the goals name
 STATIC_STRATEGIES = ("uniform", "importance", "blend")
 REGIMES = {"all_data": "all the data", "token_limited": "token limit 4,000 per fine cluster"}
@@ -219,7 +219,7 @@ def target_statements(regime: str, rows: dict[str, dict[str, list[float]]]) -> l
         row = rows["inbatch_domains"]
         largest = max(row["largest"]) if row["largest"] else float("nan")
         no_worse = bool(row["d_spec_uniform"]) and float(np.mean(row["d_spec_uniform"])) <= 0
-        out.append(f"In-batch DGA over the 256 clusters: largest cluster weight in any seed {largest:.3f} "
+        out.append(f"In-batch DGA over the fine clusters: largest cluster weight in any seed {largest:.3f} "
                    f"({'below' if largest < 0.5 else 'not below'} 0.5); specialized loss "
                    f"{'no worse than' if no_worse else 'worse than'} uniform's on average "
                    f"(Δ {fmt(row['d_spec_uniform'])}).")
@@ -265,7 +265,7 @@ def frontier_section(frontier_dir: Path) -> str:
             ("beats_token_limited", "Token limit: anchored DGA (exact or in-batch over the bases) beats importance "
                                     "and uniform sampling on the specialized loss by more than the seed spread",
              "goal: 3 of 3"),
-            ("clusters", "In-batch DGA over 256 clusters keeps every cluster below 0.5 of the weight with a "
+            ("clusters", "In-batch DGA over the 256 fine clusters keeps every cluster below 0.5 of the weight with a "
                          "specialized loss no worse than uniform's (mean paired difference ≤ 0)", "")):
         answered = goals[key]
         yes = [name for name, ok in answered if ok]

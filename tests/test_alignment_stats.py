@@ -194,14 +194,17 @@ def test_post_stratified_standard_errors_exist_before_any_cluster_is_seen_twice(
     np.testing.assert_allclose(se[:3], np.sqrt(np.var([1.0, -1.0, 3.0])))
 
 
-@pytest.mark.parametrize("level", ["clusters", "bases"])
-def test_standard_errors_count_the_noise_of_g_spe_shared_within_a_refresh_window(level):
+@pytest.mark.parametrize("level,decay,updates,reps", [("clusters", 0.9, 60, 300), ("bases", 0.9, 60, 300),
+                                                      ("bases", 0.99, 150, 150)])
+def test_standard_errors_count_the_noise_of_g_spe_shared_within_a_refresh_window(level, decay, updates, reps):
     """Every sequence of a refresh window is scored along the same noisy g = g_spe + e: its share <f_x, e> is common
     to the window and does not average away over more sequences. With the split-half direction h (an independent
     draw of e's distribution, u_x = <f_x, h>), the reported standard errors (per-sequence part plus the pooled g-noise
     variance) match the spread of the centered estimates over repetitions (observed 0.95-0.96 of it); without the
-    g-noise part they are about half of it (these settings: the g-noise variance is about twice the per-sequence one)."""
-    k, dim, refresh, decay = 16, 16, 5, 0.9
+    g-noise part they are about half of it (the g-noise variance is about twice the per-sequence one). With a long
+    memory (decay 0.99: windows folded while the counts still grow), a window counts with the counts at the time it
+    is read, not at its fold (which overstated the spread 2-3x)."""
+    k, dim, refresh = 16, 16, 5
     rng = np.random.default_rng(11)
     centers = rng.standard_normal((k, dim)) + 1.0  # each cluster's mean gradient (a common part too)
     g_spe = 0.2 * rng.standard_normal(dim)
@@ -209,9 +212,9 @@ def test_standard_errors_count_the_noise_of_g_spe_shared_within_a_refresh_window
     mapping = None if level == "clusters" else bases
     p = np.full(k, 1.0 / k)
     estimates, with_noise, without = [], [], []
-    for _ in range(300):
+    for _ in range(reps):
         stats = AlignmentStats(k, decay=decay)
-        for update in range(60):
+        for update in range(updates):
             if update % refresh == 0:
                 if update:
                     stats.fold_noise(mapping, np.ones(k if mapping is None else bases.shape[0], dtype=bool))
@@ -264,6 +267,12 @@ def test_the_window_noise_is_the_sum_over_pairs_of_distinct_sequences():
         np.testing.assert_allclose(stats.window_noise(mapping), expected, rtol=1e-9, atol=1e-12)
         pooled.append(np.mean(expected))
     stats.fold_noise(bases, np.ones(3, dtype=bool))  # the window joins the past ones; the next one starts empty
-    assert stats.noise_variance == pytest.approx(pooled[0]) and not stats.noise.any() and not stats.noise_sq.any()
-    stats.age()
-    assert stats.noise_variance == pytest.approx(0.64 * pooled[0])  # its sequences' weights aged by 0.8
+    assert stats.noise_variance == pytest.approx(pooled[0] * total ** 2)  # kept times N^2, read over the current
+    assert not stats.noise.any() and not stats.noise_sq.any()
+    assert stats.shared_noise_variance(bases, np.ones(3, dtype=bool)) == pytest.approx(max(pooled[0], 0.0))
+    stats.age()  # N^2 and the kept share age alike: the window's variance is read back unchanged
+    assert stats.shared_noise_variance(bases, np.ones(3, dtype=bool)) == pytest.approx(max(pooled[0], 0.0))
+    stats.add(np.array([0, 1]), np.zeros(2), np.full(2, 0.25))  # more sequences: the old window's share shrinks
+    n = stats.count.sum()
+    assert stats.shared_noise_variance(bases, np.ones(3, dtype=bool)) == pytest.approx(
+        max(pooled[0] * (0.8 * total / n) ** 2, 0.0))

@@ -247,6 +247,10 @@ def test_the_anchored_standard_errors_count_the_measured_noise_of_g_spe(stores, 
     target_noise=False the second dot product is skipped and nothing is folded."""
     _, _, measured = train(stores, 14, level)  # refresh = 4: three windows folded, one open
     assert measured._noise_direction is not None and measured.tracker.last_noise_scores is not None
+    # h = (g1 - g2) / 2 and g = (g1 + g2) / 2 for equal halves, so G = <g1, g2> = |g|^2 - |h|^2: h has the scale of
+    # g's own noise (an unscaled g1 - g2 would have 4x its variance)
+    g, h = measured._target_gradient.double(), measured._noise_direction.double()
+    assert measured.gain == pytest.approx(float(g @ g - h @ h), rel=1e-6)
     # each window's share is an unbiased U-statistic (one draw; it may be negative), their total floored at 0
     assert measured.stats.noise_variance != 0 and measured.stats.noise_sq.any()
     bases = measured.stream.mixture.bases if level == "bases" else None

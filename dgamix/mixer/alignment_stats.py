@@ -39,10 +39,11 @@ each sequence's own <grad l(x) - mean, e>, which the per-sequence spread already
 sequences hold only the shared part, so the window's share of the variance is estimated without bias by
     v_j^2 - sum_c b_jc^2 Q_c,   Q_c = sum_x lambda^(2 age_x) u_x^2 [c_x = c]
 (a U-statistic: may be negative in one window, the total is floored at 0). At each refresh the window is folded
-(`fold_noise`: the mean over the scored items, pooled as exact DGA pools, into a decayed sum that ages by lambda^2
-as its window's sequences age by lambda) and U, Q restart; `shared_noise_variance` adds the current window.
-The fold uses the counts N_c at the refresh, which equal the later ones in steady state (early on, while N_c still
-grows, it overstates an old window's share: the error errs on the side of caution).
+(`fold_noise`: the mean over the scored items, pooled as exact DGA pools) into a decayed sum, and U, Q restart;
+`shared_noise_variance` adds the current window. A folded window's share goes as 1 / N^2 at the time it is read
+(its U / N_c terms shrink as later sequences join N), so it is kept times N^2 at the fold, which ages by lambda^2 as
+N^2 does, and divided by the current N^2 when read: exact while the clusters' shares of N stay put, and no window
+folded early, while N was small, keeps its then-large share for the whole memory.
 
 A cluster or basis with fewer than `min_sequences` (effective) recent sequences in its support gets score 0: it does
 not move on one noisy sample. Under a uniform mixture of m bases (or clusters) and B sequences per update, each holds
@@ -104,7 +105,7 @@ class AlignmentStats:
             setattr(self, name, np.zeros(n_clusters))
         self.sequences = 0.0
         self.sequences_sq = 0.0
-        self.noise_variance = 0.0  # the folded windows' pooled variance of g_spe's noise, decayed by decay^2
+        self.noise_variance = 0.0  # the folded windows' pooled g_spe-noise variance times N^2, decayed by decay^2
 
     def add(self, clusters: np.ndarray, alignments: np.ndarray, probs: np.ndarray,
             noise: np.ndarray | None = None) -> None:
@@ -190,15 +191,18 @@ class AlignmentStats:
         return values ** 2 - diagonal
 
     def fold_noise(self, bases: sp.spmatrix | None, scored: np.ndarray) -> None:
-        """At a refresh of g_spe: the ending window's pooled noise variance joins the decayed sum; U, Q restart."""
-        self.noise_variance += pooled_mean(self.window_noise(bases), scored)
+        """At a refresh of g_spe: the ending window's pooled noise variance joins the decayed sum (times N^2, see
+        the module docstring); U, Q restart."""
+        self.noise_variance += pooled_mean(self.window_noise(bases), scored) * self.count.sum() ** 2
         self.noise = np.zeros(self.n_clusters)
         self.noise_sq = np.zeros(self.n_clusters)
 
     def shared_noise_variance(self, bases: sp.spmatrix | None, scored: np.ndarray) -> float:
         """The variance, pooled over the scored items, that g_spe's noise adds to every centered estimate: the
-        folded windows and the current one (at least 0)."""
-        return max(self.noise_variance + pooled_mean(self.window_noise(bases), scored), 0.0)
+        folded windows (their sum over the current N^2) and the current one (at least 0)."""
+        total = self.count.sum()
+        folded = self.noise_variance / total ** 2 if total > 0 else 0.0
+        return max(folded + pooled_mean(self.window_noise(bases), scored), 0.0)
 
     # ---- estimates ----------------------------------------------------------------------------------------------
     def cluster_means(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

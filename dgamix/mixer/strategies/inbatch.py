@@ -300,25 +300,32 @@ class InBatchDGAStrategy(StrategyBase):
         """Call after optimizer.step() of step `step` (0-based): every `every` steps the weights move; every
         `refresh` steps g_spe is recomputed at the new parameters."""
         record = None
+        # At a refresh the ending window's g_spe noise joins the past windows' (alignment_stats), before the
+        # statistics age, so that it pools over the items the update just scored.
+        fold = (step + 1) % self.refresh == 0 and self.rule == "anchored"
         if (step + 1) % self.every == 0:
-            record = self._update(step)  # None when no sequence was scored since the last update
+            record = self._update(step, fold)  # None when no sequence was scored since the last update
+        elif fold:
+            self._fold_noise()
         if (step + 1) % self.refresh == 0:
-            if self.rule == "anchored":  # the ending window's g_spe noise joins the past windows' (alignment_stats)
-                self._fold_noise()
             self.refresh_target()
         return record
 
     def _fold_noise(self) -> None:
         """Sequences scored since the last update (`every` not dividing `refresh`) are not in `stats` yet: their
-        u_x, taken along the ending window's h, join the next window's sum (a small mix of two windows)."""
+        u_x, taken along the ending window's h, join the next window's sum (a small mix of two windows). Pooled over
+        the scored items, or over those seen at all before any is scored."""
         bases = self.stream.mixture.bases if self.level == "bases" else None
         seen = self.stats.stratified_estimates(bases)[2] if bases is not None else self.stats.count
-        self.stats.fold_noise(bases, seen >= self.min_sequences)
+        scored = seen >= self.min_sequences
+        self.stats.fold_noise(bases, scored if scored.any() else seen > 0)
 
-    def _update(self, step: int) -> UpdateRecord | None:
+    def _update(self, step: int, fold: bool = False) -> UpdateRecord | None:
         device = next(iter(p.device for _, p in self.tracker.params), "cpu")
         self.window.merge_across_ranks(device)  # every rank then holds the same statistics and scores
         if self.window.sequences == 0:  # no new evidence (score_every > every): the weights stay
+            if fold:
+                self._fold_noise()
             return None
         self._record(step)
         self.stats.absorb(self.window)
@@ -337,6 +344,8 @@ class InBatchDGAStrategy(StrategyBase):
         self.skipped += int(skipped)
         if not skipped:
             self.stream.set_weights(new)
+        if fold:
+            self._fold_noise()
         self.stats.age()
         return UpdateRecord(step, self.weights.tolist(), scores.tolist(), skipped)
 
