@@ -199,6 +199,13 @@ def beats(diffs: list[float]) -> bool:
 def target_statements(regime: str, rows: dict[str, dict[str, list[float]]]) -> list[str]:
     """Plain statements from one regime and target's numbers."""
     out = []
+    online = {m: np.mean(rows[m]["distance"]) for m in ONLINE_ORDER if m in rows and rows[m]["distance"]}
+    if online:
+        best = min(online, key=online.get)
+        below = beats(rows[best]["distance"]) and not rows[best]["outside"]
+        out.append(f"Closest to (or furthest below) the frontier among the online methods: {LABELS[best]} (distance "
+                   f"{fmt(rows[best]['distance'])}; {'below it by more than' if below else 'not below it by more than'}"
+                   f" the seed spread).")
     for method in [m for m in ANCHORED if m in rows]:
         row, name = rows[method], LABELS[method]
         if regime == "all_data":

@@ -183,6 +183,8 @@ def test_the_frontier_section_reads_the_runs_and_says_what_they_show(frontier, t
             write_run(variant / f"seed{k}" / method, "blend" if static else method, [spec], [generic], weights, bases)
     section = frontier.write_frontier_section(tmp_path / "results")
     assert "exact DGA, anchored lies below the static frontier by more than the seed spread" in section
+    assert ("Closest to (or furthest below) the frontier among the online methods: exact DGA, anchored (distance "
+            "-0.190 ± 0.010; below it by more than the seed spread)") in section
     assert "in-batch DGA, bases does not lie below the static frontier" in section
     assert "lies below the static frontier by more than the seed spread**: 1 of 1" in section
     assert "largest cluster weight in any seed 0.400 (below 0.5)" in section
