@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 STATIC_ORDER = ("uniform", "blend25", "blend50", "blend75", "importance")  # lambda = 0, 0.25, 0.5, 0.75, 1
+LAMBDAS = dict(zip(STATIC_ORDER, ("λ 0 (uniform)", "λ 0.25", "λ 0.5", "λ 0.75", "λ 1 (importance)")))
 ONLINE_ORDER = ("doge", "dga_paper", "dga_anchored", "inbatch", "inbatch_domains")
 LABELS = {"uniform": "uniform", "blend25": "blend λ 0.25", "blend50": "blend λ 0.5", "blend75": "blend λ 0.75",
           "importance": "importance", "doge": "DoGE (every step)", "dga_paper": "exact DGA, paper rule (η 10)",
@@ -156,9 +157,14 @@ def frontier_plot(variant_dir: Path, runs: dict[str, dict[str, dict]], title: st
         means[method] = (float(np.mean(gen)), float(np.mean(spec)))
         spread = (np.std(gen, ddof=1), np.std(spec, ddof=1)) if len(gen) > 1 else (0.0, 0.0)
         static = method in STATIC_ORDER
+        first_static = static and method == next(m for m in STATIC_ORDER if m in runs)
+        label = (f"static blends λ · importance + (1 − λ) · uniform ({len(gen)} seeds)" if first_static
+                 else None if static else f"{LABELS.get(method, method)} ({len(gen)} seeds)")
         ax.errorbar(*means[method], xerr=spread[0], yerr=spread[1], fmt="s" if static else "o",
-                    color="0.45" if static else None, capsize=3, ms=5,
-                    label=f"{LABELS.get(method, method)} ({len(gen)} seeds)")
+                    color="0.45" if static else None, capsize=3, ms=5, label=label)
+        if static:
+            ax.annotate(LAMBDAS[method], means[method], textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color="0.3")
     line = [means[m] for m in STATIC_ORDER if m in means]
     if len(line) > 1:
         ax.plot(*zip(*line), color="0.45", lw=1, ls="--", zorder=0)
