@@ -97,6 +97,11 @@ def test_bad_input_is_refused_and_state_round_trips():
         stats.add(np.array([3]), np.array([1.0]), np.array([0.5]))
     with pytest.raises(ValueError, match="NaN or inf"):
         stats.add(np.array([0]), np.array([np.nan]), np.array([0.5]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        stats.add(np.array([0]), np.array([1.0]), np.array([0.5]), noise=np.array([np.inf]))
+    with pytest.raises(ValueError, match=r"noise \(2,\): expected vectors with one entry per sequence"):
+        stats.add(np.array([0]), np.array([1.0]), np.array([0.5]), noise=np.array([1.0, 2.0]))
+    assert stats.count.sum() == 0  # nothing refused was counted
     stats.add(np.array([0, 2]), np.array([1.0, -1.0]), np.array([0.5, 0.25]))
     for state in (stats.state_dict(), {**stats.state_dict(), "total": torch.from_numpy(stats.total)}):
         buffer = io.BytesIO()

@@ -279,6 +279,8 @@ def test_misuse_is_refused_with_clear_errors(setup):
         assert tracker.collect(loss_scale=1 / BATCH).shape == (BATCH,)  # the terms survive a refused collect
         with pytest.raises(ValueError, match="expected a flat tensor"):
             tracker.set_target(g[:-1])
+        with pytest.raises(ValueError, match=r"^noise of shape .* expected a flat tensor"):
+            tracker.set_target(g, noise=g[:-1])  # the noise direction named as such
         model.loss(batch).backward()
         with pytest.raises(ValueError, match=r"disagree on the number of sequences.*, expected 5"):
             tracker.collect(loss_scale=1 / BATCH, n_sequences=5)
