@@ -66,6 +66,7 @@ LONG_SETTINGS = {"speed.threads": 1, "speed.precision": "auto", "speed.compile":
                  "eval.seed": 1000, "eval.batches": 16}
 
 FRONTIER_STEPS = 300
+CHECK_STEPS = 3000
 
 # The library's own defaults for the strategies TRAIN pins to the committed runs' settings (the paper's rule, in-batch
 # eta 0.02, DoGE every 20 steps on 8 sequences): the experiments run on the anchored rule start from these.
@@ -220,6 +221,11 @@ EXPERIMENTS["frontier_all_data_long"] = replace(
     train={**EXPERIMENTS["frontier_all_data"].train, "steps": LONG_STEPS},
     methods=tuple(m for m in EXPERIMENTS["frontier_all_data"].methods
                   if m.label in ("uniform", "importance", "blend25", "blend50", "blend75", "dga_anchored", "inbatch")))
+# The longer check (3,000 steps, all the data) of one target's winner against the static blend a user would choose at
+# its generic loss, chosen from the 1,000-step frontier and named on the command line (--target, --methods).
+EXPERIMENTS["frontier_all_data_check"] = replace(
+    EXPERIMENTS["frontier_all_data_long"], results_dir="frontier/all_data_check",
+    train={**EXPERIMENTS["frontier_all_data_long"].train, "steps": CHECK_STEPS})
 
 
 # The clustering whose tokenizer every other clustering reuses: the BPE is trained on a sample of the assigned

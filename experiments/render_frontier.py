@@ -30,7 +30,11 @@ LABELS = {"uniform": "uniform", "blend25": "blend λ 0.25", "blend50": "blend λ
           "inbatch_domains": "in-batch DGA, fine clusters"}
 ANCHORED = ("dga_anchored", "inbatch")  # the anchored DGA over the bases the goals name
 STATIC_STRATEGIES = ("uniform", "importance", "blend")
-REGIMES = {"all_data": "all the data", "token_limited": "token limit 4,000 per fine cluster"}
+# results/frontier/<regime>: how a heading names it. The all-data regimes ask whether DGA lies below the frontier,
+# the token-limited one whether it beats importance and uniform sampling.
+REGIMES = {"all_data": "all the data, 300 steps", "all_data_long": "all the data, 1,000 steps",
+           "token_limited": "token limit 4,000 per fine cluster, 300 steps"}
+ALL_DATA = ("all_data", "all_data_long")
 
 
 # ---- the frontier (pure) ------------------------------------------------------------------------------------------
@@ -214,7 +218,7 @@ def target_statements(regime: str, rows: dict[str, dict[str, list[float]]]) -> l
                    f" the seed spread).")
     for method in [m for m in ANCHORED if m in rows]:
         row, name = rows[method], LABELS[method]
-        if regime == "all_data":
+        if regime in ALL_DATA:
             if row["outside"]:
                 out.append(f"{name}: in {len(row['outside'])} seed(s) its generic loss is worse than every static "
                            "mixture's, so it is not below the frontier there.")
@@ -242,7 +246,8 @@ def target_statements(regime: str, rows: dict[str, dict[str, list[float]]]) -> l
 def frontier_section(frontier_dir: Path) -> str:
     """The whole section: per regime and target a figure, a table and statements; then the goals, counted."""
     parts: list[str] = []
-    goals = {"below": [], "beats_token_limited": [], "clusters": []}
+    goals: dict[str, list[tuple[str, bool]]] = {**{f"below_{r}": [] for r in ALL_DATA}, "beats_token_limited": [],
+                                                "clusters": []}
     for regime in REGIMES:
         regime_dir = frontier_dir / regime
         if not regime_dir.is_dir():
@@ -260,8 +265,8 @@ def frontier_section(frontier_dir: Path) -> str:
                       f"![{title}]({plot.relative_to(frontier_dir.parent.parent).as_posix()})", "",
                       target_table(rows), "", *(f"- {s}" for s in statements), ""]
             anchored = [rows[m] for m in ANCHORED if m in rows]
-            if regime == "all_data" and anchored:
-                goals["below"].append((target_dir.name, any(beats(r["distance"]) and not r["outside"]
+            if regime in ALL_DATA and anchored:
+                goals[f"below_{regime}"].append((target_dir.name, any(beats(r["distance"]) and not r["outside"]
                                                             for r in anchored)))
             if regime == "token_limited" and anchored:
                 goals["beats_token_limited"].append((target_dir.name, any(
@@ -273,19 +278,101 @@ def frontier_section(frontier_dir: Path) -> str:
                                           and float(np.mean(r["d_spec_uniform"] or [np.inf])) <= 0))
     summary = ["### The questions, answered from these runs", ""]
     for key, question, goal in (
-            ("below", "All the data: anchored DGA (exact or in-batch over the bases) lies below the static frontier "
-                      "by more than the seed spread", "goal: 2 of 3"),
+            *((f"below_{r}", f"{REGIMES[r].capitalize()}: anchored DGA (exact or in-batch over the bases) lies below "
+                             "the static frontier by more than the seed spread", "goal: 2 of 3") for r in ALL_DATA),
             ("beats_token_limited", "Token limit: anchored DGA (exact or in-batch over the bases) beats importance "
                                     "and uniform sampling on the specialized loss by more than the seed spread",
              "goal: 3 of 3"),
             ("clusters", "In-batch DGA over the 256 fine clusters keeps every cluster below 0.5 of the weight with a "
                          "specialized loss no worse than uniform's (mean paired difference ≤ 0)", "")):
         answered = goals[key]
+        if not answered:
+            continue
         yes = [name for name, ok in answered if ok]
         no = [name for name, ok in answered if not ok]
         summary.append(f"- **{question}**: {len(yes)} of {len(answered)}{f' ({goal})' if goal else ''}"
                        f"{'; yes: ' + ', '.join(yes) if yes else ''}{'; no: ' + ', '.join(no) if no else ''}.")
+    check_dir = frontier_dir / "all_data_check"
+    if check_dir.is_dir():
+        parts += check_section(check_dir)
     return "\n".join(summary + [""] + parts).rstrip() + "\n"
+
+
+def paired(runs: dict[str, dict[str, dict]], method: str, reference: str, key: str) -> list[float]:
+    """method − reference on `key`, seed by seed over the seeds both have."""
+    return [runs[method][seed][key] - runs[reference][seed][key]
+            for seed in sorted(runs[method]) if seed in runs[reference]]
+
+
+def check_curves(variant_dir: Path, methods: list[str], title: str) -> Path:
+    """check_curves.png: the specialized and generic evaluation losses over the steps, mean over seeds per method
+    (band: min-max), one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import polars as pl
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, column, name in zip(axes, ("spec_loss", "generic_loss"), ("specialized", "generic (held out)")):
+        for method in methods:
+            curves, steps = [], None
+            for log in sorted(variant_dir.glob(f"seed*/{method}/log.csv")):
+                frame = pl.read_csv(log, infer_schema_length=None).filter(pl.col(column).is_not_null())
+                curves.append(frame[column].to_numpy())
+                steps = frame["step"].to_numpy() + 1
+            if not curves:
+                continue
+            stacked = np.array(curves)
+            ax.plot(steps, stacked.mean(axis=0), label=f"{LABELS.get(method, method)} ({len(curves)} seeds)")
+            ax.fill_between(steps, stacked.min(axis=0), stacked.max(axis=0), alpha=0.15)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{name} eval loss")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = variant_dir / "check_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def check_statement(online: str, static: str, d_spec: list[float], d_generic: list[float]) -> str:
+    """Whether the online method beats the static blend (lower specialized loss by more than the seed spread, with a
+    generic loss not worse by more than the seed spread), in words."""
+    generic_worse = len(d_generic) > 1 and float(np.mean(d_generic) - np.std(d_generic, ddof=1)) > 0
+    verdict = ("beats it" if beats(d_spec) and not generic_worse else
+               "does not beat it: its generic loss is worse by more than the seed spread" if generic_worse else
+               "does not beat it: its specialized loss is not lower by more than the seed spread")
+    return (f"{LABELS.get(online, online)} against {LABELS.get(static, static)}: Δ specialized {fmt(d_spec)}, "
+            f"Δ generic {fmt(d_generic)}; {verdict}.")
+
+
+def check_section(check_dir: Path, steps: str = "3,000") -> list[str]:
+    """The longer check: per target, each online method against each static one it was run with, paired."""
+    parts: list[str] = []
+    for target_dir in sorted(p for p in check_dir.iterdir() if (p / "default").is_dir()):
+        runs = load_runs(target_dir / "default")
+        static = [m for m in STATIC_ORDER if m in runs]
+        online = [m for m in ONLINE_ORDER if m in runs]
+        if not static or not online:
+            continue
+        title = f"{target_dir.name}, all the data, {steps} steps (mean over seeds, band min-max)"
+        plot = check_curves(target_dir / "default", static + online, title)
+        lines = ["| method | seeds | specialized loss | generic loss | TV from start | largest weight |",
+                 "|---|---|---|---|---|---|"]
+        for method in static + online:
+            moves = [weight_summary(r) for r in runs[method].values()]
+            lines.append(f"| {LABELS.get(method, method)} | {len(runs[method])} | "
+                         f"{plain([r['final_spec_loss'] for r in runs[method].values()])} | "
+                         f"{plain([r['final_generic_loss'] for r in runs[method].values()])} | "
+                         f"{plain([m[0] for m in moves])} | {plain([m[1] for m in moves])} |")
+        statements = [check_statement(o, s, paired(runs, o, s, "final_spec_loss"),
+                                      paired(runs, o, s, "final_generic_loss")) for o in online for s in static]
+        parts += [f"### The longer check: {target_dir.name}, all the data, {steps} steps", "",
+                  f"![{title}]({plot.relative_to(check_dir.parent.parent).as_posix()})", "", *lines, "",
+                  *(f"- {s}" for s in statements), ""]
+    return parts
 
 
 def write_frontier_section(results: Path) -> str | None:

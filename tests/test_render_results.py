@@ -181,12 +181,48 @@ def test_the_frontier_section_reads_the_runs_and_says_what_they_show(frontier, t
             static = method in frontier.STATIC_ORDER
             weights = [0.5, 0.25, 0.25] if method != "inbatch_domains" else [0.4, 0.3, 0.3]
             write_run(variant / f"seed{k}" / method, "blend" if static else method, [spec], [generic], weights, bases)
+    # the same target at 1,000 steps, where exact DGA sits above the frontier: counted as its own question
+    long_variant = tmp_path / "results" / "frontier" / "all_data_long" / "medical_abstracts" / "default"
+    for k in range(3):
+        points = {"uniform": (7.0, 7.0), "blend50": (7.2, 6.4), "importance": (7.5, 6.0),
+                  "dga_anchored": (7.2, 6.6 + 0.01 * k)}
+        for method, (generic, spec) in points.items():
+            write_run(long_variant / f"seed{k}" / method, "blend" if method in frontier.STATIC_ORDER else method,
+                      [spec], [generic], [0.5, 0.25, 0.25], bases)
     section = frontier.write_frontier_section(tmp_path / "results")
+    assert ("**All the data, 300 steps: anchored DGA (exact or in-batch over the bases) lies below the static "
+            "frontier by more than the seed spread**: 1 of 1 (goal: 2 of 3); yes: medical_abstracts.") in section
+    assert ("**All the data, 1,000 steps: anchored DGA (exact or in-batch over the bases) lies below the static "
+            "frontier by more than the seed spread**: 0 of 1 (goal: 2 of 3); no: medical_abstracts.") in section
+    assert "token limit" not in section.split("###")[1]  # no token-limited runs: that question is not asked
+    assert section.index("### medical_abstracts, all the data, 300 steps") < section.index(
+        "### medical_abstracts, all the data, 1,000 steps")
     assert "exact DGA, anchored lies below the static frontier by more than the seed spread" in section
     assert ("Closest to (or furthest below) the frontier among the online methods: exact DGA, anchored (distance "
             "-0.190 ± 0.010; below it by more than the seed spread)") in section
     assert "in-batch DGA, bases does not lie below the static frontier" in section
-    assert "lies below the static frontier by more than the seed spread**: 1 of 1" in section
     assert "largest cluster weight in any seed 0.400 (below 0.5)" in section
     assert (variant / "frontier.png").stat().st_size > 0
     assert (tmp_path / "results" / "frontier" / "RESULTS_section.md").read_text() == section
+
+
+def test_the_longer_check_pairs_the_winner_with_the_static_blend_seed_by_seed(frontier, tmp_path):
+    """The 3,000-step check: a method lower on the specialized loss in every seed at the same generic loss beats the
+    blend; one whose generic loss is worse by more than the seed spread does not, whatever its specialized loss."""
+    bases = ["importance", "natural", "uniform"]
+    variant = tmp_path / "results" / "frontier" / "all_data_check" / "code_python" / "default"
+    for k in range(3):
+        for method, spec, generic in (("blend50", 6.0 + 0.1 * k, 5.5 + 0.1 * k),
+                                      ("dga_anchored", 5.8 + 0.1 * k + 0.01 * k, 5.5 + 0.1 * k),
+                                      ("inbatch", 5.7 + 0.1 * k, 5.8 + 0.1 * k + 0.01 * k)):
+            write_run(variant / f"seed{k}" / method, "blend" if method == "blend50" else method,
+                      [spec + 0.5, spec], [generic + 0.5, generic], [0.5, 0.25, 0.25], bases)
+    # the check alone, with no frontier regime beside it
+    section = frontier.frontier_section(tmp_path / "results" / "frontier")
+    assert "### The longer check: code_python, all the data, 3,000 steps" in section
+    assert ("exact DGA, anchored against blend λ 0.5: Δ specialized -0.190 ± 0.010, Δ generic +0.000 ± 0.000; "
+            "beats it.") in section
+    assert ("in-batch DGA, bases against blend λ 0.5: Δ specialized -0.300 ± 0.000, Δ generic +0.310 ± 0.010; "
+            "does not beat it: its generic loss is worse by more than the seed spread.") in section
+    assert "| exact DGA, anchored | 3 | 5.910 ± 0.110 | 5.600 ± 0.100 |" in section
+    assert (variant / "check_curves.png").stat().st_size > 0
