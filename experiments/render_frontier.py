@@ -32,8 +32,9 @@ ANCHORED = ("dga_anchored", "inbatch")  # the anchored DGA over the bases the go
 STATIC_STRATEGIES = ("uniform", "importance", "blend")
 # results/frontier/<regime>: how a heading names it. The all-data regimes ask whether DGA lies below the frontier,
 # the token-limited one whether it beats importance and uniform sampling.
-REGIMES = {"all_data": "all the data, 300 steps", "all_data_long": "all the data, 1,000 steps",
-           "token_limited": "token limit 4,000 per fine cluster, 300 steps"}
+# Headings add the runs' own step count (summary.json), so a rerun at another length is never mislabelled.
+REGIMES = {"all_data": "all the data", "all_data_long": "all the data",
+           "token_limited": "token limit 4,000 per fine cluster"}
 ALL_DATA = ("all_data", "all_data_long")
 
 
@@ -243,11 +244,28 @@ def target_statements(regime: str, rows: dict[str, dict[str, list[float]]]) -> l
     return out
 
 
+def run_steps(runs: dict[str, dict[str, dict]], where: Path) -> str:
+    """The step count every run of a folder trained for, as a heading writes it ("1,000 steps"); refuses a folder
+    whose runs disagree (their losses would not be comparable)."""
+    steps = {run.get("steps") for seeds in runs.values() for run in seeds.values()}
+    if len(steps) != 1 or None in steps:
+        raise ValueError(f"{where}: every run must record the same train steps in summary.json, found "
+                         f"{sorted(steps, key=str)}")
+    return f"{steps.pop():,} steps"
+
+
+def sentence(text: str) -> str:
+    """text with its first letter upper-cased (str.capitalize would lower-case the rest)."""
+    return text[:1].upper() + text[1:]
+
+
 def frontier_section(frontier_dir: Path) -> str:
     """The whole section: per regime and target a figure, a table and statements; then the goals, counted."""
     parts: list[str] = []
     goals: dict[str, list[tuple[str, bool]]] = {**{f"below_{r}": [] for r in ALL_DATA}, "beats_token_limited": [],
                                                 "clusters": []}
+    regime_steps: dict[str, str] = {}
+    root = frontier_dir.parent.parent  # the figures' links are relative to RESULTS.md, at the repository root
     for regime in REGIMES:
         regime_dir = frontier_dir / regime
         if not regime_dir.is_dir():
@@ -257,29 +275,33 @@ def frontier_section(frontier_dir: Path) -> str:
             runs = load_runs(variant_dir)
             if "uniform" not in runs:
                 continue
+            steps = run_steps(runs, variant_dir)
+            regime_steps.setdefault(regime, steps)
             rows = method_rows(runs)
-            title = f"{target_dir.name}, {REGIMES[regime]} (mean ± std over seeds)"
+            name = f"{REGIMES[regime]}, {steps}"
+            title = f"{target_dir.name}, {name} (mean ± std over seeds)"
             plot = frontier_plot(variant_dir, runs, title)
             statements = target_statements(regime, rows)
-            parts += [f"### {target_dir.name}, {REGIMES[regime]}", "",
-                      f"![{title}]({plot.relative_to(frontier_dir.parent.parent).as_posix()})", "",
+            parts += [f"### {target_dir.name}, {name}", "",
+                      f"![{title}]({plot.relative_to(root).as_posix()})", "",
                       target_table(rows), "", *(f"- {s}" for s in statements), ""]
             anchored = [rows[m] for m in ANCHORED if m in rows]
             if regime in ALL_DATA and anchored:
                 goals[f"below_{regime}"].append((target_dir.name, any(beats(r["distance"]) and not r["outside"]
-                                                            for r in anchored)))
+                                                                      for r in anchored)))
             if regime == "token_limited" and anchored:
                 goals["beats_token_limited"].append((target_dir.name, any(
                     beats(r["d_spec_importance"]) and beats(r["d_spec_uniform"]) for r in anchored)))
             if "inbatch_domains" in rows:
                 r = rows["inbatch_domains"]
-                goals["clusters"].append((f"{target_dir.name} ({REGIMES[regime]})",
+                goals["clusters"].append((f"{target_dir.name} ({name})",
                                           bool(r["largest"]) and max(r["largest"]) < 0.5
                                           and float(np.mean(r["d_spec_uniform"] or [np.inf])) <= 0))
-    summary = ["### The questions, answered from these runs", ""]
+    summary = []
     for key, question, goal in (
-            *((f"below_{r}", f"{REGIMES[r].capitalize()}: anchored DGA (exact or in-batch over the bases) lies below "
-                             "the static frontier by more than the seed spread", "goal: 2 of 3") for r in ALL_DATA),
+            *((f"below_{r}", f"{sentence(REGIMES[r])}, {regime_steps.get(r, '')}: anchored DGA (exact or in-batch "
+                             "over the bases) lies below the static frontier by more than the seed spread",
+               "goal: 2 of 3") for r in ALL_DATA),
             ("beats_token_limited", "Token limit: anchored DGA (exact or in-batch over the bases) beats importance "
                                     "and uniform sampling on the specialized loss by more than the seed spread",
              "goal: 3 of 3"),
@@ -292,21 +314,24 @@ def frontier_section(frontier_dir: Path) -> str:
         no = [name for name, ok in answered if not ok]
         summary.append(f"- **{question}**: {len(yes)} of {len(answered)}{f' ({goal})' if goal else ''}"
                        f"{'; yes: ' + ', '.join(yes) if yes else ''}{'; no: ' + ', '.join(no) if no else ''}.")
+    if summary:
+        summary = ["### The questions, answered from these runs", "", *summary, ""]
     check_dir = frontier_dir / "all_data_check"
     if check_dir.is_dir():
-        parts += check_section(check_dir)
-    return "\n".join(summary + [""] + parts).rstrip() + "\n"
+        parts += check_section(check_dir, root)
+    return "\n".join(summary + parts).rstrip() + "\n"
 
 
+# ---- the longer check ---------------------------------------------------------------------------------------------
 def paired(runs: dict[str, dict[str, dict]], method: str, reference: str, key: str) -> list[float]:
     """method − reference on `key`, seed by seed over the seeds both have."""
     return [runs[method][seed][key] - runs[reference][seed][key]
             for seed in sorted(runs[method]) if seed in runs[reference]]
 
 
-def check_curves(variant_dir: Path, methods: list[str], title: str) -> Path:
-    """check_curves.png: the specialized and generic evaluation losses over the steps, mean over seeds per method
-    (band: min-max), one panel each."""
+def check_curves(variant_dir: Path, runs: dict[str, dict[str, dict]], title: str) -> Path:
+    """check_curves.png: the specialized and generic evaluation losses over the steps, mean over the finished seeds
+    per method (band: min-max), one panel each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,17 +340,15 @@ def check_curves(variant_dir: Path, methods: list[str], title: str) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, column, name in zip(axes, ("spec_loss", "generic_loss"), ("specialized", "generic (held out)")):
-        for method in methods:
-            curves, steps = [], None
-            for log in sorted(variant_dir.glob(f"seed*/{method}/log.csv")):
-                frame = pl.read_csv(log, infer_schema_length=None).filter(pl.col(column).is_not_null())
-                curves.append(frame[column].to_numpy())
-                steps = frame["step"].to_numpy() + 1
-            if not curves:
-                continue
-            stacked = np.array(curves)
-            ax.plot(steps, stacked.mean(axis=0), label=f"{LABELS.get(method, method)} ({len(curves)} seeds)")
-            ax.fill_between(steps, stacked.min(axis=0), stacked.max(axis=0), alpha=0.15)
+        for method, seeds in runs.items():
+            frames = [pl.read_csv(variant_dir / seed / method / "log.csv", infer_schema_length=None)
+                      .filter(pl.col(column).is_not_null()) for seed in sorted(seeds)]
+            steps = frames[0]["step"].to_numpy()
+            if any(not np.array_equal(f["step"].to_numpy(), steps) for f in frames):
+                raise ValueError(f"{variant_dir}: the seeds of {method} were evaluated at different steps")
+            stacked = np.array([f[column].to_numpy() for f in frames])
+            ax.plot(steps + 1, stacked.mean(axis=0), label=f"{LABELS.get(method, method)} ({len(frames)} seeds)")
+            ax.fill_between(steps + 1, stacked.min(axis=0), stacked.max(axis=0), alpha=0.15)
         ax.set_xlabel("step")
         ax.set_ylabel(f"{name} eval loss")
         ax.legend(fontsize=7)
@@ -338,27 +361,36 @@ def check_curves(variant_dir: Path, methods: list[str], title: str) -> Path:
 
 
 def check_statement(online: str, static: str, d_spec: list[float], d_generic: list[float]) -> str:
-    """Whether the online method beats the static blend (lower specialized loss by more than the seed spread, with a
-    generic loss not worse by more than the seed spread), in words."""
-    generic_worse = len(d_generic) > 1 and float(np.mean(d_generic) - np.std(d_generic, ddof=1)) > 0
-    verdict = ("beats it" if beats(d_spec) and not generic_worse else
-               "does not beat it: its generic loss is worse by more than the seed spread" if generic_worse else
-               "does not beat it: its specialized loss is not lower by more than the seed spread")
-    return (f"{LABELS.get(online, online)} against {LABELS.get(static, static)}: Δ specialized {fmt(d_spec)}, "
-            f"Δ generic {fmt(d_generic)}; {verdict}.")
+    """Whether the online method beats a static one, in words: a lower specialized loss by more than the seed spread,
+    with a generic loss not worse by more than the seed spread (paired seed by seed; fewer than two seeds: no
+    verdict, since no spread is known)."""
+    head = (f"{LABELS.get(online, online)} against {LABELS.get(static, static)} ({len(d_spec)} paired seed(s)): "
+            f"Δ specialized {fmt(d_spec)}, Δ generic {fmt(d_generic)}; ")
+    if len(d_spec) < 2:
+        return head + "no verdict, fewer than two seeds in common (no spread is known)."
+    generic_worse = float(np.mean(d_generic) - np.std(d_generic, ddof=1)) > 0
+    if generic_worse:
+        return head + "does not beat it: its generic loss is worse by more than the seed spread."
+    if not beats(d_spec):
+        return head + "does not beat it: its specialized loss is not lower by more than the seed spread."
+    caveat = " (its generic loss is higher on average, within the seed spread)" if np.mean(d_generic) > 0 else ""
+    return head + f"beats it{caveat}."
 
 
-def check_section(check_dir: Path, steps: str = "3,000") -> list[str]:
-    """The longer check: per target, each online method against each static one it was run with, paired."""
+def check_section(check_dir: Path, root: Path) -> list[str]:
+    """The longer check: per target, each online method against each static one it was run with, paired; the
+    figures linked relative to `root` (where RESULTS.md is)."""
     parts: list[str] = []
     for target_dir in sorted(p for p in check_dir.iterdir() if (p / "default").is_dir()):
-        runs = load_runs(target_dir / "default")
+        variant_dir = target_dir / "default"
+        runs = load_runs(variant_dir)
         static = [m for m in STATIC_ORDER if m in runs]
         online = [m for m in ONLINE_ORDER if m in runs]
         if not static or not online:
             continue
-        title = f"{target_dir.name}, all the data, {steps} steps (mean over seeds, band min-max)"
-        plot = check_curves(target_dir / "default", static + online, title)
+        steps = run_steps(runs, variant_dir)
+        title = f"{target_dir.name}, all the data, {steps} (mean over seeds, band min-max)"
+        plot = check_curves(variant_dir, {m: runs[m] for m in static + online}, title)
         lines = ["| method | seeds | specialized loss | generic loss | TV from start | largest weight |",
                  "|---|---|---|---|---|---|"]
         for method in static + online:
@@ -369,8 +401,8 @@ def check_section(check_dir: Path, steps: str = "3,000") -> list[str]:
                          f"{plain([m[0] for m in moves])} | {plain([m[1] for m in moves])} |")
         statements = [check_statement(o, s, paired(runs, o, s, "final_spec_loss"),
                                       paired(runs, o, s, "final_generic_loss")) for o in online for s in static]
-        parts += [f"### The longer check: {target_dir.name}, all the data, {steps} steps", "",
-                  f"![{title}]({plot.relative_to(check_dir.parent.parent).as_posix()})", "", *lines, "",
+        parts += [f"### The longer check: {target_dir.name}, all the data, {steps}", "",
+                  f"![{title}]({plot.relative_to(root).as_posix()})", "", *lines, "",
                   *(f"- {s}" for s in statements), ""]
     return parts
 

@@ -46,3 +46,14 @@ def test_the_frontier_runs_use_the_anchored_defaults_and_the_static_blends(exper
                       "inbatch", "inbatch_domains"]
     settings = copy.deepcopy(experiments.TRAIN) | spec.train | spec.methods[labels.index("dga_paper")].train
     assert read_config({"train": experiments.nested_train(settings)}, "dga_ema").strategy_settings().rule == "paper"
+
+
+def test_the_longer_frontier_runs_train_what_their_question_needs(experiments):
+    long = experiments.EXPERIMENTS["frontier_all_data_long"]
+    assert long.train["steps"] == 1000 and long.results_dir == "frontier/all_data_long"
+    assert [m.label for m in long.methods] == ["uniform", "importance", "blend25", "blend50", "blend75",
+                                               "dga_anchored", "inbatch"]
+    assert long.train["strategy.dga.rule"] == "anchored" and "data.token_cap" not in long.train  # all the data
+    check = experiments.EXPERIMENTS["frontier_all_data_check"]
+    assert check.train["steps"] == 3000 and check.results_dir == "frontier/all_data_check"
+    assert [m.label for m in check.methods] == ["uniform", "blend25", "dga_anchored"]

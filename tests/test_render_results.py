@@ -180,7 +180,8 @@ def test_the_frontier_section_reads_the_runs_and_says_what_they_show(frontier, t
         for method, (generic, spec) in points.items():
             static = method in frontier.STATIC_ORDER
             weights = [0.5, 0.25, 0.25] if method != "inbatch_domains" else [0.4, 0.3, 0.3]
-            write_run(variant / f"seed{k}" / method, "blend" if static else method, [spec], [generic], weights, bases)
+            write_run(variant / f"seed{k}" / method, "blend" if static else method, [spec + 0.2, spec + 0.1, spec],
+                      [generic + 0.2, generic + 0.1, generic], weights, bases)  # evaluated at 100, 200, 300 steps
     # the same target at 1,000 steps, where exact DGA sits above the frontier: counted as its own question
     long_variant = tmp_path / "results" / "frontier" / "all_data_long" / "medical_abstracts" / "default"
     for k in range(3):
@@ -188,13 +189,14 @@ def test_the_frontier_section_reads_the_runs_and_says_what_they_show(frontier, t
                   "dga_anchored": (7.2, 6.6 + 0.01 * k)}
         for method, (generic, spec) in points.items():
             write_run(long_variant / f"seed{k}" / method, "blend" if method in frontier.STATIC_ORDER else method,
-                      [spec], [generic], [0.5, 0.25, 0.25], bases)
+                      [spec] * 10, [generic] * 10, [0.5, 0.25, 0.25], bases)  # 1,000 steps
     section = frontier.write_frontier_section(tmp_path / "results")
     assert ("**All the data, 300 steps: anchored DGA (exact or in-batch over the bases) lies below the static "
             "frontier by more than the seed spread**: 1 of 1 (goal: 2 of 3); yes: medical_abstracts.") in section
     assert ("**All the data, 1,000 steps: anchored DGA (exact or in-batch over the bases) lies below the static "
             "frontier by more than the seed spread**: 0 of 1 (goal: 2 of 3); no: medical_abstracts.") in section
-    assert "token limit" not in section.split("###")[1]  # no token-limited runs: that question is not asked
+    assert "Token limit:" not in section  # no token-limited runs: that question is not asked
+    assert ("](results/frontier/all_data_long/medical_abstracts/default/frontier.png)" in section)  # from RESULTS.md
     assert section.index("### medical_abstracts, all the data, 300 steps") < section.index(
         "### medical_abstracts, all the data, 1,000 steps")
     assert "exact DGA, anchored lies below the static frontier by more than the seed spread" in section
@@ -216,13 +218,28 @@ def test_the_longer_check_pairs_the_winner_with_the_static_blend_seed_by_seed(fr
                                       ("dga_anchored", 5.8 + 0.1 * k + 0.01 * k, 5.5 + 0.1 * k),
                                       ("inbatch", 5.7 + 0.1 * k, 5.8 + 0.1 * k + 0.01 * k)):
             write_run(variant / f"seed{k}" / method, "blend" if method == "blend50" else method,
-                      [spec + 0.5, spec], [generic + 0.5, generic], [0.5, 0.25, 0.25], bases)
-    # the check alone, with no frontier regime beside it
+                      [spec + 0.5] * 29 + [spec], [generic + 0.5] * 29 + [generic], [0.5, 0.25, 0.25], bases)
+    # a seed the blend does not have: not paired
+    write_run(variant / "seed3" / "dga_anchored", "dga_anchored", [1.0] * 30, [1.0] * 30, [0.5, 0.25, 0.25], bases)
+    # the check alone, with no frontier regime beside it: no questions to count
     section = frontier.frontier_section(tmp_path / "results" / "frontier")
-    assert "### The longer check: code_python, all the data, 3,000 steps" in section
-    assert ("exact DGA, anchored against blend λ 0.5: Δ specialized -0.190 ± 0.010, Δ generic +0.000 ± 0.000; "
-            "beats it.") in section
-    assert ("in-batch DGA, bases against blend λ 0.5: Δ specialized -0.300 ± 0.000, Δ generic +0.310 ± 0.010; "
-            "does not beat it: its generic loss is worse by more than the seed spread.") in section
-    assert "| exact DGA, anchored | 3 | 5.910 ± 0.110 | 5.600 ± 0.100 |" in section
+    assert section.startswith("### The longer check: code_python, all the data, 3,000 steps")
+    assert ("exact DGA, anchored against blend λ 0.5 (3 paired seed(s)): Δ specialized -0.190 ± 0.010, Δ generic "
+            "+0.000 ± 0.000; beats it.") in section
+    assert ("in-batch DGA, bases against blend λ 0.5 (3 paired seed(s)): Δ specialized -0.300 ± 0.000, Δ generic "
+            "+0.310 ± 0.010; does not beat it: its generic loss is worse by more than the seed spread.") in section
+    assert "| exact DGA, anchored | 4 |" in section
+    assert "](results/frontier/all_data_check/code_python/default/check_curves.png)" in section  # from RESULTS.md
     assert (variant / "check_curves.png").stat().st_size > 0
+
+
+def test_the_check_gives_no_verdict_without_a_spread_and_refuses_runs_of_different_lengths(frontier, tmp_path):
+    assert frontier.check_statement("dga_anchored", "uniform", [-0.5], [0.0]).endswith(
+        "no verdict, fewer than two seeds in common (no spread is known).")
+    assert frontier.check_statement("dga_anchored", "uniform", [-0.5, -0.4], [0.05, -0.01]).endswith(
+        "beats it (its generic loss is higher on average, within the seed spread).")
+    variant = tmp_path / "frontier" / "all_data_check" / "code_python" / "default"
+    write_run(variant / "seed0" / "uniform", "uniform", [6.0] * 30, [5.0] * 30, [0.5, 0.5], ["a", "b"])
+    write_run(variant / "seed0" / "dga_anchored", "dga_anchored", [6.0] * 10, [5.0] * 10, [0.5, 0.5], ["a", "b"])
+    with pytest.raises(ValueError, match=r"code_python/default: every run must record the same train steps"):
+        frontier.frontier_section(tmp_path / "frontier")
