@@ -190,7 +190,13 @@ def test_the_frontier_section_reads_the_runs_and_says_what_they_show(frontier, t
         for method, (generic, spec) in points.items():
             write_run(long_variant / f"seed{k}" / method, "blend" if method in frontier.STATIC_ORDER else method,
                       [spec] * 10, [generic] * 10, [0.5, 0.25, 0.25], bases)  # 1,000 steps
+    # the anchored method's logged scores of the importance basis (the trainer's a:<basis> columns)
+    log = variant / "seed1" / "dga_anchored" / "log.csv"
+    log.write_text(log.read_text().replace("w:importance", "a:importance", 1))  # the first weight column as scores
     section = frontier.write_frontier_section(tmp_path / "results")
+    assert ("exact DGA, anchored: the importance basis's score ranged from +0.500 to +0.500 over the updates of every "
+            "seed (log.csv, a:importance).") in section
+    assert "in-batch DGA, bases: the importance basis's score" not in section  # its logs have no scores
     assert ("**All the data, 300 steps: anchored DGA (exact or in-batch over the bases) lies below the static "
             "frontier by more than the seed spread**: 1 of 1 (goal: 2 of 3); yes: medical_abstracts.") in section
     assert ("**All the data, 1,000 steps: anchored DGA (exact or in-batch over the bases) lies below the static "
