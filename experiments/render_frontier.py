@@ -154,8 +154,8 @@ def importance_scores(variant_dir: Path, method: str) -> tuple[float, float] | N
     values: list[float] = []
     for log in sorted(variant_dir.glob(f"seed*/{method}/log.csv")):
         frame = pl.read_csv(log, infer_schema_length=None)
-        if "a:importance" in frame.columns:
-            values += frame["a:importance"].drop_nulls().to_list()
+        if "a:importance" in frame.columns:  # "nan": an update with no score for it yet (in-batch, too few seen)
+            values += frame["a:importance"].cast(pl.Float64, strict=False).drop_nulls().drop_nans().to_list()
     return (min(values), max(values)) if values else None
 
 

@@ -192,7 +192,8 @@ def test_the_frontier_section_reads_the_runs_and_says_what_they_show(frontier, t
                       [spec] * 10, [generic] * 10, [0.5, 0.25, 0.25], bases)  # 1,000 steps
     # the anchored method's logged scores of the importance basis (the trainer's a:<basis> columns)
     log = variant / "seed1" / "dga_anchored" / "log.csv"
-    log.write_text(log.read_text().replace("w:importance", "a:importance", 1))  # the first weight column as scores
+    # the first weight column as scores, and an update that had none for it yet (in-batch DGA logs "nan")
+    log.write_text(log.read_text().replace("w:importance", "a:importance", 1) + "300,5.0,,,nan,0.25,0.25\n")
     section = frontier.write_frontier_section(tmp_path / "results")
     assert ("exact DGA, anchored: the importance basis's score ranged from +0.500 to +0.500 over the updates of every "
             "seed (log.csv, a:importance).") in section
