@@ -145,18 +145,22 @@ def method_rows(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, list[fl
     return out
 
 
-def importance_scores(variant_dir: Path, method: str) -> tuple[float, float] | None:
-    """(lowest, highest) score of the importance basis over every logged update of every seed (log.csv's
-    a:importance: the anchored rule's averaged, shrunk relative gain), or None where the method logs none. The
-    weights are softmax(log α₀ + η s̄): this range is how far the measured signal could move them."""
+def importance_scores(variant_dir: Path, method: str) -> tuple[list[float], float] | None:
+    """The importance basis's score (log.csv's a:importance: the anchored rule's averaged, shrunk relative gain) at
+    each seed's last update, and its mean over every update of every seed; None where the method logs none. The
+    weights are softmax(log α₀ + η s̄): these say how far the measured signal moved them, and where it ended."""
     import polars as pl
 
-    values: list[float] = []
+    last: list[float] = []
+    every: list[float] = []
     for log in sorted(variant_dir.glob(f"seed*/{method}/log.csv")):
         frame = pl.read_csv(log, infer_schema_length=None)
         if "a:importance" in frame.columns:  # "nan": an update with no score for it yet (in-batch, too few seen)
-            values += frame["a:importance"].cast(pl.Float64, strict=False).drop_nulls().drop_nans().to_list()
-    return (min(values), max(values)) if values else None
+            scores = frame["a:importance"].cast(pl.Float64, strict=False).drop_nulls().drop_nans().to_list()
+            if scores:
+                last.append(scores[-1])
+                every += scores
+    return (last, float(np.mean(every))) if last else None
 
 
 # ---- rendering ----------------------------------------------------------------------------------------------------
@@ -299,8 +303,9 @@ def frontier_section(frontier_dir: Path) -> str:
             for method in [m for m in ANCHORED if m in rows]:
                 scores = importance_scores(variant_dir, method)
                 if scores is not None:
-                    statements.append(f"{LABELS[method]}: the importance basis's score ranged from {scores[0]:+.3f} "
-                                      f"to {scores[1]:+.3f} over the updates of every seed (log.csv, a:importance).")
+                    statements.append(f"{LABELS[method]}: the importance basis's score (log.csv, a:importance) at "
+                                      f"the last update {fmt(scores[0])}, averaged over every update "
+                                      f"{scores[1]:+.3f}.")
             parts += [f"### {target_dir.name}, {name}", "",
                       f"![{title}]({plot.relative_to(root).as_posix()})", "",
                       target_table(rows), "", *(f"- {s}" for s in statements), ""]

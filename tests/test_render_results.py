@@ -195,8 +195,8 @@ def test_the_frontier_section_reads_the_runs_and_says_what_they_show(frontier, t
     # the first weight column as scores, and an update that had none for it yet (in-batch DGA logs "nan")
     log.write_text(log.read_text().replace("w:importance", "a:importance", 1) + "300,5.0,,,nan,0.25,0.25\n")
     section = frontier.write_frontier_section(tmp_path / "results")
-    assert ("exact DGA, anchored: the importance basis's score ranged from +0.500 to +0.500 over the updates of every "
-            "seed (log.csv, a:importance).") in section
+    assert ("exact DGA, anchored: the importance basis's score (log.csv, a:importance) at the last update +0.500 "
+            "(1 seed), averaged over every update +0.500.") in section
     assert "in-batch DGA, bases: the importance basis's score" not in section  # its logs have no scores
     assert ("**All the data, 300 steps: anchored DGA (exact or in-batch over the bases) lies below the static "
             "frontier by more than the seed spread**: 1 of 1 (goal: 2 of 3); yes: medical_abstracts.") in section
