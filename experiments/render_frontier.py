@@ -133,7 +133,7 @@ def method_rows(runs: dict[str, dict[str, dict]]) -> dict[str, dict[str, list[fl
                     row[key].append(run["final_spec_loss"] - runs[base][seed]["final_spec_loss"])
             if seed in runs.get("uniform", {}):
                 row["d_generic_uniform"].append(run["final_generic_loss"] - runs["uniform"][seed]["final_generic_loss"])
-            if method not in STATIC_ORDER:
+            if method not in STATIC_ORDER and static_points(runs, seed):  # a seed with no static run: no frontier
                 distance = frontier_distance(static_points(runs, seed), run["final_generic_loss"],
                                              run["final_spec_loss"])
                 (row["distance"] if distance is not None else row["outside"]).append(distance or 0.0)
@@ -416,14 +416,17 @@ def check_section(check_dir: Path, root: Path) -> list[str]:
         steps = run_steps(runs, variant_dir)
         title = f"{target_dir.name}, all the data, {steps} (mean over seeds, band min-max)"
         plot = check_curves(variant_dir, {m: runs[m] for m in static + online}, title)
-        lines = ["| method | seeds | specialized loss | generic loss | TV from start | largest weight |",
-                 "|---|---|---|---|---|---|"]
+        # the frontier these static points span (the segments between them, as in the figures above)
+        rows = method_rows({m: runs[m] for m in static + online})
+        lines = ["| method | seeds | specialized loss | generic loss | distance to the static points' frontier | "
+                 "TV from start | largest weight |", "|---|---|---|---|---|---|---|"]
         for method in static + online:
-            moves = [weight_summary(r) for r in runs[method].values()]
-            lines.append(f"| {LABELS.get(method, method)} | {len(runs[method])} | "
-                         f"{plain([r['final_spec_loss'] for r in runs[method].values()])} | "
-                         f"{plain([r['final_generic_loss'] for r in runs[method].values()])} | "
-                         f"{plain([m[0] for m in moves])} | {plain([m[1] for m in moves])} |")
+            row = rows[method]
+            distance = "–" if method in static else fmt(row["distance"])
+            if row["outside"]:
+                distance += f" ({len(row['outside'])} seed(s) right of the frontier)"
+            lines.append(f"| {LABELS.get(method, method)} | {len(runs[method])} | {plain(row['spec'])} | "
+                         f"{plain(row['generic'])} | {distance} | {plain(row['tv'])} | {plain(row['largest'])} |")
         statements = [check_statement(o, s, paired(runs, o, s, "final_spec_loss"),
                                       paired(runs, o, s, "final_generic_loss")) for o in online for s in static]
         parts += [f"### The longer check: {target_dir.name}, all the data, {steps}", "",
