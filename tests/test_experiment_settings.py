@@ -49,11 +49,13 @@ def test_the_frontier_runs_use_the_anchored_defaults_and_the_static_blends(exper
 
 
 def test_the_longer_frontier_runs_train_what_their_question_needs(experiments):
-    long = experiments.EXPERIMENTS["frontier_all_data_long"]
-    assert long.train["steps"] == 1000 and long.results_dir == "frontier/all_data_long"
-    assert [m.label for m in long.methods] == ["uniform", "importance", "blend25", "blend50", "blend75",
-                                               "dga_anchored", "inbatch"]
-    assert long.train["strategy.dga.rule"] == "anchored" and "data.token_cap" not in long.train  # all the data
+    for regime in ("all_data", "token_limited"):  # the 300-step grid's methods and settings, at 1,000 steps
+        short, long = (experiments.EXPERIMENTS[f"frontier_{regime}{end}"] for end in ("", "_long"))
+        assert long.train["steps"] == 1000 and long.results_dir == f"frontier/{regime}_long"
+        assert long.methods == short.methods
+        assert {k: v for k, v in long.train.items() if k != "steps"} == {
+            k: v for k, v in short.train.items() if k != "steps"}
+    assert experiments.EXPERIMENTS["frontier_token_limited_long"].train["data.token_cap"] == 4000
     check = experiments.EXPERIMENTS["frontier_all_data_check"]
     assert check.train["steps"] == 3000 and check.results_dir == "frontier/all_data_check"
     assert [m.label for m in check.methods] == ["uniform", "blend25", "dga_anchored"]

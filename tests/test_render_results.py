@@ -190,6 +190,12 @@ def test_the_frontier_section_reads_the_runs_and_says_what_they_show(frontier, t
         for method, (generic, spec) in points.items():
             write_run(long_variant / f"seed{k}" / method, "blend" if method in frontier.STATIC_ORDER else method,
                       [spec] * 10, [generic] * 10, [0.5, 0.25, 0.25], bases)  # 1,000 steps
+    # the token limit at 1,000 steps: exact DGA below importance and uniform on the specialized loss in every seed
+    limited = tmp_path / "results" / "frontier" / "token_limited_long" / "legal_opinions" / "default"
+    for k in range(3):
+        for method, spec in (("uniform", 7.0), ("importance", 7.2), ("dga_anchored", 6.8 + 0.01 * k)):
+            write_run(limited / f"seed{k}" / method, "blend" if method in frontier.STATIC_ORDER else method,
+                      [spec] * 10, [6.0] * 10, [0.5, 0.25, 0.25], bases)
     # the anchored method's logged scores of the importance basis (the trainer's a:<basis> columns)
     log = variant / "seed1" / "dga_anchored" / "log.csv"
     # the first weight column as scores, and an update that had none for it yet (in-batch DGA logs "nan")
@@ -202,7 +208,10 @@ def test_the_frontier_section_reads_the_runs_and_says_what_they_show(frontier, t
             "frontier by more than the seed spread**: 1 of 1 (goal: 2 of 3); yes: medical_abstracts.") in section
     assert ("**All the data, 1,000 steps: anchored DGA (exact or in-batch over the bases) lies below the static "
             "frontier by more than the seed spread**: 0 of 1 (goal: 2 of 3); no: medical_abstracts.") in section
-    assert "Token limit:" not in section  # no token-limited runs: that question is not asked
+    assert ("**Token limit, 1,000 steps: anchored DGA (exact or in-batch over the bases) beats importance and "
+            "uniform sampling on the specialized loss by more than the seed spread**: 1 of 1 (goal: 3 of 3); yes: "
+            "legal_opinions.") in section
+    assert "Token limit, 300 steps" not in section  # no 300-step token-limited runs: that question is not asked
     assert ("](results/frontier/all_data_long/medical_abstracts/default/frontier.png)" in section)  # from RESULTS.md
     assert section.index("### medical_abstracts, all the data, 300 steps") < section.index(
         "### medical_abstracts, all the data, 1,000 steps")
