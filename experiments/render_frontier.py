@@ -4,7 +4,8 @@ Reads results/frontier/<regime>/<target>/default/seed<k>/<method>/metrics.json (
 experiments) and writes, per regime and target, a figure (final generic loss against final specialized loss, each
 method a point with its seed spread as error bars, the static blends joined as the frontier) and a table (paired
 differences within seeds, each method's distance to the frontier at its own generic loss, how far its weights
-moved), then statements generated from those numbers. The frontier math is pure (`frontier_spec_at`,
+moved), then statements generated from those numbers. results/frontier/all_data_check (the longer check) gets
+its loss curves and each online method paired with each static one it was run with. The frontier math is pure (`frontier_spec_at`,
 `frontier_distance`); rendering reads files and draws.
 
 The static frontier of one seed: the points (generic loss, specialized loss) of uniform, the blends
