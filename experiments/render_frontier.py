@@ -5,8 +5,8 @@ experiments) and writes, per regime and target, a figure (final generic loss aga
 method a point with its seed spread as error bars, the static blends joined as the frontier) and a table (paired
 differences within seeds, each method's distance to the frontier at its own generic loss, how far its weights
 moved), then statements generated from those numbers. results/frontier/all_data_check (the longer check) gets
-its loss curves and each online method paired with each static one it was run with. The frontier math is pure (`frontier_spec_at`,
-`frontier_distance`); rendering reads files and draws.
+its loss curves and each online method paired with each static one it was run with. The frontier math is pure
+(`frontier_spec_at`, `frontier_distance`); rendering reads files and draws.
 
 The static frontier of one seed: the points (generic loss, specialized loss) of uniform, the blends
 lambda * importance + (1 - lambda) * uniform at lambda 0.25, 0.5, 0.75, and importance, joined in the order of lambda
