@@ -260,3 +260,16 @@ def test_the_check_gives_no_verdict_without_a_spread_and_refuses_runs_of_differe
     write_run(variant / "seed0" / "dga_anchored", "dga_anchored", [6.0] * 10, [5.0] * 10, [0.5, 0.5], ["a", "b"])
     with pytest.raises(ValueError, match=r"code_python/default: every run must record the same train steps"):
         frontier.frontier_section(tmp_path / "frontier")
+
+
+def test_the_check_refuses_seeds_evaluated_at_different_steps(frontier, tmp_path):
+    """Curves averaged over seeds need the same evaluation steps in every seed: a log with one evaluation missing is
+    refused by name, not averaged out of step."""
+    variant = tmp_path / "frontier" / "all_data_check" / "code_python" / "default"
+    for k in range(2):
+        for method in ("uniform", "dga_anchored"):
+            write_run(variant / f"seed{k}" / method, method, [6.0, 5.5, 5.0], [5.0, 4.5, 4.0], [0.5, 0.5], ["a", "b"])
+    log = variant / "seed1" / "dga_anchored" / "log.csv"
+    log.write_text("\n".join(line for line in log.read_text().splitlines() if not line.startswith("199,")) + "\n")
+    with pytest.raises(ValueError, match=r"code_python/default: the seeds of dga_anchored were evaluated at different"):
+        frontier.frontier_section(tmp_path / "frontier")
