@@ -209,11 +209,15 @@ EXPERIMENTS: dict[str, Experiment] = {
                  Method("doge", "doge", online),
                  Method("dga_paper", "dga_ema", online, {"strategy.dga.rule": "paper", "strategy.dga.eta": 10.0}),
                  Method("dga_anchored", "dga_ema", online), Method("inbatch", "inbatch", online),
-                 Method("inbatch_domains", "inbatch_domains", "all")))
+                 Method("inbatch_domains", "inbatch_domains", "all"),
+                 # Where the online methods reweight the coarse clusters, their starting mixture (uniform over
+                 # those clusters, no importance share) is not `uniform` (uniform over all the bases): run it too,
+                 # so a method's movement is also measured from its own start (the paper's uniform baseline).
+                 *((Method("uniform_coarse", "uniform", "coarse"),) if online == "coarse" else ())))
        for regime, cap, online in (("token_limited", {"data.token_cap": 4000}, "coarse"),
                                    ("all_data", {}, "all"))},
 }
-# The frontier at LONG_STEPS, the planned length, in both regimes (all 10 methods). Run so far: with all the data,
+# The frontier at LONG_STEPS, the planned length, in both regimes (every method). Run so far: with all the data,
 # the static points and the two methods the question names (--methods uniform importance blend25 blend50 blend75
 # dga_anchored inbatch), about an hour and a half for 3 targets x 3 seeds on 2 cores; the rest of the grid (DoGE,
 # the paper's rule and in-batch DGA over the fine clusters with all the data, and the whole token-limited regime) is

@@ -56,6 +56,12 @@ def test_the_longer_frontier_runs_train_what_their_question_needs(experiments):
         assert {k: v for k, v in long.train.items() if k != "steps"} == {
             k: v for k, v in short.train.items() if k != "steps"}
     assert experiments.EXPERIMENTS["frontier_token_limited_long"].train["data.token_cap"] == 4000
+    for regime in ("all_data", "token_limited"):  # where the online methods reweight coarse clusters, their start
+        methods = experiments.EXPERIMENTS[f"frontier_{regime}"].methods
+        online = {m.bases for m in methods if m.strategy in ("doge", "dga_ema", "inbatch")}
+        start = [m for m in methods if m.label == "uniform_coarse"]
+        assert online == ({"coarse"} if regime == "token_limited" else {"all"})
+        assert [(m.strategy, m.bases) for m in start] == ([("uniform", "coarse")] if online == {"coarse"} else [])
     check = experiments.EXPERIMENTS["frontier_all_data_check"]
     assert check.train["steps"] == 3000 and check.results_dir == "frontier/all_data_check"
     assert [m.label for m in check.methods] == ["uniform", "blend25", "dga_anchored"]

@@ -224,6 +224,35 @@ def test_the_frontier_section_reads_the_runs_and_says_what_they_show(frontier, t
     assert (tmp_path / "results" / "frontier" / "RESULTS_section.md").read_text() == section
 
 
+def test_the_token_limit_also_measures_the_online_methods_from_their_own_start(frontier, tmp_path):
+    """Where the online methods reweight the coarse clusters, their start (uniform over those clusters) is run too:
+    a method above uniform (over all the bases, with an importance share) but below its own start is said to beat its
+    start and not uniform, each seed paired, and the start is never a point of the frontier."""
+    limited = tmp_path / "results" / "frontier" / "token_limited_long" / "code_python" / "default"
+    for k in range(3):
+        n = 0.01 * k
+        for method, spec, bases in (("uniform", 6.9 + n, ["importance", "coarse:0"]),
+                                    ("importance", 8.0 + n, ["importance", "coarse:0"]),
+                                    ("uniform_coarse", 7.2 + n, ["coarse:0", "coarse:1"]),
+                                    ("dga_anchored", 7.0 + 2 * n, ["coarse:0", "coarse:1"])):
+            strategy = "uniform" if method.startswith("uniform") else method
+            write_run(limited / f"seed{k}" / method, strategy, [spec] * 10, [6.0] * 10, [0.5, 0.5], bases)
+    section = frontier.write_frontier_section(tmp_path / "results")
+    assert ("exact DGA, anchored does not beat uniform sampling on the specialized loss by more than the seed spread "
+            "(Δ +0.110 ± 0.010)") in section
+    assert ("exact DGA, anchored beats its own start, uniform over the coarse clusters (their start), on the "
+            "specialized loss by more than the seed spread (Δ -0.190 ± 0.010).") in section
+    assert "beats importance and uniform sampling on the specialized loss by more than the seed spread**: 0 of 1" \
+        in section
+    assert ("measured from the online methods' own start instead of uniform: anchored DGA beats importance sampling "
+            "and uniform over the coarse clusters (their start) on the specialized loss by more than the seed "
+            "spread**: 1 of 1; yes: code_python.") in section
+    assert "| uniform over the coarse clusters (their start) | 3 |" in section
+    # the frontier is uniform-importance only: the start (right of nothing, at the same generic loss) is not on it
+    runs = frontier.load_runs(limited)
+    assert frontier.static_points(runs, "seed0") == [(6.0, 6.9), (6.0, 8.0)]
+
+
 def test_the_longer_check_pairs_the_winner_with_the_static_blend_seed_by_seed(frontier, tmp_path):
     """The 3,000-step check: a method lower on the specialized loss in every seed at the same generic loss beats the
     blend; one whose generic loss is worse by more than the seed spread does not, whatever its specialized loss."""
