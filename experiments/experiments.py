@@ -217,11 +217,11 @@ EXPERIMENTS: dict[str, Experiment] = {
        for regime, cap, online in (("token_limited", {"data.token_cap": 4000}, "coarse"),
                                    ("all_data", {}, "all"))},
 }
-# The frontier at LONG_STEPS, the planned length, in both regimes (every method). Run so far: with all the data,
-# the static points and the two methods the question names (--methods uniform importance blend25 blend50 blend75
-# dga_anchored inbatch), about an hour and a half for 3 targets x 3 seeds on 2 cores; the rest of the grid (DoGE,
-# the paper's rule and in-batch DGA over the fine clusters with all the data, and the whole token-limited regime) is
-# about seven hours more, and `run` skips the runs already there.
+# The frontier at LONG_STEPS, the planned length, in both regimes (every method). Run so far, in both regimes: every
+# method but DoGE and the paper's rule (--methods uniform importance blend25 blend50 blend75 dga_anchored inbatch
+# inbatch_domains, and uniform_coarse with the token limit), about 4.5 hours for 3 targets x 3 seeds x 2 regimes on
+# 2 cores; DoGE (about 14 minutes a run) and the paper's rule are about 3 hours more, and `run` skips the runs
+# already there.
 for _regime in ("all_data", "token_limited"):
     EXPERIMENTS[f"frontier_{_regime}_long"] = replace(
         EXPERIMENTS[f"frontier_{_regime}"], results_dir=f"frontier/{_regime}_long",
