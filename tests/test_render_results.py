@@ -248,7 +248,7 @@ def test_the_token_limit_also_measures_the_online_methods_from_their_own_start(f
             "and uniform over the coarse clusters (their start) on the specialized loss by more than the seed "
             "spread**: 1 of 1; yes: code_python.") in section
     assert "| uniform over the coarse clusters (their start) | 3 |" in section
-    # the frontier is uniform-importance only: the start (right of nothing, at the same generic loss) is not on it
+    # the start is not a static point: this frontier is uniform and importance only
     runs = frontier.load_runs(limited)
     assert frontier.static_points(runs, "seed0") == [(6.0, 6.9), (6.0, 8.0)]
 
